@@ -1,0 +1,143 @@
+"""The host side of the agent channel: JSON lines over a container's attach stream.
+
+Docker multiplexes the attached stdout/stderr into frames (8-byte header, then
+payload); stdin is raw. One reader thread per sandbox demultiplexes the agent's
+events to per-request queues. Everything read here comes from inside the
+sandbox, so sizes are bounded and malformed input ends the channel instead of
+being trusted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import socket
+import struct
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 16 << 20  # one event; a 256 KiB file read is well under this after base64
+MAX_DIAG = 64 << 10  # agent stderr kept for diagnostics
+
+
+class ChannelClosed(Exception):
+    """The agent is gone or broke the protocol."""
+
+
+class AgentChannel:
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._wlock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._queues: dict[int, queue.Queue[dict[str, Any] | None]] = {}
+        self._qlock = threading.Lock()
+        self.ready: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.closed = threading.Event()
+        self.close_reason = ""
+        self.diagnostics = bytearray()
+        self._reader = threading.Thread(target=self._read_loop, name="agent-channel", daemon=True)
+        self._reader.start()
+
+    # -- requests
+    def open_request(self) -> tuple[int, "queue.Queue[dict[str, Any] | None]"]:
+        rid = next(self._ids)
+        q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        with self._qlock:
+            if self.closed.is_set():
+                raise ChannelClosed(self.close_reason or "channel closed")
+            self._queues[rid] = q
+        return rid, q
+
+    def finish_request(self, rid: int) -> None:
+        with self._qlock:
+            self._queues.pop(rid, None)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        with self._wlock:
+            try:
+                self._sock.sendall(data)
+            except OSError as e:
+                self._close(f"send failed: {e.strerror}")
+                raise ChannelClosed(self.close_reason) from None
+
+    # -- reading
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+    def _read_loop(self) -> None:
+        pending = bytearray()
+        try:
+            while True:
+                header = self._recv_exact(8)
+                stream, size = header[0], struct.unpack(">I", header[4:])[0]
+                payload = self._recv_exact(size) if size else b""
+                if stream == 2:
+                    room = MAX_DIAG - len(self.diagnostics)
+                    if room > 0:
+                        self.diagnostics += payload[:room]
+                    continue
+                pending += payload
+                while True:
+                    nl = pending.find(b"\n")
+                    if nl < 0:
+                        break
+                    line = bytes(pending[:nl])
+                    del pending[: nl + 1]
+                    self._dispatch(line)
+                if len(pending) > MAX_LINE:
+                    raise ValueError("agent sent an oversized event")
+        except EOFError:
+            self._close("agent exited")
+        except (OSError, ValueError) as e:
+            self._close(f"channel error: {e}")
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            ev = json.loads(line)
+            if not isinstance(ev, dict):
+                raise ValueError
+        except ValueError:
+            log.warning("sandbox agent sent a malformed event (%d bytes)", len(line))
+            return
+        rid = ev.get("id")
+        if rid is None:
+            if ev.get("ev") == "ready":
+                self.ready.put(ev)
+            return
+        with self._qlock:
+            q = self._queues.get(rid) if isinstance(rid, int) else None
+        if q is not None:
+            q.put(ev)
+
+    def _close(self, reason: str) -> None:
+        with self._qlock:
+            if self.closed.is_set():
+                return
+            self.close_reason = reason
+            self.closed.set()
+            queues = list(self._queues.values())
+        for q in queues:
+            q.put(None)
+        self.ready.put({"ev": "closed"})
+
+    def close(self) -> None:
+        self._close("closed by host")
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass

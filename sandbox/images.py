@@ -1,0 +1,171 @@
+"""Build the sandbox images offline.
+
+No registry is reachable, so an image is a debootstrap root filesystem plus the
+in-sandbox agent, imported with ``docker import``. The cached rootfs is keyed
+by the packages it holds and the image tag by the whole recipe and the agent's
+source, so running the build again does nothing when nothing changed.
+Hardening happens while the tar is written: stripped paths are left out and
+every setuid/setgid bit is cleared, without touching the cached rootfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+AGENT_DIR = Path(__file__).resolve().parent / "agent"
+AGENT_TARGET = "/opt/sandbox-agent"
+ROOTFS_CACHE = Path(os.environ.get("SANDBOX_ROOTFS_CACHE", "/var/cache/sandbox/rootfs"))
+
+Step = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    user: dict[str, object]
+    strip: tuple[str, ...]
+    env: dict[str, str]
+    source_text: str
+
+    @property
+    def rootfs_key(self) -> str:
+        blob = json.dumps([self.suite, self.variant, sorted(self.packages)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def image_tag(self) -> str:
+        h = hashlib.sha256(self.source_text.encode())
+        for f in sorted(AGENT_DIR.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return f"{self.name}:{h.hexdigest()[:12]}"
+
+
+def load_recipe(path: Path) -> Recipe:
+    text = path.read_text()
+    d = yaml.safe_load(text)
+    return Recipe(name=d["name"], suite=d["suite"], variant=d.get("variant", "minbase"),
+                  packages=tuple(d.get("packages", [])), user=dict(d["user"]), strip=tuple(d.get("strip", [])),
+                  env=dict(d.get("env", {})), source_text=text)
+
+
+def recipes() -> list[Recipe]:
+    return [load_recipe(p) for p in sorted(IMAGES_DIR.glob("*/image.yaml"))]
+
+
+def ensure_rootfs(r: Recipe, step: Step) -> Path:
+    dest = ROOTFS_CACHE / r.rootfs_key
+    if (dest / ".complete").exists():
+        step(f"rootfs {r.rootfs_key} cached")
+        return dest
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("debootstrap is not installed (apt-get install -y debootstrap)")
+    ROOTFS_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{r.rootfs_key}.", dir=ROOTFS_CACHE))
+    step(f"debootstrap {r.suite} ({len(r.packages)} extra packages; takes a few minutes)")
+    cmd = ["debootstrap", f"--variant={r.variant}", f"--include={','.join(r.packages)}", r.suite, str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"debootstrap failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    (tmp / ".complete").touch()
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def _user_files(rootfs: Path, r: Recipe) -> dict[str, bytes]:
+    u = r.user
+    passwd = (rootfs / "etc/passwd").read_text()
+    group = (rootfs / "etc/group").read_text()
+    passwd += f"{u['name']}:x:{u['uid']}:{u['gid']}:sandbox:{u['home']}:/bin/bash\n"
+    group += f"{u['name']}:x:{u['gid']}:\n"
+    return {"etc/passwd": passwd.encode(), "etc/group": group.encode()}
+
+
+def write_image_tar(rootfs: Path, r: Recipe, out: io.BufferedIOBase) -> int:
+    """Write the hardened image tar; returns how many setuid/setgid bits were cleared."""
+    stripped = tuple(p.strip("/") for p in r.strip) + ("dev", "proc", "sys", "run", "tmp", ".complete")
+    overrides = _user_files(rootfs, r)
+    cleared = 0
+
+    def filt(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        nonlocal cleared
+        name = ti.name.removeprefix("./")
+        for s in stripped:
+            if name == s and ti.isdir() and s in ("dev", "proc", "sys", "run", "tmp"):
+                return ti  # keep the empty mount point
+            if name.startswith(s + "/") or name == s:
+                return None
+        if name in overrides or ti.ischr() or ti.isblk():
+            return None
+        if ti.mode & 0o6000:
+            ti.mode &= ~0o6000
+            cleared += 1
+        return ti
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(str(rootfs), arcname=".", filter=filt)
+        for name, data in overrides.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(data), 0o644
+            tar.addfile(ti, io.BytesIO(data))
+        for d in (AGENT_TARGET.strip("/"), "workspace"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(ti)
+        for f in sorted(AGENT_DIR.glob("*.py")):
+            data = f.read_bytes()
+            ti = tarfile.TarInfo(f"{AGENT_TARGET.strip('/')}/{f.name}")
+            ti.size, ti.mode = len(data), 0o644
+            tar.addfile(ti, io.BytesIO(data))
+    return cleared
+
+
+def image_present(client: "docker.DockerClient", tag: str) -> bool:  # type: ignore[name-defined] # noqa: F821
+    import docker.errors
+
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def build(client: "docker.DockerClient", r: Recipe, step: Step, force: bool = False) -> str:  # type: ignore[name-defined] # noqa: F821
+    """Build (or find) the image for a recipe; returns the content-hash tag, also tagged :latest."""
+    tag = r.image_tag()
+    repo = r.name
+    if not force and image_present(client, tag):
+        step(f"{tag} up to date")
+        client.images.get(tag).tag(repo, "latest")
+        return tag
+    rootfs = ensure_rootfs(r, step)
+    step("writing hardened image tar")
+    with tempfile.NamedTemporaryFile(prefix="sandbox-image.", suffix=".tar", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
+        cleared = write_image_tar(rootfs, r, tmp)  # type: ignore[arg-type]
+        tmp.flush()
+        step(f"cleared {cleared} setuid/setgid bits; importing into Docker")
+        changes = [f"USER {r.user['uid']}:{r.user['gid']}", "WORKDIR /workspace"]
+        changes += [f"ENV {k}={v}" for k, v in r.env.items()]
+        changes += [f"LABEL org.sandbox.recipe={tag}"]
+        client.api.import_image_from_file(tmp.name, repository=repo, tag=tag.split(":", 1)[1], changes=changes)
+    client.images.get(tag).tag(repo, "latest")
+    step(f"built {tag}")
+    return tag

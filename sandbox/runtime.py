@@ -1,0 +1,468 @@
+"""The runtime: one hardened container per session, driven through the Docker SDK.
+
+create -> (attach, start, agent ready) -> exec / call ... -> destroy. Every
+container carries labels naming its session, the managing host and the owning
+process, so sandboxes left by a crashed process are found and reaped by
+:func:`Runtime.gc`. Containers are cattle: never reused across sessions.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import docker
+import docker.errors
+import psutil
+
+from sandbox import spec as specmod
+from sandbox.channel import AgentChannel, ChannelClosed
+from sandbox.egress.rules import EgressPolicy
+from sandbox.policy import Policy, check_host_path
+
+log = logging.getLogger(__name__)
+
+# Distinct exit statuses of `sandbox exec` when a limit stopped the command.
+LIMIT_EXIT_CODES: dict[str, int] = {
+    "timeout": 241, "memory": 242, "pids": 243, "output": 244, "fsize": 245, "cpu": 246,
+}
+SANDBOX_ERROR_EXIT = 240
+LIMIT_WORDS: dict[str, str] = {
+    "timeout": "the command ran past its time limit and was killed",
+    "memory": "the sandbox ran out of memory (cgroup limit) and the kernel killed the command",
+    "pids": "the sandbox reached its process limit (pids cgroup); forks failed",
+    "output": "the command's output exceeded the output cap; it was stopped and the output truncated",
+    "fsize": "the command tried to write a file larger than the file size limit (RLIMIT_FSIZE)",
+    "cpu": "the command used up its CPU time limit (RLIMIT_CPU)",
+}
+_LIMIT_ORDER = ("memory", "pids", "fsize", "cpu", "output", "timeout")
+HOST_GRACE_S = 5.0
+READY_TIMEOUT_S = 60.0
+
+OutputCallback = Callable[[int, bytes], None]
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be created or stopped working."""
+
+
+class EgressProvider(Protocol):
+    def register(self, session_id: str, policy: EgressPolicy) -> Path: ...
+    def unregister(self, session_id: str) -> None: ...
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    signal: int | None = None
+    limit: str | None = None
+    limits: list[str] = field(default_factory=list)
+    truncated: bool = False
+    duration: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code, "signal": self.signal, "limit": self.limit, "limits": self.limits,
+                "limit_message": LIMIT_WORDS.get(self.limit or ""), "truncated": self.truncated,
+                "duration": round(self.duration, 4), "error": self.error,
+                "stdout": self.stdout.decode("utf-8", "replace"), "stderr": self.stderr.decode("utf-8", "replace")}
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("SANDBOX_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandbox")
+    return Path.home() / ".local/state/sandbox"
+
+
+def owner_token(kind: str) -> str:
+    """Identifies this process across pid reuse: kind, pid and process start time."""
+    p = psutil.Process()
+    return f"{kind}:{p.pid}:{int(p.create_time())}"
+
+
+def owner_alive(token: str) -> bool:
+    try:
+        _, pid, started = token.rsplit(":", 2)
+        p = psutil.Process(int(pid))
+        return int(p.create_time()) == int(started)
+    except (ValueError, psutil.Error):
+        return False
+
+
+def _safe_name(session_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", session_id)[:48]
+
+
+# ----------------------------------------------------------------- cgroups
+
+class CgroupCounters:
+    """Reads the container's limit counters from the host (the agent is not trusted to report them)."""
+
+    def __init__(self, pid: int):
+        self.paths: dict[str, Path] = {}
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                base = Path("/sys/fs/cgroup") / path.lstrip("/")
+                self.paths.setdefault("memory", base)
+                self.paths.setdefault("pids", base)
+                self.paths["v2"] = base
+            for c in controllers.split(","):
+                if c in ("memory", "pids"):
+                    self.paths[c] = Path("/sys/fs/cgroup") / c / path.lstrip("/")
+
+    @staticmethod
+    def _field(path: Path, name: str) -> int | None:
+        try:
+            for line in path.read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == name:
+                    return int(v)
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def snapshot(self) -> dict[str, int | None]:
+        mem, pids = self.paths.get("memory"), self.paths.get("pids")
+        oom = None
+        if mem is not None:
+            oom = self._field(mem / ("memory.events" if "v2" in self.paths else "memory.oom_control"), "oom_kill")
+        return {"oom_kill": oom, "pids_max": self._field(pids / "pids.events", "max") if pids else None}
+
+
+# ----------------------------------------------------------------- workspaces
+
+def make_disk_workspace(root: Path, session: str, size_mb: int, uid: int, gid: int) -> Path:
+    """A size-capped ext4 filesystem in a sparse file, loop-mounted: writes past the cap get ENOSPC."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    img, mnt = root / f"{session}.img", root / session
+    mnt.mkdir(mode=0o700)
+    with open(img, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", "-E", f"root_owner={uid}:{gid}", str(img)],
+                   check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop,nosuid,nodev", str(img), str(mnt)], check=True, capture_output=True)
+    shutil.rmtree(mnt / "lost+found", ignore_errors=True)
+    os.chmod(mnt, 0o700)
+    return mnt
+
+
+def remove_disk_workspace(root: Path, session: str) -> None:
+    mnt, img = root / session, root / f"{session}.img"
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    shutil.rmtree(mnt, ignore_errors=True)
+    img.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------- sandbox
+
+class Sandbox:
+    """A running sandbox. Thread-safe: several calls may run at once."""
+
+    def __init__(self, runtime: "Runtime", policy: Policy, session_id: str, container_id: str,
+                 channel: AgentChannel, counters: CgroupCounters, workspace_dir: Path | None, egress: bool):
+        self.runtime = runtime
+        self.policy = policy
+        self.session_id = session_id
+        self.id = container_id
+        self.channel = channel
+        self.counters = counters
+        self.workspace_dir = workspace_dir
+        self.egress = egress
+        self.created = time.monotonic()
+        self._destroyed = False
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return not self._destroyed and not self.channel.closed.is_set()
+
+    def exec(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None,
+             cwd: str | None = None, stdin: bytes | None = None, max_output: int | None = None,
+             on_output: OutputCallback | None = None) -> ExecResult:
+        """Run argv inside the sandbox; stream output to ``on_output`` or collect it."""
+        timeout = float(timeout or self.policy.timeouts.call_s)
+        cap = int(max_output or self.policy.output.max_bytes)
+        before = self.counters.snapshot()
+        started = time.monotonic()
+        try:
+            rid, q = self.channel.open_request()
+        except ChannelClosed as e:
+            return ExecResult(exit_code=SANDBOX_ERROR_EXIT, error=f"sandbox is not running: {e}")
+        req: dict[str, Any] = {"id": rid, "op": "exec", "argv": argv, "timeout": timeout, "max_output": cap}
+        if env:
+            req["env"] = env
+        if cwd:
+            req["cwd"] = cwd
+        if stdin is not None:
+            req["stdin"] = base64.b64encode(stdin).decode()
+        out, err = bytearray(), bytearray()
+        received = 0
+        host_limits: list[str] = []
+        exit_ev: dict[str, Any] | None = None
+        try:
+            self.channel.send(req)
+            deadline = started + timeout + HOST_GRACE_S
+            while exit_ev is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    host_limits.append("timeout")
+                    self.runtime.log_event("host_timeout", self)
+                    self.destroy()  # the agent did not enforce the timeout: nothing inside is trusted now
+                    break
+                try:
+                    ev = q.get(timeout=min(remaining, 1.0))
+                except Exception:  # queue.Empty
+                    continue
+                if ev is None:
+                    return self._finish(ExecResult(exit_code=SANDBOX_ERROR_EXIT, stdout=bytes(out), stderr=bytes(err),
+                                                   error=f"sandbox agent stopped: {self.channel.close_reason}",
+                                                   duration=time.monotonic() - started), before)
+                kind = ev.get("ev")
+                if kind == "out":
+                    try:
+                        data = base64.b64decode(ev.get("data", ""), validate=True)
+                    except (ValueError, TypeError):
+                        continue
+                    room = cap - received
+                    if room <= 0:
+                        if "output" not in host_limits:
+                            host_limits.append("output")
+                            self._cancel(rid)
+                        continue
+                    data = data[:room]
+                    received += len(data)
+                    fd = 2 if ev.get("fd") == 2 else 1
+                    if on_output is not None:
+                        on_output(fd, data)
+                    else:
+                        (err if fd == 2 else out).extend(data)
+                elif kind in ("exit", "error"):
+                    exit_ev = ev
+        finally:
+            self.channel.finish_request(rid)
+        duration = time.monotonic() - started
+        if exit_ev is None:
+            res = ExecResult(exit_code=SANDBOX_ERROR_EXIT, stdout=bytes(out), stderr=bytes(err), duration=duration)
+        elif exit_ev.get("ev") == "error":
+            res = ExecResult(exit_code=SANDBOX_ERROR_EXIT, stdout=bytes(out), stderr=bytes(err), duration=duration,
+                             error=str(exit_ev.get("message", "agent error"))[:500])
+        else:
+            code = exit_ev.get("code")
+            sig = exit_ev.get("signal")
+            res = ExecResult(exit_code=code if isinstance(code, int) else SANDBOX_ERROR_EXIT, stdout=bytes(out),
+                             stderr=bytes(err), signal=sig if isinstance(sig, int) else None, duration=duration,
+                             error=str(exit_ev["error"])[:500] if exit_ev.get("error") else None)
+            agent_limit = exit_ev.get("limit")
+            # Trust the agent's word only where the host can confirm it.
+            if agent_limit == "timeout" and duration >= timeout * 0.99:
+                host_limits.append("timeout")
+            if agent_limit == "output" and received >= cap:
+                host_limits.append("output")
+        res.limits = host_limits
+        return self._finish(res, before)
+
+    def _cancel(self, rid: int) -> None:
+        try:
+            rid2, _ = self.channel.open_request()
+            self.channel.send({"id": rid2, "op": "cancel", "target": rid})
+            self.channel.finish_request(rid2)
+        except ChannelClosed:
+            pass
+
+    def _finish(self, res: ExecResult, before: dict[str, int | None]) -> ExecResult:
+        after = self.counters.snapshot()
+        found = set(res.limits)
+        for key, name in (("oom_kill", "memory"), ("pids_max", "pids")):
+            b, a = before.get(key), after.get(key)
+            if a is not None and b is not None and a > b:
+                found.add(name)
+        if res.signal == signal.SIGXFSZ or res.exit_code == 128 + signal.SIGXFSZ:
+            found.add("fsize")
+        if res.signal == signal.SIGXCPU or res.exit_code == 128 + signal.SIGXCPU:
+            found.add("cpu")
+        res.limits = [n for n in _LIMIT_ORDER if n in found]
+        res.limit = res.limits[0] if res.limits else None
+        res.truncated = "output" in found
+        return res
+
+    def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any:
+        """Run one registered agent op (the tools' file operations); returns its value or raises."""
+        rid, q = self.channel.open_request()
+        try:
+            self.channel.send({"id": rid, "op": op, **args})
+            deadline = time.monotonic() + timeout + HOST_GRACE_S
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SandboxError(f"sandbox op {op} timed out")
+                try:
+                    ev = q.get(timeout=min(remaining, 1.0))
+                except Exception:  # queue.Empty
+                    continue
+                if ev is None:
+                    raise SandboxError(f"sandbox agent stopped: {self.channel.close_reason}")
+                if ev.get("ev") == "result":
+                    if ev.get("ok"):
+                        return ev.get("value")
+                    raise ToolOpError(str(ev.get("error", "failed"))[:2000])
+                if ev.get("ev") == "error":
+                    raise ToolOpError(str(ev.get("message", "failed"))[:2000])
+        finally:
+            self.channel.finish_request(rid)
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._destroyed:
+                return
+            self._destroyed = True
+        self.runtime._teardown(self)
+
+
+class ToolOpError(Exception):
+    """A sandbox op reported failure (message comes from inside the sandbox: untrusted text)."""
+
+
+# ----------------------------------------------------------------- runtime
+
+class Runtime:
+    def __init__(self, client: docker.DockerClient | None = None, state_dir: Path | None = None,
+                 owner_kind: str = "cli", egress: EgressProvider | None = None):
+        self.client = client or docker.from_env(timeout=120)
+        self.state_dir = state_dir or default_state_dir()
+        self.owner = owner_token(owner_kind)
+        self._egress = egress
+        self._events: list[tuple[float, str, str]] = []
+        self.event_hook: Callable[[str, Sandbox], None] | None = None
+
+    def log_event(self, what: str, sb: Sandbox) -> None:
+        log.warning("sandbox %s session=%s: %s", sb.id[:12], sb.session_id, what)
+        if self.event_hook:
+            self.event_hook(what, sb)
+
+    @property
+    def egress(self) -> EgressProvider:
+        if self._egress is None:
+            from sandbox.egress.manager import EgressManager
+
+            self._egress = EgressManager(self.state_dir / "egress")
+        return self._egress
+
+    def create(self, policy: Policy, session_id: str | None = None, workspace: Path | None = None,
+               extra_labels: dict[str, str] | None = None) -> Sandbox:
+        """Create and start a sandbox for one session; returns once its agent is ready."""
+        session_id = session_id or f"sess_{secrets.token_hex(8)}"
+        name = f"sandbox-{_safe_name(session_id)}-{secrets.token_hex(3)}"
+        ws_dir: Path | None = None
+        managed_ws = False
+        egress_dir: Path | None = None
+        cid: str | None = None
+        try:
+            if workspace is not None:
+                ws_dir = Path(check_host_path(str(Path(workspace).resolve())))
+            elif policy.workspace.backing == "disk":
+                ws_dir = make_disk_workspace(self.state_dir / "workspaces", name, policy.workspace.size_mb,
+                                             policy.user.uid, policy.user.gid)
+                managed_ws = True
+            if policy.egress.enabled:
+                egress_dir = self.egress.register(session_id, policy.egress)
+            binds = specmod.Binds(workspace_dir=str(ws_dir) if ws_dir else None,
+                                  egress_dir=str(egress_dir) if egress_dir else None)
+            labels = dict(extra_labels or {})
+            if managed_ws:
+                labels["org.sandbox.workspace"] = name
+            spec = specmod.compile_spec(policy, session_id, binds, owner=self.owner, extra_labels=labels)
+            api = self.client.api
+            cid = api.create_container_from_config(spec.body, name=name)["Id"]
+            raw = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            sock = getattr(raw, "_sock", raw)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            channel = AgentChannel(sock)
+            api.start(cid)
+            ready = channel.ready.get(timeout=READY_TIMEOUT_S)
+            if ready.get("ev") != "ready":
+                diag = channel.diagnostics.decode("utf-8", "replace")[-1000:]
+                raise SandboxError(f"sandbox agent did not start: {channel.close_reason}; {diag}")
+            pid = api.inspect_container(cid)["State"]["Pid"]
+            return Sandbox(self, policy, session_id, cid, channel, CgroupCounters(pid),
+                           ws_dir if managed_ws else None, egress_dir is not None)
+        except BaseException as e:
+            if cid:
+                self._remove_container(cid)
+            if managed_ws:
+                remove_disk_workspace(self.state_dir / "workspaces", name)
+            if egress_dir is not None:
+                self.egress.unregister(session_id)
+            if isinstance(e, docker.errors.ImageNotFound):
+                raise SandboxError(f"image {policy.image} is not built; run `sandbox images build`") from None
+            if isinstance(e, docker.errors.APIError):
+                raise SandboxError(f"Docker refused the sandbox: {e.explanation}") from None
+            if isinstance(e, Exception) and not isinstance(e, SandboxError):
+                raise SandboxError(f"could not start sandbox: {type(e).__name__}: {e}") from None
+            raise
+
+    def _remove_container(self, cid: str) -> None:
+        try:
+            self.client.api.remove_container(cid, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if "already in progress" not in str(e):
+                log.warning("could not remove sandbox %s: %s", cid[:12], e.explanation)
+
+    def _teardown(self, sb: Sandbox) -> None:
+        sb.channel.close()
+        self._remove_container(sb.id)
+        if sb.workspace_dir is not None:
+            remove_disk_workspace(sb.workspace_dir.parent, sb.workspace_dir.name)
+        if sb.egress:
+            try:
+                self.egress.unregister(sb.session_id)
+            except Exception as e:  # noqa: BLE001 - teardown continues
+                log.warning("egress unregister failed for %s: %s", sb.session_id, e)
+
+    def list_managed(self, all_hosts: bool = False) -> list[dict[str, Any]]:
+        filters = {"label": [f"{specmod.LABEL_MANAGED}=true"]}
+        if not all_hosts:
+            filters["label"].append(f"{specmod.LABEL_HOST}={socket.gethostname()}")
+        return self.client.api.containers(all=True, filters=filters)
+
+    def gc(self, *, everything: bool = False, owner_kind: str | None = None) -> list[str]:
+        """Remove sandboxes of this host whose owning process is gone (or all with ``everything``)."""
+        removed = []
+        for c in self.list_managed():
+            lab = c.get("Labels") or {}
+            owner = lab.get(specmod.LABEL_OWNER, "")
+            if owner == self.owner and not everything:
+                continue
+            if owner_kind and not owner.startswith(owner_kind + ":") and not everything:
+                continue
+            if everything or not owner_alive(owner):
+                self._remove_container(c["Id"])
+                ws = lab.get("org.sandbox.workspace")
+                if ws:
+                    remove_disk_workspace(self.state_dir / "workspaces", ws)
+                removed.append(c["Id"][:12])
+        return removed

@@ -1,0 +1,166 @@
+"""Compile a validated Policy into the exact Docker Engine API create body.
+
+Pure functions: no Docker, no I/O. The result is what ``POST /containers/create``
+receives, so an auditor can read precisely what a sandbox is given and unit
+tests can check every hardening flag without an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox import seccomp as sc
+from sandbox.policy import Policy
+
+AGENT_CMD = ["/usr/bin/python3", "-I", "-S", "/opt/sandbox-agent/agent.py"]
+EGRESS_MOUNT = "/run/sandbox-egress"
+EGRESS_LISTEN = "127.0.0.1:3128"
+SHM_SIZE_MB = 16
+
+LABEL_MANAGED = "org.sandbox.managed"
+LABEL_SESSION = "org.sandbox.session"
+LABEL_HOST = "org.sandbox.host"
+LABEL_OWNER = "org.sandbox.owner"
+LABEL_POLICY = "org.sandbox.policy"
+LABEL_DIGEST = "org.sandbox.policy-digest"
+LABEL_POOL = "org.sandbox.pool"
+
+_ULIMITS = (("nofile", "nofile", 1), ("nproc", "nproc", 1), ("fsize", "fsize_mb", 1 << 20),
+            ("core", "core", 1), ("cpu", "cpu_s", 1), ("stack", "stack_mb", 1 << 20))
+
+
+@dataclass(frozen=True)
+class Binds:
+    """Host paths the runtime prepared for one sandbox (not part of the policy itself)."""
+
+    workspace_dir: str | None = None  # host dir for a disk-backed or user-given workspace
+    egress_dir: str | None = None     # per-session dir holding the proxy's Unix socket
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    body: dict[str, Any]
+    seccomp_profile: dict[str, Any] = field(repr=False)
+
+    @property
+    def host_config(self) -> dict[str, Any]:
+        return self.body["HostConfig"]
+
+
+def egress_env() -> dict[str, str]:
+    url = f"http://{EGRESS_LISTEN}"
+    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+            "ALL_PROXY": url, "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
+
+
+def sandbox_env(policy: Policy, egress: bool) -> dict[str, str]:
+    env = {"HOME": policy.workspace.path, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    if egress:
+        env.update(egress_env())
+    env.update(policy.env)
+    return env
+
+
+def labels(policy: Policy, session_id: str, owner: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    out = {LABEL_MANAGED: "true", LABEL_SESSION: session_id, LABEL_HOST: socket.gethostname(),
+           LABEL_OWNER: owner, LABEL_POLICY: policy.name, LABEL_DIGEST: policy.digest()}
+    out.update(extra or {})
+    return out
+
+
+def _tmpfs_opts(size_mb: int, exec_: bool, uid: int | None = None, gid: int | None = None, mode: str = "1777") -> str:
+    opts = ["rw", "nosuid", "nodev", "exec" if exec_ else "noexec", f"size={size_mb}m", f"mode={mode}"]
+    if uid is not None:
+        opts += [f"uid={uid}", f"gid={gid}"]
+    return ",".join(opts)
+
+
+def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner: str = "cli",
+                 image: str | None = None, extra_labels: dict[str, str] | None = None) -> ContainerSpec:
+    """Policy -> Docker create body. ``binds`` carries host paths the runtime created."""
+    flt = sc.compile_filter(policy.seccomp)
+    profile = sc.to_oci(flt)
+    egress = policy.egress.enabled
+    if egress and not binds.egress_dir:
+        raise ValueError("policy allows egress but no proxy socket directory was prepared")
+    u = policy.user
+    ws = policy.workspace
+    tmpfs = {t.path: _tmpfs_opts(t.size_mb, t.exec) for t in policy.tmpfs}
+    mounts: list[dict[str, Any]] = []
+    if binds.workspace_dir:
+        mounts.append({"Type": "bind", "Source": binds.workspace_dir, "Target": ws.path, "ReadOnly": False,
+                       "BindOptions": {"Propagation": "rprivate"}})
+    elif ws.backing == "tmpfs":
+        tmpfs[ws.path] = _tmpfs_opts(ws.size_mb, True, u.uid, u.gid, mode="0700")
+    else:
+        raise ValueError("a disk-backed workspace needs its host directory")
+    for m in policy.read_only_mounts:
+        mounts.append({"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": True,
+                       "BindOptions": {"Propagation": "rprivate"}})
+    if egress:
+        mounts.append({"Type": "bind", "Source": binds.egress_dir, "Target": EGRESS_MOUNT, "ReadOnly": True,
+                       "BindOptions": {"Propagation": "rprivate"}})
+    rl = policy.rlimits
+    ulimits = [{"Name": name, "Soft": getattr(rl, attr) * mult, "Hard": getattr(rl, attr) * mult}
+               for name, attr, mult in _ULIMITS]
+    mem = policy.limits.memory_mb << 20
+    host_config: dict[str, Any] = {
+        "Runtime": policy.runtime,
+        "Init": True,
+        "ReadonlyRootfs": True,
+        "Privileged": False,
+        "CapDrop": ["ALL"],
+        "CapAdd": None,
+        "SecurityOpt": ["no-new-privileges:true", "seccomp=" + json.dumps(profile, separators=(",", ":"))],
+        "Memory": mem,
+        "MemorySwap": mem,  # equal to Memory: no swap
+        "MemoryReservation": 0,
+        "NanoCpus": int(policy.limits.cpus * 1e9),
+        "PidsLimit": policy.limits.pids,
+        "Ulimits": ulimits,
+        "OomScoreAdj": 500,  # under host memory pressure, sandboxes go first
+        "Tmpfs": tmpfs,
+        "Mounts": mounts,
+        "ShmSize": SHM_SIZE_MB << 20,
+        "IpcMode": "private",
+        "PidMode": "",
+        "UTSMode": "",
+        "UsernsMode": "",
+        "CgroupnsMode": "private",
+        "NetworkMode": "none",
+        "PublishAllPorts": False,
+        "PortBindings": {},
+        "Devices": [],
+        "DeviceCgroupRules": [],
+        "GroupAdd": None,
+        "RestartPolicy": {"Name": "no"},
+        # Output travels over the attach stream; a json-file log would copy an output flood to the host disk.
+        "LogConfig": {"Type": "none", "Config": {}},
+        "AutoRemove": False,
+    }
+    env = sandbox_env(policy, egress)
+    body: dict[str, Any] = {
+        "Image": image or policy.image,
+        "User": f"{u.uid}:{u.gid}",
+        "Env": [f"{k}={v}" for k, v in env.items()],
+        "Cmd": AGENT_CMD,
+        "Entrypoint": None,
+        "WorkingDir": ws.path,
+        "Hostname": "sandbox",
+        "Domainname": "",
+        "NetworkDisabled": True,
+        "OpenStdin": True,
+        "StdinOnce": False,
+        "AttachStdin": True,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "Tty": False,
+        "StopSignal": "SIGKILL",
+        "Labels": labels(policy, session_id, owner, extra_labels),
+        "HostConfig": host_config,
+    }
+    return ContainerSpec(body=body, seccomp_profile=profile)
