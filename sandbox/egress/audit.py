@@ -1,0 +1,126 @@
+"""Egress audit log: one JSON line per proxy decision.
+
+What is recorded is deliberately narrow: who (session), what (method, canonical
+host, port, path WITHOUT query), where it went (the checked address), the
+verdict and why, and how much moved. Never request bodies, headers, userinfo or
+query strings - those are where credentials live, and this file is readable by
+operators who must not learn a sandbox's secrets from it.
+
+The file is size-capped with one rotated generation, so a sandbox that hammers
+the proxy with refused requests cannot fill the host's disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+Verdict = Literal["allow", "deny", "error"]
+
+
+@dataclass
+class AuditRecord:
+    session: str
+    method: str | None = None
+    host: str | None = None  # canonical, or None when the request named no valid host
+    port: int | None = None
+    path: str | None = None  # plain HTTP only; query and fragment already stripped
+    addr: str | None = None  # the address connected to (or refused)
+    decision: Verdict = "deny"
+    rule: str | None = None
+    reason: str = ""
+    code: str = ""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration_ms: float = 0.0
+    ts: str = ""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        if not d["ts"]:
+            d["ts"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        d["path"] = _strip_query(d["path"])
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
+
+
+def _strip_query(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return path.partition("?")[0].partition("#")[0][:256]
+
+
+class AuditLog:
+    """Append-only JSON-lines writer, safe to call from the proxy's event loop (each
+    record is one small write on an O_APPEND descriptor)."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, record: AuditRecord) -> None:
+        line = (record.to_json() + "\n").encode("ascii")
+        try:
+            if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
+                self._rotate()
+            os.write(self._fd, line)
+        except OSError:
+            # Auditing must not take the proxy down (e.g. disk full); the decision itself
+            # has already been enforced.
+            pass
+
+    def _rotate(self) -> None:
+        # Copy-then-truncate instead of rename: after the daemon drops privileges it may
+        # own the two files but not the directory they live in.
+        old = self.path.with_name(self.path.name + ".1")
+        with open(self.path, "rb") as src, open(old, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def _lines(path: Path) -> Iterator[str]:
+    for p in (path.with_name(path.name + ".1"), path):
+        try:
+            with open(p, encoding="ascii", errors="replace") as f:
+                yield from f
+        except FileNotFoundError:
+            continue
+
+
+def read_records(path: Path, session: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """The most recent ``limit`` records (oldest first), optionally for one session."""
+    out: deque[dict[str, Any]] = deque(maxlen=max(1, limit))
+    for line in _lines(Path(path)):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line after a crash
+        if not isinstance(rec, dict):
+            continue
+        if session is not None and rec.get("session") != session:
+            continue
+        out.append(rec)
+    return list(out)
+
+
+def now_ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 3)

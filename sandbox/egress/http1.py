@@ -1,0 +1,220 @@
+"""Minimal, strict HTTP/1.x head parsing for the egress proxy (no sockets).
+
+Strict on purpose: anything two parsers could read differently (bare LF, obs-fold,
+space before ':', duplicate Content-Length, Transfer-Encoding together with
+Content-Length) is refused instead of interpreted, because the proxy forwards
+exactly one request per client connection and must know where it ends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sandbox.egress.acl import HostError, parse_authority
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_METHOD = re.compile(r"^[A-Z][A-Z-]{0,19}$")
+
+# Never forwarded upstream: connection-scoped, or proxy credentials that belong to us.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+PHRASES = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+}
+
+
+class ProtocolError(Exception):
+    """A request the proxy refuses before any policy decision (status, code, reason)."""
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.code, self.reason = status, code, reason
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+@dataclass(frozen=True)
+class ForwardTarget:
+    host: str  # canonical
+    port: int
+    origin_form: str  # path + query for the upstream request line
+    log_path: str  # path without query or fragment, safe to log
+
+
+def parse_head(head: bytes) -> Request:
+    """``head`` includes the terminating CRLFCRLF."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(400, "bad-request", "non-ASCII bytes in request head") from None
+    if not text.endswith("\r\n\r\n"):
+        raise ProtocolError(400, "bad-request", "request head not terminated by CRLF CRLF")
+    lines = text[:-4].split("\r\n")
+    if any("\r" in ln or "\n" in ln or "\x00" in ln for ln in lines):
+        raise ProtocolError(400, "bad-request", "bare CR, LF or NUL in request head")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise ProtocolError(400, "bad-request", "malformed request line")
+    method, target, version = parts
+    if not _METHOD.match(method):
+        raise ProtocolError(400, "bad-request", "malformed method")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ProtocolError(400, "bad-request", "unsupported HTTP version")
+    headers: list[tuple[str, str]] = []
+    for ln in lines[1:]:
+        if ln[:1] in (" ", "\t"):
+            raise ProtocolError(400, "bad-request", "obsolete header line folding")
+        name, sep, value = ln.partition(":")
+        if not sep or not _TOKEN.match(name):
+            raise ProtocolError(400, "bad-request", "malformed header line")
+        value = value.strip(" \t")
+        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
+            raise ProtocolError(400, "bad-request", "control character in header value")
+        headers.append((name, value))
+    return Request(method, target, version, headers)
+
+
+def connect_target(req: Request) -> tuple[str, int]:
+    """CONNECT authority-form: host:port, no userinfo, port required."""
+    try:
+        return parse_authority(req.target, None, allow_userinfo=False)
+    except HostError as e:
+        raise ProtocolError(403, "invalid-host", f"invalid CONNECT target: {e}") from None
+
+
+def forward_target(req: Request) -> ForwardTarget:
+    """Absolute-form http:// target, cross-checked against the Host header."""
+    target = req.target
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        raise ProtocolError(400, "not-a-proxy-request", "a proxy request needs an absolute http:// URI")
+    if scheme.lower() != "http":
+        raise ProtocolError(400, "unsupported-scheme", "only http:// is forwarded; use CONNECT for https")
+    end = len(rest)
+    for ch in "/?#":
+        i = rest.find(ch)
+        if i >= 0:
+            end = min(end, i)
+    authority, tail = rest[:end], rest[end:]
+    try:
+        host, port = parse_authority(authority, 80, allow_userinfo=True)
+    except HostError as e:
+        raise ProtocolError(403, "invalid-host", f"invalid request target: {e}") from None
+    tail = tail.partition("#")[0]
+    origin = tail if tail.startswith("/") else "/" + tail
+    hosts = req.get_all("host")
+    if len(hosts) > 1:
+        raise ProtocolError(400, "bad-request", "more than one Host header")
+    if hosts:
+        try:
+            h_host, h_port = parse_authority(hosts[0], 80, allow_userinfo=False)
+        except HostError as e:
+            raise ProtocolError(403, "host-mismatch", f"invalid Host header: {e}") from None
+        if (h_host, h_port) != (host, port):
+            raise ProtocolError(403, "host-mismatch", "Host header does not match the request target")
+    elif req.version == "HTTP/1.1":
+        raise ProtocolError(400, "bad-request", "HTTP/1.1 request without Host header")
+    log_path = origin.partition("?")[0][:256]
+    return ForwardTarget(host, port, origin, log_path)
+
+
+def body_framing(req: Request) -> int | str:
+    """Content length in bytes, or ``"chunked"``. Ambiguous framing is refused."""
+    te = req.get_all("transfer-encoding")
+    cl = req.get_all("content-length")
+    if te and cl:
+        raise ProtocolError(400, "bad-request", "both Transfer-Encoding and Content-Length")
+    if te:
+        if len(te) != 1 or te[0].lower() != "chunked":
+            raise ProtocolError(501, "bad-request", "only Transfer-Encoding: chunked is supported")
+        return "chunked"
+    if len(cl) > 1:
+        raise ProtocolError(400, "bad-request", "more than one Content-Length")
+    if cl:
+        if not cl[0].isascii() or not cl[0].isdigit() or len(cl[0]) > 18:
+            raise ProtocolError(400, "bad-request", "malformed Content-Length")
+        return int(cl[0])
+    return 0
+
+
+def upstream_head(req: Request, fwd: ForwardTarget, framing: int | str) -> bytes:
+    """The request head sent upstream: origin-form, hop-by-hop headers dropped, one
+    request per connection (Connection: close)."""
+    listed = {
+        t.strip().lower() for v in req.get_all("connection") for t in v.split(",") if t.strip()
+    }
+    drop = _HOP_BY_HOP | listed
+    out = [f"{req.method} {fwd.origin_form} {req.version}"]
+    if not req.get_all("host"):
+        out.append(f"Host: {_host_header(fwd)}")
+    out += [f"{k}: {v}" for k, v in req.headers if k.lower() not in drop]
+    if framing == "chunked":
+        out.append("Transfer-Encoding: chunked")
+    out.append("Connection: close")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("ascii")
+
+
+def _host_header(fwd: ForwardTarget) -> str:
+    host = f"[{fwd.host}]" if ":" in fwd.host else fwd.host
+    return host if fwd.port == 80 else f"{host}:{fwd.port}"
+
+
+def response_status(head: bytes) -> int:
+    """Status code of an upstream response head, or 0 when it is not HTTP/1.x."""
+    line = head.split(b"\r\n", 1)[0]
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return 0
+    return int(parts[1])
+
+
+def rewrite_response_head(head: bytes) -> bytes:
+    """Tell the client the connection ends after this response (it does)."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in (b"connection", b"keep-alive", b"proxy-connection")]
+    return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
+
+
+def refusal(status: int, header: str, value: str, body: str) -> bytes:
+    """A complete proxy-generated response (the client connection closes after it)."""
+    data = (body.rstrip("\n") + "\n").encode("utf-8", "replace")
+    safe_value = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in value)[:300]
+    head = (
+        f"HTTP/1.1 {status} {PHRASES.get(status, 'Error')}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(data)}\r\n"
+        f"Connection: close\r\n"
+        f"{header}: {safe_value}\r\n\r\n"
+    )
+    return head.encode("ascii") + data

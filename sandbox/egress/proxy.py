@@ -1,0 +1,643 @@
+"""The egress proxy: HTTP/1.1 forward proxy + CONNECT tunnels, one listener per session.
+
+A session is identified only by the listener a connection arrived on (a Unix
+socket that only that session's sandbox has mounted), so nothing inside a
+sandbox holds a secret. Every rule is enforced here, on the host side:
+
+1. parse the request head (bounded size, bounded time);
+2. :func:`acl.precheck` the canonical name and port BEFORE any DNS lookup;
+3. resolve it ourselves, :func:`acl.decide` on every answer, connect to the exact
+   address checked (no second lookup, so no rebinding window);
+4. relay with idle/total timeouts and the session's byte budget;
+5. write one audit record.
+
+Plain HTTP is one request per client connection: the proxy forwards exactly the
+framed body and nothing after it, so a pipelined second request can never ride
+an already-approved upstream connection.
+
+Relaying uses splice(2) through a pipe where available: bytes go socket to
+socket inside the kernel, which keeps a Python proxy near line rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox.egress import acl, http1
+from sandbox.egress.audit import AuditLog, AuditRecord, now_ms
+from sandbox.egress.rules import EgressPolicy
+from sandbox.egress.unixsock import bind_unix
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+DENIED_HEADER = "X-Sandbox-Egress-Denied"
+ERROR_HEADER = "X-Sandbox-Egress-Error"
+SOCKET_NAME = "proxy.sock"
+
+_CHUNK = 256 * 1024
+_PIPE_SIZE = 1024 * 1024
+_MAX_RESPONSE_HEAD = 64 * 1024
+_MAX_CHUNK_LINE = 4096
+_SWEEP_S = 0.2
+_USE_SPLICE = hasattr(os, "splice")
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """getaddrinfo on the absolute name: the trailing dot stops resolv.conf search
+    domains from turning an allowed short name into some internal host."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host + ".", port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class StaticResolver:
+    """A resolver from a fixed mapping (tests, benchmarks, operators pinning names).
+    Unknown names fail like NXDOMAIN."""
+
+    def __init__(self, mapping: Mapping[str, Sequence[str]]) -> None:
+        self.mapping = {acl.canonical_host(k): list(v) for k, v in mapping.items()}
+        self.queries: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.queries.append(host)
+        try:
+            return list(self.mapping[host])
+        except KeyError:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
+
+
+class _Refuse(Exception):
+    """Answer the client with a proxy-generated response and end the connection."""
+
+    def __init__(self, status: int, code: str, reason: str, *, verdict: str = "deny", header: str = DENIED_HEADER) -> None:
+        super().__init__(reason)
+        self.status, self.code, self.reason, self.verdict, self.header = status, code, reason, verdict, header
+
+
+class _BudgetSpent(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Session:
+    id: str
+    policy: EgressPolicy
+    socket_path: Path | None = None
+    listeners: list[socket.socket] = field(default_factory=list)
+    accept_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    conns: set[_Conn] = field(default_factory=set)
+    bytes_used: int = 0
+    closed: bool = False
+
+    @property
+    def budget_left(self) -> int | None:
+        b = self.policy.byte_budget
+        return None if b is None else max(0, b - self.bytes_used)
+
+    def charge(self, n: int, by: _Conn) -> int:
+        """Account ``n`` bytes; returns how many may still move. Spending the last byte
+        closes every other connection of the session too."""
+        left = self.budget_left
+        if left is None:
+            self.bytes_used += n
+            return n
+        ok = min(n, left)
+        self.bytes_used += ok
+        if ok < n or self.budget_left == 0:
+            for c in list(self.conns):
+                if c is not by:
+                    c.kill("budget-exhausted", "session egress byte budget spent")
+        return ok
+
+
+@dataclass(eq=False)
+class _Conn:
+    session: _Session
+    client: socket.socket
+    started: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    in_head: bool = True
+    task: asyncio.Task[None] | None = None
+    upstream: socket.socket | None = None
+    killed: tuple[str, str] | None = None  # (code, reason) set by whoever cancelled us
+    record: AuditRecord = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.record = AuditRecord(session=self.session.id)
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    def kill(self, code: str, reason: str) -> None:
+        if self.killed is None and self.task is not None and not self.task.done():
+            self.killed = (code, reason)
+            self.task.cancel()
+
+
+async def _wait_fd(fd: int, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+class _Buffered:
+    """Reads from a non-blocking socket with a small user-space buffer, for heads and
+    chunked framing; :meth:`take` hands the unread rest to the splice relay."""
+
+    def __init__(self, sock: socket.socket, conn: _Conn) -> None:
+        self.sock, self.conn, self.buf = sock, conn, bytearray()
+
+    async def _fill(self) -> bool:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        if data:
+            self.buf += data
+            self.conn.touch()
+        return bool(data)
+
+    async def until(self, sep: bytes, limit: int) -> bytes | None:
+        """Up to and including ``sep``; None on EOF; raises OverflowError past ``limit``."""
+        start = 0
+        while True:
+            i = self.buf.find(sep, start)
+            if i >= 0:
+                if i + len(sep) > limit:
+                    raise OverflowError
+                out = bytes(self.buf[: i + len(sep)])
+                del self.buf[: i + len(sep)]
+                return out
+            if len(self.buf) > limit:
+                raise OverflowError
+            start = max(0, len(self.buf) - len(sep) + 1)
+            if not await self._fill():
+                return None
+
+    async def exact(self, n: int) -> bytes | None:
+        while len(self.buf) < n:
+            if not await self._fill():
+                return None
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def take(self, max_n: int | None = None) -> bytes:
+        n = len(self.buf) if max_n is None else min(max_n, len(self.buf))
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+class EgressProxy:
+    """The proxy. All methods must be called from the event loop it runs on."""
+
+    def __init__(self, resolver: Resolver | None = None, audit: AuditLog | None = None) -> None:
+        self.resolver: Resolver = resolver or system_resolver
+        self.audit = audit
+        self._sessions: dict[str, _Session] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.on_record: Callable[[AuditRecord], None] | None = None  # e.g. the CLI's live view
+
+    # ------------------------------------------------------------ sessions
+
+    async def add_session(self, session_id: str, policy: EgressPolicy, socket_dir: Path) -> Path:
+        """Listen for ``session_id`` on ``socket_dir/proxy.sock`` (mode 0666: the sandbox's
+        uid must connect; only that sandbox gets ``socket_dir`` mounted). Re-adding a live
+        session replaces its policy for new connections and keeps its socket."""
+        existing = self._sessions.get(session_id)
+        if existing is not None and existing.socket_path is not None:
+            existing.policy = policy
+            return existing.socket_path
+        socket_dir = Path(socket_dir)
+        socket_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(socket_dir, 0o711)
+        path = socket_dir / SOCKET_NAME
+        sock = bind_unix(path, 0o666)
+        sess = existing or _Session(session_id, policy)
+        sess.policy, sess.socket_path = policy, path
+        self._listen(sess, sock)
+        return path
+
+    async def add_tcp_listener(self, session_id: str, policy: EgressPolicy, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """An extra TCP listener bound to one fixed session (operators testing rules, benches).
+        Loopback only: a TCP port cannot tell sandboxes apart."""
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError("the TCP listener binds loopback addresses only")
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(256)
+        sock.setblocking(False)
+        sess = self._sessions.get(session_id) or _Session(session_id, policy)
+        sess.policy = policy
+        self._listen(sess, sock)
+        bound = sock.getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def _listen(self, sess: _Session, sock: socket.socket) -> None:
+        self._sessions[sess.id] = sess
+        sess.listeners.append(sock)
+        sess.accept_tasks.append(asyncio.get_running_loop().create_task(self._accept_loop(sess, sock)))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def remove_session(self, session_id: str) -> None:
+        """Stop listening, close every connection of the session, remove its socket."""
+        sess = self._sessions.pop(session_id, None)
+        if sess is None:
+            return
+        sess.closed = True
+        for t in sess.accept_tasks:
+            t.cancel()
+        for s in sess.listeners:
+            s.close()
+        tasks = [c.task for c in sess.conns if c.task is not None]
+        for c in list(sess.conns):
+            c.kill("session-removed", "the session ended")
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        if sess.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(sess.socket_path)
+            with contextlib.suppress(OSError):
+                sess.socket_path.parent.rmdir()
+
+    def sessions(self) -> list[str]:
+        return sorted(self._sessions)
+
+    def session_info(self, session_id: str) -> dict[str, object]:
+        s = self._sessions[session_id]
+        return {"session": s.id, "connections": len(s.conns), "bytes_used": s.bytes_used, "budget_left": s.budget_left}
+
+    async def close(self) -> None:
+        for sid in list(self._sessions):
+            await self.remove_session(sid)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _accept_loop(self, sess: _Session, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not sess.closed:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await asyncio.sleep(0.1)  # out of fds: back off rather than spin
+                    continue
+                return
+            sock.setblocking(False)
+            conn = _Conn(sess, sock)
+            conn.task = loop.create_task(self._serve(conn))
+
+    async def _sweep(self) -> None:
+        """One timer for all connections: cheaper than a wait_for around every read, and the
+        only thing that can stop a client that trickles one byte at a time."""
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = time.monotonic()
+            for sess in list(self._sessions.values()):
+                p = sess.policy
+                for c in list(sess.conns):
+                    if c.in_head and now - c.started > p.header_timeout_s:
+                        c.kill("header-timeout", f"request head not received within {p.header_timeout_s:g}s")
+                    elif now - c.started > p.total_timeout_s:
+                        c.kill("total-timeout", f"connection exceeded {p.total_timeout_s:g}s")
+                    elif now - c.last_active > p.idle_timeout_s:
+                        c.kill("idle-timeout", f"no traffic for {p.idle_timeout_s:g}s")
+
+    def _emit(self, rec: AuditRecord) -> None:
+        if self.audit is not None:
+            self.audit.write(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    async def _serve(self, conn: _Conn) -> None:
+        sess, rec = conn.session, conn.record
+        try:
+            if sess.closed:
+                return
+            if len(sess.conns) >= sess.policy.max_connections:
+                raise _Refuse(429, "too-many-connections", f"session already has {sess.policy.max_connections} open connections")
+            sess.conns.add(conn)
+            await self._handle(conn)
+        except _Refuse as r:
+            rec.decision, rec.code, rec.reason = r.verdict, r.code, r.reason  # type: ignore[assignment]
+            body = f"sandbox egress proxy refused this request: {r.reason}"
+            with contextlib.suppress(OSError):
+                conn.client.send(http1.refusal(r.status, r.header, f"{r.code}: {r.reason}", body))
+        except asyncio.CancelledError:
+            if conn.killed is None:
+                raise
+            code, reason = conn.killed
+            if rec.decision != "allow":
+                rec.decision = "deny"
+            rec.code, rec.reason = code, reason
+            if conn.in_head:
+                status = 408 if code == "header-timeout" else 403
+                with contextlib.suppress(OSError):
+                    conn.client.send(http1.refusal(status, DENIED_HEADER, f"{code}: {reason}", reason))
+        except _BudgetSpent:
+            rec.code, rec.reason = "budget-exhausted", "session egress byte budget spent; connection closed"
+        except (OSError, EOFError) as e:
+            if rec.decision == "allow":
+                rec.code, rec.reason = rec.code or "allowed", f"{rec.reason}; connection ended: {type(e).__name__}"
+            else:
+                rec.decision, rec.code, rec.reason = "error", "client-error", f"client connection failed: {type(e).__name__}"
+        finally:
+            sess.conns.discard(conn)
+            for s in (conn.client, conn.upstream):
+                if s is not None:
+                    s.close()
+            if rec.reason or rec.host or rec.method:  # a silent connect+close is not a decision
+                rec.duration_ms = now_ms(conn.started)
+                self._emit(rec)
+
+    async def _handle(self, conn: _Conn) -> None:
+        sess, rec, pol = conn.session, conn.record, conn.session.policy
+        reader = _Buffered(conn.client, conn)
+        try:
+            head = await reader.until(b"\r\n\r\n", pol.max_header_bytes)
+        except OverflowError:
+            raise _Refuse(431, "headers-too-large", f"request head exceeds {pol.max_header_bytes} bytes") from None
+        if head is None:
+            if reader.buf:
+                raise _Refuse(400, "bad-request", "connection closed inside the request head")
+            return
+        conn.in_head = False
+        try:
+            req = http1.parse_head(head)
+            rec.method = req.method
+            if req.method == "CONNECT":
+                host, port = http1.connect_target(req)
+                fwd = None
+            else:
+                fwd = http1.forward_target(req)
+                host, port = fwd.host, fwd.port
+                rec.path = fwd.log_path
+                framing = http1.body_framing(req)
+        except http1.ProtocolError as e:
+            raise _Refuse(e.status, e.code, e.reason) from None
+        rec.host, rec.port = host, port
+
+        if sess.budget_left == 0:
+            raise _Refuse(403, "budget-exhausted", "session egress byte budget spent")
+        decision = await self._decide(pol, host, port)
+        rec.rule, rec.addr = decision.rule, decision.addr
+        if not decision.allowed:
+            raise _Refuse(403, decision.code, decision.reason)
+        conn.upstream = await self._connect(decision, port, pol.connect_timeout_s)
+        rec.decision, rec.code, rec.reason = "allow", "allowed", decision.reason
+        rec.addr = conn.upstream.getpeername()[0]
+
+        if fwd is None:
+            await self._send(conn.client, b"HTTP/1.1 200 Connection Established\r\n\r\n", conn)
+            early = reader.take()  # e.g. a TLS ClientHello sent without waiting for our 200
+            if early:
+                await self._send_up(conn, early)
+            await _both(self._relay(conn, conn.client, conn.upstream, "up"), self._relay(conn, conn.upstream, conn.client, "down"))
+        else:
+            await self._send_up(conn, http1.upstream_head(req, fwd, framing))
+            await _both(self._request_body(conn, reader, framing), self._response(conn), b_ends_all=True)
+
+    async def _decide(self, pol: EgressPolicy, host: str, port: int) -> acl.Decision:
+        pre = acl.precheck(pol, host, port)
+        if not pre.allowed or acl.is_ip_literal(host):
+            return acl.decide(pol, host, port, ())
+        try:
+            addrs = await asyncio.wait_for(self.resolver(host, port), pol.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError, LookupError):
+            raise _Refuse(502, "dns-failure", f"could not resolve {host}", verdict="error", header=ERROR_HEADER) from None
+        return acl.decide(pol, host, port, addrs)
+
+    async def _connect(self, decision: acl.Decision, port: int, timeout: float) -> socket.socket:
+        """Connect to the checked addresses only, in order. Never a name: no second lookup."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: str = "no address"
+        for addr in decision.addrs or ((decision.addr,) if decision.addr else ()):
+            ip = ipaddress.ip_address(addr)
+            sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), max(0.01, deadline - loop.time()))
+            except (OSError, asyncio.TimeoutError) as e:
+                sock.close()
+                last = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or type(e).__name__)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise _Refuse(502, "upstream-unreachable", f"could not connect to {decision.addr} port {port}: {last}", verdict="error", header=ERROR_HEADER)
+
+    # ------------------------------------------------------------ relaying
+
+    def _account(self, conn: _Conn, n: int, direction: str) -> int:
+        ok = conn.session.charge(n, conn)
+        if direction == "up":
+            conn.record.bytes_up += ok
+        else:
+            conn.record.bytes_down += ok
+        conn.touch()
+        return ok
+
+    async def _send(self, sock: socket.socket, data: bytes, conn: _Conn) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+        conn.touch()
+
+    async def _send_up(self, conn: _Conn, data: bytes) -> None:
+        assert conn.upstream is not None
+        ok = self._account(conn, len(data), "up")
+        await self._send(conn.upstream, data[:ok], conn)
+        if ok < len(data):
+            raise _BudgetSpent
+
+    async def _send_down(self, conn: _Conn, data: bytes) -> None:
+        ok = self._account(conn, len(data), "down")
+        await self._send(conn.client, data[:ok], conn)
+        if ok < len(data):
+            raise _BudgetSpent
+
+    async def _relay(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None = None, half_close: bool = True) -> None:
+        """Move bytes src -> dst until EOF (or exactly ``limit`` bytes), charging the budget."""
+        if _USE_SPLICE:
+            await self._relay_splice(conn, src, dst, direction, limit)
+        else:
+            await self._relay_copy(conn, src, dst, direction, limit)
+        if half_close and limit is None:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    async def _relay_splice(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None) -> None:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        s, d = src.fileno(), dst.fileno()
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        done = 0
+        try:
+            while limit is None or done < limit:
+                want = _CHUNK if limit is None else min(_CHUNK, limit - done)
+                try:
+                    n = os.splice(s, wfd, want, flags=flags)
+                except BlockingIOError:
+                    await _wait_fd(s, write=False)
+                    continue
+                if n == 0:
+                    if limit is not None:
+                        raise EOFError
+                    return
+                ok = self._account(conn, n, direction)
+                left = ok
+                while left:
+                    try:
+                        left -= os.splice(rfd, d, left, flags=flags)
+                    except BlockingIOError:
+                        await _wait_fd(d, write=True)
+                        continue
+                    conn.touch()
+                done += ok
+                if ok < n:
+                    raise _BudgetSpent
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+
+    async def _relay_copy(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        done = 0
+        while limit is None or done < limit:
+            want = _CHUNK if limit is None else min(_CHUNK, limit - done)
+            n = await loop.sock_recv_into(src, view[:want])
+            if n == 0:
+                if limit is not None:
+                    raise EOFError
+                return
+            ok = self._account(conn, n, direction)
+            await loop.sock_sendall(dst, view[:ok])
+            done += ok
+            if ok < n:
+                raise _BudgetSpent
+
+    async def _request_body(self, conn: _Conn, reader: _Buffered, framing: int | str) -> None:
+        """Forward exactly the framed body; anything the client sends after it is never read."""
+        if framing == "chunked":
+            await self._chunked_body(conn, reader)
+            return
+        assert isinstance(framing, int)
+        early = reader.take(framing)
+        if early:
+            await self._send_up(conn, early)
+        left = framing - len(early)
+        if left:
+            assert conn.upstream is not None
+            await self._relay(conn, conn.client, conn.upstream, "up", limit=left)
+
+    async def _chunked_body(self, conn: _Conn, reader: _Buffered) -> None:
+        # Re-framed chunk by chunk rather than passed through, so what upstream sees is
+        # exactly what we parsed (no chunk-extension or trailer games).
+        while True:
+            try:
+                line = await reader.until(b"\r\n", _MAX_CHUNK_LINE)
+            except OverflowError:
+                raise EOFError from None
+            if line is None:
+                raise EOFError
+            size_text = line[:-2].split(b";", 1)[0].strip()
+            if not size_text or len(size_text) > 15 or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+                raise EOFError
+            size = int(size_text, 16)
+            if size == 0:
+                while True:  # discard trailers
+                    t = await reader.until(b"\r\n", _MAX_CHUNK_LINE)
+                    if t is None or t == b"\r\n":
+                        break
+                await self._send_up(conn, b"0\r\n\r\n")
+                return
+            await self._send_up(conn, b"%x\r\n" % size)
+            remaining = size
+            while remaining:
+                piece = reader.take(remaining) or await reader.exact(min(remaining, 65536))
+                if piece is None:
+                    raise EOFError
+                await self._send_up(conn, piece)
+                remaining -= len(piece)
+            if await reader.exact(2) != b"\r\n":
+                raise EOFError
+            await self._send_up(conn, b"\r\n")
+
+    async def _response(self, conn: _Conn) -> None:
+        """Relay the upstream response, telling the client the connection closes after it."""
+        assert conn.upstream is not None
+        up = _Buffered(conn.upstream, conn)
+        while True:
+            try:
+                head = await up.until(b"\r\n\r\n", _MAX_RESPONSE_HEAD)
+            except OverflowError:
+                head = None
+            if head is None:
+                raise _Refuse(502, "bad-upstream-response", "upstream sent no valid response head", verdict="error", header=ERROR_HEADER)
+            status = http1.response_status(head)
+            if status == 0:
+                raise _Refuse(502, "bad-upstream-response", "upstream response is not HTTP/1.x", verdict="error", header=ERROR_HEADER)
+            if 100 <= status < 200 and status != 101:
+                await self._send_down(conn, head)  # 100 Continue etc.: pass on, wait for the real one
+                continue
+            await self._send_down(conn, http1.rewrite_response_head(head))
+            break
+        rest = up.take()
+        if rest:
+            await self._send_down(conn, rest)
+        await self._relay(conn, conn.upstream, conn.client, "down", half_close=False)
+
+
+async def _both(a: Awaitable[None], b: Awaitable[None], *, b_ends_all: bool = False) -> None:
+    """Run two relay halves until both finish. The first failure (or outside cancellation)
+    stops both; with ``b_ends_all`` the end of ``b`` (a plain-HTTP response) also ends ``a``
+    (the request body the client may still be trickling)."""
+    ta, tb = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    try:
+        pending: set[asyncio.Future[None]] = {ta, tb}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+            if b_ends_all and tb.done():
+                return
+    finally:
+        for t in (ta, tb):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(ta, tb, return_exceptions=True)
