@@ -121,15 +121,14 @@ class CgroupCounters:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         except OSError:
             return
+        unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()  # pure v2, not hybrid
         for line in lines:
             _, controllers, path = line.split(":", 2)
-            if controllers == "":
+            if controllers == "" and unified:
                 base = Path("/sys/fs/cgroup") / path.lstrip("/")
-                self.paths.setdefault("memory", base)
-                self.paths.setdefault("pids", base)
-                self.paths["v2"] = base
+                self.paths = {"memory": base, "pids": base, "v2": base}
             for c in controllers.split(","):
-                if c in ("memory", "pids"):
+                if c in ("memory", "pids") and not unified:
                     self.paths[c] = Path("/sys/fs/cgroup") / c / path.lstrip("/")
 
     @staticmethod
@@ -401,11 +400,16 @@ class Runtime:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             channel = AgentChannel(sock)
             api.start(cid)
+            inspected: dict[str, Any] = {}
+            # The cgroup lookup needs the container's pid; fetch it while the agent starts.
+            t = threading.Thread(target=lambda: inspected.update(api.inspect_container(cid)), daemon=True)
+            t.start()
             ready = channel.ready.get(timeout=READY_TIMEOUT_S)
             if ready.get("ev") != "ready":
                 diag = channel.diagnostics.decode("utf-8", "replace")[-1000:]
                 raise SandboxError(f"sandbox agent did not start: {channel.close_reason}; {diag}")
-            pid = api.inspect_container(cid)["State"]["Pid"]
+            t.join(timeout=30)
+            pid = inspected.get("State", {}).get("Pid") or api.inspect_container(cid)["State"]["Pid"]
             return Sandbox(self, policy, session_id, cid, channel, CgroupCounters(pid),
                            ws_dir if managed_ws else None, egress_dir is not None)
         except BaseException as e:
@@ -424,6 +428,14 @@ class Runtime:
             raise
 
     def _remove_container(self, cid: str) -> None:
+        """Kill; AutoRemove deletes it. Remove explicitly only if it never started."""
+        try:
+            self.client.api.kill(cid)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            pass  # not running (created only): fall through to remove
         try:
             self.client.api.remove_container(cid, force=True, v=True)
         except docker.errors.NotFound:

@@ -140,7 +140,9 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
         "RestartPolicy": {"Name": "no"},
         # Output travels over the attach stream; a json-file log would copy an output flood to the host disk.
         "LogConfig": {"Type": "none", "Config": {}},
-        "AutoRemove": False,
+        # The engine deletes the container as soon as it exits: teardown is one kill, and a
+        # sandbox whose agent dies (or whose owner crashed and killed it) leaves nothing behind.
+        "AutoRemove": True,
     }
     env = sandbox_env(policy, egress)
     body: dict[str, Any] = {
