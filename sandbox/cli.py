@@ -103,7 +103,7 @@ def exec_cmd(profile: str, workspace: str | None, timeout: float | None, as_json
         click.echo(f"sandbox: {describe_line(policy)}", err=True)
     try:
         rt = Runtime(owner_kind="exec")
-    except Exception as e:  # noqa: BLE001 - docker.errors.DockerException and friends
+    except Exception as e:  # noqa: BLE001 - any engine failure
         _fail(f"cannot reach the Docker engine: {e}; run `sandbox doctor`", SANDBOX_ERROR_EXIT)
     sb = None
 

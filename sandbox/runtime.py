@@ -23,12 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import docker
-import docker.errors
-import psutil
-
 from sandbox import spec as specmod
 from sandbox.channel import AgentChannel, ChannelClosed
+from sandbox.engine import Engine, EngineError, NotFound, engine_socket_path
 from sandbox.egress.rules import EgressPolicy
 from sandbox.policy import Policy, check_host_path
 
@@ -91,18 +88,22 @@ def default_state_dir() -> Path:
     return Path.home() / ".local/state/sandbox"
 
 
+def _start_ticks(pid: int | str) -> int:
+    """Process start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
 def owner_token(kind: str) -> str:
     """Identifies this process across pid reuse: kind, pid and process start time."""
-    p = psutil.Process()
-    return f"{kind}:{p.pid}:{int(p.create_time())}"
+    return f"{kind}:{os.getpid()}:{_start_ticks('self')}"
 
 
 def owner_alive(token: str) -> bool:
     try:
         _, pid, started = token.rsplit(":", 2)
-        p = psutil.Process(int(pid))
-        return int(p.create_time()) == int(started)
-    except (ValueError, psutil.Error):
+        return _start_ticks(int(pid)) == int(started)
+    except (ValueError, OSError, IndexError):
         return False
 
 
@@ -347,14 +348,27 @@ class ToolOpError(Exception):
 # ----------------------------------------------------------------- runtime
 
 class Runtime:
-    def __init__(self, client: docker.DockerClient | None = None, state_dir: Path | None = None,
+    def __init__(self, client: Any = None, state_dir: Path | None = None,
                  owner_kind: str = "cli", egress: EgressProvider | None = None):
-        self.client = client or docker.from_env(timeout=120)
+        self._client = client
+        sock = engine_socket_path()
+        if sock is None:
+            raise SandboxError("DOCKER_HOST must be a local unix:// socket for the sandbox runtime")
+        self.engine = Engine(sock)
         self.state_dir = state_dir or default_state_dir()
         self.owner = owner_token(owner_kind)
         self._egress = egress
         self._events: list[tuple[float, str, str]] = []
         self.event_hook: Callable[[str, Sandbox], None] | None = None
+
+    @property
+    def client(self) -> Any:
+        """The Docker SDK client, for everything off the hot path (images, audit, tools)."""
+        if self._client is None:
+            import docker
+
+            self._client = docker.from_env(timeout=120)
+        return self._client
 
     def log_event(self, what: str, sb: Sandbox) -> None:
         log.warning("sandbox %s session=%s: %s", sb.id[:12], sb.session_id, what)
@@ -393,23 +407,20 @@ class Runtime:
             if managed_ws:
                 labels["org.sandbox.workspace"] = name
             spec = specmod.compile_spec(policy, session_id, binds, owner=self.owner, extra_labels=labels)
-            api = self.client.api
-            cid = api.create_container_from_config(spec.body, name=name)["Id"]
-            raw = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-            sock = getattr(raw, "_sock", raw)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            channel = AgentChannel(sock)
+            api = self.engine
+            cid = api.create(spec.body, name=name)
+            channel = AgentChannel(api.attach(cid))
             api.start(cid)
             inspected: dict[str, Any] = {}
             # The cgroup lookup needs the container's pid; fetch it while the agent starts.
-            t = threading.Thread(target=lambda: inspected.update(api.inspect_container(cid)), daemon=True)
+            t = threading.Thread(target=lambda: inspected.update(api.inspect(cid)), daemon=True)
             t.start()
             ready = channel.ready.get(timeout=READY_TIMEOUT_S)
             if ready.get("ev") != "ready":
                 diag = channel.diagnostics.decode("utf-8", "replace")[-1000:]
                 raise SandboxError(f"sandbox agent did not start: {channel.close_reason}; {diag}")
             t.join(timeout=30)
-            pid = inspected.get("State", {}).get("Pid") or api.inspect_container(cid)["State"]["Pid"]
+            pid = inspected.get("State", {}).get("Pid") or api.inspect(cid)["State"]["Pid"]
             return Sandbox(self, policy, session_id, cid, channel, CgroupCounters(pid),
                            ws_dir if managed_ws else None, egress_dir is not None)
         except BaseException as e:
@@ -419,10 +430,12 @@ class Runtime:
                 remove_disk_workspace(self.state_dir / "workspaces", name)
             if egress_dir is not None:
                 self.egress.unregister(session_id)
-            if isinstance(e, docker.errors.ImageNotFound):
+            if isinstance(e, NotFound) and "image" in e.explanation.lower():
                 raise SandboxError(f"image {policy.image} is not built; run `sandbox images build`") from None
-            if isinstance(e, docker.errors.APIError):
+            if isinstance(e, EngineError):
                 raise SandboxError(f"Docker refused the sandbox: {e.explanation}") from None
+            if isinstance(e, (ConnectionError, FileNotFoundError)):
+                raise SandboxError(f"cannot reach the Docker engine at {self.engine.socket_path}: {e}") from None
             if isinstance(e, Exception) and not isinstance(e, SandboxError):
                 raise SandboxError(f"could not start sandbox: {type(e).__name__}: {e}") from None
             raise
@@ -430,17 +443,17 @@ class Runtime:
     def _remove_container(self, cid: str) -> None:
         """Kill; AutoRemove deletes it. Remove explicitly only if it never started."""
         try:
-            self.client.api.kill(cid)
+            self.engine.kill(cid)
             return
-        except docker.errors.NotFound:
+        except NotFound:
             return
-        except docker.errors.APIError:
+        except EngineError:
             pass  # not running (created only): fall through to remove
         try:
-            self.client.api.remove_container(cid, force=True, v=True)
-        except docker.errors.NotFound:
+            self.engine.remove(cid)
+        except NotFound:
             pass
-        except docker.errors.APIError as e:
+        except EngineError as e:
             if "already in progress" not in str(e):
                 log.warning("could not remove sandbox %s: %s", cid[:12], e.explanation)
 
@@ -456,10 +469,10 @@ class Runtime:
                 log.warning("egress unregister failed for %s: %s", sb.session_id, e)
 
     def list_managed(self, all_hosts: bool = False) -> list[dict[str, Any]]:
-        filters = {"label": [f"{specmod.LABEL_MANAGED}=true"]}
+        labels = [f"{specmod.LABEL_MANAGED}=true"]
         if not all_hosts:
-            filters["label"].append(f"{specmod.LABEL_HOST}={socket.gethostname()}")
-        return self.client.api.containers(all=True, filters=filters)
+            labels.append(f"{specmod.LABEL_HOST}={socket.gethostname()}")
+        return self.engine.containers(labels)
 
     def gc(self, *, everything: bool = False, owner_kind: str | None = None) -> list[str]:
         """Remove sandboxes of this host whose owning process is gone (or all with ``everything``)."""
