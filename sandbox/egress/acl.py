@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -250,8 +251,10 @@ def canonical_host(raw: str) -> str:
         raw = text
     if _FORBIDDEN.search(raw):
         raise HostError("forbidden character in host")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c.isspace() for c in raw):
-        raise HostError("control or whitespace character in host")
+    if any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in raw):
+        # control, format (zero-width, bidi overrides), separators: invisible in logs and
+        # reviews, and silently dropped by some IDNA mappings - refuse rather than guess
+        raise HostError("control, format or whitespace character in host")
     if ":" in raw:
         # Only a bare IPv6 literal may contain ':' here; 'host:port' belongs to parse_authority.
         return str(_parse_ipv6(raw))

@@ -372,12 +372,13 @@ class EgressProxy:
                 rec.decision, rec.code, rec.reason = "error", "client-error", f"client connection failed: {type(e).__name__}"
         finally:
             sess.conns.discard(conn)
-            for s in (conn.client, conn.upstream):
-                if s is not None:
-                    s.close()
+            # Audit before closing: once a client sees EOF, its decision is on record.
             if rec.reason or rec.host or rec.method:  # a silent connect+close is not a decision
                 rec.duration_ms = now_ms(conn.started)
                 self._emit(rec)
+            for s in (conn.client, conn.upstream):
+                if s is not None:
+                    s.close()
 
     async def _handle(self, conn: _Conn) -> None:
         sess, rec, pol = conn.session, conn.record, conn.session.policy

@@ -1,0 +1,139 @@
+"""``sandbox proxy`` and ``sandbox egress ...`` (registered lazily by sandbox/cli.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sandbox.egress.audit import AuditLog, AuditRecord, read_records
+from sandbox.egress.manager import EgressManager, default_state_dir
+from sandbox.egress.rules import EgressPolicy
+
+CLI_SESSION = "proxy-cli"
+
+
+def load_rules(path: Path) -> EgressPolicy:
+    """An egress policy from YAML: a bare EgressPolicy, or a profile with an ``egress:``
+    key (a profile that ``extends:`` another is loaded through the policy loader)."""
+    import yaml
+
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise click.BadParameter(f"{path}: expected a mapping")
+    if "egress" in doc:
+        if "extends" in doc or "name" in doc:
+            from sandbox.policy import load_policy
+
+            return load_policy(str(path)).egress
+        return EgressPolicy.model_validate(doc["egress"])
+    return EgressPolicy.model_validate(doc)
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.command("proxy")
+@click.option("--profile-rules", "rules_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML with an egress policy (or a profile with an egress: key).")
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="Loopback HOST:PORT to listen on.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where audit.jsonl goes (default: $SANDBOX_STATE_DIR/egress).")
+def proxy_cmd(rules_file: Path, listen: str, state_dir: Path | None) -> None:
+    """Run the egress proxy in the foreground on a TCP port, with one fixed session's rules.
+
+    For operators testing rules: point a client at it (curl -x http://127.0.0.1:8080 ...).
+    Sandboxes never use this; their proxy is started for them.
+    """
+    from rich.console import Console
+
+    from sandbox.egress.proxy import EgressProxy
+
+    policy = load_rules(rules_file)
+    host, port = _parse_listen(listen)
+    state = (state_dir or default_state_dir())
+    state.mkdir(parents=True, exist_ok=True)
+    audit = AuditLog(state / "audit.jsonl")
+    console = Console(stderr=True)
+
+    def show(rec: AuditRecord) -> None:
+        colour = {"allow": "green", "deny": "red"}.get(rec.decision, "yellow")
+        console.print(f"[{colour}]{rec.decision:5}[/] {rec.method or '-'} {rec.host or '-'}:{rec.port or '-'} -> {rec.addr or '-'}  {rec.rule or ''} {rec.code}: {rec.reason}", highlight=False, markup=True)
+
+    async def run() -> None:
+        proxy = EgressProxy(audit=audit)
+        proxy.on_record = show
+        bound = await proxy.add_tcp_listener(CLI_SESSION, policy, host, port)
+        n = len(policy.rules)
+        console.print(f"egress proxy on http://{bound[0]}:{bound[1]} ({n} rule(s), {len(policy.allow_cidrs)} CIDR(s)); audit: {audit.path}; Ctrl-C stops")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await proxy.close()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        audit.close()
+
+
+@click.group("egress")
+def egress_group() -> None:
+    """Inspect egress proxy decisions and the proxy daemon."""
+
+
+@egress_group.command("log")
+@click.option("--session", default=None, help="Only this session's decisions.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@click.option("-n", "limit", default=50, show_default=True, type=click.IntRange(1, 100000), help="How many recent records.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def log_cmd(session: str | None, as_json: bool, limit: int, state_dir: Path | None) -> None:
+    """Recent egress decisions (oldest first)."""
+    records = read_records((state_dir or default_state_dir()) / "audit.jsonl", session=session, limit=limit)
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(r, separators=(",", ":")))
+        return
+    _table(records)
+
+
+def _table(records: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="egress decisions")
+    for col in ("time", "session", "decision", "method", "destination", "address", "rule / reason", "up", "down", "ms"):
+        t.add_column(col, overflow="fold")
+    for r in records:
+        colour = {"allow": "green", "deny": "red"}.get(str(r.get("decision")), "yellow")
+        dest = f"{r.get('host') or '-'}:{r.get('port') or '-'}{r.get('path') or ''}"
+        why = r.get("rule") if r.get("decision") == "allow" else f"{r.get('code')}: {r.get('reason')}"
+        t.add_row(
+            str(r.get("ts", ""))[11:23], str(r.get("session")), f"[{colour}]{r.get('decision')}[/]", str(r.get("method") or "-"),
+            dest, str(r.get("addr") or "-"), str(why or ""), str(r.get("bytes_up", 0)), str(r.get("bytes_down", 0)), str(r.get("duration_ms", "")),
+        )  # fmt: skip
+    Console().print(t)
+
+
+@egress_group.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def status_cmd(as_json: bool, state_dir: Path | None) -> None:
+    """Whether the egress daemon runs, as whom, and its sessions (never starts it)."""
+    st = EgressManager(state_dir).status()
+    if as_json:
+        click.echo(json.dumps(st or {"running": False}))
+        return
+    if st is None:
+        click.echo("egress daemon: not running (it starts when a sandbox with egress rules does)")
+        return
+    click.echo(f"egress daemon: pid {st['pid']} uid {st['uid']} state {st['state_dir']} idle-exit {st['idle_exit_s']}s")
+    for s in st["sessions"]:
+        click.echo(f"  {s['session']}: {s['connections']} connection(s), {s['bytes_used']} bytes, budget left {s['budget_left']}")
