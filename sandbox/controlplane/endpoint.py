@@ -1,0 +1,74 @@
+"""Where a running control plane can be found: its state directory and `endpoint.json`.
+
+The state directory (`$SANDBOX_STATE_DIR/controlplane`, else
+`~/.local/state/sandbox/controlplane`) holds the database, the key files and
+`endpoint.json` (`{"base_url", "environment_id"}`, no secrets), which the CLI
+reads to talk to the control plane another process started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import keys
+
+ENDPOINT_FILE = "endpoint.json"
+ADMIN_KEY_FILE = "admin.key"
+ENV_KEY_FILE = "environment.key"
+DB_FILE = "controlplane.db"
+LOCK_FILE = "controlplane.lock"
+
+
+class EndpointError(Exception):
+    """No usable endpoint.json in the state directory."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str
+    environment_id: str
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("SANDBOX_STATE_DIR")
+    root = Path(base) if base else Path.home() / ".local" / "state" / "sandbox"
+    return root / "controlplane"
+
+
+def resolve_state_dir(explicit: str | os.PathLike[str] | None) -> Path:
+    return Path(explicit).expanduser() if explicit else default_state_dir()
+
+
+def write_endpoint(state_dir: Path, endpoint: Endpoint) -> None:
+    tmp = state_dir / f".{ENDPOINT_FILE}.tmp"
+    tmp.write_text(json.dumps({"base_url": endpoint.base_url, "environment_id": endpoint.environment_id}, indent=2) + "\n")
+    os.replace(tmp, state_dir / ENDPOINT_FILE)
+
+
+def remove_endpoint(state_dir: Path) -> None:
+    try:
+        (state_dir / ENDPOINT_FILE).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def read_endpoint(state_dir: Path) -> Endpoint:
+    path = state_dir / ENDPOINT_FILE
+    try:
+        data = json.loads(path.read_text())
+        return Endpoint(base_url=str(data["base_url"]), environment_id=str(data["environment_id"]))
+    except FileNotFoundError:
+        raise EndpointError(f"no control plane endpoint at {path} (start one with `sandbox control-plane`)") from None
+    except (ValueError, KeyError, TypeError):
+        raise EndpointError(f"{path} is not a valid endpoint file") from None
+
+
+def read_admin_key(state_dir: Path) -> str:
+    return keys.read_key_file(state_dir / ADMIN_KEY_FILE, keys.ADMIN_KEY_PREFIX)
+
+
+def read_environment_key(state_dir: Path) -> str:
+    return keys.read_key_file(state_dir / ENV_KEY_FILE, keys.ENV_KEY_PREFIX)

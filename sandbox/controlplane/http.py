@@ -1,0 +1,208 @@
+"""The socket side: a stdlib ThreadingHTTPServer that turns bytes into `api.Request`s.
+
+Everything a client can get wrong at this layer (malformed request line,
+oversized or chunked body, bad Content-Length) is answered with the API's JSON
+error shape, and the connection is closed when its framing can no longer be
+trusted. One thread per connection (daemon); the server tracks connections so
+`stop()` can cut idle keep-alives and open event streams instead of waiting
+for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+import socketserver
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from .api import Api, JsonResponse, Request, Response, StreamResponse
+from .errors import ApiError
+from .keys import redact
+
+log = logging.getLogger("sandbox.controlplane")
+
+DEFAULT_MAX_BODY = 8 << 20
+IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may sit idle
+
+
+class ControlPlaneHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], api: Api | None, max_body: int) -> None:
+        self.api = api
+        self.max_body = max_body
+        self._conn_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._conn_threads: set[threading.Thread] = set()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        super().__init__(address, RequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the FQDN of the bind address, which
+        # can stall for seconds on hosts with slow reverse DNS; we never use it.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        t = threading.Thread(target=self._serve_connection, args=(request, client_address), daemon=True)
+        t.name = "controlplane-conn"
+        with self._conn_lock:
+            self._conns.add(request)
+            self._conn_threads.add(t)
+        t.start()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - a broken connection must not take the server down
+            log.debug("connection error", exc_info=True)
+        finally:
+            self.shutdown_request(request)
+            with self._conn_lock:
+                self._conns.discard(request)
+                self._conn_threads.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection error", exc_info=True)
+
+    def close_connections(self, join_timeout: float = 5.0) -> None:
+        with self._conn_lock:
+            conns, threads = list(self._conns), list(self._conn_threads)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(join_timeout)
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    server: ControlPlaneHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "sandbox-controlplane/1"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    # ----------------------------------------------------------------- core
+
+    def _handle(self) -> None:
+        rid = "req_local_" + secrets.token_hex(10)
+        try:
+            req = self._read_request()
+            api = self.server.api
+            if api is None:
+                raise ApiError(503, "the control plane is starting")
+            resp: Response = api.handle(req)
+        except ApiError as e:
+            resp = JsonResponse(e.status, e.body(rid))
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+            return
+        except Exception:  # noqa: BLE001 - report, keep serving
+            log.exception("unhandled error serving %s", redact(self.requestline))
+            resp = JsonResponse(500, ApiError(500, "internal error").body(rid))
+        try:
+            if isinstance(resp, StreamResponse):
+                self._send_stream(resp, rid)
+            else:
+                self._send_json(resp.status, resp.body, rid)
+        except (ConnectionError, socket.timeout, OSError):
+            self.close_connection = True
+
+    def _read_request(self) -> Request:
+        split = urlsplit(self.path)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        if headers.get("transfer-encoding", "identity").lower() != "identity":
+            self.close_connection = True
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
+        body = b""
+        raw_len = headers.get("content-length")
+        if raw_len is not None:
+            try:
+                length = int(raw_len)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "invalid Content-Length") from None
+            if length > self.server.max_body:
+                # The body is not read, so the connection cannot be reused.
+                self.close_connection = True
+                raise ApiError(413, f"request body exceeds {self.server.max_body} bytes")
+            body = self.rfile.read(length)
+            if len(body) != length:
+                raise ConnectionError("client closed before sending the whole body")
+        query = parse_qs(split.query, keep_blank_values=True)
+        query.pop("beta", None)  # the SDK's `?beta=true` qualifier
+        return Request(method=self.command, path=split.path, query=query, headers=headers, body=body)
+
+    def _send_json(self, status: int, body: Any, rid: str) -> None:
+        data = json.dumps(body).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("request-id", rid)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_stream(self, resp: StreamResponse, rid: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("request-id", rid)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for chunk in resp.stream.frames():
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
+    # ------------------------------------------------------ stdlib overrides
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Malformed requests (bad request line, huge headers) get the JSON error shape too."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        err = ApiError(code, message or phrase)
+        rid = "req_local_" + secrets.token_hex(10)
+        try:
+            self._send_json(code, err.body(rid), rid)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        # Request lines are client-controlled: redact anything shaped like a key.
+        log.debug("%s %s", self.address_string(), redact(format % args))
