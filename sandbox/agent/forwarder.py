@@ -14,7 +14,12 @@ import sys
 import threading
 
 _BUF = 64 * 1024  # per direction per connection: the only buffer we hold
-_MAX_CONNS = 128  # the proxy enforces the real per-session limit; this just bounds threads
+_MAX_CONNS = 128
+_MSG = b"sandbox egress proxy is not reachable from this sandbox\n"
+_UNAVAILABLE = (
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"X-Sandbox-Egress-Error: proxy-unavailable\r\nContent-Length: %d\r\n\r\n%s" % (len(_MSG), _MSG)
+)  # the proxy enforces the real per-session limit; this just bounds threads
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -38,7 +43,13 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
 def _relay(client: socket.socket, socket_path: str, slots: threading.BoundedSemaphore) -> None:
     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        upstream.connect(socket_path)
+        try:
+            upstream.connect(socket_path)
+        except OSError:
+            # Say so instead of a bare reset, so `curl` prints something a person can act on.
+            client.sendall(_UNAVAILABLE)
+            client.shutdown(socket.SHUT_WR)
+            return
         back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
         back.start()
         _pipe(client, upstream)

@@ -34,10 +34,20 @@ def load_rules(path: Path) -> EgressPolicy:
 
 
 def _parse_listen(text: str) -> tuple[str, int]:
+    import ipaddress
+
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--listen")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # A TCP port cannot tell sandboxes (or LAN hosts) apart: it would be an open proxy.
+        raise click.BadParameter("the proxy listens on a loopback address only (e.g. 127.0.0.1)", param_hint="--listen")
+    return host, int(port)
 
 
 @click.command("proxy")

@@ -80,6 +80,8 @@ class EgressManager:
         Registering a live session again replaces its policy and returns the same directory."""
         if not policy.enabled:
             raise EgressError("policy allows no egress: give the sandbox no proxy socket at all")
+        if not _d.SESSION_ID.match(session_id):
+            raise EgressError(f"invalid session id {session_id!r} (letters, digits, '_.-', at most 64)")
         reply = self._request({"op": "add_session", "session": session_id, "policy": policy.model_dump(mode="json")}, start=True)
         assert reply is not None
         return Path(reply["dir"])
