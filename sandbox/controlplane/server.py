@@ -121,7 +121,7 @@ class ControlPlane:
             self._teardown()
             raise
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="controlplane-http", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="controlplane-http", daemon=True
         )
         self._thread.start()
         write_endpoint(self.state_dir, Endpoint(self._base_url, self._environment_id))

@@ -1,0 +1,266 @@
+"""`sandbox control-plane` and `sandbox session ...`.
+
+`control-plane` runs the server in the foreground and prints where it is (base
+URL, environment id, key *file paths*; never keys). The `session` commands find
+it through `<state-dir>/endpoint.json` and authenticate with the admin key file
+in the same directory: they play the model (inject tool calls, end turns) and
+the user (read and watch the log).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATE_DIR_HELP = "Control plane state directory (default: $SANDBOX_STATE_DIR/controlplane or ~/.local/state/sandbox/controlplane)."
+
+
+def _state_dir_option(f: F) -> F:
+    return click.option(
+        "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help=STATE_DIR_HELP
+    )(f)
+
+
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    click.echo(f"sandbox: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.command("control-plane")
+@_state_dir_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep it loopback).")
+@click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0: any free port).")
+def control_plane_cmd(state_dir: Path | None, host: str, port: int) -> None:
+    """Run the local control plane (Environments Work API + Sessions API) until Ctrl-C."""
+    from .endpoint import resolve_state_dir
+    from .server import ControlPlane, ControlPlaneError
+
+    sd = resolve_state_dir(state_dir)
+    cp = ControlPlane(sd, host=host, port=port)
+    try:
+        cp.start()
+    except (ControlPlaneError, OSError) as e:
+        _fail(f"cannot start the control plane: {e}")
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        click.echo(f"control plane   {cp.base_url}")
+        click.echo(f"environment id  {cp.environment_id}")
+        click.echo(f"state dir       {sd}")
+        click.echo(f"environment key {cp.environment_key_path()}  (for workers: Authorization: Bearer)")
+        click.echo(f"admin key       {cp.admin_key_path}  (for `sandbox session`; never give it to a worker)")
+        click.echo("Ctrl-C to stop.", err=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        cp.stop()
+        click.echo("control plane stopped", err=True)
+
+
+# --------------------------------------------------------------------- session
+
+
+def _admin(state_dir: Path | None) -> tuple[Any, Any]:
+    from .client import LocalAdmin
+    from .endpoint import EndpointError, read_admin_key, read_endpoint, resolve_state_dir
+    from .keys import KeyFileError
+
+    sd = resolve_state_dir(state_dir)
+    try:
+        endpoint = read_endpoint(sd)
+        key = read_admin_key(sd)
+    except (EndpointError, KeyFileError) as e:
+        _fail(str(e))
+    except FileNotFoundError:
+        _fail(f"no admin key in {sd} (start the control plane with `sandbox control-plane`)")
+    return LocalAdmin(endpoint.base_url, key), endpoint
+
+
+def _guard(fn: Callable[[], None]) -> None:
+    """Turn API and connection errors into one line on stderr."""
+    import httpx
+
+    from .client import LocalAdminError
+
+    try:
+        fn()
+    except LocalAdminError as e:
+        _fail(f"control plane refused: {e}", 1)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach the control plane: {e} (is `sandbox control-plane` running?)", 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    """JSON (one call or an array of calls) or JSON lines of `{"name", "input"[, "evaluated_permission"]}`."""
+    try:
+        doc = json.loads(text)
+        items = doc if isinstance(doc, list) else [doc]
+    except ValueError:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except ValueError as e:
+                    raise click.BadParameter(f"line {n}: not JSON ({e})") from None
+    calls = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise click.BadParameter(f"tool call {i}: expected an object with a string `name`")
+        if not isinstance(item.get("input", {}), dict):
+            raise click.BadParameter(f"tool call {i}: `input` must be an object")
+        calls.append(
+            {"name": item["name"], "input": item.get("input", {}), "evaluated_permission": item.get("evaluated_permission")}
+        )
+    if not calls:
+        raise click.BadParameter("no tool calls in the input")
+    return calls
+
+
+@click.group("session")
+def session_group() -> None:
+    """Drive sessions on the local control plane (play the model and the user)."""
+
+
+@session_group.command("new")
+@_state_dir_option
+@click.option("--environment", "environment_id", default=None, help="Environment id (default: the default environment).")
+@click.option("--title", default=None)
+def session_new(state_dir: Path | None, environment_id: str | None, title: str | None) -> None:
+    """Create a session (queues a work item) and print its id."""
+    admin, endpoint = _admin(state_dir)
+    _guard(lambda: click.echo(admin.create_session(environment_id or endpoint.environment_id, title=title)))
+
+
+@session_group.command("send")
+@_state_dir_option
+@click.argument("session_id")
+@click.argument("file", type=click.File("r"))
+@click.option("--idle", is_flag=True, help="End the turn (session.status_idle, end_turn) after the calls.")
+def session_send(state_dir: Path | None, session_id: str, file: Any, idle: bool) -> None:
+    """Inject agent.tool_use calls from FILE (JSON or JSON lines; '-' for stdin); print their event ids."""
+    calls = parse_tool_calls(file.read())
+    admin, _ = _admin(state_dir)
+
+    def run() -> None:
+        for call in calls:
+            click.echo(admin.send_tool_use(session_id, call["name"], call["input"], call["evaluated_permission"]))
+        if idle:
+            admin.send_idle(session_id)
+
+    _guard(run)
+
+
+@session_group.command("idle")
+@_state_dir_option
+@click.argument("session_id")
+def session_idle(state_dir: Path | None, session_id: str) -> None:
+    """End the turn: session.status_idle with stop_reason end_turn."""
+    admin, _ = _admin(state_dir)
+    _guard(lambda: click.echo(admin.send_idle(session_id)))
+
+
+@session_group.command("terminate")
+@_state_dir_option
+@click.argument("session_id")
+def session_terminate(state_dir: Path | None, session_id: str) -> None:
+    """End the session: session.status_terminated."""
+    admin, _ = _admin(state_dir)
+    _guard(lambda: click.echo(admin.terminate(session_id)))
+
+
+def _summary(ev: dict[str, Any], width: int = 160) -> str:
+    kind = ev.get("type")
+    if kind in ("agent.tool_use", "agent.custom_tool_use"):
+        text = f"{ev.get('name')} {json.dumps(ev.get('input', {}))}"
+    elif kind in ("user.tool_result", "user.custom_tool_result"):
+        blocks = ev.get("content") or []
+        texts = [b.get("text", f"<{b.get('type')}>") for b in blocks if isinstance(b, dict)]
+        status = "error" if ev.get("is_error") else "ok"
+        text = f"{status} -> {ev.get('tool_use_id') or ev.get('custom_tool_use_id')}: " + " ".join(texts).replace("\n", "⏎ ")
+    elif kind == "session.status_idle":
+        text = str((ev.get("stop_reason") or {}).get("type"))
+    elif kind == "user.tool_confirmation":
+        text = f"{ev.get('result')} -> {ev.get('tool_use_id')}"
+    else:
+        text = ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+WATCHED_TYPES = frozenset(
+    {
+        "agent.tool_use",
+        "agent.custom_tool_use",
+        "user.tool_result",
+        "user.custom_tool_result",
+        "user.tool_confirmation",
+        "session.status_idle",
+        "session.status_terminated",
+    }
+)
+
+
+@session_group.command("watch")
+@_state_dir_option
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, every event type.")
+def session_watch(state_dir: Path | None, session_id: str, as_json: bool) -> None:
+    """Print tool calls and results as they arrive, until the session terminates (or Ctrl-C)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    admin, _ = _admin(state_dir)
+    console = Console(highlight=False)
+    styles = {"agent": "cyan", "user": "green", "session": "magenta"}
+
+    def run() -> None:
+        for ev in admin.watch(session_id):
+            if as_json:
+                click.echo(json.dumps(ev))
+                continue
+            if ev.get("type") not in WATCHED_TYPES:
+                continue
+            style = styles.get(str(ev.get("type")).split(".")[0], "white")
+            console.print(
+                f"[dim]{escape(str(ev.get('processed_at', '')))}[/] [{style}]{escape(str(ev.get('type')))}[/] "
+                f"[dim]{escape(str(ev.get('id')))}[/] {escape(_summary(ev))}"
+            )
+
+    _guard(run)
+
+
+@session_group.command("events")
+@_state_dir_option
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the log as a JSON array.")
+def session_events(state_dir: Path | None, session_id: str, as_json: bool) -> None:
+    """Print a session's whole event log."""
+    admin, _ = _admin(state_dir)
+
+    def run() -> None:
+        evs = admin.events(session_id)
+        if as_json:
+            click.echo(json.dumps(evs, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("processed_at", "type", "id", "summary", box=None)
+        for ev in evs:
+            table.add_row(str(ev.get("processed_at")), str(ev.get("type")), str(ev.get("id")), _summary(ev, 100))
+        Console(highlight=False).print(table)
+
+    _guard(run)
