@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .auth import Admin, Authenticator, EnvironmentKey, Principal, SessionsToken
-from .clock import parse_rfc3339
+from .clock import parse_rfc3339_us
 from .db import Database
 from .environments import Environments
 from .errors import ApiError, bad_request, forbidden, not_found, unauthorized
@@ -131,9 +131,9 @@ def int_param(query: dict[str, list[str]], name: str, *, lo: int, hi: int, defau
     return value
 
 
-def _time_bound(query: dict[str, list[str]], lower: bool) -> tuple[float, bool] | None:
+def _time_bound(query: dict[str, list[str]], lower: bool) -> tuple[int, bool] | None:
     ops = ("gt", "gte") if lower else ("lt", "lte")
-    found: tuple[float, bool] | None = None
+    found: tuple[int, bool] | None = None
     for op in ops:
         raw = _one(query, f"created_at[{op}]")
         if raw is None:
@@ -141,7 +141,7 @@ def _time_bound(query: dict[str, list[str]], lower: bool) -> tuple[float, bool] 
         if found is not None:
             raise bad_request(f"created_at: give only one of {ops[0]}/{ops[1]}")
         try:
-            found = (parse_rfc3339(raw), op.endswith("e"))
+            found = (parse_rfc3339_us(raw), op.endswith("e"))
         except ValueError:
             raise bad_request(f"created_at[{op}]: expected an RFC 3339 timestamp") from None
     return found

@@ -18,23 +18,37 @@ Clock = Callable[[], float]
 system_clock: Clock = time.time
 
 
+def to_us(ts: float) -> int:
+    """Epoch seconds -> integer microseconds, the resolution of every timestamp we emit."""
+    return round(ts * 1_000_000)
+
+
+def rfc3339_us(us: int) -> str:
+    secs, micros = divmod(us, 1_000_000)
+    dt = datetime.fromtimestamp(secs, tz=timezone.utc).replace(microsecond=micros)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return rfc3339_us(to_us(ts))
 
 
 def rfc3339_or_none(ts: float | None) -> str | None:
     return None if ts is None else rfc3339(ts)
 
 
-def parse_rfc3339(text: str) -> float:
-    """Parse an RFC 3339 timestamp (`Z` or offset; naive means UTC). Raises ValueError."""
+def parse_rfc3339_us(text: str) -> int:
+    """Parse an RFC 3339 timestamp (`Z` or offset; naive means UTC) to epoch microseconds. Raises ValueError."""
     s = text.strip()
     if s.endswith(("Z", "z")):
         s = s[:-1] + "+00:00"
     dt = datetime.fromisoformat(s)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    # Exact integer arithmetic: float seconds would make `gt`/`gte` on an
+    # echoed processed_at ambiguous.
+    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def new_id(prefix: str) -> str:

@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS events(
   id TEXT NOT NULL UNIQUE,
   session_id TEXT NOT NULL REFERENCES sessions(id),
   type TEXT NOT NULL,
-  processed_at REAL NOT NULL,
+  processed_us INTEGER NOT NULL,
   ref_id TEXT,
   body TEXT NOT NULL
 );

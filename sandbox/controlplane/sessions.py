@@ -13,7 +13,7 @@ import json
 import sqlite3
 from typing import Any
 
-from .clock import Clock, new_id, rfc3339
+from .clock import Clock, new_id, rfc3339, rfc3339_us, to_us
 from .db import Database
 from .errors import bad_request, conflict, not_found
 from .events import ACTIVITY_EVENT_TYPES, WAKING_EVENT_TYPES, clean_agent_event, clean_client_event
@@ -123,11 +123,11 @@ class Sessions:
     # ----------------------------------------------------------------- events
 
     def _insert(self, c: sqlite3.Connection, session_id: str, ev: dict[str, Any], ref: str | None) -> dict[str, Any]:
-        now = self._clock()
-        stamped = {**ev, "id": new_id("sevt"), "processed_at": rfc3339(now)}
+        now_us = to_us(self._clock())
+        stamped = {**ev, "id": new_id("sevt"), "processed_at": rfc3339_us(now_us)}
         c.execute(
-            "INSERT INTO events(id, session_id, type, processed_at, ref_id, body) VALUES(?, ?, ?, ?, ?, ?)",
-            (stamped["id"], session_id, stamped["type"], now, ref, json.dumps(stamped)),
+            "INSERT INTO events(id, session_id, type, processed_us, ref_id, body) VALUES(?, ?, ?, ?, ?, ?)",
+            (stamped["id"], session_id, stamped["type"], now_us, ref, json.dumps(stamped)),
         )
         return stamped
 
@@ -248,10 +248,10 @@ class Sessions:
         order: str,
         page: str | None,
         types: list[str] | None,
-        created_after: tuple[float, bool] | None,
-        created_before: tuple[float, bool] | None,
+        created_after: tuple[int, bool] | None,
+        created_before: tuple[int, bool] | None,
     ) -> dict[str, Any]:
-        """One page of the log. Bounds are (epoch seconds, inclusive)."""
+        """One page of the log. Bounds are (epoch microseconds, inclusive)."""
         where = ["session_id=?"]
         args: list[Any] = [session_id]
         if page:
@@ -261,10 +261,10 @@ class Sessions:
             where.append(f"type IN ({','.join('?' * len(types))})")
             args.extend(types)
         if created_after is not None:
-            where.append("processed_at >= ?" if created_after[1] else "processed_at > ?")
+            where.append("processed_us >= ?" if created_after[1] else "processed_us > ?")
             args.append(created_after[0])
         if created_before is not None:
-            where.append("processed_at <= ?" if created_before[1] else "processed_at < ?")
+            where.append("processed_us <= ?" if created_before[1] else "processed_us < ?")
             args.append(created_before[0])
         sql = f"SELECT seq, body FROM events WHERE {' AND '.join(where)} ORDER BY seq {'ASC' if order == 'asc' else 'DESC'} LIMIT ?"
         args.append(limit + 1)

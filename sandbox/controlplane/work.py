@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import keys
-from .clock import Clock, new_id, rfc3339, rfc3339_or_none
+from .clock import Clock, new_id, rfc3339, rfc3339_or_none, rfc3339_us, to_us
 from .db import Database
 from .errors import ApiError, bad_request, conflict, not_found
 
@@ -280,8 +280,11 @@ class WorkQueue:
                     raise self._precondition_failed(row, expected_last_heartbeat, None)
             ttl = row["ttl_seconds"] if desired_ttl_seconds is None else max(MIN_TTL_SECONDS, min(MAX_TTL_SECONDS, desired_ttl_seconds))
             # Strictly increasing, so the value the worker echoes next identifies this beat.
-            beat_at = now if row["latest_heartbeat_at"] is None else max(now, row["latest_heartbeat_at"] + 1e-6)
-            last_heartbeat = rfc3339(beat_at)
+            beat_us = to_us(now)
+            if row["latest_heartbeat_at"] is not None:
+                beat_us = max(beat_us, to_us(row["latest_heartbeat_at"]) + 1)
+            beat_at = beat_us / 1_000_000
+            last_heartbeat = rfc3339_us(beat_us)
             new_state = "active" if state in ("queued", "starting") else state
             c.execute(
                 "UPDATE work SET state=?, acknowledged_at=COALESCE(acknowledged_at, ?), started_at=COALESCE(started_at, ?),"
