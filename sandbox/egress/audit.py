@@ -17,7 +17,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +45,7 @@ class AuditRecord:
     ts: str = ""
 
     def to_json(self) -> str:
-        d = asdict(self)
+        d = dict(vars(self))  # flat fields only: asdict()'s deep copy is measurable per request
         if not d["ts"]:
             d["ts"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         d["path"] = _strip_query(d["path"])
@@ -66,6 +66,7 @@ class AuditLog:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self._fd = self._open()
+        self._size = os.fstat(self._fd).st_size  # tracked, not fstat'ed per record
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -73,9 +74,13 @@ class AuditLog:
     def write(self, record: AuditRecord) -> None:
         line = (record.to_json() + "\n").encode("ascii")
         try:
-            if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
-                self._rotate()
-            os.write(self._fd, line)
+            if self._size + len(line) > self.max_bytes:
+                # another writer (e.g. `sandbox proxy` next to the daemon) may have grown it
+                self._size = os.fstat(self._fd).st_size
+                if self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                    self._size = 0
+            self._size += os.write(self._fd, line)
         except OSError:
             # Auditing must not take the proxy down (e.g. disk full); the decision itself
             # has already been enforced.

@@ -44,7 +44,8 @@ DENIED_HEADER = "X-Sandbox-Egress-Denied"
 ERROR_HEADER = "X-Sandbox-Egress-Error"
 SOCKET_NAME = "proxy.sock"
 
-_CHUNK = 256 * 1024
+_CHUNK = 1024 * 1024
+_COPY_CHUNK = 64 * 1024
 _PIPE_SIZE = 1024 * 1024
 _MAX_RESPONSE_HEAD = 64 * 1024
 _MAX_CHUNK_LINE = 4096
@@ -95,7 +96,6 @@ class _Session:
     policy: EgressPolicy
     socket_path: Path | None = None
     listeners: list[socket.socket] = field(default_factory=list)
-    accept_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     conns: set[_Conn] = field(default_factory=set)
     bytes_used: int = 0
     closed: bool = False
@@ -145,7 +145,8 @@ class _Conn:
             self.task.cancel()
 
 
-async def _wait_fd(fd: int, write: bool) -> None:
+async def _wait_any(read_fd: int | None, write_fd: int | None) -> None:
+    """Until read_fd is readable or write_fd is writable (either may be None)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
 
@@ -153,17 +154,17 @@ async def _wait_fd(fd: int, write: bool) -> None:
         if not fut.done():
             fut.set_result(None)
 
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
+    if read_fd is not None:
+        loop.add_reader(read_fd, ready)
+    if write_fd is not None:
+        loop.add_writer(write_fd, ready)
     try:
         await fut
     finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        if read_fd is not None:
+            loop.remove_reader(read_fd)
+        if write_fd is not None:
+            loop.remove_writer(write_fd)
 
 
 class _Buffered:
@@ -262,7 +263,7 @@ class EgressProxy:
     def _listen(self, sess: _Session, sock: socket.socket) -> None:
         self._sessions[sess.id] = sess
         sess.listeners.append(sock)
-        sess.accept_tasks.append(asyncio.get_running_loop().create_task(self._accept_loop(sess, sock)))
+        self._watch(sess, sock)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -272,9 +273,10 @@ class EgressProxy:
         if sess is None:
             return
         sess.closed = True
-        for t in sess.accept_tasks:
-            t.cancel()
+        loop = asyncio.get_running_loop()
         for s in sess.listeners:
+            if s.fileno() >= 0:
+                loop.remove_reader(s.fileno())
             s.close()
         tasks = [c.task for c in sess.conns if c.task is not None]
         for c in list(sess.conns):
@@ -302,19 +304,30 @@ class EgressProxy:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _accept_loop(self, sess: _Session, lsock: socket.socket) -> None:
+    def _on_acceptable(self, sess: _Session, lsock: socket.socket) -> None:
+        """Reader callback kept registered for the listener's life: accepting everything that
+        is pending per wake-up costs no per-connection epoll_ctl or future."""
         loop = asyncio.get_running_loop()
-        while not sess.closed:
+        for _ in range(64):  # bounded, so one busy session cannot monopolise a loop turn
             try:
-                sock, _ = await loop.sock_accept(lsock)
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    await asyncio.sleep(0.1)  # out of fds: back off rather than spin
-                    continue
+                    # Out of fds: stop watching for a moment rather than spin on a ready listener.
+                    loop.remove_reader(lsock.fileno())
+                    loop.call_later(0.1, self._watch, sess, lsock)
                 return
             sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sess, sock)
             conn.task = loop.create_task(self._serve(conn))
+
+    def _watch(self, sess: _Session, lsock: socket.socket) -> None:
+        if not sess.closed and lsock.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(lsock.fileno(), self._on_acceptable, sess, lsock)
 
     async def _sweep(self) -> None:
         """One timer for all connections: cheaper than a wait_for around every read, and the
@@ -425,15 +438,19 @@ class EgressProxy:
             await _both(self._relay(conn, conn.client, conn.upstream, "up"), self._relay(conn, conn.upstream, conn.client, "down"))
         else:
             await self._send_up(conn, http1.upstream_head(req, fwd, framing))
-            await _both(self._request_body(conn, reader, framing), self._response(conn), b_ends_all=True)
+            if framing == 0:
+                await self._response(conn)  # no body to forward: skip the second task
+            else:
+                await _both(self._request_body(conn, reader, framing), self._response(conn), b_ends_all=True)
 
     async def _decide(self, pol: EgressPolicy, host: str, port: int) -> acl.Decision:
         pre = acl.precheck(pol, host, port)
         if not pre.allowed or acl.is_ip_literal(host):
             return acl.decide(pol, host, port, ())
         try:
-            addrs = await asyncio.wait_for(self.resolver(host, port), pol.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError, LookupError):
+            async with asyncio.timeout(pol.connect_timeout_s):  # no extra task, unlike wait_for
+                addrs = await self.resolver(host, port)
+        except (OSError, TimeoutError, LookupError):
             raise _Refuse(502, "dns-failure", f"could not resolve {host}", verdict="error", header=ERROR_HEADER) from None
         return acl.decide(pol, host, port, addrs)
 
@@ -447,10 +464,13 @@ class EgressProxy:
             sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), max(0.01, deadline - loop.time()))
-            except (OSError, asyncio.TimeoutError) as e:
+                async with asyncio.timeout_at(deadline):
+                    await loop.sock_connect(sock, (str(ip), port))
+            except (OSError, TimeoutError) as e:
                 sock.close()
-                last = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or type(e).__name__)
+                last = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+                if isinstance(e, TimeoutError):
+                    break
                 continue
             except BaseException:
                 sock.close()
@@ -488,67 +508,91 @@ class EgressProxy:
             raise _BudgetSpent
 
     async def _relay(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None = None, half_close: bool = True) -> None:
-        """Move bytes src -> dst until EOF (or exactly ``limit`` bytes), charging the budget."""
-        if _USE_SPLICE:
-            await self._relay_splice(conn, src, dst, direction, limit)
-        else:
-            await self._relay_copy(conn, src, dst, direction, limit)
+        """Move bytes src -> dst until EOF (or exactly ``limit`` bytes), charging the budget.
+
+        Starts by copying through a small buffer (fewest syscalls for the typical short
+        exchange) and hands over to splice(2) once a read fills that buffer (a bulk transfer).
+        """
+        done = await self._relay_copy(conn, src, dst, direction, limit, upgrade=_USE_SPLICE)
+        if done is not None:
+            await self._relay_splice(conn, src, dst, direction, None if limit is None else limit - done)
         if half_close and limit is None:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
 
     async def _relay_splice(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None) -> None:
+        """src -> pipe -> dst inside the kernel. Reading and writing are interleaved (the pipe
+        is the only buffer, up to _PIPE_SIZE), so both sockets stay busy at the same time."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            cap = fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            cap = 65536
         s, d = src.fileno(), dst.fileno()
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        done = 0
+        taken = 0  # bytes accepted from src (and charged)
+        pending = 0  # of those, still in the pipe
+        eof = spent = False
         try:
-            while limit is None or done < limit:
-                want = _CHUNK if limit is None else min(_CHUNK, limit - done)
-                try:
-                    n = os.splice(s, wfd, want, flags=flags)
-                except BlockingIOError:
-                    await _wait_fd(s, write=False)
-                    continue
-                if n == 0:
-                    if limit is not None:
-                        raise EOFError
-                    return
-                ok = self._account(conn, n, direction)
-                left = ok
-                while left:
+            while True:
+                progressed = False
+                room = cap - pending if limit is None else min(cap - pending, limit - taken)
+                if not eof and not spent and room > 0:
                     try:
-                        left -= os.splice(rfd, d, left, flags=flags)
+                        n = os.splice(s, wfd, min(room, _CHUNK), flags=flags)
                     except BlockingIOError:
-                        await _wait_fd(d, write=True)
-                        continue
-                    conn.touch()
-                done += ok
-                if ok < n:
-                    raise _BudgetSpent
+                        n = -1
+                    if n == 0:
+                        eof = True
+                    elif n > 0:
+                        ok = self._account(conn, n, direction)
+                        taken += ok
+                        pending += ok  # bytes over budget stay in the pipe and die with it
+                        spent = ok < n
+                        progressed = True
+                if pending:
+                    try:
+                        pending -= os.splice(rfd, d, pending, flags=flags)
+                        progressed = True
+                    except BlockingIOError:
+                        pass
+                if pending == 0:
+                    if spent:
+                        raise _BudgetSpent
+                    if eof:
+                        if limit is not None and taken < limit:
+                            raise EOFError
+                        return
+                    if limit is not None and taken >= limit:
+                        return
+                if not progressed:
+                    can_read = not eof and not spent and (cap - pending) > 0
+                    await _wait_any(s if can_read else None, d if pending else None)
         finally:
             os.close(rfd)
             os.close(wfd)
 
-    async def _relay_copy(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None) -> None:
+    async def _relay_copy(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None, upgrade: bool) -> int | None:
+        """Copy loop. Returns None when finished, or (with ``upgrade``) the bytes moved so far
+        as soon as a read fills the buffer, so the caller can switch to splice."""
         loop = asyncio.get_running_loop()
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
+        view = memoryview(bytearray(_COPY_CHUNK))
         done = 0
         while limit is None or done < limit:
-            want = _CHUNK if limit is None else min(_CHUNK, limit - done)
+            want = _COPY_CHUNK if limit is None else min(_COPY_CHUNK, limit - done)
             n = await loop.sock_recv_into(src, view[:want])
             if n == 0:
                 if limit is not None:
                     raise EOFError
-                return
+                return None
             ok = self._account(conn, n, direction)
             await loop.sock_sendall(dst, view[:ok])
             done += ok
             if ok < n:
                 raise _BudgetSpent
+            if upgrade and n == _COPY_CHUNK:
+                return done
+        return None
 
     async def _request_body(self, conn: _Conn, reader: _Buffered, framing: int | str) -> None:
         """Forward exactly the framed body; anything the client sends after it is never read."""
@@ -614,11 +658,9 @@ class EgressProxy:
             if 100 <= status < 200 and status != 101:
                 await self._send_down(conn, head)  # 100 Continue etc.: pass on, wait for the real one
                 continue
-            await self._send_down(conn, http1.rewrite_response_head(head))
+            # Head and the body bytes already read go out in one write (no Nagle stall).
+            await self._send_down(conn, http1.rewrite_response_head(head) + up.take())
             break
-        rest = up.take()
-        if rest:
-            await self._send_down(conn, rest)
         await self._relay(conn, conn.upstream, conn.client, "down", half_close=False)
 
 

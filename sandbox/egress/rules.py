@@ -10,6 +10,7 @@ error, not a silent surprise at run time.
 from __future__ import annotations
 
 import ipaddress
+from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -105,5 +106,10 @@ class EgressPolicy(BaseModel):
     def enabled(self) -> bool:
         return bool(self.rules or self.allow_cidrs)
 
-    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        return [ipaddress.ip_network(c) for c in self.allow_cidrs]
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return self._networks
+
+    @cached_property
+    def _networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        # parsed once per policy object (it is frozen), not once per connection
+        return tuple(ipaddress.ip_network(c) for c in self.allow_cidrs)
