@@ -36,7 +36,7 @@ def explain_rows(p: Policy) -> list[tuple[str, str, str]]:
         ("timeouts", "per call / per session", f"{p.timeouts.call_s:g} s / {p.timeouts.session_s:g} s"),
         ("output", "cap per call", f"{p.output.max_bytes} bytes"),
     ]
-    flt = sc.compile_filter(p.seccomp)
+    flt = sc.for_runtime(sc.compile_filter(p.seccomp), p.runtime)
     d = sc.describe(flt)
     rows += [
         ("seccomp", "default action", f"{d['default_action']} (EPERM)" if d["default_action"] == "errno"

@@ -152,6 +152,22 @@ def _default_action_oci(action: str) -> tuple[str, int | None]:
             "log": ("SCMP_ACT_LOG", None)}[action]
 
 
+def for_runtime(f: CompiledFilter, runtime: str) -> CompiledFilter:
+    """Adjust a filter to what an OCI runtime actually implements.
+
+    gVisor (runsc, with --oci-seccomp) answers an errno rule with its default errno
+    rather than the rule's errnoRet, so clone3 -> ENOSYS arrives as EPERM and glibc
+    never falls back to clone(2): no thread could start. Under runsc clone3 is
+    therefore allowed; any namespace it creates exists only in gVisor's user-space
+    kernel, never in the host's.
+    """
+    if runtime != "runsc" or "clone3" not in dict(f.errno):
+        return f
+    return CompiledFilter(allow=f.allow + ("clone3",), conditional=f.conditional,
+                          errno=tuple(e for e in f.errno if e[0] != "clone3"),
+                          default_action=f.default_action, unknown_here=f.unknown_here)
+
+
 def to_oci(f: CompiledFilter) -> dict[str, Any]:
     """The filter as a Docker/OCI seccomp profile (what `--security-opt seccomp=` takes)."""
     action, err = _default_action_oci(f.default_action)
@@ -226,5 +242,5 @@ def describe(f: CompiledFilter) -> dict[str, Any]:
     }
 
 
-__all__ = ["CompiledFilter", "DANGEROUS_SYSCALLS", "apply_in_process", "compile_filter", "describe",
+__all__ = ["CompiledFilter", "DANGEROUS_SYSCALLS", "apply_in_process", "compile_filter", "describe", "for_runtime",
            "syscall_known", "to_bpf", "to_libseccomp", "to_oci", "to_pfc"]

@@ -82,7 +82,7 @@ def _tmpfs_opts(size_mb: int, exec_: bool, uid: int | None = None, gid: int | No
 def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner: str = "cli",
                  image: str | None = None, extra_labels: dict[str, str] | None = None) -> ContainerSpec:
     """Policy -> Docker create body. ``binds`` carries host paths the runtime created."""
-    flt = sc.compile_filter(policy.seccomp)
+    flt = sc.for_runtime(sc.compile_filter(policy.seccomp), policy.runtime)
     profile = sc.to_oci(flt)
     egress = policy.egress.enabled
     if egress and not binds.egress_dir:

@@ -110,8 +110,16 @@ def op_exec(req: dict) -> None:
 
     pumps = [threading.Thread(target=pump, args=(proc.stdout, 1), daemon=True),
              threading.Thread(target=pump, args=(proc.stderr, 2), daemon=True)]
-    for t in pumps:
-        t.start()
+    try:
+        for t in pumps:
+            t.start()
+    except RuntimeError:
+        _kill_group(proc)
+        proc.wait()
+        with _procs_lock:
+            _procs.pop(rid, None)
+        emit({"id": rid, "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
+        return
     if stdin_data is not None:
         def feed() -> None:
             try:
@@ -119,7 +127,10 @@ def op_exec(req: dict) -> None:
                 proc.stdin.close()
             except OSError:
                 pass
-        threading.Thread(target=feed, daemon=True).start()
+        try:
+            threading.Thread(target=feed, daemon=True).start()
+        except RuntimeError:
+            proc.stdin.close()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -201,7 +212,15 @@ def main() -> None:
         except (ValueError, KeyError, TypeError):
             emit({"id": None, "ev": "error", "message": "malformed request"})
             continue
-        threading.Thread(target=_safe, args=(op, req), daemon=True).start()
+        try:
+            threading.Thread(target=_safe, args=(op, req), daemon=True).start()
+        except RuntimeError:
+            # The sandbox's process/thread budget is spent (a fork bomb shares our uid):
+            # answer instead of dying, so the host can still cancel and report.
+            if op in (op_cancel, op_ping):
+                _safe(op, req)
+            else:
+                emit({"id": req.get("id"), "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
 
 
 def _safe(op, req: dict) -> None:

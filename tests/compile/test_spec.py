@@ -93,3 +93,14 @@ def test_disk_workspace_is_a_bind_of_the_prepared_dir() -> None:
     s = compile_spec(pol, "s", Binds(workspace_dir="/var/lib/sandbox/workspaces/x"))
     assert s.host_config["Mounts"][0]["Target"] == "/workspace"
     assert "/workspace" not in s.host_config["Tmpfs"]
+
+
+def test_gvisor_spec_allows_clone3_because_runsc_ignores_errno_ret() -> None:
+    s = compile_spec(load_policy("gvisor"), "g")
+    opt = next(o for o in s.host_config["SecurityOpt"] if o.startswith("seccomp="))
+    prof = json.loads(opt.removeprefix("seccomp="))
+    assert s.host_config["Runtime"] == "runsc"
+    assert "clone3" in prof["syscalls"][0]["names"]
+    runc = json.loads(next(o for o in compile_spec(load_policy("default"), "r").host_config["SecurityOpt"]
+                           if o.startswith("seccomp=")).removeprefix("seccomp="))
+    assert {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38} in runc["syscalls"]
