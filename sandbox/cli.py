@@ -316,3 +316,7 @@ def gc(everything: bool) -> None:
     click.echo(f"removed {len(removed)} sandbox(es)" + (": " + " ".join(removed) if removed else ""))
 
 
+
+
+if __name__ == "__main__":
+    main()
