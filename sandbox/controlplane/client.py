@@ -33,25 +33,28 @@ class LocalAdminError(Exception):
 
 
 class LocalAdmin:
-    def __init__(self, base_url: str, admin_key: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, admin_key: str, *, timeout: float = 30.0, http_client: httpx.Client | None = None
+    ) -> None:
+        """`http_client`: share one (building an httpx client costs ~0.1 s); it is not closed by `close()`."""
         self.base_url = base_url.rstrip("/")
         self._key_fp = fingerprint(admin_key)
         self._timeout = timeout
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers={
-                "x-api-key": admin_key,
-                "anthropic-version": ANTHROPIC_VERSION,
-                "anthropic-beta": MANAGED_AGENTS_BETA,
-            },
-            timeout=timeout,
-        )
+        # Per request, not on the client, so a shared client never carries our key elsewhere.
+        self._headers = {
+            "x-api-key": admin_key,
+            "anthropic-version": ANTHROPIC_VERSION,
+            "anthropic-beta": MANAGED_AGENTS_BETA,
+        }
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(timeout=timeout)
 
     def __repr__(self) -> str:
         return f"LocalAdmin(base_url={self.base_url!r}, admin_key={self._key_fp})"
 
     def close(self) -> None:
-        self._http.close()
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> LocalAdmin:
         return self
@@ -74,7 +77,7 @@ class LocalAdmin:
             raise LocalAdminError(resp.status_code, "http_error", resp.text[:200]) from None
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = self._http.request(method, path, **kwargs)
+        resp = self._http.request(method, self.base_url + path, headers=self._headers, timeout=self._timeout, **kwargs)
         self._raise_for(resp)
         return resp.json()
 
@@ -155,7 +158,8 @@ class LocalAdmin:
     def watch(self, session_id: str, *, read_timeout: float = 60.0) -> Iterator[dict[str, Any]]:
         """Yield events appended after the call, until the session terminates (pings skipped)."""
         timeout = httpx.Timeout(self._timeout, read=read_timeout)
-        with self._http.stream("GET", f"/v1/sessions/{session_id}/events/stream", timeout=timeout) as resp:
+        url = f"{self.base_url}/v1/sessions/{session_id}/events/stream"
+        with self._http.stream("GET", url, headers=self._headers, timeout=timeout) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 self._raise_for(resp)

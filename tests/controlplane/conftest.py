@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.controlplane import ControlPlane, LocalAdmin
 
-from .helpers import ManualClock
+from .helpers import ManualClock, http
 
 
 @pytest.fixture(autouse=True)
@@ -48,5 +48,5 @@ def cp_clocked(tmp_path: Path, clock: ManualClock) -> Iterator[ControlPlane]:
 
 @pytest.fixture
 def admin(cp: ControlPlane) -> Iterator[LocalAdmin]:
-    with LocalAdmin(cp.base_url, cp.admin_key) as a:
+    with LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as a:
         yield a

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import anthropic
+import httpx
+import httpx2
 
 from sandbox.controlplane import ControlPlane
 
@@ -30,16 +32,40 @@ class ManualClock:
             self._now += seconds
 
 
+# Building an HTTP client costs ~0.1 s (TLS context), so the tests share one of each.
+_shared: dict[str, object] = {}
+
+
+def http() -> httpx.Client:
+    """For raw requests the SDK would never send."""
+    client = _shared.get("httpx")
+    if client is None:
+        client = _shared["httpx"] = httpx.Client(timeout=10)
+    return client  # type: ignore[return-value]
+
+
+def _sdk_http() -> httpx2.Client:
+    client = _shared.get("httpx2")
+    if client is None:
+        client = _shared["httpx2"] = httpx2.Client(timeout=10)
+    return client  # type: ignore[return-value]
+
+
 def env_client(plane: ControlPlane, token: str | None = None) -> anthropic.Anthropic:
     """The client a worker holds: Bearer environment key (or a sessions token), no API key."""
     return anthropic.Anthropic(
-        base_url=plane.base_url, auth_token=token or plane.environment_key, api_key=None, max_retries=0, timeout=10
+        base_url=plane.base_url,
+        auth_token=token or plane.environment_key,
+        api_key=None,
+        max_retries=0,
+        timeout=10,
+        http_client=_sdk_http(),
     )
 
 
 def admin_client(plane: ControlPlane) -> anthropic.Anthropic:
     """The client an operator holds: the (local) organisation key as `api_key`."""
-    return anthropic.Anthropic(base_url=plane.base_url, api_key=plane.admin_key, max_retries=0, timeout=10)
+    return anthropic.Anthropic(base_url=plane.base_url, api_key=plane.admin_key, max_retries=0, timeout=10, http_client=_sdk_http())
 
 
 def sessions_token(secret: str | None) -> str:

@@ -13,13 +13,13 @@ import pytest
 from sandbox.controlplane import ControlPlane, ControlPlaneError, LocalAdmin
 from sandbox.controlplane.keys import fingerprint
 
-from .helpers import admin_client, env_client, sessions_token
+from .helpers import admin_client, env_client, http, sessions_token
 
 HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01"}
 
 
 def _get(cp: ControlPlane, path: str, **headers: str) -> httpx.Response:
-    return httpx.get(cp.base_url + path, headers={**HEADERS, **headers}, timeout=5)
+    return http().get(cp.base_url + path, headers={**HEADERS, **headers}, timeout=5)
 
 
 def test_missing_and_wrong_keys_are_401(cp: ControlPlane) -> None:
@@ -74,13 +74,13 @@ def test_environment_key_is_not_an_admin_key(cp: ControlPlane, admin: LocalAdmin
     with pytest.raises(anthropic.PermissionDeniedError):
         worker.beta.environments.create(name="x", config={"type": "self_hosted"})
     # the worker's key cannot play the model
-    r = httpx.post(
+    r = http().post(
         f"{cp.base_url}/local/v1/sessions/{sid}/events",
         json={"events": [{"type": "agent.tool_use", "name": "bash", "input": {}}]},
         headers={"Authorization": f"Bearer {cp.environment_key}"},
     )
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
-    r = httpx.post(f"{cp.base_url}/v1/sessions", json={"environment_id": cp.environment_id}, headers={**HEADERS, "Authorization": f"Bearer {cp.environment_key}"})
+    r = http().post(f"{cp.base_url}/v1/sessions", json={"environment_id": cp.environment_id}, headers={**HEADERS, "Authorization": f"Bearer {cp.environment_key}"})
     assert r.status_code == 403
 
 
@@ -115,7 +115,7 @@ def test_sessions_token_is_scoped_to_its_session_and_item(cp: ControlPlane, admi
 
 def test_environment_key_cannot_reach_another_environments_sessions(cp: ControlPlane) -> None:
     other = admin_client(cp).beta.environments.create(name="other", config={"type": "self_hosted"})
-    with LocalAdmin(cp.base_url, cp.admin_key) as admin:
+    with LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as admin:
         sid = admin.create_session(other.id)
     with pytest.raises(anthropic.NotFoundError):
         env_client(cp).beta.sessions.retrieve(sid)
@@ -157,7 +157,7 @@ def test_one_control_plane_per_state_dir(cp: ControlPlane) -> None:
 
 def test_keys_never_appear_in_logs_or_reprs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    with ControlPlane(tmp_path / "s") as cp, LocalAdmin(cp.base_url, cp.admin_key) as admin:
+    with ControlPlane(tmp_path / "s") as cp, LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as admin:
         secrets = [cp.environment_key, cp.admin_key]
         sid = admin.create_session(cp.environment_id)
         item = env_client(cp).beta.environments.work.poll(cp.environment_id)
@@ -167,9 +167,9 @@ def test_keys_never_appear_in_logs_or_reprs(tmp_path: Path, caplog: pytest.LogCa
         env_client(cp, token).beta.sessions.retrieve(sid)
         # Failed attempts, and a client that puts a key where it does not belong (the URL).
         for bad in (cp.environment_key + "x", cp.admin_key, token):
-            httpx.get(f"{cp.base_url}/v1/environments/{cp.environment_id}/work/poll", headers={**HEADERS, "Authorization": f"Bearer {bad}x"})
-        httpx.get(f"{cp.base_url}/v1/sessions/{cp.environment_key}", headers=HEADERS)
-        httpx.get(f"{cp.base_url}/nope?k={cp.admin_key}")
+            http().get(f"{cp.base_url}/v1/environments/{cp.environment_id}/work/poll", headers={**HEADERS, "Authorization": f"Bearer {bad}x"})
+        http().get(f"{cp.base_url}/v1/sessions/{cp.environment_key}", headers=HEADERS)
+        http().get(f"{cp.base_url}/nope?k={cp.admin_key}")
         reprs = " ".join(repr(x) for x in (cp, admin))
     # The server's records only: the test's own HTTP client logs the URLs it was told to use.
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sandbox.controlplane"))

@@ -11,6 +11,8 @@ import pytest
 
 from sandbox.controlplane import ControlPlane, LocalAdmin
 
+from .helpers import http
+
 HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01"}
 
 
@@ -19,7 +21,7 @@ def _auth(cp: ControlPlane) -> dict[str, str]:
 
 
 def _alive(cp: ControlPlane) -> None:
-    assert httpx.get(f"{cp.base_url}/local/v1/health", timeout=5).json() == {"status": "ok"}
+    assert http().get(f"{cp.base_url}/local/v1/health", timeout=5).json() == {"status": "ok"}
 
 
 def _raw(cp: ControlPlane, data: bytes) -> bytes:
@@ -52,7 +54,7 @@ def _error(r: httpx.Response, status: int, kind: str) -> None:
 )
 def test_malformed_json_is_400(cp: ControlPlane, admin: LocalAdmin, payload: bytes) -> None:
     sid = admin.create_session(cp.environment_id)
-    r = httpx.post(f"{cp.base_url}/v1/sessions/{sid}/events", content=payload, headers={**_auth(cp), "content-type": "application/json"})
+    r = http().post(f"{cp.base_url}/v1/sessions/{sid}/events", content=payload, headers={**_auth(cp), "content-type": "application/json"})
     _error(r, 400, "invalid_request_error")
     _alive(cp)
 
@@ -72,7 +74,7 @@ def test_malformed_json_is_400(cp: ControlPlane, admin: LocalAdmin, payload: byt
 )
 def test_bad_events_are_400(cp: ControlPlane, admin: LocalAdmin, events: list[object]) -> None:
     sid = admin.create_session(cp.environment_id)
-    r = httpx.post(f"{cp.base_url}/v1/sessions/{sid}/events", json={"events": events}, headers=_auth(cp))
+    r = http().post(f"{cp.base_url}/v1/sessions/{sid}/events", json={"events": events}, headers=_auth(cp))
     _error(r, 400, "invalid_request_error")
     assert admin.events(sid) == []  # all-or-nothing
 
@@ -90,7 +92,7 @@ def test_bad_events_are_400(cp: ControlPlane, admin: LocalAdmin, events: list[ob
 )
 def test_bad_injected_events_are_400(cp: ControlPlane, admin: LocalAdmin, event: dict[str, object]) -> None:
     sid = admin.create_session(cp.environment_id)
-    r = httpx.post(
+    r = http().post(
         f"{cp.base_url}/local/v1/sessions/{sid}/events", json={"events": [event]}, headers={"x-api-key": cp.admin_key}
     )
     _error(r, 400, "invalid_request_error")
@@ -99,43 +101,43 @@ def test_bad_injected_events_are_400(cp: ControlPlane, admin: LocalAdmin, event:
 @pytest.mark.parametrize("query", ["limit=1000000", "limit=0", "limit=-5", "limit=abc", "limit=99999999999999999999999", "order=sideways", "page=%%%", "page=Zm9v", "created_at[gt]=yesterday"])
 def test_bad_list_parameters_are_400(cp: ControlPlane, admin: LocalAdmin, query: str) -> None:
     sid = admin.create_session(cp.environment_id)
-    r = httpx.get(f"{cp.base_url}/v1/sessions/{sid}/events?{query}", headers=_auth(cp))
+    r = http().get(f"{cp.base_url}/v1/sessions/{sid}/events?{query}", headers=_auth(cp))
     _error(r, 400, "invalid_request_error")
 
 
 @pytest.mark.parametrize("query", ["limit=101", "block_ms=abc", "reclaim_older_than_ms=-1"])
 def test_bad_work_parameters_are_400(cp: ControlPlane, query: str) -> None:
     path = "work" if query.startswith("limit") else "work/poll"
-    r = httpx.get(f"{cp.base_url}/v1/environments/{cp.environment_id}/{path}?{query}", headers=_auth(cp))
+    r = http().get(f"{cp.base_url}/v1/environments/{cp.environment_id}/{path}?{query}", headers=_auth(cp))
     _error(r, 400, "invalid_request_error")
 
 
 def test_bad_heartbeat_and_stop_inputs(cp: ControlPlane, admin: LocalAdmin) -> None:
     admin.create_session(cp.environment_id)
-    item = httpx.get(f"{cp.base_url}/v1/environments/{cp.environment_id}/work/poll", headers=_auth(cp)).json()
+    item = http().get(f"{cp.base_url}/v1/environments/{cp.environment_id}/work/poll", headers=_auth(cp)).json()
     base = f"{cp.base_url}/v1/environments/{cp.environment_id}/work/{item['id']}"
-    _error(httpx.post(f"{base}/heartbeat?desired_ttl_seconds=soon", headers=_auth(cp)), 400, "invalid_request_error")
-    _error(httpx.post(f"{base}/heartbeat?expected_last_heartbeat={'x' * 500}", headers=_auth(cp)), 400, "invalid_request_error")
-    _error(httpx.post(f"{base}/stop", json={"force": "yes"}, headers=_auth(cp)), 400, "invalid_request_error")
-    _error(httpx.post(f"{base}/heartbeat", headers={**_auth(cp), "anthropic-worker-id": "w"}, params={"expected_last_heartbeat": "nope"}), 412, "invalid_request_error")
+    _error(http().post(f"{base}/heartbeat?desired_ttl_seconds=soon", headers=_auth(cp)), 400, "invalid_request_error")
+    _error(http().post(f"{base}/heartbeat?expected_last_heartbeat={'x' * 500}", headers=_auth(cp)), 400, "invalid_request_error")
+    _error(http().post(f"{base}/stop", json={"force": "yes"}, headers=_auth(cp)), 400, "invalid_request_error")
+    _error(http().post(f"{base}/heartbeat", headers={**_auth(cp), "anthropic-worker-id": "w"}, params={"expected_last_heartbeat": "nope"}), 412, "invalid_request_error")
 
 
 def test_unknown_paths_and_methods(cp: ControlPlane) -> None:
-    _error(httpx.get(f"{cp.base_url}/v1/nothing/here", headers=_auth(cp)), 404, "not_found_error")
-    _error(httpx.get(f"{cp.base_url}/", headers=_auth(cp)), 404, "not_found_error")
-    _error(httpx.get(f"{cp.base_url}/v1/sessions/{'a' * 500}", headers=_auth(cp)), 404, "not_found_error")
-    _error(httpx.get(f"{cp.base_url}/v1/sessions/../../etc/passwd", headers=_auth(cp)), 404, "not_found_error")
-    _error(httpx.delete(f"{cp.base_url}/v1/environments/{cp.environment_id}/work/poll", headers=_auth(cp)), 405, "invalid_request_error")
-    _error(httpx.get(f"{cp.base_url}/v1/sessions/session_nope", headers=_auth(cp)), 404, "not_found_error")
+    _error(http().get(f"{cp.base_url}/v1/nothing/here", headers=_auth(cp)), 404, "not_found_error")
+    _error(http().get(f"{cp.base_url}/", headers=_auth(cp)), 404, "not_found_error")
+    _error(http().get(f"{cp.base_url}/v1/sessions/{'a' * 500}", headers=_auth(cp)), 404, "not_found_error")
+    _error(http().get(f"{cp.base_url}/v1/sessions/../../etc/passwd", headers=_auth(cp)), 404, "not_found_error")
+    _error(http().delete(f"{cp.base_url}/v1/environments/{cp.environment_id}/work/poll", headers=_auth(cp)), 405, "invalid_request_error")
+    _error(http().get(f"{cp.base_url}/v1/sessions/session_nope", headers=_auth(cp)), 404, "not_found_error")
     _alive(cp)
 
 
 def test_missing_version_or_beta_headers_are_400(cp: ControlPlane) -> None:
     url = f"{cp.base_url}/v1/environments/{cp.environment_id}/work/stats"
     auth = {"Authorization": f"Bearer {cp.environment_key}"}
-    _error(httpx.get(url, headers={**auth, "anthropic-beta": "managed-agents-2026-04-01"}), 400, "invalid_request_error")
-    _error(httpx.get(url, headers={**auth, "anthropic-version": "2023-06-01"}), 400, "invalid_request_error")
-    assert httpx.get(url, headers={**auth, **HEADERS, "anthropic-beta": "foo-1,managed-agents-2026-04-01"}).status_code == 200
+    _error(http().get(url, headers={**auth, "anthropic-beta": "managed-agents-2026-04-01"}), 400, "invalid_request_error")
+    _error(http().get(url, headers={**auth, "anthropic-version": "2023-06-01"}), 400, "invalid_request_error")
+    assert http().get(url, headers={**auth, **HEADERS, "anthropic-beta": "foo-1,managed-agents-2026-04-01"}).status_code == 200
 
 
 def test_oversized_body_is_413_without_reading_it(cp: ControlPlane, admin: LocalAdmin) -> None:
@@ -155,7 +157,7 @@ def test_actually_sending_a_big_body_is_413(cp: ControlPlane, admin: LocalAdmin)
     sid = admin.create_session(cp.environment_id)
     big = b'{"events": [{"type": "user.message", "content": [{"type": "text", "text": "' + b"x" * (9 << 20) + b'"}]}]}'
     try:
-        r = httpx.post(f"{cp.base_url}/v1/sessions/{sid}/events", content=big, headers=_auth(cp), timeout=10)
+        r = http().post(f"{cp.base_url}/v1/sessions/{sid}/events", content=big, headers=_auth(cp), timeout=10)
         assert r.status_code == 413
     except httpx.TransportError:
         pass  # the server may close before the client finished writing; either way nothing was stored
@@ -205,13 +207,13 @@ def test_many_concurrent_streams_and_clean_shutdown(tmp_path: object) -> None:
 
     cp = ControlPlane(Path(str(tmp_path)) / "s", sse_ping_interval=10)
     cp.start()
-    with LocalAdmin(cp.base_url, cp.admin_key) as admin:
+    with LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as admin:
         sid = admin.create_session(cp.environment_id)
     done = threading.Barrier(21, timeout=10)
 
     def stream() -> None:
         try:
-            with httpx.stream("GET", f"{cp.base_url}/v1/sessions/{sid}/events/stream", headers=_auth(cp), timeout=10) as r:
+            with http().stream("GET", f"{cp.base_url}/v1/sessions/{sid}/events/stream", headers=_auth(cp), timeout=10) as r:
                 for _ in r.iter_bytes():
                     pass
         except httpx.HTTPError:
@@ -227,4 +229,4 @@ def test_many_concurrent_streams_and_clean_shutdown(tmp_path: object) -> None:
     cp.stop()  # must return promptly and end every open stream
     done.wait()
     with pytest.raises(httpx.TransportError):
-        httpx.get(f"{cp.base_url}/local/v1/health", timeout=1)
+        http().get(f"{cp.base_url}/local/v1/health", timeout=1)

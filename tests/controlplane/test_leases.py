@@ -9,7 +9,7 @@ import pytest
 
 from sandbox.controlplane import ControlPlane, LocalAdmin
 
-from .helpers import ManualClock, admin_client, env_client, sessions_token
+from .helpers import ManualClock, admin_client, env_client, http, sessions_token
 
 
 def _claimed(cp: ControlPlane, worker: str = "w1", **poll: int) -> anthropic.types.beta.environments.BetaSelfHostedWork:
@@ -74,7 +74,7 @@ def test_unacked_item_is_reclaimed_after_reclaim_older_than_ms(cp: ControlPlane,
 
 def test_lapsed_lease_is_claimable_by_another_worker(cp_clocked: ControlPlane, clock: ManualClock) -> None:
     cp = cp_clocked
-    with LocalAdmin(cp.base_url, cp.admin_key) as admin:
+    with LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as admin:
         admin.create_session(cp.environment_id)
     a = _claimed(cp, "worker-a")
     a_client = env_client(cp, sessions_token(a.secret)).beta.environments.work
@@ -103,7 +103,7 @@ def test_lapsed_lease_is_claimable_by_another_worker(cp_clocked: ControlPlane, c
 
 def test_stopping_item_whose_worker_vanished_ends_stopped(cp_clocked: ControlPlane, clock: ManualClock) -> None:
     cp = cp_clocked
-    with LocalAdmin(cp.base_url, cp.admin_key) as admin:
+    with LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as admin:
         admin.create_session(cp.environment_id)
     item = _claimed(cp)
     work = env_client(cp).beta.environments.work
