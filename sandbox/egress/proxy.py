@@ -235,7 +235,9 @@ class EgressProxy:
             return existing.socket_path
         socket_dir = Path(socket_dir)
         socket_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-        os.chmod(socket_dir, 0o711)
+        if socket_dir.is_symlink() or not socket_dir.is_dir():
+            raise ValueError(f"{socket_dir} is not a plain directory")
+        os.chmod(socket_dir, 0o711)  # its parent is ours alone, so no swap can race this
         path = socket_dir / SOCKET_NAME
         sock = bind_unix(path, 0o666)
         sess = existing or _Session(session_id, policy)

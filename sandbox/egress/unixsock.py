@@ -36,9 +36,15 @@ def bind_unix(path: Path, mode: int, backlog: int = 128) -> socket.socket:
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with _short_path(path) as addr:
-            sock.bind(addr)
-        os.chmod(path, mode)
+        # The mode comes from the umask at bind() time, never from a later chmod(): a chmod
+        # by path would follow a symlink that a sandbox sharing our uid swapped in meanwhile.
+        # (The daemon is single-threaded, so the brief process-wide umask change is safe.)
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            with _short_path(path) as addr:
+                sock.bind(addr)
+        finally:
+            os.umask(old_umask)
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

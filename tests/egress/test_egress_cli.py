@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from egress_helpers import Target, parse_response, recv_all, wait_until
+from tests.egress.egress_helpers import Target, parse_response, recv_all, wait_until
 
 from sandbox.egress.audit import AuditLog, AuditRecord
 from sandbox.egress.cli import egress_group, load_rules

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from egress_helpers import Target, parse_response, recv_all, wait_until
+from tests.egress.egress_helpers import Target, parse_response, recv_all, wait_until
 
 from sandbox.egress.manager import EgressError, EgressManager, proxy_env
 from sandbox.egress.rules import EgressPolicy

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from egress_helpers import Harness, Target, wait_until
+from tests.egress.egress_helpers import Harness, Target, wait_until
 
 from sandbox.agent import forwarder
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from egress_helpers import (
+from tests.egress.egress_helpers import (
     ALLOWED_ADDR,
     OTHER_ADDR,
     Harness,
