@@ -344,8 +344,13 @@ class Api:
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise bad_request("metadata: expected an object")
-        env = self._environments.create(body.get("name"), description=body.get("description"), metadata=metadata)  # type: ignore[arg-type]
-        return JsonResponse(200, env)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise bad_request("name: required")
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            raise bad_request("description: expected a string")
+        return JsonResponse(200, self._environments.create(name, description=description, metadata=metadata))
 
     def list_environments(self, req: Request, p: Principal | None, a: dict[str, str]) -> Response:
         self._admin_only(p, "environment list")

@@ -16,6 +16,7 @@ import secrets
 import socket
 import socketserver
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,14 +32,30 @@ DEFAULT_MAX_BODY = 8 << 20
 IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may sit idle
 
 
+LOOPBACK_HOST_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(host_header: str) -> str:
+    """`Host` without the port, brackets removed, lower-cased (`[::1]:80` -> `::1`)."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:].split("]", 1)[0]
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
 class ControlPlaneHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], api: Api | None, max_body: int) -> None:
+    def __init__(
+        self, address: tuple[str, int], api: Api | None, max_body: int, allowed_hosts: frozenset[str] | None = None
+    ) -> None:
         self.api = api
         self.max_body = max_body
+        # On loopback, only loopback Host headers: a web page that DNS-rebinds its
+        # own name to 127.0.0.1 then cannot talk to us even without the keys.
+        self.allowed_hosts = allowed_hosts
         self._conn_lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._conn_threads: set[threading.Thread] = set()
@@ -84,8 +101,9 @@ class ControlPlaneHTTPServer(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        deadline = time.monotonic() + join_timeout
         for t in threads:
-            t.join(join_timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -148,6 +166,9 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _read_request(self) -> Request:
         split = urlsplit(self.path)
         headers = {k.lower(): v for k, v in self.headers.items()}
+        allowed = self.server.allowed_hosts
+        if allowed is not None and _host_name(headers.get("host", "")) not in allowed:
+            raise ApiError(400, "Host header does not name this server (loopback only)")
         if headers.get("transfer-encoding", "identity").lower() != "identity":
             self.close_connection = True
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length")

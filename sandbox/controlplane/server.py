@@ -28,7 +28,7 @@ from .clock import Clock, system_clock
 from .db import Database
 from .endpoint import ADMIN_KEY_FILE, DB_FILE, LOCK_FILE, Endpoint, remove_endpoint, write_endpoint
 from .environments import Environments
-from .http import DEFAULT_MAX_BODY, ControlPlaneHTTPServer
+from .http import DEFAULT_MAX_BODY, LOOPBACK_HOST_NAMES, ControlPlaneHTTPServer
 from .sessions import Sessions
 from .work import WorkQueue
 
@@ -46,6 +46,9 @@ class _RedactingFilter(logging.Filter):
         redacted = keys.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text when set, so the traceback is redacted too.
+            record.exc_text = keys.redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -100,7 +103,8 @@ class ControlPlane:
             self._environment_id, self._environment_key = environments.ensure_default()
             work = WorkQueue(db, self._clock)
             sessions = Sessions(db, self._clock, work)
-            server = ControlPlaneHTTPServer((self.host, self.port), None, self._max_body)
+            allowed_hosts = LOOPBACK_HOST_NAMES | {self.host.lower()} if _is_loopback(self.host) else None
+            server = ControlPlaneHTTPServer((self.host, self.port), None, self._max_body, allowed_hosts)
             bound_host, bound_port = server.server_address[:2]
             url_host = f"[{bound_host}]" if ":" in str(bound_host) else str(bound_host)
             self._base_url = f"http://{url_host}:{bound_port}"

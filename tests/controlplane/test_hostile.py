@@ -143,7 +143,7 @@ def test_missing_version_or_beta_headers_are_400(cp: ControlPlane) -> None:
 def test_oversized_body_is_413_without_reading_it(cp: ControlPlane, admin: LocalAdmin) -> None:
     sid = admin.create_session(cp.environment_id)
     head = (
-        f"POST /v1/sessions/{sid}/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /v1/sessions/{sid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {cp.environment_key}\r\nanthropic-version: 2023-06-01\r\n"
         f"anthropic-beta: managed-agents-2026-04-01\r\nContent-Length: {9 << 20}\r\n\r\n"
     ).encode()
@@ -171,9 +171,9 @@ def test_actually_sending_a_big_body_is_413(cp: ControlPlane, admin: LocalAdmin)
         b"GARBAGE\r\n\r\n",
         b"GET /local/v1/health HTTP/9.9\r\n\r\n",
         b"GET " + b"/a" * 40000 + b" HTTP/1.1\r\n\r\n",
-        b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
-        b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-        b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: nope\r\n\r\n",
+        b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"GET /local/v1/health HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n",
     ],
     ids=["garbage", "http-9.9", "huge-uri", "bad-length", "negative-length", "chunked", "too-many-headers"],
@@ -191,10 +191,10 @@ def test_client_vanishing_mid_body_and_mid_stream(cp: ControlPlane, admin: Local
     sid = admin.create_session(cp.environment_id)
     u = urlsplit(cp.base_url)
     with socket.create_connection((u.hostname, u.port), timeout=5) as s:
-        s.sendall(f"POST /v1/sessions/{sid}/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        s.sendall(f"POST /v1/sessions/{sid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{{".encode())
     with socket.create_connection((u.hostname, u.port), timeout=5) as s:
         s.sendall(
-            f"GET /v1/sessions/{sid}/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {cp.environment_key}\r\n"
+            f"GET /v1/sessions/{sid}/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {cp.environment_key}\r\n"
             "anthropic-version: 2023-06-01\r\nanthropic-beta: managed-agents-2026-04-01\r\n\r\n".encode()
         )
         assert s.recv(100).startswith(b"HTTP/1.1 200")
@@ -230,3 +230,12 @@ def test_many_concurrent_streams_and_clean_shutdown(tmp_path: object) -> None:
     done.wait()
     with pytest.raises(httpx.TransportError):
         http().get(f"{cp.base_url}/local/v1/health", timeout=1)
+
+
+def test_dns_rebinding_host_header_is_refused(cp: ControlPlane) -> None:
+    port = cp.base_url.rsplit(":", 1)[1]
+    url = f"{cp.base_url}/v1/environments/{cp.environment_id}/work/stats"
+    r = http().get(url, headers={**_auth(cp), "Host": f"evil.example:{port}"})
+    _error(r, 400, "invalid_request_error")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1"):
+        assert http().get(url, headers={**_auth(cp), "Host": host}).status_code == 200

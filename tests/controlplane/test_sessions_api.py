@@ -139,7 +139,7 @@ def test_stream_sends_pings_in_sse_format(cp: ControlPlane, admin: LocalAdmin) -
     with socket.create_connection((u.hostname, u.port), timeout=5) as s:
         s.sendall(
             (
-                f"GET /v1/sessions/{sid}/events/stream?beta=true HTTP/1.1\r\nHost: x\r\n"
+                f"GET /v1/sessions/{sid}/events/stream?beta=true HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f"Authorization: Bearer {cp.environment_key}\r\nanthropic-version: 2023-06-01\r\n"
                 "anthropic-beta: managed-agents-2026-04-01\r\n\r\n"
             ).encode()
