@@ -1,0 +1,93 @@
+"""Prometheus metrics and the loopback health endpoint.
+
+Labels are bounded on purpose: tool names come from a fixed set (anything else
+is `other`), outcomes and reasons are our own words. No session id, key, token
+or path is ever a label value.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TOOL_NAMES = frozenset({"bash", "read", "write", "edit", "glob", "grep"})
+
+
+def tool_label(name: str) -> str:
+    return name if name in TOOL_NAMES else "other"
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "sandbox_worker_"
+        self.work_claimed = Counter(p + "work_claimed", "Work items claimed", registry=r)
+        self.work_failed = Counter(p + "work_failed", "Work items that ended in an error", ["reason"], registry=r)
+        self.sessions_in_flight = Gauge(p + "sessions_in_flight", "Sessions being served", registry=r)
+        self.sandboxes_live = Gauge(p + "sandboxes_live", "Sandboxes alive (assigned, parked and warm)", registry=r)
+        self.pool_ready = Gauge(p + "pool_ready", "Warm sandboxes ready for a new session", registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Work items queued, from the work stats endpoint", registry=r)
+        self.queue_pending = Gauge(p + "queue_pending", "Work items delivered but not acked, from stats", registry=r)
+        self.tool_seconds = Histogram(
+            p + "tool_call_seconds", "Tool call latency inside the worker", ["tool"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 150),
+        )
+        self.tool_calls = Counter(p + "tool_calls", "Tool calls by outcome", ["tool", "outcome"], registry=r)
+        self.egress_denials = Counter(p + "egress_denials", "Egress requests the proxy denied", registry=r)
+        self.outbox_pending = Gauge(p + "outbox_pending", "Results stored but not yet accepted", registry=r)
+        self.results_posted = Counter(p + "results_posted", "Tool results the control plane accepted", registry=r)
+        self.heartbeat_failures = Counter(p + "heartbeat_failures", "Failed lease heartbeats", ["reason"], registry=r)
+        self.circuit_open = Gauge(p + "circuit_open", "1 while the control-plane circuit breaker is open", registry=r)
+        self.admission_deferred = Counter(p + "admission_deferred", "Polls deferred for lack of headroom",
+                                          ["resource"], registry=r)
+        self.handed_back = Counter(p + "work_handed_back", "Work items handed back on shutdown", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """`GET /healthz` (JSON) and `GET /metrics` on a loopback address only."""
+
+    def __init__(self, metrics: WorkerMetrics, health: Callable[[], dict[str, Any]], port: int,
+                 host: str = "127.0.0.1") -> None:
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("the health endpoint listens on loopback only")
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path == "/metrics":
+                    body, ctype, code = metrics.exposition(), CONTENT_TYPE_LATEST, 200
+                elif self.path in ("/healthz", "/health"):
+                    state = health()
+                    code = 200 if state.get("status") == "ok" else 503
+                    body, ctype = json.dumps(state).encode(), "application/json"
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="worker-health", daemon=True)
+        _ = outer
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

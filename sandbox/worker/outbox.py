@@ -1,0 +1,235 @@
+"""Durable record of every tool call this worker ran, keyed by `tool_use_id`.
+
+Why: the SDK's session runner dedupes tool calls by event id only in memory.
+After a restart (or a lost lease, or a re-delivered work item) its reconcile
+pass re-dispatches every call that has no posted result, and without this
+record the call would run a second time. So:
+
+- `begin()` writes a `running` row BEFORE the tool touches the sandbox;
+- `finish()` stores the result (`done`) BEFORE the SDK posts it;
+- `delivered()` drops the stored result once the control plane accepted the
+  post (the row stays as a tombstone so the call can never run again);
+- on start, rows left `running` by a previous process become an `interrupted`
+  error result: the call may or may not have had effects, so it is not run
+  again; the model is told so and can decide.
+
+A re-dispatched call whose row is `done` gets the stored result (replayed, not
+re-run); `delivered` rows replay too (a reconcile can race the post that made
+them delivered). SQLite in WAL mode, one connection per thread, short
+transactions; the worker holds an exclusive lock on its state directory so no
+other process writes here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+TOMBSTONE_TTL_S = 7 * 24 * 3600
+INTERRUPTED_TEXT = (
+    "interrupted: the worker that was running this tool call stopped before it finished. "
+    "The call was not run again so that it never runs twice; its effects, if any, are unknown. "
+    "Check the state and retry if needed."
+)
+
+State = Literal["running", "done", "delivered"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls(
+    tool_use_id TEXT PRIMARY KEY,
+    session_id  TEXT NOT NULL,
+    work_id     TEXT,
+    tool        TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('running','done','delivered')),
+    owner       TEXT NOT NULL,
+    is_error    INTEGER,
+    content     TEXT,
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    delivered_at REAL,
+    replays     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS calls_pending ON calls(state, session_id);
+"""
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    content: Any  # str, or a list of content blocks
+    is_error: bool
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    tool_use_id: str
+    session_id: str
+    work_id: str | None
+    tool: str
+    state: State
+    owner: str
+    result: StoredResult | None
+    started_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Begin:
+    """What `begin()` decided: run the tool now, or answer with a stored result."""
+
+    run: bool
+    record: CallRecord | None = None  # the existing row when not running
+
+
+class Outbox:
+    def __init__(self, path: Path, owner: str, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.owner = owner
+        self._sync = synchronous
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._conn().executescript(_SCHEMA)
+        try:
+            self.path.chmod(0o600)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a result the worker reported as stored survives a power cut too.
+            conn.execute(f"PRAGMA synchronous={self._sync}")
+            self._local.conn = conn
+        return conn
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> Outbox._Tx:
+        return Outbox._Tx(self._conn())
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> CallRecord:
+        result = None
+        if row["content"] is not None:
+            result = StoredResult(json.loads(row["content"]), bool(row["is_error"]))
+        return CallRecord(row["tool_use_id"], row["session_id"], row["work_id"], row["tool"], row["state"],
+                          row["owner"], result, row["started_at"], row["finished_at"])
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def recover(self) -> int:
+        """At start: calls a previous process left running become `interrupted` results."""
+        now = time.time()
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE calls SET state='done', is_error=1, content=?, finished_at=? WHERE state='running' AND owner<>?",
+                (json.dumps(INTERRUPTED_TEXT), now, self.owner),
+            )
+            c.execute("DELETE FROM calls WHERE state='delivered' AND delivered_at < ?", (now - TOMBSTONE_TTL_S,))
+            return cur.rowcount
+
+    def begin(self, tool_use_id: str, session_id: str, work_id: str | None, tool: str) -> Begin:
+        """Claim the call for execution, or return the row that already answers it."""
+        with self._tx() as c:
+            row = c.execute("SELECT * FROM calls WHERE tool_use_id=?", (tool_use_id,)).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO calls(tool_use_id, session_id, work_id, tool, state, owner, started_at)"
+                    " VALUES(?, ?, ?, ?, 'running', ?, ?)",
+                    (tool_use_id, session_id, work_id, tool, self.owner, time.time()),
+                )
+                return Begin(run=True)
+            if row["state"] == "running" and row["owner"] != self.owner:
+                # Not ours and not recovered yet (another process wrote it after our recover()).
+                c.execute(
+                    "UPDATE calls SET state='done', is_error=1, content=?, finished_at=? WHERE tool_use_id=?",
+                    (json.dumps(INTERRUPTED_TEXT), time.time(), tool_use_id),
+                )
+                row = c.execute("SELECT * FROM calls WHERE tool_use_id=?", (tool_use_id,)).fetchone()
+            if row["state"] in ("done", "delivered"):
+                c.execute("UPDATE calls SET replays=replays+1 WHERE tool_use_id=?", (tool_use_id,))
+            return Begin(run=False, record=self._record(row))
+
+    def finish(self, tool_use_id: str, content: Any, is_error: bool) -> None:
+        """Store the result; called before the result is handed to the SDK to post."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE calls SET state='done', content=?, is_error=?, finished_at=? WHERE tool_use_id=? AND state='running'",
+                (json.dumps(content), int(is_error), time.time(), tool_use_id),
+            )
+
+    def delivered(self, tool_use_ids: list[str]) -> int:
+        """The control plane accepted these results: drop their payload, keep the tombstone."""
+        if not tool_use_ids:
+            return 0
+        now = time.time()
+        with self._tx() as c:
+            n = 0
+            for tid in tool_use_ids:
+                n += c.execute(
+                    "UPDATE calls SET state='delivered', content=NULL, delivered_at=? WHERE tool_use_id=? AND state='done'",
+                    (now, tid),
+                ).rowcount
+            return n
+
+    def abandon(self, tool_use_id: str) -> None:
+        """The tool was cancelled mid-flight (SDK timeout, shutdown): its effects are unknown."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE calls SET state='done', is_error=1, content=?, finished_at=? WHERE tool_use_id=? AND state='running'",
+                (json.dumps(INTERRUPTED_TEXT), time.time(), tool_use_id),
+            )
+
+    # ---------------------------------------------------------------- queries
+
+    def get(self, tool_use_id: str) -> CallRecord | None:
+        row = self._conn().execute("SELECT * FROM calls WHERE tool_use_id=?", (tool_use_id,)).fetchone()
+        return None if row is None else self._record(row)
+
+    def pending(self, session_id: str | None = None, older_than: float | None = None) -> list[CallRecord]:
+        """Results stored but not yet accepted by the control plane."""
+        sql = "SELECT * FROM calls WHERE state='done'"
+        args: list[Any] = []
+        if session_id is not None:
+            sql += " AND session_id=?"
+            args.append(session_id)
+        if older_than is not None:
+            sql += " AND finished_at < ?"
+            args.append(time.time() - older_than)
+        return [self._record(r) for r in self._conn().execute(sql + " ORDER BY started_at", args)]
+
+    def pending_count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM calls WHERE state='done'").fetchone()[0])
+
+    def all(self) -> list[CallRecord]:
+        return [self._record(r) for r in self._conn().execute("SELECT * FROM calls ORDER BY started_at")]
+
+    def drop(self, tool_use_id: str) -> None:
+        """Forget a pending result that can never be delivered (its session is gone)."""
+        with self._tx() as c:
+            c.execute("UPDATE calls SET state='delivered', content=NULL, delivered_at=? WHERE tool_use_id=?",
+                      (time.time(), tool_use_id))

@@ -1,0 +1,333 @@
+"""The SDK-facing tools: same names and input schemas as the SDK's reference
+toolset (`agent_toolset_20260401`), executed inside the session's sandbox.
+
+Each tool is built with the SDK's `beta_async_tool` and the SDK's own input
+models as `input_schema`, so the tool definitions are byte-for-byte the
+reference's; only where the work happens changes (`Sandbox.call` into the
+in-sandbox agent's ops in `sandbox/agent/tools.py`). The functions take
+`**kwargs` and validate against the same models themselves, so a malformed
+input yields an error naming the bad field instead of the SDK's generic
+"Invalid arguments".
+
+Every call goes through the durable outbox keyed by the `tool_use_id` (read
+from the SDK's tool span, see `toolctx`): a call already answered is replayed,
+never re-run; the result is stored before the SDK posts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import anyio
+import pydantic
+from anthropic.lib.tools import ToolError, beta_async_tool
+from anthropic.lib.tools._beta_functions import BetaAsyncFunctionTool
+from anthropic.types.beta import (
+    BetaManagedAgentsAgentToolset20260401BashInput,
+    BetaManagedAgentsAgentToolset20260401EditInput,
+    BetaManagedAgentsAgentToolset20260401GlobInput,
+    BetaManagedAgentsAgentToolset20260401GrepInput,
+    BetaManagedAgentsAgentToolset20260401ReadInput,
+    BetaManagedAgentsAgentToolset20260401WriteInput,
+)
+
+from sandbox.runtime import Sandbox, SandboxError, ToolOpError
+
+from .logs import log_event
+from .metrics import WorkerMetrics, tool_label
+from .outbox import Outbox
+from .toolctx import current_tool_call
+
+log = logging.getLogger("sandbox.worker.tools")
+
+BASH_DEFAULT_TIMEOUT = 120.0
+# Below the SDK runner's 150 s per-call deadline, so the sandbox (not a cancel
+# from outside) ends a long command and reports it like the reference does.
+BASH_MAX_TIMEOUT = 140.0
+MAX_COMMAND_CHARS = 1 << 20
+MAX_WRITE_BYTES = 10 << 20
+MAX_EDIT_STRING_CHARS = 256 * 1024
+OP_GRACE_S = 15.0
+_FAILURE_PREFIX = "ToolFailure: "
+
+INPUT_MODELS: dict[str, type[pydantic.BaseModel]] = {
+    "bash": BetaManagedAgentsAgentToolset20260401BashInput,
+    "read": BetaManagedAgentsAgentToolset20260401ReadInput,
+    "write": BetaManagedAgentsAgentToolset20260401WriteInput,
+    "edit": BetaManagedAgentsAgentToolset20260401EditInput,
+    "glob": BetaManagedAgentsAgentToolset20260401GlobInput,
+    "grep": BetaManagedAgentsAgentToolset20260401GrepInput,
+}
+# The reference tools' descriptions (their docstrings), so the definitions match.
+DESCRIPTIONS = {
+    "bash": "Run a command in a persistent bash shell.",
+    "read": "Read a file rooted at the working directory.",
+    "write": "Write a file, creating parent directories as needed.",
+    "edit": "Replace text in a file by exact string match.",
+    "glob": "List files matching a glob pattern, newest first.",
+    "grep": "Search file contents for a regular expression.",
+}
+
+Content = Any  # str or a list of content blocks
+
+
+class SandboxUnavailable(Exception):
+    pass
+
+
+@dataclass
+class SessionSlot:
+    """One session being served: its ids and (once started) its sandbox."""
+
+    session_id: str
+    work_id: str
+    _ready: anyio.Event = field(default_factory=anyio.Event)
+    _sandbox: Sandbox | None = None
+    _error: str | None = None
+    replace: Callable[[], Sandbox] | None = None  # starts a fresh sandbox if the first one died
+    in_flight: int = 0
+    idle: anyio.Event = field(default_factory=anyio.Event)
+    # Set on shutdown once the drain bound has passed: in-flight calls stop waiting and answer "interrupted".
+    abort: anyio.Event = field(default_factory=anyio.Event)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def set_sandbox(self, sb: Sandbox) -> None:
+        self._sandbox = sb
+        self._ready.set()
+
+    def set_error(self, message: str) -> None:
+        self._error = message
+        self._ready.set()
+
+    async def sandbox(self, limiter: anyio.CapacityLimiter) -> Sandbox:
+        await self._ready.wait()
+        if self._sandbox is None:
+            raise SandboxUnavailable(self._error or "no sandbox")
+        if not self._sandbox.alive and self.replace is not None:
+            # The sandbox died (e.g. its agent was OOM-killed): the session continues in a new one.
+            self._sandbox = await anyio.to_thread.run_sync(self.replace, limiter=limiter)
+        return self._sandbox
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.calls += 1
+        self.idle = anyio.Event() if self.idle.is_set() else self.idle
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+class SessionToolbox:
+    """The six tools bound to one session's slot."""
+
+    def __init__(self, slot: SessionSlot, outbox: Outbox, metrics: WorkerMetrics, *,
+                 sandbox_limiter: anyio.CapacityLimiter, db_limiter: anyio.CapacityLimiter) -> None:
+        self.slot = slot
+        self.outbox = outbox
+        self.metrics = metrics
+        self._sandbox_limiter = sandbox_limiter
+        self._db_limiter = db_limiter
+
+    def tools(self) -> list[BetaAsyncFunctionTool[Any]]:
+        return [self._make(name) for name in ("bash", "read", "write", "edit", "glob", "grep")]
+
+    def _make(self, name: str) -> BetaAsyncFunctionTool[Any]:
+        box = self
+
+        async def tool(**kwargs: Any) -> Any:
+            return await box.call(name, kwargs)
+
+        tool.__name__ = name
+        tool.__doc__ = DESCRIPTIONS[name]
+        return beta_async_tool(name=name, description=DESCRIPTIONS[name], input_schema=INPUT_MODELS[name])(tool)
+
+    # ------------------------------------------------------------------ one call
+
+    async def call(self, name: str, raw: dict[str, Any]) -> Content:
+        started = time.perf_counter()
+        outcome = "error"
+        self.slot.enter()
+        try:
+            content, is_error, outcome = await self._dedupe_and_run(name, raw)
+        finally:
+            self.slot.leave()
+            self.metrics.tool_seconds.labels(tool=tool_label(name)).observe(time.perf_counter() - started)
+            self.metrics.tool_calls.labels(tool=tool_label(name), outcome=outcome).inc()
+        if is_error:
+            raise ToolError(content)
+        return content
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+
+    async def _dedupe_and_run(self, name: str, raw: dict[str, Any]) -> tuple[Content, bool, str]:
+        call = current_tool_call()
+        try:
+            args = validate_input(name, raw)
+        except ToolError as e:
+            # Deterministic and side-effect free: not recorded, the same input always gets the same answer.
+            return e.content, True, "invalid_input"
+        if call is None:
+            # Only if the SDK stopped giving tool runs a span: run, but say the dedupe is off.
+            log_event(log, logging.ERROR, "no_tool_use_id", "tool call without a tool_use_id; not deduplicated",
+                      tool=name, session_id=self.slot.session_id)
+            content, is_error = await self._execute(name, args)
+            return content, is_error, "error" if is_error else "ok"
+        tid = call.tool_use_id
+        decision = await self._db(self.outbox.begin, tid, self.slot.session_id, self.slot.work_id, name)
+        if not decision.run:
+            rec = decision.record
+            assert rec is not None and rec.result is not None
+            log_event(log, logging.INFO, "tool_replayed", "tool call already ran; replaying its stored result",
+                      tool=name, tool_use_id=tid, session_id=self.slot.session_id, state=rec.state)
+            return rec.result.content, rec.result.is_error, "replayed"
+        log_event(log, logging.INFO, "tool_exec", f"executing {name}", tool=name, tool_use_id=tid,
+                  session_id=self.slot.session_id, work_id=self.slot.work_id)
+        try:
+            content, is_error = await self._execute(name, args)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._db(self.outbox.abandon, tid)
+            raise
+        # Stored before the SDK posts it: a crash after this line replays instead of re-running.
+        await self._db(self.outbox.finish, tid, content, is_error)
+        return content, is_error, "error" if is_error else "ok"
+
+    async def _execute(self, name: str, args: dict[str, Any]) -> tuple[Content, bool]:
+        try:
+            sb = await self.slot.sandbox(self._sandbox_limiter)
+        except (SandboxUnavailable, SandboxError) as e:
+            return f"{name}: this session's sandbox could not be started: {e}", True
+        op_args, timeout = op_request(name, args)
+        try:
+            value = await self._call_unless_aborted(lambda: sb.call(name, timeout=timeout, **op_args))
+        except _Aborted:
+            return f"{name}: {SHUTDOWN_TEXT}", True
+        except ToolOpError as e:
+            return failure_text(name, str(e)), True
+        except SandboxError as e:
+            log_event(log, logging.WARNING, "sandbox_failed", f"sandbox failed during {name}: {e}", tool=name,
+                      session_id=self.slot.session_id)
+            return (f"{name}: the sandbox stopped while running this call ({e}); the next call starts "
+                    "a new sandbox and earlier files are gone"), True
+        return result_content(name, value)
+
+    async def _call_unless_aborted(self, fn: Callable[[], Any]) -> Any:
+        """Run the blocking sandbox call in a thread; give up if the worker aborts in-flight calls.
+
+        The SDK runs tools inside a shielded scope, so only our own event can end the wait.
+        """
+        result: list[Any] = []
+        failure: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            async def run() -> None:
+                try:
+                    result.append(await anyio.to_thread.run_sync(fn, limiter=self._sandbox_limiter,
+                                                                 abandon_on_cancel=True))
+                except Exception as e:  # noqa: BLE001 - re-raised below, outside the task group
+                    failure.append(e)
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await self.slot.abort.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            tg.start_soon(watch)
+        if failure:
+            raise failure[0]
+        if not result:
+            raise _Aborted
+        return result[0]
+
+
+class _Aborted(Exception):
+    pass
+
+
+SHUTDOWN_TEXT = ("interrupted: the worker shut down while this call was running and its sandbox was removed. "
+                 "The call was not completed and will not be run again; check the state and retry if needed.")
+
+
+# ---------------------------------------------------------------------- pure helpers (unit-tested)
+
+def validate_input(name: str, raw: object) -> dict[str, Any]:
+    """Check `raw` against the SDK's input model; return the fields that were given."""
+    if not isinstance(raw, dict):
+        raise ToolError(f"{name}: input must be an object")
+    try:
+        INPUT_MODELS[name].model_validate(raw)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'input'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise ToolError(f"{name}: invalid input: {problems}") from None
+    if name == "bash":
+        cmd = raw.get("command")
+        if isinstance(cmd, str) and len(cmd) > MAX_COMMAND_CHARS:
+            raise ToolError(f"bash: command is {len(cmd)} characters, over the {MAX_COMMAND_CHARS}-character limit")
+    if name == "write":
+        size = len(raw["content"].encode("utf-8", "replace"))
+        if size > MAX_WRITE_BYTES:
+            raise ToolError(f"write: content is {size} bytes, over the {MAX_WRITE_BYTES}-byte limit of one write")
+    if name == "edit":
+        for key in ("old_string", "new_string"):
+            if len(raw[key]) > MAX_EDIT_STRING_CHARS:
+                raise ToolError(f"edit: {key} is {len(raw[key])} characters, over the "
+                                f"{MAX_EDIT_STRING_CHARS}-character limit (edit works on files up to 256 KiB)")
+    known = set(INPUT_MODELS[name].model_fields)
+    return {k: v for k, v in raw.items() if k in known and v is not None}
+
+
+def op_request(name: str, args: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The in-sandbox op's arguments and the host-side deadline for it."""
+    if name == "bash":
+        timeout_ms = args.get("timeout_ms")
+        t = timeout_ms / 1000.0 if timeout_ms else BASH_DEFAULT_TIMEOUT
+        t = min(max(t, 0.001), BASH_MAX_TIMEOUT)
+        req = {"shell": "default", "_max_timeout": BASH_MAX_TIMEOUT}
+        req.update({k: args[k] for k in ("command", "restart", "timeout_ms") if k in args})
+        return req, t + OP_GRACE_S
+    return dict(args), 60.0
+
+
+def failure_text(name: str, message: str) -> str:
+    """The in-sandbox op's error as the model should read it."""
+    text = message[len(_FAILURE_PREFIX):] if message.startswith(_FAILURE_PREFIX) else f"{name}: {message}"
+    return text
+
+
+def result_content(name: str, value: object) -> tuple[Content, bool]:
+    """Map an op's return value to (content, is_error), as the reference tools would."""
+    if not isinstance(value, dict):
+        return f"{name}: the sandbox returned a malformed result", True
+    if name == "bash":
+        out = value.get("output")
+        code = value.get("exit_code")
+        if not isinstance(out, str) or not isinstance(code, int):
+            return "bash: the sandbox returned a malformed result", True
+        return out, code != 0
+    blocks = value.get("blocks")
+    if isinstance(blocks, list):
+        clean = []
+        for b in blocks:
+            src = b.get("source") if isinstance(b, dict) else None
+            if not (isinstance(b, dict) and b.get("type") in ("image", "document") and isinstance(src, dict)
+                    and src.get("type") == "base64" and isinstance(src.get("data"), str)
+                    and isinstance(src.get("media_type"), str)):
+                return f"{name}: the sandbox returned a malformed content block", True
+            clean.append({"type": b["type"], "source": {"type": "base64", "media_type": src["media_type"],
+                                                        "data": src["data"]}})
+        return clean, False
+    text = value.get("text")
+    if not isinstance(text, str):
+        return f"{name}: the sandbox returned a malformed result", True
+    return text, False

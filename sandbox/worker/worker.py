@@ -1,0 +1,571 @@
+"""The environment worker: the SDK's poller and per-item flow, our sandboxes.
+
+Protocol work is the official SDK's: `client.beta.environments.work.poller()`
+claims and acks items; `EnvironmentWorker.handle_item()` serves one item
+(heartbeats the lease with the optimistic echo, fetches the session, runs the
+`SessionToolRunner` - stream, reconcile, dedupe by event id, fail-closed
+permission gating, unowned tools left pending - and force-stops the item
+unless the lease was lost). What this module adds:
+
+- concurrency: up to `max_sessions` items at once (the SDK's `run()` serves
+  one at a time), each gated by admission control before it is claimed;
+- a sandbox per session (warm pool, parked, or fresh), started as soon as the
+  item is claimed, destroyed when the session ends, parked after an outage;
+- the durable outbox (via the tools and the middleware), recovery at start,
+  a sweeper for results nobody will replay;
+- lifecycle: exclusive state directory, reaping sandboxes of a crashed
+  worker, SIGTERM drain with a bound then hand-back, metrics and health.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+from anthropic import AsyncAnthropic
+from anthropic.lib.environments import EnvironmentWorker
+from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+from sandbox.policy import Policy, load_policy
+from sandbox.runtime import Runtime, owner_token
+
+from . import logs
+from .admission import Admission, psutil_probe
+from .credentials import EnvironmentKey
+from .logs import log_event
+from .metrics import HealthServer, WorkerMetrics
+from .middleware import CircuitBreaker, WorkerMiddleware
+from .outbox import Outbox
+from .pool import SessionSandboxes, WarmPool, count_egress_denials
+from .toolctx import open_telemetry_option
+from .tools import SessionSlot, SessionToolbox
+
+log = logging.getLogger("sandbox.worker")
+
+OWNER_KIND = "worker"
+
+
+class WorkerError(Exception):
+    """The worker cannot start (state directory busy, bad policy, ...)."""
+
+
+@dataclass
+class WorkerConfig:
+    base_url: str
+    environment_id: str
+    state_dir: Path
+    profile: str = "worker"
+    max_sessions: int = 4
+    warm: int = 0
+    metrics_port: int | None = None  # None: no endpoint; 0: any free port
+    max_idle: float | None = 60.0  # the SDK runner's idle stop after the session's turn ends
+    lease_ttl: int | None = 30  # desired_ttl_seconds asked for on each heartbeat
+    drain_timeout: float = 20.0  # SIGTERM: how long in-flight tool calls may take to finish
+    park_grace: float = 120.0  # keep a session's sandbox this long after an outage / lost lease
+    sweep_after: float = 60.0  # a stored result nobody replayed after this long is delivered by the sweeper
+    worker_id: str | None = None
+    admission: Admission | None = None  # tests inject one with a fake probe
+    outbox_sync: str = "NORMAL"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Serving:
+    slot: SessionSlot
+    scope: anyio.CancelScope
+    done: anyio.Event
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, key: EnvironmentKey, *, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self._key = key
+        logs.secrets.add(key.value)
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        self.metrics = WorkerMetrics()
+        self._runtime = runtime
+        self._lock_file: IO[bytes] | None = None
+        self._serving: dict[str, _Serving] = {}
+        self._stopping = anyio.Event()
+        self._draining = False
+        self.started = anyio.Event()
+        self._slots = anyio.Semaphore(max(1, config.max_sessions))
+        self._sandbox_limiter = anyio.CapacityLimiter(max(8, config.max_sessions * 2 + 4))
+        self._db_limiter = anyio.CapacityLimiter(8)
+        self.health_port: int | None = None
+        self.policy: Policy | None = None
+        self.pool: WarmPool | None = None
+        self.sandboxes: SessionSandboxes | None = None
+        self.outbox: Outbox | None = None
+        self.middleware: WorkerMiddleware | None = None
+        self.client: AsyncAnthropic | None = None
+        self._sdk_worker: EnvironmentWorker | None = None
+        self._health: HealthServer | None = None
+        self._last_admission: str = ""
+        self._outbox_pending = 0
+
+    # ------------------------------------------------------------------ public
+
+    def request_stop(self) -> None:
+        """Finish or hand back in-flight work, then return from `run()` (thread-safe via from_thread)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        try:
+            self._setup()
+        except BaseException:
+            self.started.set()  # wake whoever waits for startup; the exception says why
+            with anyio.CancelScope(shield=True):
+                await self._teardown()
+            raise
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._housekeeping)
+                self.started.set()
+                log_event(log, logging.INFO, "worker_started", "worker started", worker_id=self.worker_id,
+                          environment_id=self.config.environment_id, base_url=self.config.base_url,
+                          profile=self.config.profile, max_sessions=self.config.max_sessions, warm=self.config.warm,
+                          key_source=self._key.source, health_port=self.health_port)
+                async with anyio.create_task_group() as serve_tg:
+                    poll_scope = anyio.CancelScope()
+                    serve_tg.start_soon(self._poll_loop, serve_tg, poll_scope)
+                    await self._stopping.wait()
+                    poll_scope.cancel()
+                    await self._drain()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._teardown()
+
+    def health(self) -> dict[str, Any]:
+        breaker = self.middleware.breaker if self.middleware else None
+        status = "stopping" if self._draining else ("degraded" if breaker and breaker.open else "ok")
+        return {
+            "status": status,
+            "worker_id": self.worker_id,
+            "sessions": len(self._serving),
+            "max_sessions": self.config.max_sessions,
+            "pool_ready": self.pool.ready if self.pool else 0,
+            "outbox_pending": self._outbox_pending,
+            "circuit_open": bool(breaker and breaker.open),
+            "admission": self._last_admission or "ok",
+        }
+
+    # ------------------------------------------------------------------ setup / teardown
+
+    def _setup(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._take_lock()
+        try:
+            self.policy = load_policy(cfg.profile)
+        except Exception as e:  # noqa: BLE001 - PolicyError and friends
+            raise WorkerError(f"cannot load policy {cfg.profile!r}: {e}") from None
+        owner = owner_token(OWNER_KIND)
+        self.outbox = Outbox(cfg.state_dir / "outbox.db", owner=owner, synchronous=cfg.outbox_sync)
+        recovered = self.outbox.recover()
+        if recovered:
+            log_event(log, logging.WARNING, "outbox_recovered",
+                      f"{recovered} tool call(s) were running when the previous worker stopped; "
+                      "they will be answered as interrupted, not run again", count=recovered)
+        if self._runtime is None:
+            self._runtime = Runtime(state_dir=cfg.state_dir / "runtime", owner_kind=OWNER_KIND)
+        reaped = self._runtime.gc(owner_kind=OWNER_KIND)
+        if reaped:
+            log_event(log, logging.WARNING, "reaped", f"removed {len(reaped)} sandbox(es) left by a crashed worker",
+                      containers=reaped)
+        self.pool = WarmPool(self._runtime, self.policy, cfg.warm, worker_label=self.worker_id,
+                             on_change=self._update_gauges)
+        self.sandboxes = SessionSandboxes(self._runtime, self.policy, self.pool, park_grace=cfg.park_grace,
+                                          on_change=self._update_gauges)
+        self.pool.start()
+        breaker = CircuitBreaker(on_change=lambda is_open: self.metrics.circuit_open.set(1 if is_open else 0))
+        self.middleware = WorkerMiddleware(self.outbox, breaker, self.metrics, lease_ttl=cfg.lease_ttl)
+        # The root client only carries configuration: the SDK derives Bearer-only sub-clients from it
+        # (environment key for polling, the per-item sessions token for the item's calls).
+        self.client = AsyncAnthropic(
+            base_url=cfg.base_url, auth_token=self._key.value, api_key=None, max_retries=2,
+            middleware=[self.middleware], open_telemetry=open_telemetry_option(),  # type: ignore[arg-type]
+        )
+        workdir = cfg.state_dir / "sdk-workdir"
+        workdir.mkdir(exist_ok=True, mode=0o700)
+        self._sdk_worker = EnvironmentWorker(
+            self.client, environment_id=cfg.environment_id, environment_key=self._key.value,
+            tools=self._tools_for, workdir=workdir, max_idle=cfg.max_idle,
+            # Memory stores would be mounted on this host, not in the sandbox: off.
+            memory_sync_interval=None, worker_id=self.worker_id,
+        )
+        if self.config.admission is None:
+            self.config.admission = Admission(self.policy, psutil_probe(cfg.state_dir))
+        if cfg.metrics_port is not None:
+            self._health = HealthServer(self.metrics, self.health, cfg.metrics_port)
+            self._health.start()
+            self.health_port = self._health.port
+        self._update_gauges()
+
+    async def _teardown(self) -> None:
+        def blocking() -> None:
+            if self.sandboxes is not None:
+                self.sandboxes.close()
+            if self.pool is not None:
+                self.pool.close()
+        await anyio.to_thread.run_sync(blocking)
+        if self.client is not None:
+            await self.client.close()
+        if self._health is not None:
+            self._health.stop()
+        if self.outbox is not None:
+            self.outbox.close()
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+        log_event(log, logging.INFO, "worker_stopped", "worker stopped; its sandboxes are destroyed")
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.config.state_dir / "worker.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        f = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise WorkerError(f"another worker is using {self.config.state_dir} (one worker per state directory: "
+                              "its outbox must have a single writer)") from None
+        self._lock_file = f
+
+    # ------------------------------------------------------------------ claiming
+
+    async def _poll_loop(self, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope) -> None:
+        assert self.client is not None
+        with scope:
+            poller = self.client.beta.environments.work.poller(
+                environment_id=self.config.environment_id, environment_key=self._key.value,
+                worker_id=self.worker_id, auto_stop=False,
+            )
+            try:
+                while True:
+                    await self._slots.acquire()
+                    try:
+                        await self._wait_for_headroom()
+                        item = await poller.__anext__()
+                    except BaseException:
+                        self._slots.release()
+                        raise
+                    self.metrics.work_claimed.inc()
+                    tg.start_soon(self._serve, item)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await poller.aclose()  # type: ignore[attr-defined]
+
+    async def _wait_for_headroom(self) -> None:
+        admission = self.config.admission
+        assert admission is not None
+        while True:
+            if self.pool is not None and self.pool.ready > 0:
+                self._last_admission = ""
+                return  # a warm sandbox already holds its resources
+            decision = await anyio.to_thread.run_sync(admission.check)
+            if decision.ok:
+                self._last_admission = ""
+                return
+            self.metrics.admission_deferred.labels(resource=decision.resource).inc()
+            if self._last_admission != decision.reason:
+                log_event(log, logging.WARNING, "admission_deferred",
+                          f"not claiming work: {decision.reason}", resource=decision.resource)
+            self._last_admission = decision.reason
+            await anyio.sleep(1.0)
+
+    # ------------------------------------------------------------------ serving one item
+
+    async def _serve(self, item: Any) -> None:
+        try:
+            await self._serve_item(item)
+        finally:
+            self._slots.release()
+
+    async def _serve_item(self, item: Any) -> None:
+        assert self._sdk_worker is not None and self.middleware is not None and self.sandboxes is not None
+        work_id = getattr(item, "id", None)
+        data = getattr(item, "data", None)
+        work_type = getattr(data, "type", None)
+        session_id = getattr(data, "id", None)
+        environment_id = getattr(item, "environment_id", None) or self.config.environment_id
+        secret = getattr(item, "secret", None)
+        token = _sessions_token(secret)
+        logs.secrets.add(secret if isinstance(secret, str) else None)
+        logs.secrets.add(token)
+        logs.work_id_var.set(work_id if isinstance(work_id, str) else None)
+        logs.session_id_var.set(session_id if isinstance(session_id, str) else None)
+        if not isinstance(work_id, str) or not work_id:
+            self.metrics.work_failed.labels(reason="malformed").inc()
+            log_event(log, logging.ERROR, "work_malformed", "claimed a work item without an id; ignoring it")
+            return
+        if work_type != "session" or not isinstance(session_id, str) or not session_id:
+            # Healthchecks and unknown kinds: nothing to run, but stop the item so its lease doesn't sit.
+            log_event(log, logging.INFO, "work_skipped", f"skipping a work item of type {str(work_type)[:40]!r}",
+                      work_id=work_id)
+            if work_type != "healthcheck":
+                self.metrics.work_failed.labels(reason="malformed").inc()
+            await self._force_stop(work_id, environment_id)
+            return
+        previous = self._serving.get(session_id)
+        if previous is not None:
+            # A re-delivery of a session we are still winding down: one runner per session at a time.
+            with anyio.move_on_after(self.config.drain_timeout + 150):
+                await previous.done.wait()
+        slot = SessionSlot(session_id=session_id, work_id=work_id)
+        serving = _Serving(slot, anyio.CancelScope(), anyio.Event())
+        self._serving[session_id] = serving
+        self.middleware.track(work_id, session_id)
+        self._update_gauges()
+        log_event(log, logging.INFO, "work_claimed", "serving session", work_id=work_id, session_id=session_id)
+        started = time.monotonic()
+        clean = True
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._acquire_sandbox, slot)
+                with serving.scope:
+                    await self._sdk_worker.handle_item(
+                        work_id=work_id, environment_id=environment_id, session_id=session_id,
+                        environment_key=self._key.value, work_secret=secret if isinstance(secret, str) else None,
+                    )
+        except Exception as e:  # noqa: BLE001 - one bad item must not take the worker down
+            clean = False
+            self.metrics.work_failed.labels(reason=_reason(e)).inc()
+            log_event(log, logging.ERROR, "work_failed", f"work item failed: {_describe(e)}",
+                      work_id=work_id, session_id=session_id)
+        finally:
+            view = self.middleware.leases.get(work_id)
+            # Park the sandbox when the control plane, not the session, ended the run:
+            # the session will come back (to us, most likely) and should find its files.
+            park = view is not None and (view.last in ("transient", "precondition") or view.handed_back)
+            park = park and not self._draining
+            self.middleware.forget(work_id)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: self.sandboxes.release(session_id, park=park))  # type: ignore[union-attr]
+            self._serving.pop(session_id, None)
+            serving.done.set()
+            self._update_gauges()
+            log_event(log, logging.INFO, "work_done", "session run ended", work_id=work_id, session_id=session_id,
+                      seconds=round(time.monotonic() - started, 3), calls=slot.calls,
+                      outcome="ok" if clean else "failed", sandbox="parked" if park else "destroyed")
+
+    async def _acquire_sandbox(self, slot: SessionSlot) -> None:
+        assert self.sandboxes is not None
+        sandboxes = self.sandboxes
+        try:
+            a = await anyio.to_thread.run_sync(sandboxes.acquire, slot.session_id, limiter=self._sandbox_limiter)
+        except Exception as e:  # noqa: BLE001
+            log_event(log, logging.ERROR, "sandbox_failed", f"could not start the session's sandbox: {e}",
+                      session_id=slot.session_id)
+            slot.set_error(str(e))
+            return
+
+        def replace() -> Any:
+            sandboxes.release(slot.session_id, park=False)
+            return sandboxes.acquire(slot.session_id).sandbox
+
+        slot.replace = replace
+        slot.set_sandbox(a.sandbox)
+
+    def _tools_for(self, env: AgentToolContext) -> list[Any]:
+        """The SDK's per-session tool factory: tools bound to that session's sandbox."""
+        assert self.outbox is not None
+        session = env.session
+        session_id = getattr(session, "id", None) or env.session_id
+        serving = self._serving.get(session_id) if session_id else None
+        if serving is None:
+            raise RuntimeError(f"no sandbox slot for session {session_id!r}")
+        return SessionToolbox(serving.slot, self.outbox, self.metrics, sandbox_limiter=self._sandbox_limiter,
+                              db_limiter=self._db_limiter).tools()
+
+    async def _force_stop(self, work_id: str, environment_id: str) -> None:
+        assert self.client is not None
+        try:
+            await self.client.beta.environments.work.stop(work_id, environment_id=environment_id, force=True)
+        except Exception as e:  # noqa: BLE001
+            log_event(log, logging.WARNING, "stop_failed", f"could not stop work item: {_describe(e)}",
+                      work_id=work_id)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _drain(self) -> None:
+        """Let in-flight tool calls finish (bounded), then hand the items back."""
+        self._draining = True
+        serving = list(self._serving.values())
+        log_event(log, logging.INFO, "draining", f"stopping: {len(serving)} session(s) in flight",
+                  drain_timeout=self.config.drain_timeout)
+        with anyio.move_on_after(self.config.drain_timeout):
+            for s in serving:
+                await s.slot.idle.wait()
+            # Wait for the results just produced to be accepted by the control plane.
+            while self.outbox is not None and any(self.outbox.pending(s.slot.session_id) for s in serving):
+                await anyio.sleep(0.05)
+        # Past the bound: calls still running are answered "interrupted" (their sandbox goes away).
+        for s in serving:
+            s.slot.abort.set()
+        with anyio.move_on_after(5):
+            for s in serving:
+                await s.slot.idle.wait()
+            while self.outbox is not None and any(self.outbox.pending(s.slot.session_id) for s in serving):
+                await anyio.sleep(0.05)
+        for s in serving:
+            assert self.middleware is not None
+            self.middleware.hand_back(s.slot.work_id)
+            s.scope.cancel()
+        with anyio.move_on_after(10):
+            for s in serving:
+                await s.done.wait()
+
+    # ------------------------------------------------------------------ background
+
+    async def _housekeeping(self) -> None:
+        last_stats = 0.0
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                if self.sandboxes is not None:
+                    await anyio.to_thread.run_sync(self.sandboxes.reap_parked)
+                self._update_gauges()
+                now = time.monotonic()
+                if now - last_stats >= 5.0:
+                    last_stats = now
+                    await self._refresh_stats()
+                    await self._sweep_outbox()
+                    await anyio.to_thread.run_sync(self._count_egress)
+            except Exception as e:  # noqa: BLE001 - housekeeping never kills the worker
+                log.warning("housekeeping failed: %s", _describe(e))
+
+    async def _refresh_stats(self) -> None:
+        assert self.client is not None and self.middleware is not None
+        if self.middleware.breaker.open:
+            return
+        try:
+            stats = await self.client.beta.environments.work.stats(self.config.environment_id)
+        except Exception:  # noqa: BLE001 - stats may need an org key on the real service
+            return
+        self.metrics.queue_depth.set(stats.depth)
+        self.metrics.queue_pending.set(stats.pending)
+
+    def _count_egress(self) -> None:
+        if self.sandboxes is None or self._runtime is None:
+            return
+        for a in self.sandboxes.assignments():
+            n = count_egress_denials(self._runtime, a)
+            if n:
+                self.metrics.egress_denials.inc(n)
+
+    async def _sweep_outbox(self) -> None:
+        """Deliver results no runner will replay: their session is neither served nor parked here."""
+        assert self.outbox is not None and self.client is not None and self.middleware is not None
+        if self.middleware.breaker.open or self._draining:
+            return
+        outbox, client = self.outbox, self.client
+        pending = await anyio.to_thread.run_sync(lambda: outbox.pending(older_than=self.config.sweep_after))
+        active = set(self._serving) | (self.sandboxes.parked_sessions() if self.sandboxes else set())
+        for rec in pending:
+            if rec.session_id in active or rec.result is None:
+                continue
+            try:
+                answered, terminated = await _answered_in_history(client, rec.session_id, rec.tool_use_id)
+            except Exception as e:  # noqa: BLE001
+                status = getattr(e, "status_code", None)
+                if status == 404:
+                    await anyio.to_thread.run_sync(outbox.drop, rec.tool_use_id)
+                    log_event(log, logging.WARNING, "outbox_dropped", "session gone; stored result dropped",
+                              session_id=rec.session_id, tool_use_id=rec.tool_use_id)
+                continue
+            if answered or terminated:
+                await anyio.to_thread.run_sync(outbox.drop, rec.tool_use_id)
+                log_event(log, logging.INFO, "outbox_dropped",
+                          "stored result not needed (answered elsewhere or session ended)",
+                          session_id=rec.session_id, tool_use_id=rec.tool_use_id)
+                continue
+            event = {"type": "user.tool_result", "tool_use_id": rec.tool_use_id,
+                     "is_error": rec.result.is_error, "content": session_content(rec.result.content)}
+            try:
+                await client.beta.sessions.events.send(rec.session_id, events=[event])  # type: ignore[list-item]
+                log_event(log, logging.INFO, "outbox_delivered", "delivered a stored result",
+                          session_id=rec.session_id, tool_use_id=rec.tool_use_id)
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not deliver a stored result: %s", _describe(e))
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.sessions_in_flight.set(len(self._serving))
+        ready = self.pool.ready if self.pool else 0
+        m.pool_ready.set(ready)
+        m.sandboxes_live.set(ready + (self.sandboxes.live_count() if self.sandboxes else 0))
+        if self.outbox is not None:
+            try:
+                self._outbox_pending = self.outbox.pending_count()
+                m.outbox_pending.set(self._outbox_pending)
+            except Exception:  # noqa: BLE001 - called from pool threads too; a busy db is not fatal
+                pass
+
+
+# ---------------------------------------------------------------------- helpers
+
+async def _answered_in_history(client: AsyncAnthropic, session_id: str, tool_use_id: str) -> tuple[bool, bool]:
+    answered = terminated = False
+    async for ev in client.beta.sessions.events.list(session_id, limit=1000):
+        kind = getattr(ev, "type", None)
+        if kind == "user.tool_result" and getattr(ev, "tool_use_id", None) == tool_use_id:
+            answered = True
+        elif kind in ("session.status_terminated", "session.deleted"):
+            terminated = True
+    return answered, terminated
+
+
+def session_content(content: Any) -> list[dict[str, Any]]:
+    """A stored tool result as Sessions-API content blocks (what the SDK runner would send)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content or "(no output)"}]
+    out: list[dict[str, Any]] = []
+    for block in content or []:
+        if isinstance(block, dict) and block.get("type") in ("text", "image", "document"):
+            out.append(block)
+        else:
+            out.append({"type": "text", "text": json.dumps(block)})
+    return out or [{"type": "text", "text": "(no output)"}]
+
+
+def _sessions_token(secret: object) -> str | None:
+    """The per-item sessions token, only to register it for log redaction (never logged or used here)."""
+    if not isinstance(secret, str) or not secret:
+        return None
+    try:
+        parsed = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    token = parsed.get("sessions_token") if isinstance(parsed, dict) else None
+    return token if isinstance(token, str) else None
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    inner = getattr(e, "exceptions", None)
+    return _first_cause(inner[0]) if inner else e
+
+
+def _describe(e: BaseException) -> str:
+    cause = _first_cause(e)
+    return logs.redact(f"{type(cause).__name__}: {cause}")[:500]
+
+
+def _reason(e: BaseException) -> str:
+    cause = _first_cause(e)
+    status = getattr(cause, "status_code", None)
+    if isinstance(status, int):
+        return f"http_{status // 100}xx"
+    return "error"
