@@ -251,7 +251,7 @@ def _p99(xs: list[float]) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
 
 
 def main() -> None:
@@ -310,8 +310,8 @@ def main() -> None:
         for r in range(a.rounds):
             for m in modes:
                 res = results[m.name]
-                res["http_mbs"].append(timed(lambda: fetch(m, tport, "/big", False, buf)))
-                res["tunnel_mbs"].append(timed(lambda: fetch(m, tport, "/big", m.proxy_port is not None, buf)))
+                res["http_mbs"].append(timed(lambda m=m: fetch(m, tport, "/big", False, buf)))
+                res["tunnel_mbs"].append(timed(lambda m=m: fetch(m, tport, "/big", m.proxy_port is not None, buf)))
                 for tunnel, key in ((False, "rps_http"), (True, "rps_tunnel")):
                     t0 = time.perf_counter()
                     for _ in range(a.small):

@@ -267,8 +267,7 @@ def canonical_host(raw: str) -> str:
         except (idna.IDNAError, UnicodeError):
             raise HostError("invalid internationalised name") from None
     name = name.lower()
-    if name.endswith("."):
-        name = name[:-1]
+    name = name.removesuffix(".")
     if not name or len(name) > 253:
         raise HostError("empty or overlong host")
     v4 = _legacy_ipv4(name)

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +47,7 @@ class AuditRecord:
     def to_json(self) -> str:
         d = dict(vars(self))  # flat fields only: asdict()'s deep copy is measurable per request
         if not d["ts"]:
-            d["ts"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            d["ts"] = datetime.now(UTC).isoformat(timespec="milliseconds")
         d["path"] = _strip_query(d["path"])
         return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
 

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import encodings.idna  # noqa: F401  - imported before dropping privileges, like everything else
 import fcntl
 import json
 import os
@@ -35,8 +36,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import encodings.idna  # noqa: F401  - imported before dropping privileges, like everything else
 
 from sandbox.egress.audit import AuditLog
 from sandbox.egress.proxy import EgressProxy
@@ -80,7 +79,7 @@ def drop_privileges(uid: int, gid: int) -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     status = Path("/proc/self/status").read_text()
     for field in ("CapEff", "CapPrm", "CapAmb"):
-        m = re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.M)
+        m = re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.MULTILINE)
         if m and int(m.group(1), 16) != 0:
             raise SystemExit(f"egress daemon: still holds capabilities after the drop ({field})")
 
@@ -155,7 +154,7 @@ class Daemon:
                 buf = bytearray(rest)
                 reply = await self._dispatch(line)
                 await loop.sock_sendall(conn, (json.dumps(reply) + "\n").encode())
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         finally:
             conn.close()
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in [SESSIONS, AUDIT, AUDIT + ".1", *(str(d) for d in Path(SESSIONS).iterdir())]:
             os.lchown(p, uid, gid)
     control = bind_unix(Path(CONTROL), 0o600)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # ~6 fds per relayed connection
 

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -140,7 +139,7 @@ class EgressManager:
             while not buf.endswith(b"\n"):
                 try:
                     data = sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     raise EgressError("egress daemon did not answer in time") from None
                 if not data:
                     raise EgressError("egress daemon closed the control connection")

@@ -385,6 +385,10 @@ class EgressProxy:
                 rec.code, rec.reason = rec.code or "allowed", f"{rec.reason}; connection ended: {type(e).__name__}"
             else:
                 rec.decision, rec.code, rec.reason = "error", "client-error", f"client connection failed: {type(e).__name__}"
+        except Exception as e:  # noqa: BLE001 - one bad connection must never take the proxy down
+            rec.decision, rec.code, rec.reason = "error", "internal-error", f"proxy error: {type(e).__name__}"
+            with contextlib.suppress(OSError):
+                conn.client.send(http1.refusal(502, ERROR_HEADER, "internal-error", "sandbox egress proxy: internal error"))
         finally:
             sess.conns.discard(conn)
             # Audit before closing: once a client sees EOF, its decision is on record.

@@ -77,13 +77,13 @@ class EgressPolicy(BaseModel):
     # Ranges allowed even though they are private/loopback/etc. A resolved address in one of
     # them passes the non-public check; an IP-literal destination in one is allowed on any port.
     allow_cidrs: list[str] = []
-    byte_budget: int | None = Field(None, ge=1)  # bytes up + down per session; None = unlimited
-    max_connections: int = Field(32, ge=1, le=1024)  # concurrent client connections per session
-    idle_timeout_s: float = Field(60.0, gt=0, le=3600)  # no byte either way for this long -> close
-    total_timeout_s: float = Field(3600.0, gt=0, le=24 * 3600)  # hard cap on one connection's life
-    header_timeout_s: float = Field(10.0, gt=0, le=300)  # whole request head must arrive by then
-    connect_timeout_s: float = Field(10.0, gt=0, le=120)  # DNS + TCP connect to the upstream
-    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    byte_budget: int | None = Field(default=None, ge=1)  # bytes up + down per session; None = unlimited
+    max_connections: int = Field(default=32, ge=1, le=1024)  # concurrent client connections per session
+    idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)  # no byte either way for this long -> close
+    total_timeout_s: float = Field(default=3600.0, gt=0, le=24 * 3600)  # hard cap on one connection's life
+    header_timeout_s: float = Field(default=10.0, gt=0, le=300)  # whole request head must arrive by then
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)  # DNS + TCP connect to the upstream
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
 
     @field_validator("allow_cidrs")
     @classmethod

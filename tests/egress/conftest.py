@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.egress.egress_helpers import ALLOWED_ADDR, NAMES, OTHER_ADDR, THIRD_ADDR, Harness, Target  # noqa: F401
 
 from sandbox.egress.acl import Decision
 from sandbox.egress.proxy import EgressProxy
+from tests.egress.egress_helpers import ALLOWED_ADDR, NAMES, OTHER_ADDR, THIRD_ADDR, Harness, Target
 
 
 @pytest.fixture

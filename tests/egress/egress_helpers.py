@@ -5,18 +5,13 @@ to an address outside this machine."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from sandbox.egress.acl import Decision
 from sandbox.egress.audit import AuditLog, read_records
 from sandbox.egress.proxy import EgressProxy, StaticResolver
 from sandbox.egress.rules import EgressPolicy
@@ -186,7 +181,7 @@ def recv_all(s: socket.socket, timeout: float = 5) -> bytes:
             if not d:
                 break
             out += d
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     return out
 

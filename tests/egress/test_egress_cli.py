@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tests.egress.egress_helpers import Target, parse_response, recv_all, wait_until
 
 from sandbox.egress.audit import AuditLog, AuditRecord
 from sandbox.egress.cli import egress_group, load_rules
+from tests.egress.egress_helpers import Target, parse_response, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -56,7 +56,7 @@ def test_rules_file_may_be_bare_or_a_profile_fragment(tmp_path: Path) -> None:
 def test_proxy_command_serves_one_fixed_session_on_loopback(tmp_path: Path) -> None:
     t = Target("127.0.0.2").start()
     rules = tmp_path / "rules.yaml"
-    rules.write_text(f"allow_cidrs: ['127.0.0.2/32']\nrules:\n  - {{host: allowed.test, ports: [443]}}\n")
+    rules.write_text("allow_cidrs: ['127.0.0.2/32']\nrules:\n  - {host: allowed.test, ports: [443]}\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.egress.egress_helpers import Target, parse_response, recv_all, wait_until
 
 from sandbox.egress.manager import EgressError, EgressManager, proxy_env
 from sandbox.egress.rules import EgressPolicy
 from sandbox.egress.unixsock import connect_unix
+from tests.egress.egress_helpers import Target, parse_response, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def mgr(tmp_path: Path):  # noqa: ANN201
+def mgr(tmp_path: Path):
     m = EgressManager(tmp_path / "state" / "egress", idle_exit_s=1.0)
     yield m
     st = m.status()
@@ -105,9 +105,9 @@ def test_daemon_started_as_root_runs_as_nobody_without_capabilities(mgr: EgressM
     assert st["uid"] == 65534 and st["gid"] == 65534
     status = Path(f"/proc/{st['pid']}/status").read_text()
     for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        assert int(re.search(rf"^{field}:\s*(\w+)$", status, re.M).group(1), 16) == 0, field
-    assert re.search(r"^NoNewPrivs:\s*1$", status, re.M)
-    assert re.search(r"^Groups:\s*$", status, re.M)
+        assert int(re.search(rf"^{field}:\s*(\w+)$", status, re.MULTILINE).group(1), 16) == 0, field
+    assert re.search(r"^NoNewPrivs:\s*1$", status, re.MULTILINE)
+    assert re.search(r"^Groups:\s*$", status, re.MULTILINE)
     # the control socket stays root's: the dropped uid (or anyone else) cannot drive it
     ctl = mgr.state_dir / "control.sock"
     assert ctl.stat().st_uid == 0 and ctl.stat().st_mode & 0o777 == 0o600

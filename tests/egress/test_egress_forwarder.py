@@ -10,9 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tests.egress.egress_helpers import Harness, Target, wait_until
 
 from sandbox.agent import forwarder
+from tests.egress.egress_helpers import Harness, Target, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

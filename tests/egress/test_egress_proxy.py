@@ -4,12 +4,14 @@ requests must leave the target server without a single connection."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from sandbox.egress.proxy import DENIED_HEADER
+from sandbox.egress.unixsock import connect_unix
 from tests.egress.egress_helpers import (
     ALLOWED_ADDR,
     OTHER_ADDR,
@@ -18,14 +20,10 @@ from tests.egress.egress_helpers import (
     connect_tunnel,
     get,
     parse_response,
-    read_head,
     recv_all,
     request,
     wait_until,
 )
-
-from sandbox.egress.proxy import DENIED_HEADER
-from sandbox.egress.unixsock import connect_unix
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,7 +34,7 @@ def allow(t: Target, host: str = "allowed.test", **extra: object) -> dict[str, o
     return {"rules": [{"host": host, "ports": [t.port]}], "allow_cidrs": [f"{t.addr}/32"], **extra}
 
 
-def assert_denied(resp, code: str | None = None) -> None:  # noqa: ANN001
+def assert_denied(resp, code: str | None = None) -> None:
     assert resp.status == 403, resp.raw[:300]
     assert DENIED_HEADER.lower() in resp.headers, resp.raw[:300]
     if code:
@@ -408,6 +406,7 @@ def test_total_timeout_ends_a_busy_tunnel(harness: Harness, targets: dict[str, T
     t = targets["allowed"]
     sock = harness.add_session("s1", allow(t, total_timeout_s=1.0))
     s, resp = connect_tunnel(sock, f"allowed.test:{t.port}")
+    assert resp.status == 200
     start = time.monotonic()
     try:
         while time.monotonic() - start < 4:
