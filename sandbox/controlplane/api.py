@@ -327,7 +327,7 @@ class Api:
         self._env_only(p, a["env"], "work list")
         limit = int_param(req.query, "limit", lo=1, hi=MAX_WORK_LIST_LIMIT, default=DEFAULT_LIST_LIMIT)
         assert limit is not None
-        return JsonResponse(200, self._work.list(a["env"], limit=limit, page=_one(req.query, "page") or None))
+        return JsonResponse(200, self._work.page(a["env"], limit=limit, page=_one(req.query, "page") or None))
 
     def stats(self, req: Request, p: Principal | None, a: dict[str, str]) -> Response:
         self._env_only(p, a["env"], "work stats", admin=True)

@@ -105,8 +105,8 @@ class ControlPlane:
             sessions = Sessions(db, self._clock, work)
             allowed_hosts = LOOPBACK_HOST_NAMES | {self.host.lower()} if _is_loopback(self.host) else None
             server = ControlPlaneHTTPServer((self.host, self.port), None, self._max_body, allowed_hosts)
-            bound_host, bound_port = server.server_address[:2]
-            url_host = f"[{bound_host}]" if ":" in str(bound_host) else str(bound_host)
+            bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+            url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
             self._base_url = f"http://{url_host}:{bound_port}"
             server.api = Api(
                 db=db,

@@ -61,7 +61,7 @@ class Sessions:
     # --------------------------------------------------------------- sessions
 
     def _row(self, c: sqlite3.Connection, session_id: str) -> sqlite3.Row:
-        row = c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        row: sqlite3.Row | None = c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
         if row is None:
             raise not_found(f"session {session_id!r} not found")
         return row

@@ -118,7 +118,9 @@ class WorkQueue:
     # ----------------------------------------------------------------- helpers
 
     def _row(self, c: sqlite3.Connection, environment_id: str, work_id: str) -> sqlite3.Row:
-        row = c.execute("SELECT * FROM work WHERE id=? AND environment_id=?", (work_id, environment_id)).fetchone()
+        row: sqlite3.Row | None = c.execute(
+            "SELECT * FROM work WHERE id=? AND environment_id=?", (work_id, environment_id)
+        ).fetchone()
         if row is None:
             raise not_found(f"work item {work_id!r} not found in environment {environment_id!r}")
         return row
@@ -364,7 +366,7 @@ class WorkQueue:
             c.execute("UPDATE work SET metadata=? WHERE id=?", (json.dumps(metadata, sort_keys=True), work_id))
             return work_json(self._row(c, environment_id, work_id))
 
-    def list(self, environment_id: str, *, limit: int, page: str | None) -> dict[str, Any]:
+    def page(self, environment_id: str, *, limit: int, page: str | None) -> dict[str, Any]:
         """Newest first; `next_page` is an opaque cursor (the last seq returned)."""
         before = decode_cursor(page) if page else None
         with self._db.tx() as c:

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from urllib.parse import urlsplit
 
 import anthropic
@@ -50,6 +51,7 @@ def test_events_send_stamps_and_list_filters(cp: ControlPlane, admin: LocalAdmin
     only = list(events.list(sid, types=["agent.tool_use"]))
     assert [e.id for e in only] == [t1, t2]
     cut = everything[2].processed_at
+    assert cut is not None
     assert [e.id for e in events.list(sid, created_at_gte=cut)] == [e.id for e in everything[2:]]
     assert [e.id for e in events.list(sid, created_at_gt=cut)] == [e.id for e in everything[3:]]
     assert [e.id for e in events.list(sid, created_at_lt=cut)] == [e.id for e in everything[:2]]
@@ -61,7 +63,7 @@ def test_duplicate_tool_result_is_idempotent(cp: ControlPlane, admin: LocalAdmin
     # The SDK retries a post whose response it lost; a second result must not be stored or be a 4xx.
     sid = admin.create_session(cp.environment_id)
     tid = admin.send_tool_use(sid, "bash", {"command": "ls"})
-    ev = {"type": "user.tool_result", "tool_use_id": tid, "content": [{"type": "text", "text": "x"}]}
+    ev: Any = {"type": "user.tool_result", "tool_use_id": tid, "content": [{"type": "text", "text": "x"}]}
     events = env_client(cp).beta.sessions.events
     first = events.send(sid, events=[ev]).data[0]  # type: ignore[index]
     again = events.send(sid, events=[ev]).data[0]  # type: ignore[index]
