@@ -100,3 +100,12 @@ def test_proxy_command_refuses_a_non_loopback_listener(tmp_path: Path) -> None:
     rules.write_text("rules: [{host: allowed.test, ports: [443]}]\n")
     r = CliRunner().invoke(proxy_cmd, ["--profile-rules", str(rules), "--listen", "0.0.0.0:8080", "--state-dir", str(tmp_path)])
     assert r.exit_code != 0 and "loopback" in r.output
+
+
+def test_cli_reads_the_audit_log_where_the_runtime_puts_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sandbox.egress.manager import default_state_dir
+    from sandbox.runtime import default_state_dir as runtime_state_dir
+
+    assert default_state_dir() == runtime_state_dir() / "egress"
+    monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path))
+    assert default_state_dir() == runtime_state_dir() / "egress" == tmp_path / "egress"
