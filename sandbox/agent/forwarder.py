@@ -19,6 +19,7 @@ import os
 import selectors
 import socket
 import sys
+import time
 
 _BUF = 64 * 1024  # per direction per connection: the only buffer we hold
 _MAX_CONNS = 64  # the proxy enforces the real per-session limit; this just bounds fds
@@ -121,11 +122,26 @@ class Forwarder:
         self.lsock.bind(("127.0.0.1", listen_port))
         self.lsock.listen(128)
         self.lsock.setblocking(False)
-        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.listening = False
+        self.resume_at = 0.0
+        self._listen(True)
+
+    def _listen(self, on: bool) -> None:
+        # At the connection cap (or out of fds) we stop accepting instead of resetting
+        # clients: they wait in the kernel's backlog until a slot frees up.
+        if on != self.listening:
+            if on:
+                self.sel.register(self.lsock, selectors.EVENT_READ, None)
+            else:
+                self.sel.unregister(self.lsock)
+            self.listening = on
 
     def run(self) -> None:
         while True:
-            for key, mask in self.sel.select():
+            if not self.listening and len(self.conns) < _MAX_CONNS and time.monotonic() >= self.resume_at:
+                self._listen(True)
+            timeout = None if self.listening else 0.1
+            for key, mask in self.sel.select(timeout):
                 if key.data is None:
                     self._accept()
                     continue
@@ -143,16 +159,15 @@ class Forwarder:
                 self._update(conn)
 
     def _accept(self) -> None:
-        while True:
+        while len(self.conns) < _MAX_CONNS:
             try:
                 client, _ = self.lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # e.g. out of fds; the listener stays readable and we retry
-            if len(self.conns) >= _MAX_CONNS:
-                client.close()
-                continue
+            except OSError:  # e.g. out of fds: pause rather than spin on a ready listener
+                self.resume_at = time.monotonic() + 0.1
+                self._listen(False)
+                return
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 upstream.setblocking(False)
@@ -173,6 +188,7 @@ class Forwarder:
             conn = _Conn(client, upstream)
             self.conns.add(conn)
             self._update(conn)
+        self._listen(False)
 
     def _update(self, conn: _Conn) -> None:
         if conn.finished():

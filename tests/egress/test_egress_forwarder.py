@@ -88,3 +88,24 @@ def test_forwarder_is_stdlib_only() -> None:
     mods = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert mods <= set(sys.stdlib_module_names), mods
+
+
+def test_forwarder_queues_connections_over_its_cap_instead_of_resetting(harness: Harness, targets: dict[str, Target], monkeypatch: pytest.MonkeyPatch) -> None:
+    t = targets["allowed"]
+    sock = harness.add_session("s1", {"rules": [{"host": "allowed.test", "ports": [t.port]}], "allow_cidrs": [f"{t.addr}/32"]})
+    monkeypatch.setattr(forwarder, "_MAX_CONNS", 2)
+    port = _start_forwarder(sock)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    for h in held:
+        h.sendall(f"CONNECT allowed.test:{t.port} HTTP/1.1\r\n\r\n".encode())
+        assert h.recv(100).startswith(b"HTTP/1.1 200")
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=5)  # sits in the backlog
+    waiting.sendall(f"GET http://allowed.test:{t.port}/queued HTTP/1.1\r\nHost: allowed.test:{t.port}\r\n\r\n".encode())
+    held[0].close()
+    data = b""
+    while not data.endswith(b"ok:/queued"):
+        chunk = waiting.recv(4096)
+        assert chunk, data
+        data += chunk
+    waiting.close()
+    held[1].close()
