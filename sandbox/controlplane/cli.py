@@ -87,14 +87,15 @@ def _admin(state_dir: Path | None) -> tuple[Any, Any]:
     return LocalAdmin(endpoint.base_url, key), endpoint
 
 
-def _guard(fn: Callable[[], None]) -> None:
-    """Turn API and connection errors into one line on stderr."""
+def _guard(admin: Any, fn: Callable[[], None]) -> None:
+    """Run `fn`, closing `admin` after; API and connection errors become one line on stderr."""
     import httpx
 
     from .client import LocalAdminError
 
     try:
-        fn()
+        with admin:
+            fn()
     except LocalAdminError as e:
         _fail(f"control plane refused: {e}", 1)
     except httpx.HTTPError as e:
@@ -142,7 +143,7 @@ def session_group() -> None:
 def session_new(state_dir: Path | None, environment_id: str | None, title: str | None) -> None:
     """Create a session (queues a work item) and print its id."""
     admin, endpoint = _admin(state_dir)
-    _guard(lambda: click.echo(admin.create_session(environment_id or endpoint.environment_id, title=title)))
+    _guard(admin, lambda: click.echo(admin.create_session(environment_id or endpoint.environment_id, title=title)))
 
 
 @session_group.command("send")
@@ -161,7 +162,7 @@ def session_send(state_dir: Path | None, session_id: str, file: Any, idle: bool)
         if idle:
             admin.send_idle(session_id)
 
-    _guard(run)
+    _guard(admin, run)
 
 
 @session_group.command("idle")
@@ -170,7 +171,7 @@ def session_send(state_dir: Path | None, session_id: str, file: Any, idle: bool)
 def session_idle(state_dir: Path | None, session_id: str) -> None:
     """End the turn: session.status_idle with stop_reason end_turn."""
     admin, _ = _admin(state_dir)
-    _guard(lambda: click.echo(admin.send_idle(session_id)))
+    _guard(admin, lambda: click.echo(admin.send_idle(session_id)))
 
 
 @session_group.command("terminate")
@@ -179,7 +180,7 @@ def session_idle(state_dir: Path | None, session_id: str) -> None:
 def session_terminate(state_dir: Path | None, session_id: str) -> None:
     """End the session: session.status_terminated."""
     admin, _ = _admin(state_dir)
-    _guard(lambda: click.echo(admin.terminate(session_id)))
+    _guard(admin, lambda: click.echo(admin.terminate(session_id)))
 
 
 def _summary(ev: dict[str, Any], width: int = 160) -> str:
@@ -239,7 +240,7 @@ def session_watch(state_dir: Path | None, session_id: str, as_json: bool) -> Non
                 f"[dim]{escape(str(ev.get('id')))}[/] {escape(_summary(ev))}"
             )
 
-    _guard(run)
+    _guard(admin, run)
 
 
 @session_group.command("events")
@@ -263,4 +264,4 @@ def session_events(state_dir: Path | None, session_id: str, as_json: bool) -> No
             table.add_row(str(ev.get("processed_at")), str(ev.get("type")), str(ev.get("id")), _summary(ev, 100))
         Console(highlight=False).print(table)
 
-    _guard(run)
+    _guard(admin, run)

@@ -19,6 +19,8 @@ from anthropic.lib.tools import beta_async_tool
 
 from sandbox.controlplane import ControlPlane, LocalAdmin
 
+from .helpers import env_client
+
 T = TypeVar("T")
 
 calls: list[str] = []
@@ -57,7 +59,9 @@ def _item_stopped(admin: LocalAdmin, sid: str) -> Callable[[], bool]:
     return lambda: all(i["state"] == "stopped" for i in admin.work_items(sid))
 
 
-async def _with_worker(worker: EnvironmentWorker, body: Callable[[], Awaitable[None]]) -> None:
+async def _with_worker(
+    worker: EnvironmentWorker, client: anthropic.AsyncAnthropic, body: Callable[[], Awaitable[None]]
+) -> None:
     task = asyncio.create_task(worker.run())
     try:
         await body()
@@ -65,6 +69,7 @@ async def _with_worker(worker: EnvironmentWorker, body: Callable[[], Awaitable[N
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await client.close()
 
 
 def _client(cp: ControlPlane) -> anthropic.AsyncAnthropic:
@@ -74,8 +79,9 @@ def _client(cp: ControlPlane) -> anthropic.AsyncAnthropic:
 def test_sdk_worker_runs_a_tool_call_and_stops_after_idle(cp: ControlPlane, admin: LocalAdmin, tmp_path: Path) -> None:
     calls.clear()
     sid = admin.create_session(cp.environment_id)
+    client = _client(cp)
     worker = EnvironmentWorker(
-        _client(cp), environment_id=cp.environment_id, environment_key=cp.environment_key,
+        client, environment_id=cp.environment_id, environment_key=cp.environment_key,
         tools=[fake_bash], workdir=tmp_path, max_idle=0.3,
     )
 
@@ -95,7 +101,7 @@ def test_sdk_worker_runs_a_tool_call_and_stops_after_idle(cp: ControlPlane, admi
         await asyncio.to_thread(admin.send_idle, sid)
         await _eventually(_item_stopped(admin, sid))
 
-    asyncio.run(_with_worker(worker, body))
+    asyncio.run(_with_worker(worker, client, body))
     assert calls == ["echo hi", "gated"]
     assert len(admin.events(sid, types=["user.tool_result"])) == 2
     item = admin.work_items(sid)[0]
@@ -107,7 +113,8 @@ def test_sdk_reference_toolset_and_termination(cp: ControlPlane, admin: LocalAdm
     workdir.mkdir()
     sid = admin.create_session(cp.environment_id)
     # tools=None: the SDK's own agent_toolset_20260401 (bash, read, write, edit, glob, grep) in workdir
-    worker = EnvironmentWorker(_client(cp), environment_id=cp.environment_id, environment_key=cp.environment_key, workdir=workdir)
+    client = _client(cp)
+    worker = EnvironmentWorker(client, environment_id=cp.environment_id, environment_key=cp.environment_key, workdir=workdir)
 
     async def body() -> None:
         path = str(workdir / "hello.txt")
@@ -120,7 +127,7 @@ def test_sdk_reference_toolset_and_termination(cp: ControlPlane, admin: LocalAdm
         await asyncio.to_thread(admin.terminate, sid)
         await _eventually(_item_stopped(admin, sid))
 
-    asyncio.run(_with_worker(worker, body))
+    asyncio.run(_with_worker(worker, client, body))
     assert (workdir / "hello.txt").read_text() == "hello\n"
 
 
@@ -128,7 +135,7 @@ def test_handle_item_runs_on_the_sessions_token_alone(cp: ControlPlane, admin: L
     # A sandbox handed only the work secret (never the environment key) can serve its item.
     calls.clear()
     sid = admin.create_session(cp.environment_id)
-    env = anthropic.Anthropic(base_url=cp.base_url, auth_token=cp.environment_key, api_key=None, max_retries=0)
+    env = env_client(cp)
     item = env.beta.environments.work.poll(cp.environment_id)
     assert item is not None
     env.beta.environments.work.ack(item.id, environment_id=cp.environment_id)
@@ -144,6 +151,7 @@ def test_handle_item_runs_on_the_sessions_token_alone(cp: ControlPlane, admin: L
         await _eventually(_result_for(admin, sid, tid))
         await asyncio.to_thread(admin.send_idle, sid)
         await asyncio.wait_for(task, 15)
+        await parent.close()
 
     asyncio.run(main())
     assert calls == ["token only"]
