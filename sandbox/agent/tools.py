@@ -699,7 +699,7 @@ class Shell:
             self.proc.stdin.write(wrapped.encode("utf-8", "replace"))  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except OSError:
-            raise ToolFailure("bash session terminated; restart required") from None
+            raise ToolFailure("bash: bash session terminated; restart required") from None
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         marker = sentinel.encode()
         buf = bytearray()
@@ -797,7 +797,7 @@ def op_bash(req: dict) -> dict:
                 if _shells.get(shell_id) is sh:
                     del _shells[shell_id]
             sh.close()
-            raise ToolFailure(f"bash command timed out after {timeout}s") from None
+            raise ToolFailure(f"bash: bash command timed out after {timeout}s") from None
 
 
 # ------------------------------------------------------------------ probe

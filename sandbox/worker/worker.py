@@ -114,6 +114,7 @@ class Worker:
         self._health: HealthServer | None = None
         self._last_admission: str = ""
         self._outbox_pending = 0
+        self.fatal_error: str | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -147,6 +148,10 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._teardown()
+
+    @property
+    def sessions_in_flight(self) -> int:
+        return len(self._serving)
 
     def health(self) -> dict[str, Any]:
         breaker = self.middleware.breaker if self.middleware else None
@@ -248,25 +253,40 @@ class Worker:
 
     async def _poll_loop(self, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope) -> None:
         assert self.client is not None
+        backoff = 1.0
         with scope:
-            poller = self.client.beta.environments.work.poller(
-                environment_id=self.config.environment_id, environment_key=self._key.value,
-                worker_id=self.worker_id, auto_stop=False,
-            )
-            try:
-                while True:
-                    await self._slots.acquire()
-                    try:
-                        await self._wait_for_headroom()
-                        item = await poller.__anext__()
-                    except BaseException:
-                        self._slots.release()
-                        raise
-                    self.metrics.work_claimed.inc()
-                    tg.start_soon(self._serve, item)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await poller.aclose()  # type: ignore[attr-defined]
+            while True:
+                poller = self.client.beta.environments.work.poller(
+                    environment_id=self.config.environment_id, environment_key=self._key.value,
+                    worker_id=self.worker_id, auto_stop=False,
+                )
+                try:
+                    while True:
+                        await self._slots.acquire()
+                        try:
+                            await self._wait_for_headroom()
+                            item = await poller.__anext__()
+                        except BaseException:
+                            self._slots.release()
+                            raise
+                        backoff = 1.0
+                        self.metrics.work_claimed.inc()
+                        tg.start_soon(self._serve, item)
+                except Exception as e:  # noqa: BLE001 - a malformed poll response, or a fatal 4xx
+                    status = getattr(_first_cause(e), "status_code", None)
+                    if status in (401, 403):
+                        self.fatal_error = f"the control plane refused the environment key ({status}): {_describe(e)}"
+                        log_event(log, logging.CRITICAL, "poll_refused", self.fatal_error)
+                        self._stopping.set()
+                        return
+                    self.metrics.work_failed.labels(reason="poll").inc()
+                    log_event(log, logging.ERROR, "poll_failed",
+                              f"polling failed: {_describe(e)}; retrying in {backoff:.0f}s")
+                    await anyio.sleep(backoff)
+                    backoff = min(60.0, backoff * 2)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await poller.aclose()  # type: ignore[attr-defined]
 
     async def _wait_for_headroom(self) -> None:
         admission = self.config.admission
@@ -313,8 +333,8 @@ class Worker:
             return
         if work_type != "session" or not isinstance(session_id, str) or not session_id:
             # Healthchecks and unknown kinds: nothing to run, but stop the item so its lease doesn't sit.
-            log_event(log, logging.INFO, "work_skipped", f"skipping a work item of type {str(work_type)[:40]!r}",
-                      work_id=work_id)
+            why = f"of type {str(work_type)[:40]!r}" if work_type != "session" else "without a session id"
+            log_event(log, logging.INFO, "work_skipped", f"skipping a work item {why}", work_id=work_id)
             if work_type != "healthcheck":
                 self.metrics.work_failed.labels(reason="malformed").inc()
             await self._force_stop(work_id, environment_id)

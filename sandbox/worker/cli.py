@@ -1,0 +1,146 @@
+"""`sandbox worker` and `sandbox demo` (registered lazily by sandbox/cli.py)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    click.echo(f"sandbox: {msg}", err=True)
+    sys.exit(code)
+
+
+def _default_worker_state_dir() -> Path:
+    from sandbox.runtime import default_state_dir
+
+    return default_state_dir() / "worker"
+
+
+@click.command("worker")
+@click.option("--base-url", help="Control plane base URL (default: the embedded control plane's endpoint.json).")
+@click.option("--environment-id", help="Environment to claim work from (required with --base-url).")
+@click.option("--environment-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the environment key (mode 0600). Default: $ANTHROPIC_ENVIRONMENT_KEY, or the "
+                   "embedded control plane's key file.")
+@click.option("--control-plane-state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="State directory of the embedded control plane to use (default: its standard location).")
+@click.option("--profile", default="worker", show_default=True, help="Policy profile (name or path) for sandboxes.")
+@click.option("--max-sessions", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Sessions served at once.")
+@click.option("--warm", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Pre-started sandboxes kept ready for new sessions.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Worker state (outbox, sandbox runtime). Default: <sandbox state dir>/worker.")
+@click.option("--max-idle", type=float, default=60.0, show_default=True,
+              help="Seconds a session's run continues after its turn ended before its sandbox is removed.")
+@click.option("--lease-ttl", type=click.IntRange(10, 600), default=30, show_default=True,
+              help="Lease TTL asked for on heartbeats (a crashed worker's work returns after this).")
+@click.option("--drain-timeout", type=float, default=20.0, show_default=True,
+              help="On SIGTERM, how long in-flight tool calls may take before they are interrupted.")
+@click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def worker_cmd(base_url: str | None, environment_id: str | None, environment_key_file: Path | None,
+               control_plane_state_dir: Path | None, profile: str, max_sessions: int, warm: int,
+               metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
+               drain_timeout: float, log_format: str, verbose: bool) -> None:
+    """Claim work from a control plane and run each session's tool calls in its own sandbox."""
+    from .credentials import CredentialError, check_no_org_key, load_environment_key, scrub_environment
+    from .logs import setup_logging
+
+    # First, before anything reads a credential: no organisation key on a worker host.
+    try:
+        check_no_org_key()
+    except CredentialError as e:
+        _fail(str(e))
+    setup_logging(logging.DEBUG if verbose else logging.INFO, fmt=log_format)
+    try:
+        if base_url:
+            if not environment_id:
+                _fail("--environment-id is required with --base-url")
+            key = load_environment_key(environment_key_file)
+        else:
+            base_url, environment_id, key = _embedded_endpoint(control_plane_state_dir, environment_key_file,
+                                                               environment_id)
+    except CredentialError as e:
+        _fail(str(e))
+    scrub_environment()
+
+    import anyio
+
+    from .worker import Worker, WorkerConfig, WorkerError
+
+    config = WorkerConfig(
+        base_url=base_url, environment_id=environment_id, state_dir=state_dir or _default_worker_state_dir(),
+        profile=profile, max_sessions=max_sessions, warm=warm, metrics_port=metrics_port, max_idle=max_idle,
+        lease_ttl=lease_ttl, drain_timeout=drain_timeout,
+    )
+    worker = Worker(config, key)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        logging.getLogger("sandbox.worker").info("signal received; draining")
+                        worker.request_stop()
+                        return
+
+            tg.start_soon(on_signals)
+            await worker.run()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    except WorkerError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if worker.fatal_error:
+        _fail(worker.fatal_error, code=1)
+
+
+def _embedded_endpoint(cp_state_dir: Path | None, key_file: Path | None,
+                       environment_id: str | None) -> tuple[str, str, object]:
+    """The embedded control plane's URL, environment and key file (same convention as its CLI)."""
+    import os
+
+    from sandbox.controlplane.endpoint import ENV_KEY_FILE, EndpointError, read_endpoint, resolve_state_dir
+
+    from .credentials import ENV_KEY_FILE_VAR, ENV_KEY_VAR, EnvironmentKey, load_environment_key, read_key_file
+
+    sd = resolve_state_dir(cp_state_dir)
+    try:
+        ep = read_endpoint(sd)
+    except EndpointError as e:
+        _fail(f"{e}; or pass --base-url and --environment-id")
+    env_id = environment_id or ep.environment_id
+    if key_file is not None or os.environ.get(ENV_KEY_VAR) or os.environ.get(ENV_KEY_FILE_VAR):
+        return ep.base_url, env_id, load_environment_key(key_file)
+    path = sd / ENV_KEY_FILE
+    return ep.base_url, env_id, EnvironmentKey(read_key_file(path), f"file:{path}")
+
+
+@click.command("demo")
+@click.option("--profile", default=None, help="Policy profile for the sandboxes (default: worker + egress to PyPI).")
+@click.option("--keep", is_flag=True, help="Keep the demo's state directory (logs, outbox) afterwards.")
+def demo_cmd(profile: str | None, keep: bool) -> None:
+    """Run the main job on one machine: control plane, worker, one scripted session."""
+    from rich.console import Console
+
+    from .credentials import CredentialError, check_no_org_key
+    from .demo import run_demo
+
+    try:
+        check_no_org_key()
+    except CredentialError as e:
+        _fail(str(e))
+    ok = run_demo(Console(), profile=profile, keep=keep)
+    sys.exit(0 if ok else 1)
