@@ -192,7 +192,7 @@ class Api:
             ("GET", "/local/v1/health", self.health, False, False),
         ]
         self._routes = [
-            Route(method, re.compile(f"^{path}$"), handler, authenticated=authn, beta=beta)
+            Route(method, re.compile(path), handler, authenticated=authn, beta=beta)
             for method, path, handler, authn, beta in routes
         ]
 
@@ -205,7 +205,7 @@ class Api:
         matched: tuple[Route, dict[str, str]] | None = None
         path_known = False
         for route in self._routes:
-            m = route.pattern.match(req.path)
+            m = route.pattern.fullmatch(req.path)
             if m is None:
                 continue
             path_known = True
