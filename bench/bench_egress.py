@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -259,7 +260,7 @@ def main() -> None:
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--small", type=int, default=300, help="small requests per mode per round")
     ap.add_argument("--setup", type=int, default=300, help="connection setups per mode per round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--role", choices=["server", "proxy", "forwarder"])
     ap.add_argument("--port-file", type=Path)
     ap.add_argument("--sock-dir", type=Path)
@@ -307,16 +308,23 @@ def main() -> None:
         for m in modes:  # warm-up
             fetch(m, tport, "/small", False, buf)
             fetch(m, tport, "/small", m.proxy_port is not None, buf)
+        rng = random.Random(1)
         for r in range(a.rounds):
-            for m in modes:
+            # A different order each round, and a pause before each timed phase, so that
+            # one mode's teardown (server threads, TIME_WAIT) is not billed to the next.
+            for m in rng.sample(modes, len(modes)):
                 res = results[m.name]
+                time.sleep(0.3)
                 res["http_mbs"].append(timed(lambda m=m: fetch(m, tport, "/big", False, buf)))
+                time.sleep(0.3)
                 res["tunnel_mbs"].append(timed(lambda m=m: fetch(m, tport, "/big", m.proxy_port is not None, buf)))
+                time.sleep(0.3)
                 for tunnel, key in ((False, "rps_http"), (True, "rps_tunnel")):
                     t0 = time.perf_counter()
                     for _ in range(a.small):
                         fetch(m, tport, "/small", tunnel and m.proxy_port is not None, buf)
                     res[key].append(a.small / (time.perf_counter() - t0))
+                time.sleep(0.3)
                 res["setup"] += [setup_latency(m, tport) for _ in range(a.setup)]
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 

@@ -15,13 +15,14 @@ most one pipe (or _BUF bytes) in flight, so a slow reader throttles its writer.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import socket
 import sys
 import time
 
-_BUF = 64 * 1024  # per direction per connection: the only buffer we hold
+_BUF = 256 * 1024  # per direction per connection: the most we hold in flight
 _MAX_CONNS = 64  # the proxy enforces the real per-session limit; this just bounds fds
 _SPLICE = hasattr(os, "splice")
 _FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if _SPLICE else 0
@@ -42,17 +43,27 @@ class _Pump:
         self.pending = 0  # bytes waiting in the pipe (splice mode)
         self.buf = b""  # bytes waiting (copy mode)
         self.pipe: tuple[int, int] | None = None
+        self.cap = _BUF  # most bytes in flight (the pipe's real capacity in splice mode)
+        # A pipe counts slots, not bytes: small socket fragments can fill it below cap. Then
+        # splice says EAGAIN while the socket stays readable, so stop reading until a write
+        # drains something, or the loop would spin.
+        self.full = False
         if _SPLICE:
             try:
                 self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # out of fds: this connection copies instead
                 self.pipe = None
+            else:
+                try:  # room for _BUF in the pipe (default 64 KiB): fewer wake-ups per MiB
+                    self.cap = min(_BUF, fcntl.fcntl(self.pipe[1], getattr(fcntl, "F_SETPIPE_SZ", 1031), _BUF))
+                except OSError:
+                    self.cap = 65536  # never ask the pipe for more than it holds: EAGAIN would spin
 
     def queued(self) -> int:
         return self.pending if self.pipe else len(self.buf)
 
     def wants_read(self) -> bool:
-        return not self.eof and self.queued() < _BUF
+        return not self.eof and not self.full and self.queued() < self.cap
 
     def wants_write(self) -> bool:
         return self.queued() > 0
@@ -60,13 +71,14 @@ class _Pump:
     def read(self) -> None:
         if self.pipe:
             try:
-                n = os.splice(self.src.fileno(), self.pipe[1], _BUF - self.pending, flags=_FLAGS)
+                n = os.splice(self.src.fileno(), self.pipe[1], self.cap - self.pending, flags=_FLAGS)
             except BlockingIOError:
+                self.full = self.pending > 0  # with an empty pipe it was the socket
                 return
             self.pending += n
         else:
             try:
-                data = self.src.recv(_BUF - len(self.buf))
+                data = self.src.recv(self.cap - len(self.buf))
             except BlockingIOError:
                 return
             n = len(data)
@@ -79,6 +91,7 @@ class _Pump:
         try:
             if self.pipe and self.pending:
                 self.pending -= os.splice(self.pipe[0], self.dst.fileno(), self.pending, flags=_FLAGS)
+                self.full = False
             elif self.buf:
                 self.buf = self.buf[self.dst.send(self.buf) :]
         except BlockingIOError:

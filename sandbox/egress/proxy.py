@@ -539,15 +539,19 @@ class EgressProxy:
         taken = 0  # bytes accepted from src (and charged)
         pending = 0  # of those, still in the pipe
         eof = spent = False
+        # A pipe counts slots, not bytes: small fragments can fill it below cap. Then splice-in
+        # says EAGAIN while src stays readable; waiting on src would spin, so wait on dst.
+        full = False
         try:
             while True:
                 progressed = False
                 room = cap - pending if limit is None else min(cap - pending, limit - taken)
-                if not eof and not spent and room > 0:
+                if not eof and not spent and not full and room > 0:
                     try:
                         n = os.splice(s, wfd, min(room, _CHUNK), flags=flags)
                     except BlockingIOError:
                         n = -1
+                        full = pending > 0  # with an empty pipe it was src that had nothing
                     if n == 0:
                         eof = True
                     elif n > 0:
@@ -560,6 +564,7 @@ class EgressProxy:
                     try:
                         pending -= os.splice(rfd, d, pending, flags=flags)
                         progressed = True
+                        full = False
                     except BlockingIOError:
                         pass
                 if pending == 0:
@@ -572,7 +577,7 @@ class EgressProxy:
                     if limit is not None and taken >= limit:
                         return
                 if not progressed:
-                    can_read = not eof and not spent and (cap - pending) > 0
+                    can_read = not eof and not spent and not full and (cap - pending) > 0
                     await _wait_any(s if can_read else None, d if pending else None)
         finally:
             os.close(rfd)

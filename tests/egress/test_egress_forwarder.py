@@ -109,3 +109,29 @@ def test_forwarder_queues_connections_over_its_cap_instead_of_resetting(harness:
         data += chunk
     waiting.close()
     held[1].close()
+
+
+def test_stalled_reader_does_not_make_proxy_or_forwarder_spin(harness: Harness, targets: dict[str, Target]) -> None:
+    """A sandbox that opens a big download and stops reading must cost (almost) no CPU:
+    back-pressure has to reach the target, not turn into a busy loop in between."""
+    import time
+
+    t = targets["allowed"]
+    t.body_size = 32 * 1024 * 1024
+    sock = harness.add_session("s1", {"rules": [{"host": "allowed.test", "ports": [t.port]}], "allow_cidrs": [f"{t.addr}/32"]})
+    port = _start_forwarder(sock)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(f"CONNECT allowed.test:{t.port} HTTP/1.1\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        time.sleep(0.5)  # buffers fill up
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(1.0)
+        busy = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        assert busy < 0.3, f"{busy:.0%} of a CPU while nothing can move"
+        got = 0
+        while got < t.body_size:  # and the transfer still completes once we read
+            chunk = s.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
