@@ -127,6 +127,7 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # pure; ~16 network membership tests per uncached call
 def classify(addr: IPAddress) -> str | None:
     """``None`` for a globally routable unicast address; else the category that refuses it
     (``loopback``, ``private``, ``cgnat``, ``link-local``, ``metadata``, ``multicast``,

@@ -64,9 +64,26 @@ def _prctl(option: int, arg: int = 0) -> None:
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
 
 
+def _preload_lazy_modules() -> None:
+    """Load now what Python would import lazily later: after the drop the interpreter's
+    own files may be unreadable (a Python installed under /root, mode 0700), and a
+    name lookup would then fail with ModuleNotFoundError (the IDNA codec)."""
+    import concurrent.futures.thread  # noqa: F401 - loop.getaddrinfo runs in the default executor
+    import encodings.ascii  # noqa: F401
+    import encodings.idna  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+    import encodings.punycode  # noqa: F401
+    import encodings.utf_8  # noqa: F401
+
+    "warm.example".encode("idna")
+    with contextlib.suppress(OSError):
+        socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """Become uid/gid for good: no supplementary groups, no capabilities (effective,
     permitted, ambient or bounding), no_new_privs. A no-op on identity when not root."""
+    _preload_lazy_modules()
     if os.geteuid() == 0:
         last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
         for cap in range(last_cap + 1):

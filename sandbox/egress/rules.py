@@ -65,6 +65,10 @@ class EgressRule(BaseModel):
 
     def label(self) -> str:
         """Short stable name used in denials and audit records, e.g. ``pypi.org:443``."""
+        return self._label
+
+    @cached_property
+    def _label(self) -> str:
         return f"{self.host}:{','.join(str(p) for p in self.ports)}"
 
 
