@@ -15,8 +15,10 @@ Plain HTTP is one request per client connection: the proxy forwards exactly the
 framed body and nothing after it, so a pipelined second request can never ride
 an already-approved upstream connection.
 
-Relaying uses splice(2) through a pipe where available: bytes go socket to
-socket inside the kernel, which keeps a Python proxy near line rate.
+Relaying starts as a plain copy (fewest syscalls for short exchanges) and switches
+to splice(2) through a pipe once a transfer is bulk: bytes then go socket to socket
+inside the kernel, and the proxy runs about as fast as a bare relay hop can.
+The byte budget counts both directions (bytes to and from upstream).
 """
 
 from __future__ import annotations
