@@ -54,7 +54,7 @@ def explain_rows(p: Policy) -> list[tuple[str, str, str]]:
         for r in eg.rules:
             rows.append(("network", "allow", f"{r.host} ports {', '.join(map(str, r.ports))}"))
         for c in eg.allow_cidrs:
-            rows.append(("network", "allow range", str(c)))
+            rows.append(("network", "allow range", f"{c}: private addresses admitted; IP literals in it on any port"))
         if eg.byte_budget:
             rows.append(("network", "byte budget", f"{eg.byte_budget} bytes per session"))
     env = ", ".join(sorted(p.env)) or "(none beyond HOME, PATH, LANG, TMPDIR)"
