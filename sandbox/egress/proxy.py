@@ -57,10 +57,21 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
-    """getaddrinfo on the absolute name: the trailing dot stops resolv.conf search
-    domains from turning an allowed short name into some internal host."""
+    """getaddrinfo, absolute name first: with the trailing dot, resolv.conf search domains
+    (ndots:5 under Kubernetes) cannot turn 'pypi.org' into some cluster-internal host.
+    Only if that finds nothing is the name tried as given, because the files backend
+    does not match 'host.' against /etc/hosts; a single label ('localhost') is only ever
+    a hosts-file or search-domain name, so it is looked up as given straight away.
+    Either way every address returned is then checked by the ACL."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host + ".", port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    kw = {"type": socket.SOCK_STREAM, "proto": socket.IPPROTO_TCP}
+    if "." in host:
+        try:
+            infos = await loop.getaddrinfo(host + ".", port, **kw)
+        except socket.gaierror:
+            infos = await loop.getaddrinfo(host, port, **kw)
+    else:
+        infos = await loop.getaddrinfo(host, port, **kw)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 

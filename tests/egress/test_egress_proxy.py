@@ -4,6 +4,7 @@ requests must leave the target server without a single connection."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -472,3 +473,29 @@ def test_every_decision_is_audited_without_credentials(harness: Harness, targets
     text = Path(harness.audit_path).read_text()
     for secret in ("hunter2", "s3cr3t", "QWxhZGRpbjpvcGVu", "c00kie", "token", "user:"):
         assert secret not in text
+
+
+def test_system_resolver_asks_for_the_absolute_name_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search domains must not rewrite 'a.example'; hosts-file names still resolve.
+    (getaddrinfo is faked: this test must not send a DNS query anywhere.)"""
+    import asyncio
+
+    from sandbox.egress.proxy import system_resolver
+
+    hosts = {"localhost": "127.0.0.1", "pinned.example": "127.0.0.9"}
+    dns = {"a.example.": "127.0.0.8"}
+    asked: list[str] = []
+
+    async def fake_getaddrinfo(self, host, port, **kw):
+        asked.append(host)
+        addr = dns.get(host) or hosts.get(host)
+        if addr is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port))]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    assert asyncio.run(system_resolver("a.example", 443)) == ["127.0.0.8"] and asked == ["a.example."]
+    asked.clear()
+    assert asyncio.run(system_resolver("pinned.example", 443)) == ["127.0.0.9"] and asked == ["pinned.example.", "pinned.example"]
+    asked.clear()
+    assert asyncio.run(system_resolver("localhost", 80)) == ["127.0.0.1"] and asked == ["localhost"]
