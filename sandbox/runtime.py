@@ -194,6 +194,16 @@ class Sandbox:
         self.created = time.monotonic()
         self._destroyed = False
         self._lock = threading.Lock()
+        # A sandbox never outlives its policy's session limit, whoever forgets to destroy it.
+        self._deadline = threading.Timer(policy.timeouts.session_s, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+        self.expired = False
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.runtime.log_event("session time limit reached; sandbox destroyed", self)
+        self.destroy()
 
     @property
     def alive(self) -> bool:
@@ -338,6 +348,7 @@ class Sandbox:
             if self._destroyed:
                 return
             self._destroyed = True
+        self._deadline.cancel()
         self.runtime._teardown(self)
 
 

@@ -285,3 +285,13 @@ def test_init_reaps_zombies(make_sandbox) -> None:
                               "ps -eo stat,args | grep -c '^Z' || true"])
     assert res.stdout.decode().startswith("/sbin/docker-init") or b"init" in res.stdout.split(b"\n")[0]
     assert res.stdout.strip().endswith(b"0"), res.stdout
+
+
+def test_sandbox_is_destroyed_at_the_session_time_limit(make_sandbox) -> None:
+    import time
+
+    sb = make_sandbox({"name": "short", "timeouts": {"session_s": 2}})
+    res = sb.exec(["sleep", "30"], timeout=30)
+    assert res.exit_code == 240 and res.duration < 15, res
+    time.sleep(0.5)
+    assert sb.expired and not sb.alive
