@@ -7,6 +7,9 @@ One local target server (its own process), and in one run, interleaved rounds of
   sandbox proxy           client -> our proxy (TCP listener, same code as the daemon) -> server
   sandbox proxy+forwarder client -> in-sandbox forwarder (TCP) -> per-session Unix socket -> proxy
   tinyproxy               client -> Debian's tinyproxy with an equivalent Filter allowlist
+  bare splice relay       client -> a byte relay with no parsing and no policy -> server: what
+                          one extra TCP hop costs on this machine, the bound for any proxy's
+                          throughput (its req/s is not tuned: a thread per direction)
 
 for a large download (plain HTTP and inside a CONNECT tunnel), sequential small requests
 (one connection each), and connection-setup latency (CONNECT until "200 established",
@@ -94,6 +97,39 @@ def role_proxy(port_file: Path, sock_dir: Path, target_port: int, audit: Path) -
     asyncio.run(main())
 
 
+def role_relay(port_file: Path, target_port: int) -> None:
+    """The floor of any proxy: a bare byte relay (blocking splice, a thread per direction,
+    no parsing, no policy) adding one TCP hop. It shows what one hop costs on this machine."""
+    import fcntl
+
+    lsock = socket.socket()
+    lsock.bind((ADDR, 0))
+    lsock.listen(512)
+    port_file.write_text(str(lsock.getsockname()[1]))
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 1 << 20)
+        try:
+            while n := os.splice(a.fileno(), w, 1 << 20):
+                while n:
+                    n -= os.splice(r, b.fileno(), n)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            os.close(r)
+            os.close(w)
+
+    while True:
+        c, _ = lsock.accept()
+        u = socket.create_connection((ADDR, target_port))
+        for x in (c, u):
+            x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=pump, args=(c, u), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c), daemon=True).start()
+
+
 def role_forwarder(port: int, sock: str) -> None:
     from sandbox.agent import forwarder
 
@@ -106,8 +142,8 @@ def role_forwarder(port: int, sock: str) -> None:
 class Path_:
     """How the client reaches the server in one mode."""
 
-    def __init__(self, name: str, proxy_port: int | None, host: str) -> None:
-        self.name, self.proxy_port, self.host = name, proxy_port, host
+    def __init__(self, name: str, proxy_port: int | None, host: str, relay_port: int | None = None) -> None:
+        self.name, self.proxy_port, self.host, self.relay_port = name, proxy_port, host, relay_port
 
 
 def _connect(port: int) -> socket.socket:
@@ -144,7 +180,7 @@ def _body(s: socket.socket, head: bytes, rest: bytes, buf: bytearray) -> int:
 def fetch(p: Path_, target_port: int, path: str, tunnel: bool, buf: bytearray) -> int:
     """One GET on a fresh connection; returns body bytes."""
     if p.proxy_port is None:
-        s = _connect(target_port)
+        s = _connect(p.relay_port or target_port)
         req = f"GET {path} HTTP/1.1\r\nHost: {ADDR}:{target_port}\r\nConnection: close\r\n\r\n"
     elif tunnel:
         s = _connect(p.proxy_port)
@@ -261,7 +297,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=300, help="small requests per mode per round")
     ap.add_argument("--setup", type=int, default=300, help="connection setups per mode per round")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--role", choices=["server", "proxy", "forwarder"])
+    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay"])
     ap.add_argument("--port-file", type=Path)
     ap.add_argument("--sock-dir", type=Path)
     ap.add_argument("--target-port", type=int)
@@ -276,6 +312,8 @@ def main() -> None:
         return role_proxy(a.port_file, a.sock_dir, a.target_port, a.audit)
     if a.role == "forwarder":
         return role_forwarder(a.port, a.sock)
+    if a.role == "relay":
+        return role_relay(a.port_file, a.target_port)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-egress-", dir="/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -287,11 +325,18 @@ def main() -> None:
         fport = _free_port()
         procs.append(_spawn(["--role", "forwarder", "--port", str(fport), "--sock", str(tmp / "sess" / "proxy.sock")]))
         _wait_port(fport)
+        procs.append(_spawn(["--role", "relay", "--port-file", str(tmp / "relay.port"), "--target-port", str(tport)]))
+        rport = _wait_file(tmp / "relay.port")
         tiny, tiny_port = start_tinyproxy(tmp, tport)
         if tiny:
             procs.append(tiny)
 
-        modes = [Path_("direct", None, ADDR), Path_("sandbox proxy", pport, NAME), Path_("sandbox proxy+forwarder", fport, NAME)]
+        modes = [
+            Path_("direct", None, ADDR),
+            Path_("bare splice relay (1 hop)", None, ADDR, relay_port=rport),
+            Path_("sandbox proxy", pport, NAME),
+            Path_("sandbox proxy+forwarder", fport, NAME),
+        ]
         if tiny:
             modes.append(Path_("tinyproxy", tiny_port, ADDR))
         else:
@@ -325,6 +370,8 @@ def main() -> None:
                         fetch(m, tport, "/small", tunnel and m.proxy_port is not None, buf)
                     res[key].append(a.small / (time.perf_counter() - t0))
                 time.sleep(0.3)
+                if m.relay_port is not None:
+                    continue  # a bare relay has no CONNECT step to time
                 res["setup"] += [setup_latency(m, tport) for _ in range(a.setup)]
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
@@ -344,17 +391,18 @@ def report(results: dict[str, dict[str, list[float]]], a: argparse.Namespace) ->
     direct = results["direct"]
     d = {k: _median(v) for k, v in direct.items()}
     print(f"\negress proxy benchmark: {a.big_mib} MiB download, {a.small} small requests x {a.rounds} rounds, {a.setup} setups x {a.rounds}; medians; ratio = vs direct")
-    print(f"{'path':26} {'HTTP MiB/s':>11} {'ratio':>6} {'tunnel MiB/s':>13} {'ratio':>6} {'HTTP req/s':>11} {'ratio':>6} {'tunnel req/s':>13} {'ratio':>6} {'setup +ms med':>14} {'+ms p99':>8}")
+    print(f"{'path':28} {'HTTP MiB/s':>11} {'ratio':>6} {'tunnel MiB/s':>13} {'ratio':>6} {'HTTP req/s':>11} {'ratio':>6} {'tunnel req/s':>13} {'ratio':>6} {'setup +ms med':>14} {'+ms p99':>8}")
     direct_setup = _median(direct["setup"])
     for name, res in results.items():
         m = {k: _median(v) for k, v in res.items()}
         added = [x - direct_setup for x in res["setup"]]
+        setup = f"{_median(added) * 1000:14.3f} {_p99(added) * 1000:8.3f}" if added else f"{'-':>14} {'-':>8}"
         print(
-            f"{name:26} {m['http_mbs']:11.0f} {m['http_mbs'] / d['http_mbs']:6.2f} {m['tunnel_mbs']:13.0f} {m['tunnel_mbs'] / d['tunnel_mbs']:6.2f} "
+            f"{name:28} {m['http_mbs']:11.0f} {m['http_mbs'] / d['http_mbs']:6.2f} {m['tunnel_mbs']:13.0f} {m['tunnel_mbs'] / d['tunnel_mbs']:6.2f} "
             f"{m['rps_http']:11.0f} {m['rps_http'] / d['rps_http']:6.2f} {m['rps_tunnel']:13.0f} {m['rps_tunnel'] / d['rps_tunnel']:6.2f} "
-            f"{_median(added) * 1000:14.3f} {_p99(added) * 1000:8.3f}"
+            f"{setup}"
         )
-    print("(direct 'tunnel' = plain HTTP; setup = CONNECT until 200, minus a direct TCP connect)")
+    print("(rows without a proxy do plain HTTP in both columns; setup = CONNECT until 200, minus a direct TCP connect)")
 
 
 if __name__ == "__main__":
