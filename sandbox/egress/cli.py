@@ -106,10 +106,14 @@ def egress_group() -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def log_cmd(session: str | None, as_json: bool, limit: int, state_dir: Path | None) -> None:
     """Recent egress decisions (oldest first)."""
-    records = read_records((state_dir or default_state_dir()) / "audit.jsonl", session=session, limit=limit)
+    path = (state_dir or default_state_dir()) / "audit.jsonl"
+    records = read_records(path, session=session, limit=limit)
     if as_json:
         for r in records:
             click.echo(json.dumps(r, separators=(",", ":")))
+        return
+    if not records:
+        click.echo(f"no egress decisions recorded{' for ' + session if session else ''} ({path})")
         return
     _table(records)
 
