@@ -58,6 +58,8 @@ class SandboxError(RuntimeError):
 class EgressProvider(Protocol):
     def register(self, session_id: str, policy: EgressPolicy) -> Path: ...
     def unregister(self, session_id: str) -> None: ...
+    def status(self) -> dict[str, Any] | None: ...
+    def prune(self, keep: Any) -> list[str]: ...
 
 
 @dataclass
@@ -501,4 +503,16 @@ class Runtime:
                 if ws:
                     remove_disk_workspace(self.state_dir / "workspaces", ws)
                 removed.append(c["Id"][:12])
+        self._prune_egress()
         return removed
+
+    def _prune_egress(self) -> None:
+        """Drop proxy sessions whose sandbox is gone (never starts the proxy daemon)."""
+        try:
+            if self.egress.status() is None:
+                return
+            live = {(c.get("Labels") or {}).get(specmod.LABEL_SESSION) for c in self.list_managed()
+                    if c.get("State") == "running"}
+            self.egress.prune(keep={s for s in live if s})
+        except Exception as e:  # noqa: BLE001 - gc must finish whatever the proxy says
+            log.warning("could not prune egress sessions: %s", e)

@@ -140,3 +140,16 @@ def test_every_decision_is_in_the_audit_log(make_sandbox, targets, runtime) -> N
     decisions = [(r.get("port"), r.get("decision")) for r in recs]
     assert (a.port, "allow") in decisions and (b.port, "deny") in decisions, recs
     assert "SECRETQUERY" not in repr(recs)
+
+
+def test_gc_prunes_proxy_sessions_of_vanished_sandboxes(runtime, targets) -> None:
+    from sandbox.policy import policy_from_dict
+
+    a, _ = targets
+    sid = f"eg_gc_{uuid.uuid4().hex[:6]}"
+    sb = runtime.create(policy_from_dict(egress_policy(a.port)), session_id=sid)
+    assert sid in runtime.egress.sessions()
+    runtime.engine.kill(sb.id)  # the sandbox vanishes behind the runtime's back
+    runtime.gc()
+    assert sid not in runtime.egress.sessions()
+    sb.destroy()
