@@ -1,0 +1,290 @@
+"""Run an audit: a fresh sandbox of a policy, or any container already on the host.
+
+Inside rows come from the probe (python3, or the sh subset), outside rows from
+`docker inspect` and the host's cgroup files, engine rows from `docker info`.
+The probe's output is untrusted (it comes from inside the container); it is
+parsed with a size cap and judged by :mod:`sandbox.audit.checks`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sandbox.audit import checks as chk
+from sandbox.audit.catalog import INSIDE_IDS, skipped
+from sandbox.audit.model import AuditReport, CheckResult
+from sandbox.audit.outside import evaluate_engine, evaluate_outside
+from sandbox.audit.shell_probe import SH_PROBE, SH_UNAVAILABLE
+from sandbox.audit.shell_probe import parse as parse_sh
+from sandbox.audit.syscalls import numbers, sample_table
+
+PROBE_SOURCE: str = Path(__file__).with_name("probe_script.py").read_text()
+MARKER = "SANDBOX-AUDIT-PROBE-JSON:"
+MAX_PROBE_OUTPUT = 4 << 20
+PROBE_TIMEOUT_S = 180.0
+ALL_PROBES = ("identity", "caps", "nnp", "seccomp", "syscalls", "rootfs", "walk", "devices", "kernel_files", "sockets",
+              "fds", "exe", "release_agent", "keyring", "ptrace", "userns", "pidns", "limits", "network", "env")
+
+
+class AuditError(RuntimeError):
+    """The audit itself could not run (engine unreachable, sandbox refused, container missing)."""
+
+
+def probe_config(probes: tuple[str, ...] | list[str], scratch: list[str] | None = None,
+                 fork_cap: int = 512) -> dict[str, Any]:
+    return {"probes": list(probes), "syscalls": sample_table(), "nr": numbers(), "scratch": scratch or ["/tmp"],
+            "fork_cap": fork_cap}
+
+
+def probe_argv(config: dict[str, Any], python: str = "python3", isolated: bool = True) -> list[str]:
+    # -c rather than a script on stdin: the same argv works through the sandbox agent and docker exec.
+    flags = ["-I", "-S"] if isolated else []
+    return [python, *flags, "-c", PROBE_SOURCE, json.dumps(config, separators=(",", ":"))]
+
+
+def parse_probe_output(out: bytes | str | None) -> dict[str, Any] | None:
+    if not out:
+        return None
+    text = out.decode("utf-8", "replace") if isinstance(out, bytes) else out
+    i = text.rfind(MARKER)
+    if i < 0:
+        return None
+    line = text[i + len(MARKER):].split("\n", 1)[0]
+    if len(line) > MAX_PROBE_OUTPUT:
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _engine(client: Any) -> tuple[dict[str, Any], list[CheckResult]]:
+    info = client.info()
+    try:
+        bridge = client.networks.get("bridge").attrs.get("Options") or {}
+    except Exception:  # noqa: BLE001 - no default bridge is fine
+        bridge = None
+    return info, evaluate_engine(info, bridge)
+
+
+def _image_digests(client: Any, image_id: str) -> list[str]:
+    try:
+        return list(client.api.inspect_image(image_id).get("RepoDigests") or [])
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _header(attrs: dict[str, Any], info: dict[str, Any], client: Any, probe: dict[str, Any] | None) -> dict[str, Any]:
+    hc, cfg = attrs.get("HostConfig") or {}, attrs.get("Config") or {}
+    runtime = hc.get("Runtime") or info.get("DefaultRuntime")
+    kernel = str(info.get("KernelVersion"))
+    seen = str(((probe or {}).get("_meta") or {}).get("uname") or "")
+    if seen and seen != kernel:
+        kernel += f" (the container sees {seen[:40]}{': gVisor' if runtime == 'runsc' else ''})"
+    image_id = str(attrs.get("Image") or "")
+    return {"container": str(attrs.get("Id", ""))[:12], "image": cfg.get("Image"), "image_id": image_id,
+            "image_digests": _image_digests(client, image_id), "runtime": runtime, "kernel": kernel,
+            "engine": info.get("ServerVersion"), "host": socket.gethostname()}
+
+
+# ---------------------------------------------------------------- a shipped policy
+
+def _spec_body(policy: Any, session_id: str) -> dict[str, Any]:
+    from sandbox import spec as specmod
+
+    binds = specmod.Binds(workspace_dir="/audit-placeholder" if policy.workspace.backing == "disk" else None,
+                          egress_dir="/audit-placeholder" if policy.egress.enabled else None)
+    return specmod.compile_spec(policy, session_id, binds).body
+
+
+def run_in_sandbox(sb: Any, probes: tuple[str, ...] | list[str], timeout: float = PROBE_TIMEOUT_S
+                   ) -> tuple[dict[str, Any] | None, Any]:
+    scratch = [sb.policy.workspace.path] + [t.path for t in sb.policy.tmpfs]
+    res = sb.exec(probe_argv(probe_config(probes, scratch)), timeout=timeout, max_output=MAX_PROBE_OUTPUT)
+    return parse_probe_output(res.stdout), res
+
+
+def _fork_in_sandbox(sb: Any) -> dict[str, Any]:
+    """The bounded fork test, alone and last: under gVisor reaching a limit can end the sandbox.
+    The host's cgroup counters (not the sandbox's word) then say which limit stopped it."""
+    before = sb.counters.snapshot()
+    peak = dict(before)
+    done = threading.Event()
+
+    def watch() -> None:  # the cgroup disappears with the container: sample while it lives
+        while not done.wait(0.05):
+            for k, v in sb.counters.snapshot().items():
+                if v is not None:
+                    peak[k] = v if peak.get(k) is None else max(peak[k] or 0, v)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        data, res = run_in_sandbox(sb, ["fork"], timeout=60)
+    finally:
+        done.set()
+        t.join(timeout=2)
+    if data and isinstance(data.get("fork"), dict):
+        return data["fork"]
+    hit = [name for key, name in (("pids_max", "pids"), ("oom_kill", "memory"))
+           if before.get(key) is not None and (peak.get(key) or 0) > (before.get(key) or 0)]
+    lim = f"pids.max {sb.policy.limits.pids}, RLIMIT_NPROC {sb.policy.rlimits.nproc}"
+    why = (res.error or f"exit {res.exit_code}")[:80]
+    if hit:
+        return {"host_status": "warn", "host_verdict":
+                f"contained, not gracefully: the host {' and '.join(hit)} cgroup limit stopped the forks ({lim}) "
+                f"and the sandbox ended ({why}); under gVisor each sandbox process costs several host tasks, "
+                "so the host backstop is reached before RLIMIT_NPROC refuses a fork"}
+    return {"host_status": "fail", "host_verdict": f"the fork test gave no answer and no host limit was seen hit ({lim}): {why}"}
+
+
+def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
+                 session_id: str | None = None) -> AuditReport:
+    """Start a fresh sandbox of ``policy``, probe it inside and out, tear it down."""
+    from sandbox.runtime import Runtime, SandboxError
+
+    rt = runtime or Runtime(owner_kind="audit")
+    session_id = session_id or f"audit_{uuid.uuid4().hex[:10]}"
+    report = AuditReport(target=f"profile {policy.name}")
+    try:
+        sb = rt.create(policy, session_id=session_id)
+    except SandboxError as e:
+        raise AuditError(f"could not start a sandbox of {policy.name}: {e}") from None
+    try:
+        attrs = rt.client.api.inspect_container(sb.id)
+        info, engine_rows = _engine(rt.client)
+        # While the sandbox lives: the host-side cgroup files go with it.
+        outside = evaluate_outside(attrs, info, policy=policy, spec_body=_spec_body(policy, session_id))
+        probe, res = run_in_sandbox(sb, ALL_PROBES)
+        if probe is None:
+            report.notes.append(f"probe gave no result (exit {res.exit_code}, {res.error or 'no marker'}): "
+                                "every inside check fails")
+            probe = {}
+        if fork_test and sb.alive:
+            probe["fork"] = _fork_in_sandbox(sb)
+    finally:
+        sb.destroy()
+    exp = chk.Expectations.from_policy(policy)
+    inside = chk.evaluate_inside(probe, exp, missing_reason="the probe did not report it")
+    if not fork_test:
+        inside = [skipped(r.id, "fork test disabled") if r.id == "inside.fork_bounded" else r for r in inside]
+    report.header = _header(attrs, info, rt.client, probe)
+    report.header.update({"policy": policy.name, "policy_hash": policy.digest()})
+    report.checks = _no_silent_pass(inside, probe) + outside + engine_rows
+    return report
+
+
+def _no_silent_pass(rows: list[CheckResult], probe: dict[str, Any]) -> list[CheckResult]:
+    """With no probe output at all, inside rows fail rather than skip: the audit asked and got nothing."""
+    if probe:
+        return rows
+    from sandbox.audit.catalog import result
+
+    return [result(r.id, "fail", "no probe output") if r.status == "skip" else r for r in rows]
+
+
+# ---------------------------------------------------------------- any container
+
+def _exec(client: Any, cid: str, argv: list[str]) -> tuple[int | None, bytes, bytes]:
+    res = client.api.exec_create(cid, argv, stdout=True, stderr=True)
+    out = client.api.exec_start(res["Id"], demux=True)
+    code = client.api.exec_inspect(res["Id"]).get("ExitCode")
+    so, se = out if isinstance(out, tuple) else (out, b"")
+    return code, so or b"", se or b""
+
+
+def _policy_from_labels(labels: dict[str, str]) -> Any:
+    """A sandbox this project made: use its policy's exact expectations if the label's hash matches."""
+    from sandbox import spec as specmod
+    from sandbox.policy import PolicyError, load_policy
+
+    name, digest = labels.get(specmod.LABEL_POLICY), labels.get(specmod.LABEL_DIGEST)
+    if not name or not digest:
+        return None
+    try:
+        pol = load_policy(name)
+    except (PolicyError, OSError):
+        return None
+    return pol if pol.digest() == digest else None
+
+
+def audit_container(client: Any, container_id: str, *, probe: bool = False, force_shell: bool = False,
+                    fork_test: bool = True) -> AuditReport:
+    """Audit a container that already runs. Inside probes only with ``probe=True``: they execute code in it."""
+    import docker.errors
+
+    try:
+        attrs = client.api.inspect_container(container_id)
+    except docker.errors.NotFound:
+        raise AuditError(f"no such container: {container_id}") from None
+    info, engine_rows = _engine(client)
+    hc, cfg = attrs.get("HostConfig") or {}, attrs.get("Config") or {}
+    labels = cfg.get("Labels") or {}
+    policy = _policy_from_labels(labels)
+    runtime = str(hc.get("Runtime") or info.get("DefaultRuntime") or "runc")
+    exp = chk.Expectations.from_policy(policy) if policy is not None else chk.Expectations(runtime=runtime)
+    report = AuditReport(target=f"container {attrs.get('Name', '').lstrip('/') or container_id[:12]}")
+    running = bool((attrs.get("State") or {}).get("Running"))
+    data: dict[str, Any] | None = None
+    unavailable: dict[str, str] = {}
+    how = "none"
+    if not probe:
+        reason = "inside probes not requested (--probe runs code in the container)"
+        inside = [skipped(i, reason) for i in INSIDE_IDS]
+    elif not running:
+        inside = [skipped(i, "the container is not running") for i in INSIDE_IDS]
+    else:
+        data, how, unavailable = _probe_container(client, container_id, runtime, force_shell, fork_test)
+        if data is None:
+            inside = [skipped(i, how) for i in INSIDE_IDS]
+            how = "none"
+        else:
+            inside = chk.evaluate_inside(data, exp, unavailable=unavailable)
+    outside = evaluate_outside(attrs, info, policy=policy,
+                               spec_body=_spec_body(policy, labels.get("org.sandbox.session", "x")) if policy else None)
+    report.header = _header(attrs, info, client, data)
+    report.header["probe"] = how
+    if policy is not None:
+        report.header.update({"policy": policy.name, "policy_hash": policy.digest()})
+    elif labels.get("org.sandbox.policy-digest"):
+        report.header.update({"policy": labels.get("org.sandbox.policy"),
+                              "policy_hash": labels["org.sandbox.policy-digest"] + " (label only; not loadable here)"})
+    if unavailable:
+        report.notes.append(f"{len(unavailable)} inside checks could not run: {how}")
+    report.checks = inside + outside + engine_rows
+    return report
+
+
+def _probe_container(client: Any, cid: str, runtime: str, force_shell: bool, fork_test: bool
+                     ) -> tuple[dict[str, Any] | None, str, dict[str, str]]:
+    unavailable: dict[str, str] = {}
+    if not force_shell:
+        code, out, _ = _exec(client, cid, ["python3", "-c", "import sys; print(sys.version_info >= (3, 6))"])
+        if code == 0 and out.strip() == b"True":
+            probes = list(ALL_PROBES)
+            if fork_test and runtime != "runsc":
+                probes.append("fork")
+            elif runtime == "runsc":
+                unavailable["inside.fork_bounded"] = "not run under gVisor: reaching the limit can end the sandbox"
+            else:
+                unavailable["inside.fork_bounded"] = "fork test disabled"
+            # Not isolated (-I): a foreign image's python may be older than 3.4.
+            _, out, err = _exec(client, cid, probe_argv(probe_config(probes), isolated=False))
+            data = parse_probe_output(out)
+            if data is not None:
+                return data, "python3", unavailable
+            return None, f"the python3 probe gave no result: {err.decode('utf-8', 'replace')[-200:]}", unavailable
+    code, out, err = _exec(client, cid, ["sh", "-c", SH_PROBE])
+    if code is None or b"done|ok|ok" not in out:
+        return None, "neither python3 nor a usable sh in the container", unavailable
+    data = parse_sh(out.decode("utf-8", "replace"))
+    unavailable.update(SH_UNAVAILABLE)
+    if "walk" not in data:
+        unavailable["inside.setid_files"] = "no find(1) in the container"
+    return data, "sh subset (no python3 in the container)" if not force_shell else "sh subset (forced)", unavailable
