@@ -56,22 +56,37 @@ _USE_SPLICE = hasattr(os, "splice")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
+HOSTS_FILE = "/etc/hosts"
+
+
+def hosts_file_addrs(host: str, path: str = HOSTS_FILE) -> list[str]:
+    """Addresses /etc/hosts gives for exactly this name (case-insensitive), in file order."""
+    out: list[str] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2 and host.lower() in (n.lower().rstrip(".") for n in fields[1:]):
+                    out.append(fields[0])
+    except OSError:
+        return []
+    return list(dict.fromkeys(out))
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
-    """getaddrinfo, absolute name first: with the trailing dot, resolv.conf search domains
-    (ndots:5 under Kubernetes) cannot turn 'pypi.org' into some cluster-internal host.
-    Only if that finds nothing is the name tried as given, because the files backend
-    does not match 'host.' against /etc/hosts; a single label ('localhost') is only ever
-    a hosts-file or search-domain name, so it is looked up as given straight away.
-    Either way every address returned is then checked by the ACL."""
+    """The hosts file for exactly this name, else DNS for the ABSOLUTE name only.
+
+    Never the name as given: resolv.conf search domains (ndots:5 under Kubernetes)
+    would turn 'pypi.org' into some cluster-internal host whenever the real name
+    failed. The files backend does not match 'host.' against /etc/hosts, so that
+    file is read here directly. Either way every address is then checked by the ACL."""
+    addrs = hosts_file_addrs(host)
+    if addrs:
+        return addrs
+    if "." not in host:
+        raise socket.gaierror(socket.EAI_NONAME, "single-label names resolve only through the hosts file")
     loop = asyncio.get_running_loop()
-    kw = {"type": socket.SOCK_STREAM, "proto": socket.IPPROTO_TCP}
-    if "." in host:
-        try:
-            infos = await loop.getaddrinfo(host + ".", port, **kw)
-        except socket.gaierror:
-            infos = await loop.getaddrinfo(host, port, **kw)
-    else:
-        infos = await loop.getaddrinfo(host, port, **kw)
+    infos = await loop.getaddrinfo(host + ".", port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 

@@ -475,27 +475,36 @@ def test_every_decision_is_audited_without_credentials(harness: Harness, targets
         assert secret not in text
 
 
-def test_system_resolver_asks_for_the_absolute_name_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Search domains must not rewrite 'a.example'; hosts-file names still resolve.
+def test_search_domains_can_never_rewrite_a_name(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """DNS is asked only for the absolute name; hosts-file names resolve from the file;
+    a name missing from both fails rather than being retried with search domains.
     (getaddrinfo is faked: this test must not send a DNS query anywhere.)"""
     import asyncio
 
-    from sandbox.egress.proxy import system_resolver
+    from sandbox.egress import proxy
 
-    hosts = {"localhost": "127.0.0.1", "pinned.example": "127.0.0.9"}
-    dns = {"a.example.": "127.0.0.8"}
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.9 pinned.example Pinned2.example # comment\n")
+    monkeypatch.setattr(proxy, "HOSTS_FILE", str(hosts))
+    monkeypatch.setattr(proxy.hosts_file_addrs, "__defaults__", (str(hosts),))
+    dns = {"a.example.": "127.0.0.8", "missing.example.corp.internal": "10.0.0.1"}
     asked: list[str] = []
 
     async def fake_getaddrinfo(self, host, port, **kw):
         asked.append(host)
-        addr = dns.get(host) or hosts.get(host)
+        addr = dns.get(host)
         if addr is None:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port))]
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
-    assert asyncio.run(system_resolver("a.example", 443)) == ["127.0.0.8"] and asked == ["a.example."]
+    assert asyncio.run(proxy.system_resolver("a.example", 443)) == ["127.0.0.8"] and asked == ["a.example."]
     asked.clear()
-    assert asyncio.run(system_resolver("pinned.example", 443)) == ["127.0.0.9"] and asked == ["pinned.example.", "pinned.example"]
-    asked.clear()
-    assert asyncio.run(system_resolver("localhost", 80)) == ["127.0.0.1"] and asked == ["localhost"]
+    assert asyncio.run(proxy.system_resolver("pinned2.example", 443)) == ["127.0.0.9"] and asked == []
+    assert asyncio.run(proxy.system_resolver("localhost", 80)) == ["127.0.0.1"] and asked == []
+    with pytest.raises(socket.gaierror):
+        asyncio.run(proxy.system_resolver("missing.example", 443))
+    assert asked == ["missing.example."]
+    with pytest.raises(socket.gaierror):
+        asyncio.run(proxy.system_resolver("intranet", 443))  # single label, not in the file: no DNS at all
+    assert asked == ["missing.example."]
