@@ -186,7 +186,7 @@ def evaluate_outside(attrs: dict[str, Any], info: dict[str, Any] | None = None, 
                        f"CgroupnsMode={cg or 'engine default'}"))
 
     net = str(hc.get("NetworkMode") or "")
-    if cfg.get("NetworkDisabled") or net == "none":
+    if net != "host" and (cfg.get("NetworkDisabled") or net == "none"):
         rows.append(result("outside.network", "pass",
                            "NetworkDisabled" if cfg.get("NetworkDisabled") else "NetworkMode=none"))
     else:

@@ -1,0 +1,147 @@
+"""The audit end to end: it passes on every shipped profile, fails row by row on a
+deliberately weak container, and the startup self-test fails closed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sandbox.audit.catalog import INSIDE_IDS
+from sandbox.audit.runner import audit_container, audit_policy
+from sandbox.audit.selftest import CANARY_IDS, SelfTestFailed, require_canaries, run_canaries
+from sandbox.audit.shell_probe import SH_UNAVAILABLE
+from sandbox.policy import PROFILES_DIR, load_policy, policy_from_dict
+from tests.audit.weak import load_fixture, weak_container
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
+
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def weak(docker_client, tmp_path_factory: pytest.TempPathFactory):
+    with weak_container(tmp_path_factory.mktemp("weak")) as cid:
+        yield cid
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_audit_passes_on_every_shipped_profile(runtime, docker_client, profile: str) -> None:
+    policy = load_policy(profile)
+    if policy.runtime == "runsc" and "runsc" not in (docker_client.info().get("Runtimes") or {}):
+        pytest.fail("runsc is not registered with the engine (./run setup registers it)")
+    report = audit_policy(policy, runtime)
+    failed = {c.id: c.observed for c in report.failures}
+    assert report.ok, failed
+    rows = report.by_id()
+    assert set(INSIDE_IDS) <= set(rows), "every inside check reported"
+    assert not [c.id for c in report.checks if c.status == "skip"], "nothing left unchecked on a shipped profile"
+    assert report.header["policy_hash"] == policy.digest() and report.header["image_id"].startswith("sha256:")
+    assert report.header["runtime"] == policy.runtime and report.header["kernel"]
+    if policy.runtime == "runsc":
+        # Honest gVisor differences: cgroupfs is hidden inside (checked host-side instead), and
+        # the fork test may end the sandbox through a host cgroup limit rather than fail a fork.
+        assert {rows[i].status for i in ("inside.limit_pids", "inside.limit_memory", "inside.limit_cpu")} == {"info"}
+        assert rows["outside.host_cgroup"].status == "pass"
+        assert rows["inside.fork_bounded"].status in ("pass", "warn")
+    else:
+        assert rows["inside.fork_bounded"].status == "pass", rows["inside.fork_bounded"]
+        assert all(rows[i].status == "pass" for i in INSIDE_IDS), {i: rows[i].observed for i in INSIDE_IDS
+                                                                   if rows[i].status != "pass"}
+    if policy.egress.enabled:  # the proxy's socket dir is mounted, and still no route and no engine socket
+        assert rows["inside.no_route"].status == rows["inside.engine_socket"].status == "pass"
+
+
+def test_weak_container_fails_the_audit_row_by_row(docker_client, weak: str) -> None:
+    report = audit_container(docker_client, weak, probe=True)
+    rows = report.by_id()
+    must_fail = load_fixture()["must_fail"]
+    not_failed = {i: (rows[i].status, rows[i].observed) for i in must_fail if rows[i].status != "fail"}
+    assert not_failed == {}
+    assert not report.ok and report.header["probe"] == "python3"
+    text = json.dumps(report.to_dict())
+    assert "not-a-real-key" not in text and "sk-ant-fake" not in text, "secret values never reach the report"
+
+
+def test_cli_exits_nonzero_on_the_weak_container_with_json_and_junit(weak: str, tmp_path: Path) -> None:
+    from sandbox.cli import main
+
+    junit = tmp_path / "audit.xml"
+    res = CliRunner().invoke(main, ["audit", "--container", weak, "--probe", "--json", "-", "--junit", str(junit)])
+    assert res.exit_code == 1, res.output[-2000:]
+    data = json.loads(res.output)
+    assert data["ok"] is False and data["counts"]["fail"] >= len(load_fixture()["must_fail"])
+    assert "<failure" in junit.read_text()
+
+
+def test_weak_container_sh_subset_says_what_could_not_run(docker_client, weak: str) -> None:
+    report = audit_container(docker_client, weak, probe=True, force_shell=True)
+    rows = report.by_id()
+    for i in SH_UNAVAILABLE:
+        assert rows[i].status == "skip" and "python3" in rows[i].observed, rows[i]
+    for i in ("inside.user", "inside.caps", "inside.no_new_privs", "inside.seccomp_mode", "inside.rootfs_read_only",
+              "inside.core_pattern", "inside.engine_socket", "inside.no_route", "inside.env_secrets", "inside.setid_files"):
+        assert rows[i].status == "fail", rows[i]
+    assert report.notes and "could not run" in report.notes[0]
+
+
+def test_without_probe_no_code_runs_in_the_container(docker_client, weak: str) -> None:
+    before = docker_client.api.inspect_container(weak).get("ExecIDs") or []
+    report = audit_container(docker_client, weak, probe=False)
+    after = docker_client.api.inspect_container(weak).get("ExecIDs") or []
+    assert after == before, "an audit without --probe must not exec anything"
+    rows = report.by_id()
+    assert all(rows[i].status == "skip" and "--probe" in rows[i].observed for i in INSIDE_IDS)
+    assert rows["outside.capabilities"].status == "fail" and not report.ok
+
+
+def test_a_managed_sandbox_is_audited_against_its_own_policy(docker_client, make_sandbox) -> None:
+    sb = make_sandbox("default")
+    report = audit_container(docker_client, sb.id, probe=True)
+    assert report.header["policy"] == "default" and report.header["policy_hash"] == load_policy("default").digest()
+    assert report.ok, {c.id: c.observed for c in report.failures}
+    assert report.by_id()["outside.spec_matches_policy"].status == "pass"
+
+
+def test_cli_profile_audit_writes_json_and_junit(tmp_path: Path) -> None:
+    from sandbox.cli import main
+
+    out, junit = tmp_path / "a.json", tmp_path / "a.xml"
+    res = CliRunner().invoke(main, ["audit", "--profile", "default", "--json", str(out), "--junit", str(junit)])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "PASSED" in res.output and json.loads(out.read_text())["ok"] is True
+    assert 'failures="0"' in junit.read_text()
+
+
+def test_cli_audit_of_a_missing_container_is_an_error_not_a_pass() -> None:
+    from sandbox.cli import main
+
+    res = CliRunner().invoke(main, ["audit", "--container", "no-such-container-audit-test"])
+    assert res.exit_code == 3 and "no such container" in res.output
+
+
+@pytest.mark.parametrize("profile", ["default", "gvisor"])
+def test_self_test_canaries_hold_on_shipped_profiles(runtime, profile: str) -> None:
+    rows = require_canaries(runtime, load_policy(profile))
+    assert [r.id for r in rows] == list(CANARY_IDS) and all(r.status == "pass" for r in rows)
+
+
+def test_self_test_fails_closed_naming_the_check_when_seccomp_is_weakened(runtime) -> None:
+    weak_policy = policy_from_dict({"name": "canary-weak", "seccomp": {"extra_allow": ["unshare", "setns", "ptrace"]}})
+    rows = {r.id: r for r in run_canaries(runtime, weak_policy)}
+    assert rows["inside.seccomp_blocked"].status == "fail" and "unshare" in rows["inside.seccomp_blocked"].observed
+    with pytest.raises(SelfTestFailed) as err:
+        require_canaries(runtime, weak_policy)
+    assert err.value.check_ids == ["inside.seccomp_blocked"]
+    assert "inside.seccomp_blocked" in str(err.value) and "canary-weak" in str(err.value)
+
+
+def test_self_test_fails_closed_when_no_sandbox_starts() -> None:
+    class Broken:
+        def create(self, *a: object, **k: object) -> None:
+            raise RuntimeError("engine gone")
+
+    with pytest.raises(SelfTestFailed, match="could not run.*engine gone"):
+        require_canaries(Broken(), load_policy("default"))
