@@ -286,11 +286,13 @@ def images_list() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
-def doctor(as_json: bool) -> None:
-    """Check the host: engine, cgroups, seccomp, runtimes, images."""
+@click.option("--profile", "-p", default="default", show_default=True, help="Policy the self-test canaries run under.")
+@click.option("--no-canaries", is_flag=True, help="Skip the attack canaries (no sandbox is started).")
+def doctor(as_json: bool, profile: str, no_canaries: bool) -> None:
+    """Check the host (engine, cgroups, seccomp, runtimes, images), then run attack canaries in a sandbox."""
     from sandbox.doctor import run_checks
 
-    checks = run_checks()
+    checks = run_checks(profile, canaries=not no_canaries)
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
     else:

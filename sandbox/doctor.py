@@ -16,7 +16,7 @@ class Check:
     fix: str = ""
 
 
-def run_checks() -> list[Check]:
+def run_checks(profile: str = "default", canaries: bool = True) -> list[Check]:
     out: list[Check] = []
     try:
         import docker
@@ -41,7 +41,15 @@ def run_checks() -> list[Check]:
     runtimes = sorted((info.get("Runtimes") or {}).keys())
     out.append(Check("runtimes", "ok", ", ".join(runtimes)))
     if "runsc" in runtimes:
-        out.append(Check("gvisor", "ok", "runsc registered: profiles with runtime: runsc get a user-space kernel"))
+        args = (info.get("Runtimes") or {}).get("runsc", {}).get("runtimeArgs") or []
+        if "--oci-seccomp" in args:
+            out.append(Check("gvisor", "ok", "runsc registered with --oci-seccomp: runtime: runsc profiles "
+                                             "get a user-space kernel and their seccomp filter"))
+        else:
+            out.append(Check("gvisor", "fail", "runsc is registered without --oci-seccomp: it silently ignores "
+                                               "every sandbox's seccomp profile",
+                             "add --oci-seccomp to its runtimeArgs in /etc/docker/daemon.json (./run setup does), "
+                             "then kill -HUP dockerd"))
     else:
         out.append(Check("gvisor", "warn", "runsc not registered",
                          "apt-get install runsc and register it in /etc/docker/daemon.json"))
@@ -58,4 +66,9 @@ def run_checks() -> list[Check]:
     if Path("/sys/fs/cgroup/pids").exists() or Path("/sys/fs/cgroup/cgroup.controllers").exists():
         out.append(Check("limit counters", "ok" if os.access("/sys/fs/cgroup", os.R_OK) else "warn",
                          "host can read the sandboxes' OOM and pids counters"))
+    if canaries and all(c.status != "fail" for c in out):
+        # Attack canaries in a real sandbox: the host may look right and still not isolate.
+        from sandbox.audit.selftest import doctor_check
+
+        out.append(doctor_check(profile))
     return out
