@@ -15,7 +15,9 @@ from typing import Any
 
 from sandbox.audit.catalog import INSIDE_IDS, result, skipped
 from sandbox.audit.model import CheckResult
-from sandbox.audit.probe_script import ENGINE_NAME  # the same pattern the probe matches with
+from sandbox.audit.probe_script import (
+    ENGINE_NAME,  # the same pattern the probe matches with
+)
 from sandbox.audit.syscalls import REFUSED_ERRNOS
 
 CAP_NAMES = ("CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
@@ -53,7 +55,7 @@ class Expectations:
         return self.runtime == "runsc"
 
     @classmethod
-    def from_policy(cls, policy: Any) -> "Expectations":
+    def from_policy(cls, policy: Any) -> Expectations:
         from sandbox.spec import EGRESS_MOUNT
 
         writable = {policy.workspace.path, "/dev/shm", "/dev/mqueue"} | {t.path for t in policy.tmpfs}
@@ -262,7 +264,7 @@ def _devices(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
 
 
 def _opened(v: Any) -> bool:
-    return v == "opened" or v == "writable"
+    return v in ("opened", "writable")
 
 
 def _kernel_files(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from sandbox.audit.model import AuditReport
 
 AUDIT_HELP = """Audit isolation: start a fresh sandbox of --profile (default: default) and probe it
 inside and out, or audit an existing container with --container ID.
@@ -25,7 +29,7 @@ Exit status:
 EXIT_FAILED, EXIT_ERROR = 1, 3
 
 
-def _emit(report, json_out: str | None, junit: str | None) -> None:  # noqa: ANN001
+def _emit(report: AuditReport, json_out: str | None, junit: str | None) -> None:
     from sandbox.audit.report import render_table, to_json, to_junit
 
     if json_out == "-":
@@ -70,7 +74,7 @@ def audit_group(ctx: click.Context, profile: str | None, container: str | None, 
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
-def _audit_profile(profile: str, fork_test: bool):  # noqa: ANN202
+def _audit_profile(profile: str, fork_test: bool) -> AuditReport:
     from sandbox.audit.runner import AuditError, audit_policy
     from sandbox.policy import PolicyError, load_policy
 
@@ -87,7 +91,7 @@ def _audit_profile(profile: str, fork_test: bool):  # noqa: ANN202
     return audit_policy(policy, rt, fork_test=fork_test)
 
 
-def _audit_container(container: str, probe: bool, fork_test: bool):  # noqa: ANN202
+def _audit_container(container: str, probe: bool, fork_test: bool) -> AuditReport:
     from sandbox.audit.runner import AuditError, audit_container
 
     try:

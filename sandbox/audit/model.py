@@ -56,7 +56,7 @@ class AuditReport:
         return not self.failures
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in STATUSES}
+        out: dict[str, int] = {s: 0 for s in STATUSES}
         for c in self.checks:
             out[c.status] += 1
         return out

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.audit.catalog import result, skipped
-from sandbox.audit.model import CheckResult
+from sandbox.audit.model import CheckResult, Status
 
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I)
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"sk-ant-|\bAKIA[0-9A-Z]{16}\b|\b(ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_|\bxox[abprs]-|"
                           r"-----BEGIN [A-Z ]*PRIVATE KEY")
 ENGINE_SOCKET = re.compile(r"(docker|containerd|crio|podman|dockershim|buildkitd)\.sock|/run/containerd(/|$)")
@@ -37,7 +37,7 @@ def _security_opts(hc: dict[str, Any]) -> tuple[list[str], dict[str, Any] | None
     """(option names without the seccomp JSON, parsed seccomp profile, seccomp mode word)."""
     names, profile, mode = [], None, None
     for o in hc.get("SecurityOpt") or []:
-        key, sep, val = str(o).partition("=" if "=" in str(o) else ":")
+        key, _, val = str(o).partition("=" if "=" in str(o) else ":")
         if key == "seccomp":
             if val.lstrip().startswith("{"):
                 try:
@@ -137,7 +137,7 @@ def evaluate_outside(attrs: dict[str, Any], info: dict[str, Any] | None = None, 
         rules = profile.get("syscalls") or []
         allowed = sum(len(r.get("names") or []) for r in rules if r.get("action") == "SCMP_ACT_ALLOW")
         obs = f"custom profile: default {profile.get('defaultAction')}, {allowed} syscall names allowed"
-        status = "pass"
+        status: Status = "pass"
         if spec_body is not None:
             _, spec_profile, _ = _security_opts(spec_body.get("HostConfig") or {})
             same = spec_profile == profile
@@ -207,7 +207,10 @@ def evaluate_outside(attrs: dict[str, Any], info: dict[str, Any] | None = None, 
     rows.append(result("outside.ports", "fail" if ports else "pass", _few(ports) or "none"))
 
     mounts = attrs.get("Mounts") or []
-    sensitive, sockets, shared, listing = [], [], [], []
+    sensitive: list[str] = []
+    sockets: list[str] = []
+    propagated: list[str] = []
+    listing: list[str] = []
     for m in mounts:
         src, dst = str(m.get("Source") or ""), str(m.get("Destination") or "")
         listing.append(f"{src or m.get('Name')}->{dst}{'' if m.get('RW') else ' (ro)'}")
@@ -218,11 +221,12 @@ def evaluate_outside(attrs: dict[str, Any], info: dict[str, Any] | None = None, 
             if why:
                 sensitive.append(f"{src}->{dst}{'' if m.get('RW') else ' (ro)'}")
         if str(m.get("Propagation") or "") in ("shared", "rshared"):
-            shared.append(f"{dst} ({m.get('Propagation')})")
+            propagated.append(f"{dst} ({m.get('Propagation')})")
     rows.append(result("outside.sensitive_mounts", "fail" if sensitive else "pass",
                        f"sensitive: {_few(sensitive)}" if sensitive else f"{len(mounts)} mounts: {_few(listing) or 'none'}"))
     rows.append(result("outside.docker_socket", "fail" if sockets else "pass", _few(sockets) or "not mounted"))
-    rows.append(result("outside.mount_propagation", "fail" if shared else "pass", _few(shared) or "none shared"))
+    rows.append(result("outside.mount_propagation", "fail" if propagated else "pass",
+                       _few(propagated) or "none shared"))
 
     masked = hc.get("MaskedPaths")
     ro_paths = hc.get("ReadonlyPaths")

@@ -130,8 +130,9 @@ def _fork_in_sandbox(sb: Any) -> dict[str, Any]:
     finally:
         done.set()
         t.join(timeout=2)
-    if data and isinstance(data.get("fork"), dict):
-        return data["fork"]
+    fork = (data or {}).get("fork")
+    if isinstance(fork, dict):
+        return fork
     hit = [name for key, name in (("pids_max", "pids"), ("oom_kill", "memory"))
            if before.get(key) is not None and (peak.get(key) or 0) > (before.get(key) or 0)]
     lim = f"pids.max {sb.policy.limits.pids}, RLIMIT_NPROC {sb.policy.rlimits.nproc}"

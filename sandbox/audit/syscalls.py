@@ -14,6 +14,7 @@ container, where nothing else stands between the call and the host kernel.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pyseccomp
 
@@ -90,9 +91,9 @@ def _nr(name: str) -> int:
         return -1
 
 
-def sample_table(names: list[str] | None = None) -> dict[str, list]:
+def sample_table(names: list[str] | None = None) -> dict[str, list[Any]]:
     """{name: [nr, [args...]]} for the host architecture; calls this arch lacks are left out."""
-    out: dict[str, list] = {}
+    out: dict[str, list[Any]] = {}
     for name, args in SAMPLE.items():
         if names is not None and name not in names:
             continue

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 GENESIS = "sha256:" + "0" * 64
 CLOSE_KIND = "close"
@@ -46,7 +46,7 @@ FsyncPolicy = Literal["always", "batched", "never"]
 BATCH_FSYNC_S = 1.0  # a crash loses at most this much of tool-call/egress records; lifecycle is always synced
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@/+-]")
 _SECRETISH = re.compile(r"sk-ant-|\bsk-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{16,}|github_pat_|"
-                        r"xox[abprs]-|-----BEGIN|eyJ[A-Za-z0-9_-]{10,}\.", re.I)
+                        r"xox[abprs]-|-----BEGIN|eyJ[A-Za-z0-9_-]{10,}\.", re.IGNORECASE)
 _EGRESS_FIELDS = ("method", "host", "port", "addr", "decision", "rule", "reason", "code", "bytes_up", "bytes_down",
                   "duration_ms")
 
@@ -186,10 +186,10 @@ class AuditTrail:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             return rec
 
-    def __enter__(self) -> "AuditTrail":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close("session_ended" if exc[0] is None else "session_failed")
 
 
@@ -260,9 +260,9 @@ def verify(path: Path | str, *, allow_open: bool = False, expect_head: str | Non
             return bad(n, "record after the closing record")
         try:
             rec = json.loads(raw)
-            if not isinstance(rec, dict):
-                raise ValueError
         except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
             return bad(n, "not a JSON object (altered or corrupted)")
         if rec.get("hash") != record_hash(rec):
             return bad(n, "hash does not match the record's content: this record was altered")

@@ -11,7 +11,12 @@ from click.testing import CliRunner
 
 from sandbox.audit.catalog import INSIDE_IDS
 from sandbox.audit.runner import audit_container, audit_policy
-from sandbox.audit.selftest import CANARY_IDS, SelfTestFailed, require_canaries, run_canaries
+from sandbox.audit.selftest import (
+    CANARY_IDS,
+    SelfTestFailed,
+    require_canaries,
+    run_canaries,
+)
 from sandbox.audit.shell_probe import SH_UNAVAILABLE
 from sandbox.policy import PROFILES_DIR, load_policy, policy_from_dict
 from tests.audit.weak import load_fixture, weak_container

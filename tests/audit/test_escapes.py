@@ -153,9 +153,10 @@ def test_cve_2022_0492_cgroup_release_agent_escape_fails(make_sandbox) -> None:
     sb = make_sandbox()
     # The published exploit, with the image's own util-linux: a user namespace to become
     # "root", a cgroup v1 mount, then a write to release_agent.
-    shell = sb.exec(["sh", "-c", "mkdir -p /tmp/cg && unshare -UrmC --propagation=unchanged sh -c "
-                                 "'mount -t cgroup -o rdma cgroup /tmp/cg && echo /tmp/x > /tmp/cg/release_agent "
-                                 "&& echo ESCAPED'; echo rc=$?"], timeout=30)
+    attack = ("mkdir -p /tmp/cg && unshare -UrmC --propagation=unchanged sh -c "
+              "'mount -t cgroup -o rdma cgroup /tmp/cg && echo /tmp/x > /tmp/cg/release_agent "
+              "&& echo ESCAPED'; echo rc=$?")
+    shell = sb.exec(["sh", "-c", attack], timeout=30)
     assert b"ESCAPED" not in shell.stdout, shell
     assert b"unshare" in shell.stderr or b"Operation not permitted" in shell.stderr, shell
     from sandbox.audit.runner import run_in_sandbox
@@ -170,8 +171,8 @@ def test_cve_2022_0492_cgroup_release_agent_escape_fails(make_sandbox) -> None:
 def test_core_pattern_overwrite_for_host_code_execution_fails(make_sandbox) -> None:
     before = Path("/proc/sys/kernel/core_pattern").read_text()
     sb = make_sandbox()
-    res = sb.exec(["sh", "-c", "echo '|/tmp/pwn' > /proc/sys/kernel/core_pattern; echo rc=$?; "
-                               "python3 -c \"import os; os.open('/proc/sys/kernel/core_pattern', os.O_WRONLY)\""],
+    res = sb.exec(["sh", "-c", ("echo '|/tmp/pwn' > /proc/sys/kernel/core_pattern; echo rc=$?; "
+                               "python3 -c \"import os; os.open('/proc/sys/kernel/core_pattern', os.O_WRONLY)\"")],
                   timeout=30)
     assert b"rc=0" not in res.stdout and res.exit_code != 0, res
     assert Path("/proc/sys/kernel/core_pattern").read_text() == before
@@ -266,13 +267,13 @@ def test_metadata_address_connect_fails_immediately_with_enetunreach(make_sandbo
         r['seconds'] = time.time() - t
     print(json.dumps(r))
     """)
-    assert out["route"] != True and out["tcp"] == "ENETUNREACH" and out["seconds"] < 0.5, out  # noqa: E712
+    assert out["route"] != True and out["tcp"] == "ENETUNREACH" and out["seconds"] < 0.5, out
 
 
 def test_dns_lookup_of_an_outside_name_fails(make_sandbox) -> None:
     sb = make_sandbox()
-    res = sb.exec(["sh", "-c", "cat /etc/resolv.conf; getent hosts example.com; echo rc=$?; "
-                               "python3 -c \"import socket; socket.getaddrinfo('pypi.org', 443)\""], timeout=30)
+    res = sb.exec(["sh", "-c", ("cat /etc/resolv.conf; getent hosts example.com; echo rc=$?; "
+                               "python3 -c \"import socket; socket.getaddrinfo('pypi.org', 443)\"")], timeout=30)
     assert b"nameserver" not in res.stdout or b"127." in res.stdout, res  # nothing routable to ask
     assert b"rc=0" not in res.stdout and res.exit_code != 0, res
 
@@ -294,7 +295,7 @@ def test_proc_kcore_and_kernel_state_files_are_masked(make_sandbox) -> None:
 
 def test_mknod_of_a_host_block_device_fails(make_sandbox) -> None:
     sb = make_sandbox()
-    res = sb.exec(["sh", "-c", "mknod /tmp/sda b 8 0 && echo MADE; mknod /workspace/mem c 1 1 && echo MADE; "
-                               "python3 -c \"import os; os.mknod('/tmp/x', 0o600 | 0o60000, os.makedev(8, 0))\""],
+    res = sb.exec(["sh", "-c", ("mknod /tmp/sda b 8 0 && echo MADE; mknod /workspace/mem c 1 1 && echo MADE; "
+                               "python3 -c \"import os; os.mknod('/tmp/x', 0o600 | 0o60000, os.makedev(8, 0))\"")],
                   timeout=30)
     assert b"MADE" not in res.stdout and res.exit_code != 0, res

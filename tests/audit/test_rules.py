@@ -178,7 +178,7 @@ def test_every_sampled_syscall_has_harmless_arguments_and_resolves() -> None:
 
 
 def test_sh_subset_output_parses_into_the_same_shape() -> None:
-    out = "\n".join([
+    out = "\n".join([  # noqa: FLY002 - one probe line per item reads best
         "id|uid|0", "id|gid|0", "id|groups|0 1", "status|CapEff|0000003fffffffff", "status|CapBnd|0000003fffffffff",
         "status|CapPrm|0000003fffffffff", "status|CapInh|0000000000000000", "status|CapAmb|0000000000000000",
         "status|NoNewPrivs|0", "status|Seccomp|0", "rootfs|opts|rw,relatime", "create|/|created",

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from sandbox.audit.trail import GENESIS, AuditTrail, TrailError, digest, record_hash, trail_path, verify
+from sandbox.audit.trail import (
+    GENESIS,
+    AuditTrail,
+    TrailError,
+    digest,
+    record_hash,
+    trail_path,
+    verify,
+)
 
 FAKE_KEY = "sk-ant-api03-FAKE-never-in-a-trail-7f3a9c"
 FILE_CONTENT = "root:x:0:0:SECRET-FILE-CONTENT-91b2:/root:/bin/bash"
@@ -44,7 +53,7 @@ def test_a_clean_trail_verifies_and_chains_from_genesis(tmp_path: Path) -> None:
     recs = [json.loads(x) for x in lines(p)]
     assert recs[0]["prev"] == GENESIS
     assert [r["seq"] for r in recs] == list(range(1, 9))
-    for a, b in zip(recs, recs[1:]):
+    for a, b in itertools.pairwise(recs):
         assert b["prev"] == a["hash"] == record_hash(a)
     assert {r["kind"] for r in recs} == {"policy", "lifecycle", "tool_call", "egress", "close"}
     assert oct(p.stat().st_mode & 0o777) == "0o600"
