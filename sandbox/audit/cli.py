@@ -17,7 +17,9 @@ inside and out, or audit an existing container with --container ID.
 \b
 Inside probes run code in the container: for --container they run only with --probe
 (python3 if the container has it, else a POSIX sh subset; rows that could not run say so).
-The report names the image digest, runtime, kernel and policy hash it audited.
+The probe also forks up to the container's pids limit, briefly, to show the limit holds
+(--no-fork-test skips that). The report names the image digest, runtime, kernel and policy
+hash it audited.
 
 \b
 Exit status:
