@@ -15,6 +15,8 @@ import argparse
 import json
 import shutil
 import statistics
+import sysconfig
+from pathlib import Path
 import subprocess
 import sys
 import tempfile
@@ -61,7 +63,9 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(sc.to_oci(sc.compile_filter(policy.seccomp)), f)
         seccomp_file = f.name
-    sandbox_cmd = [shutil.which("sandbox") or "sandbox", "exec", "--", "python3", "-c", "print(1)"]
+    # The console script itself, not a version-manager shim in front of it (pyenv adds ~0.3 s).
+    script = Path(sysconfig.get_path("scripts")) / "sandbox"
+    sandbox_cmd = [str(script if script.exists() else shutil.which("sandbox")), "exec", "--", "python3", "-c", "print(1)"]
     plain = docker_run_cmd(policy, seccomp_file)
     timed(sandbox_cmd), timed(plain)  # warm caches
     a_ours, a_base = [], []
