@@ -49,8 +49,8 @@ _EVENTS_RE = re.compile(r"^/v1/sessions/(?P<sid>[^/]+)/events$")
 class CircuitBreaker:
     """Closed -> (threshold consecutive failures) -> open -> (cooldown) -> half-open probe -> closed/open."""
 
-    def __init__(self, threshold: int = 5, base_cooldown: float = 0.5, max_cooldown: float = 10.0,
-                 on_change: Callable[[bool], None] = lambda _open: None) -> None:
+    def __init__(self, threshold: int = 5, base_cooldown: float = 0.5, max_cooldown: float = 5.0,
+                 on_change: Callable[[bool, str], None] = lambda _open, _by: None) -> None:
         self.threshold = threshold
         self.base_cooldown = base_cooldown
         self.max_cooldown = max_cooldown
@@ -74,7 +74,8 @@ class CircuitBreaker:
         self._probe_started = now
         return True
 
-    def success(self) -> None:
+    def success(self, source: str = "") -> None:
+        """`source` names the kind of request that got through (the poller restarts unless it was a poll)."""
         self.failures = 0
         self._probe_started = None
         if self.open:
@@ -82,7 +83,7 @@ class CircuitBreaker:
             self.opened_at = None
             self._cooldown = self.base_cooldown
             log_event(log, logging.INFO, "circuit_closed", "control plane reachable again; circuit closed")
-            self._on_change(False)
+            self._on_change(False, source)
 
     def failure(self) -> None:
         self.failures += 1
@@ -99,7 +100,7 @@ class CircuitBreaker:
             self._open_until = now + self._cooldown
             log_event(log, logging.WARNING, "circuit_open",
                       f"control plane unreachable ({self.failures} failures in a row); circuit open")
-            self._on_change(True)
+            self._on_change(True, "")
 
 
 @dataclass
@@ -174,7 +175,7 @@ class WorkerMiddleware(Middleware):
         if status >= 500:
             self.breaker.failure()
         else:
-            self.breaker.success()
+            self.breaker.success(source=op or ("poll" if path.endswith("/work/poll") else "other"))
         if op == "heartbeat" and work_id is not None:
             if 200 <= status < 300:
                 view = self.leases.get(work_id)

@@ -189,8 +189,10 @@ class SessionSandboxes:
                           session_id=session_id, container=a.sandbox.id[:12])
                 return
             self._by_session.pop(session_id, None)
+        died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
         a.sandbox.destroy()
-        log_event(log, logging.INFO, "sandbox_destroyed", "session sandbox destroyed",
+        log_event(log, logging.INFO if died is None else logging.WARNING, "sandbox_destroyed",
+                  "session sandbox destroyed" if died is None else f"session sandbox had died: {died}",
                   session_id=session_id, container=a.sandbox.id[:12])
         self._on_change()
 
@@ -202,8 +204,10 @@ class SessionSandboxes:
             for a in expired:
                 self._by_session.pop(a.session_id, None)
         for a in expired:
+            died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
             a.sandbox.destroy()
-            log_event(log, logging.INFO, "sandbox_destroyed", "parked sandbox expired",
+            log_event(log, logging.INFO if died is None else logging.WARNING, "sandbox_destroyed",
+                      "parked sandbox expired" if died is None else f"parked sandbox had died: {died}",
                       session_id=a.session_id, container=a.sandbox.id[:12])
         if expired:
             self._on_change()

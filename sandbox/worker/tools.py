@@ -93,6 +93,7 @@ class SessionSlot:
     # Set on shutdown once the drain bound has passed: in-flight calls stop waiting and answer "interrupted".
     abort: anyio.Event = field(default_factory=anyio.Event)
     calls: int = 0
+    trail: Any = None  # the session's AuditTrail (sandbox.audit.trail), when one could be opened
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -154,16 +155,32 @@ class SessionToolbox:
     async def call(self, name: str, raw: dict[str, Any]) -> Content:
         started = time.perf_counter()
         outcome = "error"
+        is_error = True
         self.slot.enter()
         try:
             content, is_error, outcome = await self._dedupe_and_run(name, raw)
         finally:
             self.slot.leave()
-            self.metrics.tool_seconds.labels(tool=tool_label(name)).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.tool_seconds.labels(tool=tool_label(name)).observe(elapsed)
             self.metrics.tool_calls.labels(tool=tool_label(name), outcome=outcome).inc()
+            self._record(name, raw, outcome, is_error, elapsed)
         if is_error:
             raise ToolError(content)
         return content
+
+    def _record(self, name: str, raw: dict[str, Any], outcome: str, is_error: bool, elapsed: float) -> None:
+        """One trail record per call: the input only as a digest, never content or output."""
+        if self.slot.trail is None:
+            return
+        call = current_tool_call()
+        try:
+            self.slot.trail.tool_call(name, raw, exit_status=1 if is_error else 0, duration_s=elapsed,
+                                      error=outcome if is_error else None,
+                                      call_id=call.tool_use_id if call is not None else None)
+        except Exception as e:  # noqa: BLE001 - the call's result is not lost over its audit record
+            log_event(log, logging.ERROR, "trail_failed", f"cannot append to the audit trail: {e}",
+                      session_id=self.slot.session_id)
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)

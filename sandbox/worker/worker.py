@@ -37,6 +37,8 @@ from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
 from anthropic.lib.tools.agent_toolset import AgentToolContext
 
+from sandbox.audit.selftest import SelfTestFailed, require_canaries
+from sandbox.audit.trail import AuditTrail, trail_path
 from sandbox.policy import Policy, load_policy
 from sandbox.runtime import Runtime, owner_token
 
@@ -77,6 +79,7 @@ class WorkerConfig:
     worker_id: str | None = None
     admission: Admission | None = None  # tests inject one with a fake probe
     outbox_sync: str = "NORMAL"
+    selftest: bool = True  # attack canaries in a sandbox of the policy before serving (fail closed)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +118,7 @@ class Worker:
         self._last_admission: str = ""
         self._outbox_pending = 0
         self.fatal_error: str | None = None
+        self._poll_restart = anyio.Event()
 
     # ------------------------------------------------------------------ public
 
@@ -190,12 +194,19 @@ class Worker:
         if reaped:
             log_event(log, logging.WARNING, "reaped", f"removed {len(reaped)} sandbox(es) left by a crashed worker",
                       containers=reaped)
+        if cfg.selftest:
+            # Fail closed: a host that looks right but lets a canary attack through serves nothing.
+            try:
+                rows = require_canaries(self._runtime, self.policy)
+            except SelfTestFailed as e:
+                raise WorkerError(f"refusing to serve: {e}") from None
+            log_event(log, logging.INFO, "selftest_passed", f"{len(rows)} attack canaries held", profile=cfg.profile)
         self.pool = WarmPool(self._runtime, self.policy, cfg.warm, worker_label=self.worker_id,
                              on_change=self._update_gauges)
         self.sandboxes = SessionSandboxes(self._runtime, self.policy, self.pool, park_grace=cfg.park_grace,
                                           on_change=self._update_gauges)
         self.pool.start()
-        breaker = CircuitBreaker(on_change=lambda is_open: self.metrics.circuit_open.set(1 if is_open else 0))
+        breaker = CircuitBreaker(on_change=self._circuit_changed)
         self.middleware = WorkerMiddleware(self.outbox, breaker, self.metrics, lease_ttl=cfg.lease_ttl)
         # The root client only carries configuration: the SDK derives Bearer-only sub-clients from it
         # (environment key for polling, the per-item sessions token for the item's calls).
@@ -218,6 +229,12 @@ class Worker:
             self._health.start()
             self.health_port = self._health.port
         self._update_gauges()
+
+    def _circuit_changed(self, is_open: bool, source: str) -> None:
+        self.metrics.circuit_open.set(1 if is_open else 0)
+        if not is_open and source != "poll":
+            # The SDK poller may be deep in its exponential back-off (up to 60 s): start a fresh one.
+            self._poll_restart.set()
 
     async def _teardown(self) -> None:
         def blocking() -> None:
@@ -265,10 +282,13 @@ class Worker:
                         await self._slots.acquire()
                         try:
                             await self._wait_for_headroom()
-                            item = await poller.__anext__()
+                            item = await self._next_item(poller)
                         except BaseException:
                             self._slots.release()
                             raise
+                        if item is None:  # the circuit closed: replace the backed-off poller
+                            self._slots.release()
+                            break
                         backoff = 1.0
                         self.metrics.work_claimed.inc()
                         tg.start_soon(self._serve, item)
@@ -287,6 +307,29 @@ class Worker:
                 finally:
                     with anyio.CancelScope(shield=True):
                         await poller.aclose()  # type: ignore[attr-defined]
+
+    async def _next_item(self, poller: Any) -> Any:
+        """The poller's next item, or None when the circuit closed while it waited (restart it)."""
+        self._poll_restart = anyio.Event()
+        got: list[Any] = []
+        failed: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            async def get() -> None:
+                try:
+                    got.append(await poller.__anext__())
+                except Exception as e:  # noqa: BLE001 - re-raised below, outside the task group
+                    failed.append(e)
+                tg.cancel_scope.cancel()
+
+            async def restart() -> None:
+                await self._poll_restart.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(get)
+            tg.start_soon(restart)
+        if failed:
+            raise failed[0]
+        return got[0] if got else None
 
     async def _wait_for_headroom(self) -> None:
         admission = self.config.admission
@@ -344,7 +387,7 @@ class Worker:
             # A re-delivery of a session we are still winding down: one runner per session at a time.
             with anyio.move_on_after(self.config.drain_timeout + 150):
                 await previous.done.wait()
-        slot = SessionSlot(session_id=session_id, work_id=work_id)
+        slot = SessionSlot(session_id=session_id, work_id=work_id, trail=self._open_trail(session_id, work_id))
         serving = _Serving(slot, anyio.CancelScope(), anyio.Event())
         self._serving[session_id] = serving
         self.middleware.track(work_id, session_id)
@@ -369,17 +412,56 @@ class Worker:
             view = self.middleware.leases.get(work_id)
             # Park the sandbox when the control plane, not the session, ended the run:
             # the session will come back (to us, most likely) and should find its files.
-            park = view is not None and (view.last in ("transient", "precondition") or view.handed_back)
-            park = park and not self._draining
+            park = view is not None and not self._draining and self._lease_in_doubt(view)
             self.middleware.forget(work_id)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: self.sandboxes.release(session_id, park=park))  # type: ignore[union-attr]
+            self._close_trail(slot, "sandbox_parked" if park else "sandbox_destroyed", clean)
             self._serving.pop(session_id, None)
             serving.done.set()
             self._update_gauges()
             log_event(log, logging.INFO, "work_done", "session run ended", work_id=work_id, session_id=session_id,
                       seconds=round(time.monotonic() - started, 3), calls=slot.calls,
-                      outcome="ok" if clean else "failed", sandbox="parked" if park else "destroyed")
+                      outcome="ok" if clean else "failed", sandbox="parked" if park else "destroyed",
+                      lease=view.last if view else None,
+                      since_heartbeat=round(time.monotonic() - view.last_ok_at, 1) if view and view.last_ok_at else None)
+
+    def _open_trail(self, session_id: str, work_id: str) -> AuditTrail | None:
+        assert self._runtime is not None and self.policy is not None
+        try:
+            trail = AuditTrail(trail_path(self._runtime.state_dir, session_id), session=session_id)
+            trail.policy(self.policy)
+            trail.lifecycle("work_claimed", work_id=work_id)
+            return trail
+        except Exception as e:  # noqa: BLE001 - said loudly; the session is still served
+            log_event(log, logging.ERROR, "trail_failed", f"cannot open the session's audit trail: {e}",
+                      session_id=session_id)
+            return None
+
+    def _close_trail(self, slot: SessionSlot, event: str, clean: bool) -> None:
+        trail = slot.trail
+        if trail is None or self._runtime is None:
+            return
+        try:
+            if self.policy is not None and self.policy.egress.enabled:
+                for rec in self._runtime.egress.records(session=slot.session_id, limit=10000):
+                    trail.egress(rec)
+            trail.lifecycle(event, calls=slot.calls, outcome="ok" if clean else "failed")
+            trail.close("work_done", work_id=slot.work_id)
+            # The head, logged outside the file, is what lets `sandbox audit verify --head` see truncation.
+            log_event(log, logging.INFO, "trail_closed", "session audit trail closed", session_id=slot.session_id,
+                      trail=str(trail.path), head=trail.head[1])
+        except Exception as e:  # noqa: BLE001
+            log_event(log, logging.ERROR, "trail_failed", f"cannot close the session's audit trail: {e}",
+                      session_id=slot.session_id)
+
+    def _lease_in_doubt(self, view: Any) -> bool:
+        """Did the control plane (not the session) end this run: lost lease, outage, hand-back?"""
+        if view.last in ("transient", "precondition") or view.handed_back:
+            return True
+        # A healthy run heartbeats every min(ttl/2, 30) s; a longer silence means the lease was given up.
+        interval = min((self.config.lease_ttl or 90) / 2, 30.0)
+        return view.last_ok_at is not None and time.monotonic() - view.last_ok_at > interval + 3.0
 
     async def _acquire_sandbox(self, slot: SessionSlot) -> None:
         assert self.sandboxes is not None
@@ -459,7 +541,8 @@ class Worker:
                     await anyio.to_thread.run_sync(self.sandboxes.reap_parked)
                 self._update_gauges()
                 now = time.monotonic()
-                if now - last_stats >= 5.0:
+                breaker_open = self.middleware is not None and self.middleware.breaker.open
+                if now - last_stats >= (1.0 if breaker_open else 5.0):
                     last_stats = now
                     await self._refresh_stats()
                     await self._sweep_outbox()
@@ -468,9 +551,8 @@ class Worker:
                 log.warning("housekeeping failed: %s", _describe(e))
 
     async def _refresh_stats(self) -> None:
+        """Queue depth for the metrics; while the circuit is open this is also its probe."""
         assert self.client is not None and self.middleware is not None
-        if self.middleware.breaker.open:
-            return
         try:
             stats = await self.client.beta.environments.work.stats(self.config.environment_id)
         except Exception:  # noqa: BLE001 - stats may need an org key on the real service

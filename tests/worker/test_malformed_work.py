@@ -136,7 +136,8 @@ def test_malformed_work_items_are_skipped_and_the_worker_keeps_polling(stub: Stu
     roomy = Admission(policy=None, probe=lambda: HostStats(64 << 30, 1 << 40, 0.0, 64))  # type: ignore[arg-type]
     roomy.needs = lambda: (0, 0, 0.0)  # type: ignore[method-assign]
     cfg = WorkerConfig(base_url=stub.url, environment_id=ENV, state_dir=tmp_path / "w", max_sessions=2,
-                       metrics_port=0, admission=roomy, lease_ttl=10)
+                       metrics_port=0, admission=roomy, lease_ttl=10,
+                       selftest=False)  # the fake runtime has no sandboxes to run canaries in
     runtime = NoSandboxRuntime()
     worker = Worker(cfg, EnvironmentKey(KEY, "test"), runtime=runtime)  # type: ignore[arg-type]
     with BackgroundWorker(worker):

@@ -142,7 +142,8 @@ def test_circuit_breaker_opens_fails_fast_and_recovers(monkeypatch: pytest.Monke
     now = [100.0]
     monkeypatch.setattr("sandbox.worker.middleware.time.monotonic", lambda: now[0])
     changes: list[bool] = []
-    b = CircuitBreaker(threshold=3, base_cooldown=1.0, max_cooldown=4.0, on_change=changes.append)
+    b = CircuitBreaker(threshold=3, base_cooldown=1.0, max_cooldown=4.0,
+                       on_change=lambda is_open, _by: changes.append(is_open))
     for _ in range(3):
         assert b.allow()
         b.failure()
