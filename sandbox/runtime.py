@@ -487,12 +487,18 @@ class Runtime:
             labels.append(f"{specmod.LABEL_HOST}={socket.gethostname()}")
         return self.engine.containers(labels)
 
-    def gc(self, *, everything: bool = False, owner_kind: str | None = None) -> list[str]:
-        """Remove sandboxes of this host whose owning process is gone (or all with ``everything``)."""
+    def gc(self, *, everything: bool = False, owner_kind: str | None = None, mine: bool = False) -> list[str]:
+        """Remove sandboxes of this host whose owning process is gone (or all with ``everything``;
+        only this runtime's own with ``mine``)."""
         removed = []
         for c in self.list_managed():
             lab = c.get("Labels") or {}
             owner = lab.get(specmod.LABEL_OWNER, "")
+            if mine:
+                if owner == self.owner:
+                    self._remove_container(c["Id"])
+                    removed.append(c["Id"][:12])
+                continue
             if owner == self.owner and not everything:
                 continue
             if owner_kind and not owner.startswith(owner_kind + ":") and not everything:

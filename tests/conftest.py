@@ -47,7 +47,7 @@ def runtime(docker_client, state_dir: Path):
 
     rt = Runtime(client=docker_client, state_dir=state_dir, owner_kind="pytest")
     yield rt
-    rt.gc(everything=True)
+    rt.gc(mine=True)  # never another test run's sandboxes
 
 
 @pytest.fixture
