@@ -118,9 +118,10 @@ BLOCKED = {
 }
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers below are x86_64")
-def test_every_blocked_syscall_fails_with_eperm(make_sandbox, bystander) -> None:
-    sb = make_sandbox()
+def blocked_syscall_errnos(sb) -> dict[str, object]:
+    """Call every syscall in BLOCKED inside the sandbox: name -> errno, or "succeeded"."""
+    import json
+
     code = f"""
     import ctypes, json
     libc = ctypes.CDLL(None, use_errno=True)
@@ -131,10 +132,12 @@ def test_every_blocked_syscall_fails_with_eperm(make_sandbox, bystander) -> None
         out[name] = ctypes.get_errno() if r == -1 else "succeeded"
     print(json.dumps(out))
     """
-    res = sb.exec(py(code), timeout=30)
-    import json
+    return json.loads(sb.exec(py(code), timeout=60).stdout)
 
-    results = json.loads(res.stdout)
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers below are x86_64")
+def test_every_blocked_syscall_fails_with_eperm(make_sandbox, bystander) -> None:
+    results = blocked_syscall_errnos(make_sandbox())
     assert results == {name: 1 for name in BLOCKED}, results  # 1 == EPERM
     assert_unaffected(bystander)
 

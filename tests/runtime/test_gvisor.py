@@ -5,12 +5,11 @@ runsc ignores a container's seccomp profile unless registered with --oci-seccomp
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
-from tests.runtime.test_attacks import BLOCKED, py
+from tests.runtime.test_attacks import blocked_syscall_errnos, py
 
 pytestmark = pytest.mark.docker
 
@@ -34,17 +33,7 @@ def test_gvisor_sandbox_is_non_root_without_capabilities_and_filtered(gsb) -> No
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 syscall numbers")
 def test_gvisor_blocks_the_same_syscalls(gsb) -> None:
-    code = f"""
-    import ctypes, json
-    libc = ctypes.CDLL(None, use_errno=True)
-    out = {{}}
-    for name, (nr, arg) in {BLOCKED!r}.items():
-        ctypes.set_errno(0)
-        r = libc.syscall(nr, ctypes.c_long(arg), 0, 0, 0, 0)
-        out[name] = ctypes.get_errno() if r == -1 else "succeeded"
-    print(json.dumps(out))
-    """
-    results = json.loads(gsb.exec(py(code), timeout=60).stdout)
+    results = blocked_syscall_errnos(gsb)
     assert "succeeded" not in results.values(), results
 
 
