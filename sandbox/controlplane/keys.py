@@ -25,9 +25,10 @@ import json
 import os
 import re
 import secrets
-import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from sandbox.secretfile import PrivateFileError, read_private_file
 
 ENV_KEY_PREFIX = "sk-ant-oat01-"
 ADMIN_KEY_PREFIX = "sk-ant-admin-local-"
@@ -100,25 +101,9 @@ def read_key_file(path: Path, prefix: str) -> str:
     operator's call.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise KeyFileError(f"cannot open key file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"key file {path} is accessible by group/other (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "chmod 600 it, or delete it to generate a new key"
-            )
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise KeyFileError(f"key file {path} is owned by uid {st.st_uid}, not by us")
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
+        data = read_private_file(path)
+    except PrivateFileError as e:
+        raise KeyFileError(f"key file {e}; chmod 600 it, or delete it to generate a new key") from None
     key = data.decode("utf-8", errors="replace").strip()
     if not key.startswith(prefix) or len(key) < len(prefix) + 16 or any(c.isspace() for c in key):
         # Do not echo the content: it may be a real secret of another kind.

@@ -12,9 +12,10 @@ environment at all (their env comes from the policy only).
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from sandbox.secretfile import PrivateFileError, read_private_file
 
 ENV_KEY_VAR = "ANTHROPIC_ENVIRONMENT_KEY"
 ENV_KEY_FILE_VAR = "ANTHROPIC_ENVIRONMENT_KEY_FILE"
@@ -61,27 +62,11 @@ def check_no_org_key(environ: dict[str, str] | os._Environ[str] | None = None) -
 def read_key_file(path: Path) -> str:
     """Read a key file that only its owner can read; refuse anything looser."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        data = read_private_file(path, MAX_KEY_BYTES)
     except FileNotFoundError:
         raise CredentialError(f"environment key file {path} does not exist") from None
-    except OSError as e:
-        raise CredentialError(f"cannot open environment key file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CredentialError(f"environment key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise CredentialError(
-                f"environment key file {path} is readable by group/other (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "chmod 600 it and treat the key as possibly leaked"
-            )
-        if st.st_uid != os.getuid():
-            raise CredentialError(f"environment key file {path} is owned by uid {st.st_uid}, not by this user")
-        data = os.read(fd, MAX_KEY_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_KEY_BYTES:
-        raise CredentialError(f"environment key file {path} is too large to hold a key")
+    except PrivateFileError as e:
+        raise CredentialError(f"environment key file {e}; chmod 600 it and treat the key as possibly leaked") from None
     key = data.decode("utf-8", "replace").strip()
     _check_shape(key, f"file {path}")
     return key
