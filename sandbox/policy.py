@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sandbox.egress.rules import EgressPolicy
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
-_PACKAGED_PROFILES = Path(__file__).resolve().parent / "data" / "profiles"
 
 # Host paths that must never be mounted into a sandbox, nor anything that
 # contains them (mounting "/" would expose all of them).
@@ -236,7 +235,7 @@ class Policy(_Strict):
 def profile_search_path() -> list[Path]:
     extra = os.environ.get("SANDBOX_PROFILES")
     dirs = [Path(d) for d in extra.split(os.pathsep)] if extra else []
-    return dirs + [PROFILES_DIR, _PACKAGED_PROFILES]
+    return dirs + [PROFILES_DIR]
 
 
 def resolve_profile(name_or_path: str) -> Path:

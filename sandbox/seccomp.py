@@ -20,7 +20,7 @@ from typing import Any
 import pyseccomp
 import yaml
 
-from sandbox.policy import PROFILES_DIR, PolicyError, Seccomp, _PACKAGED_PROFILES
+from sandbox.policy import PROFILES_DIR, PolicyError, Seccomp
 
 # Calls that break isolation when allowed. `explain` names them, the audit
 # probes them, and the default allowlist contains none of them.
@@ -74,7 +74,7 @@ class CompiledFilter:
 
 
 def _seccomp_dirs() -> list[Path]:
-    return [PROFILES_DIR / "seccomp", _PACKAGED_PROFILES / "seccomp"]
+    return [PROFILES_DIR / "seccomp"]
 
 
 @lru_cache(maxsize=32)
