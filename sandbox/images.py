@@ -24,7 +24,7 @@ from typing import Callable
 
 import yaml
 
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+IMAGES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped as package data
 AGENT_DIR = Path(__file__).resolve().parent / "agent"
 AGENT_TARGET = "/opt/sandbox-agent"
 ROOTFS_CACHE = Path(os.environ.get("SANDBOX_ROOTFS_CACHE", "/var/cache/sandbox/rootfs"))

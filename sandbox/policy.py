@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sandbox.egress.rules import EgressPolicy
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # shipped as package data
 
 # Host paths that must never be mounted into a sandbox, nor anything that
 # contains them (mounting "/" would expose all of them).

@@ -10,7 +10,7 @@ import pytest
 from sandbox.policy import PolicyError, load_policy, policy_from_dict
 
 BAD = Path(__file__).parent / "bad"
-PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+PROFILES = Path(__file__).resolve().parents[2] / "sandbox" / "profiles"
 
 
 def _expectation(path: Path) -> str:
