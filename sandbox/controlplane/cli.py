@@ -89,7 +89,7 @@ def _admin(state_dir: Path | None) -> tuple[Any, Any]:
 
 def _guard(admin: Any, fn: Callable[[], None]) -> None:
     """Run `fn`, closing `admin` after; API and connection errors become one line on stderr."""
-    import httpx
+    import httpx2 as httpx  # the client uses httpx2 (what anthropic ships)
 
     from .client import LocalAdminError
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # anthropic ships httpx2 (same API); httpx is not a dependency
 
 from .keys import fingerprint
 
