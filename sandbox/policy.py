@@ -233,9 +233,12 @@ class Policy(_Strict):
 # ---------------------------------------------------------------- loading
 
 def profile_search_path() -> list[Path]:
-    extra = os.environ.get("SANDBOX_PROFILES")
-    dirs = [Path(d) for d in extra.split(os.pathsep)] if extra else []
-    return dirs + [PROFILES_DIR]
+    """Where a profile name is looked up, first match wins: ``$SANDBOX_PROFILES``, ``./profiles``,
+    ``$XDG_CONFIG_HOME/sandbox/profiles``, ``/etc/sandbox/profiles``, the shipped profiles
+    (:func:`sandbox.paths.profile_dirs`)."""
+    from sandbox.paths import profile_dirs
+
+    return profile_dirs()
 
 
 def resolve_profile(name_or_path: str) -> Path:
@@ -252,7 +255,8 @@ def resolve_profile(name_or_path: str) -> Path:
         if cand.is_file():
             return cand.resolve()
     names = sorted({f.stem for d in profile_search_path() if d.is_dir() for f in d.glob("*.yaml")})
-    raise PolicyError([(name_or_path, "-", f"no such profile; known: {', '.join(names) or 'none'}")])
+    searched = os.pathsep.join(str(d) for d in profile_search_path())
+    raise PolicyError([(name_or_path, "-", f"no such profile; known: {', '.join(names) or 'none'} (searched {searched})")])
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

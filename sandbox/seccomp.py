@@ -20,7 +20,7 @@ from typing import Any
 import pyseccomp
 import yaml
 
-from sandbox.policy import PROFILES_DIR, PolicyError, Seccomp
+from sandbox.policy import PolicyError, Seccomp
 
 # Calls that break isolation when allowed. `explain` names them, the audit
 # probes them, and the default allowlist contains none of them.
@@ -74,7 +74,9 @@ class CompiledFilter:
 
 
 def _seccomp_dirs() -> list[Path]:
-    return [PROFILES_DIR / "seccomp"]
+    from sandbox.paths import seccomp_dirs  # the profile search path's seccomp/ subdirs
+
+    return seccomp_dirs()
 
 
 @lru_cache(maxsize=32)
