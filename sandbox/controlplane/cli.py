@@ -21,7 +21,7 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STATE_DIR_HELP = "Control plane state directory (default: $SANDBOX_STATE_DIR/controlplane or ~/.local/state/sandbox/controlplane)."
+STATE_DIR_HELP = "Control plane state directory (default: <state dir>/controlplane: $SANDBOX_STATE_DIR, /var/lib/sandbox as root, ~/.local/state/sandbox)."
 
 
 def _state_dir_option(f: F) -> F:

@@ -1,7 +1,7 @@
 """Where a running control plane can be found: its state directory and `endpoint.json`.
 
-The state directory (`$SANDBOX_STATE_DIR/controlplane`, else
-`~/.local/state/sandbox/controlplane`) holds the database, the key files and
+The state directory (`<state dir>/controlplane`, see sandbox/paths.py: /var/lib/sandbox
+for root, else ~/.local/state/sandbox; `$SANDBOX_STATE_DIR` moves it) holds the database, the key files and
 `endpoint.json` (`{"base_url", "environment_id"}`, no secrets), which the CLI
 reads to talk to the control plane another process started.
 """
@@ -33,9 +33,9 @@ class Endpoint:
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("SANDBOX_STATE_DIR")
-    root = Path(base) if base else Path.home() / ".local" / "state" / "sandbox"
-    return root / "controlplane"
+    from sandbox.paths import controlplane_dir  # <state dir>/controlplane, the one layout
+
+    return controlplane_dir()
 
 
 def resolve_state_dir(explicit: str | os.PathLike[str] | None) -> Path:

@@ -37,18 +37,11 @@ class EgressError(RuntimeError):
 
 
 def default_state_dir() -> Path:
-    """``<runtime state dir>/egress``: ``$SANDBOX_STATE_DIR``, else /var/lib/sandbox for root,
-    else ~/.local/state/sandbox - the same rule as ``sandbox.runtime.default_state_dir`` (not
-    imported: that would pull the Docker client into `sandbox egress log`), so the CLI
-    reads the audit log the runtime's daemon writes."""
-    base = os.environ.get("SANDBOX_STATE_DIR")
-    if base:
-        root = Path(base)
-    elif os.geteuid() == 0:
-        root = Path("/var/lib/sandbox")
-    else:
-        root = Path.home() / ".local" / "state" / "sandbox"
-    return root / "egress"
+    """``<state dir>/egress`` (:mod:`sandbox.paths`, stdlib only), so the CLI reads the audit
+    log the runtime's daemon writes."""
+    from sandbox.paths import egress_dir
+
+    return egress_dir()
 
 
 def proxy_env() -> dict[str, str]:

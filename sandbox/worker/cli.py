@@ -17,9 +17,9 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
 
 
 def _default_worker_state_dir() -> Path:
-    from sandbox.runtime import default_state_dir
+    from sandbox.paths import worker_dir
 
-    return default_state_dir() / "worker"
+    return worker_dir()
 
 
 @click.command("worker")
