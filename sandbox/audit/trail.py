@@ -24,6 +24,12 @@ strings are replaced by their digest.
     trail.tool_call("bash", {"command": cmd}, exit_status=res.exit_code, limit=res.limit, duration_s=res.duration)
     trail.egress(record)                      # an egress AuditRecord or its dict
     trail.close("session_ended")              # the closing record; no writes after it
+
+A session served in several runs (each run of the worker closes the trail when
+it ends) keeps one chain: ``AuditTrail(path, session=..., reopen=True)`` appends
+a ``reopen`` record chained to the closing record and carries on. :func:`verify`
+accepts a ``reopen`` right after a closing record and nothing else there, so a
+multi-run trail verifies as one chain, and its runs can be told apart.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any, Literal, Self
 
 GENESIS = "sha256:" + "0" * 64
 CLOSE_KIND = "close"
+REOPEN_KIND = "reopen"  # the only record allowed after a closing record: the next run of the same session
 FsyncPolicy = Literal["always", "batched", "never"]
 BATCH_FSYNC_S = 1.0  # a crash loses at most this much of tool-call/egress records; lifecycle is always synced
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@/+-]")
@@ -100,8 +107,9 @@ class AuditTrail:
     append to the same file (each append holds an exclusive flock and re-reads the head
     when the file grew under it)."""
 
-    def __init__(self, path: Path | str, *, session: str, fsync: FsyncPolicy = "batched"):
+    def __init__(self, path: Path | str, *, session: str, fsync: FsyncPolicy = "batched", reopen: bool = False):
         self.path = Path(path)
+        self.reopen = reopen
         self.session = _name(session, 96)
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -121,7 +129,8 @@ class AuditTrail:
         return self._seq, self._head
 
     def policy(self, policy: Any) -> dict[str, Any]:
-        return self.append("policy", {"name": _name(policy.name), "hash": policy.digest(),
+        # `policy_digest`, not `hash`: `hash` is the record's own chain hash.
+        return self.append("policy", {"name": _name(policy.name), "policy_digest": policy.digest(),
                                       "runtime": _name(policy.runtime), "image": _name(policy.image, 128)}, sync=True)
 
     def tool_call(self, name: str, input: Any, *, exit_status: int | None, limit: str | None = None,
@@ -170,14 +179,14 @@ class AuditTrail:
             try:
                 size = os.fstat(self._fd).st_size
                 if size != self._size:  # first write, or another writer appended: re-read the head
-                    self._seq, self._head = _read_head(self.path)
+                    self._seq, self._head, closed = _read_head(self.path, allow_closed=self.reopen)
+                    if closed:
+                        # The previous run closed the trail: the chain carries on with a reopen record.
+                        size = self._write({"seq": self._seq + 1, "ts": _now(), "session": self.session,
+                                            "kind": REOPEN_KIND, "prev": self._head}, size)
                 rec: dict[str, Any] = {"seq": self._seq + 1, "ts": _now(), "session": self.session, "kind": _name(kind),
                                        **fields, "prev": self._head}
-                rec["hash"] = record_hash(rec)
-                line = canonical(rec) + b"\n"
-                os.write(self._fd, line)  # one write on an O_APPEND fd: never interleaved with another's
-                self._size = size + len(line)
-                self._seq, self._head = rec["seq"], rec["hash"]
+                self._write(rec, size)
                 if self.fsync == "always" or (self.fsync == "batched" and
                                               (sync or time.monotonic() - self._last_sync >= BATCH_FSYNC_S)):
                     os.fsync(self._fd)
@@ -185,6 +194,15 @@ class AuditTrail:
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             return rec
+
+    def _write(self, rec: dict[str, Any], size: int) -> int:
+        """Hash and append one record (lock held); returns the file size after it."""
+        rec["hash"] = record_hash(rec)
+        line = canonical(rec) + b"\n"
+        os.write(self._fd, line)  # one write on an O_APPEND fd: never interleaved with another's
+        self._size = size + len(line)
+        self._seq, self._head = rec["seq"], rec["hash"]
+        return self._size
 
     def __enter__(self) -> Self:
         return self
@@ -197,18 +215,19 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
 
-def _read_head(path: Path) -> tuple[int, str]:
-    """(seq, hash) of the file's last complete record; refuses to extend a broken or closed trail."""
+def _read_head(path: Path, *, allow_closed: bool = False) -> tuple[int, str, bool]:
+    """(seq, hash, closed) of the file's last complete record; refuses to extend a broken trail, or a
+    closed one unless ``allow_closed`` (the caller then writes a reopen record first)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             end = f.tell()
             if end == 0:
-                return 0, GENESIS
+                return 0, GENESIS, False
             f.seek(max(0, end - 65536))
             tail = f.read()
     except FileNotFoundError:
-        return 0, GENESIS
+        return 0, GENESIS, False
     if not tail.endswith(b"\n"):
         raise TrailError(f"{path}: last record is incomplete; run `sandbox audit verify` and start a new trail")
     last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
@@ -217,11 +236,12 @@ def _read_head(path: Path) -> tuple[int, str]:
         seq, h = int(rec["seq"]), str(rec["hash"])
     except (ValueError, KeyError, TypeError):
         raise TrailError(f"{path}: last record is unreadable; run `sandbox audit verify`") from None
-    if rec.get("kind") == CLOSE_KIND:
-        raise TrailError(f"{path}: the trail is closed; a session's trail is never reopened")
     if record_hash(rec) != h:
         raise TrailError(f"{path}: last record's hash does not match its content; run `sandbox audit verify`")
-    return seq, h
+    closed = rec.get("kind") == CLOSE_KIND
+    if closed and not allow_closed:
+        raise TrailError(f"{path}: the trail is closed; open it with reopen=True to continue the session's chain")
+    return seq, h, closed
 
 
 # ------------------------------------------------------------------ verification
@@ -234,6 +254,7 @@ class VerifyResult:
     reason: str
     head: str                   # hash of the last valid record (GENESIS if none)
     closed: bool
+    runs: int = 0               # runs recorded: 1 + the reopen records
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -242,7 +263,7 @@ class VerifyResult:
 def verify(path: Path | str, *, allow_open: bool = False, expect_head: str | None = None) -> VerifyResult:
     """Check the chain; report the first broken record. An unclosed trail fails unless ``allow_open``
     (a live session's trail), because cutting records off the end looks exactly like that."""
-    prev, seq, closed = GENESIS, 0, False
+    prev, seq, closed, runs = GENESIS, 0, False, 0
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -251,19 +272,21 @@ def verify(path: Path | str, *, allow_open: bool = False, expect_head: str | Non
         lines = lines[:-1]
 
     def bad(n: int, why: str) -> VerifyResult:
-        return VerifyResult(False, n - 1, n, why, prev, closed)
+        return VerifyResult(False, n - 1, n, why, prev, closed, runs)
 
     for n, raw in enumerate(lines, start=1):
         if n == len(lines) and not complete:
             return bad(n, "incomplete last record: the file was cut mid-record")
-        if closed:
-            return bad(n, "record after the closing record")
         try:
             rec = json.loads(raw)
         except ValueError:
             rec = None
         if not isinstance(rec, dict):
             return bad(n, "not a JSON object (altered or corrupted)")
+        if closed and rec.get("kind") != REOPEN_KIND:
+            return bad(n, "record after the closing record (only a reopen record may follow it)")
+        if not closed and rec.get("kind") == REOPEN_KIND:
+            return bad(n, "reopen record that does not follow a closing record")
         if rec.get("hash") != record_hash(rec):
             return bad(n, "hash does not match the record's content: this record was altered")
         if canonical(rec) != raw:
@@ -276,11 +299,14 @@ def verify(path: Path | str, *, allow_open: bool = False, expect_head: str | Non
                           "reordered or the previous one was altered and re-hashed")
         prev, seq = rec["hash"], rec["seq"]
         closed = rec.get("kind") == CLOSE_KIND
+        if n == 1 or rec.get("kind") == REOPEN_KIND:
+            runs += 1
     if expect_head is not None and prev != expect_head:
         return VerifyResult(False, seq, seq + 1, f"head {prev} is not the anchored head {expect_head}: records were "
-                                                 "cut off the end, or the trail was rewritten", prev, closed)
+                                                 "cut off the end, or the trail was rewritten", prev, closed, runs)
     if not closed and not allow_open:
         return VerifyResult(False, seq, seq + 1, f"no closing record after record {seq}: the trail was truncated, "
-                                                 "or its session is still running (use --allow-open)", prev, closed)
+                                                 "or its session is still running (use --allow-open)", prev, closed, runs)
     state = "closed" if closed else "open (session still running)"
-    return VerifyResult(True, seq, None, f"chain intact: {seq} records, {state}", prev, closed)
+    across = f" across {runs} runs" if runs > 1 else ""
+    return VerifyResult(True, seq, None, f"chain intact: {seq} records{across}, {state}", prev, closed, runs)

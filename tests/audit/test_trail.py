@@ -198,3 +198,48 @@ def test_verify_cli_reports_the_first_broken_record(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "BROKEN at record 3" in bad.output, bad.output
     js = CliRunner().invoke(main, ["audit", "verify", "--json", str(p)])
     assert js.exit_code == 1 and json.loads(js.output)["first_bad"] == 3
+
+
+def test_policy_record_keeps_the_policy_digest_apart_from_the_chain_hash(tmp_path: Path) -> None:
+    p = make_trail(tmp_path / "t.jsonl")
+    rec = json.loads(lines(p)[0])
+    assert rec["kind"] == "policy" and rec["policy_digest"] == _Policy().digest()
+    assert rec["hash"] == record_hash(rec) != rec["policy_digest"]
+
+
+def test_a_reopened_trail_continues_one_chain_across_runs(tmp_path: Path) -> None:
+    p = make_trail(tmp_path / "t.jsonl")  # run 1, closed
+    for run in (2, 3):
+        t = AuditTrail(p, session="sess_test", reopen=True)
+        t.lifecycle("work_claimed", work_id=f"work_{run}")
+        t.tool_call("bash", {"command": f"run {run}"}, exit_status=0)
+        t.close("work_done")
+    res = verify(p)
+    assert res.ok and res.closed and res.runs == 3 and res.records == N + 2 * 4, res
+    kinds = [json.loads(x)["kind"] for x in lines(p)]
+    assert kinds[N:N + 4] == ["reopen", "lifecycle", "tool_call", "close"]
+    # A reopen is allowed only right after a closing record ...
+    ls = lines(p)
+    del ls[N - 1]  # drop run 1's closing record (and re-chain nothing): broken at the reopen
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(b"".join(ls))
+    assert not verify(q).ok
+    # ... and a forged reopen in the middle of a run is reported even when correctly chained.
+    r = tmp_path / "r.jsonl"
+    t = AuditTrail(r, session="s")
+    t.lifecycle("a")
+    t.append("reopen", {})
+    t.close()
+    bad = verify(r)
+    assert not bad.ok and bad.first_bad == 2 and "reopen" in bad.reason
+
+
+def test_the_verify_cli_accepts_a_multi_run_trail(tmp_path: Path) -> None:
+    from sandbox.cli import main
+
+    p = make_trail(tmp_path / "t.jsonl")
+    t = AuditTrail(p, session="sess_test", reopen=True)
+    t.tool_call("read", {"file_path": "x"}, exit_status=0)
+    t.close()
+    ok = CliRunner().invoke(main, ["audit", "verify", str(p)])
+    assert ok.exit_code == 0 and "OK" in ok.output, ok.output
