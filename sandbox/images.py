@@ -24,10 +24,17 @@ from typing import Callable
 
 import yaml
 
-IMAGES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped as package data
-AGENT_DIR = Path(__file__).resolve().parent / "agent"
+from sandbox import paths
+
+IMAGES_DIR = paths.SHIPPED_RECIPES_DIR  # shipped as package data
+AGENT_DIR = paths.PACKAGE_DIR / "agent"  # shipped as package data
 AGENT_TARGET = "/opt/sandbox-agent"
-ROOTFS_CACHE = Path(os.environ.get("SANDBOX_ROOTFS_CACHE", "/var/cache/sandbox/rootfs"))
+
+
+def rootfs_cache() -> Path:
+    """Where debootstrapped root filesystems are kept (:func:`sandbox.paths.rootfs_cache_dir`:
+    ``$SANDBOX_ROOTFS_CACHE``, else /var/cache/sandbox/rootfs for root), read at build time."""
+    return paths.rootfs_cache_dir()
 
 Step = Callable[[str], None]
 
@@ -65,18 +72,22 @@ def load_recipe(path: Path) -> Recipe:
 
 
 def recipes() -> list[Recipe]:
-    return [load_recipe(p) for p in sorted(IMAGES_DIR.glob("*/image.yaml"))]
+    found = sorted(IMAGES_DIR.glob("*/image.yaml"))
+    if not found:
+        raise RuntimeError(f"no image recipes in {IMAGES_DIR} (a broken install: recipes ship as package data)")
+    return [load_recipe(p) for p in found]
 
 
 def ensure_rootfs(r: Recipe, step: Step) -> Path:
-    dest = ROOTFS_CACHE / r.rootfs_key
+    cache = rootfs_cache()
+    dest = cache / r.rootfs_key
     if (dest / ".complete").exists():
         step(f"rootfs {r.rootfs_key} cached")
         return dest
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is not installed (apt-get install -y debootstrap)")
-    ROOTFS_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{r.rootfs_key}.", dir=ROOTFS_CACHE))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{r.rootfs_key}.", dir=cache))
     step(f"debootstrap {r.suite} ({len(r.packages)} extra packages; takes a few minutes)")
     cmd = ["debootstrap", f"--variant={r.variant}", f"--include={','.join(r.packages)}", r.suite, str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
