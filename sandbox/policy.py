@@ -9,6 +9,7 @@ Errors name the file, the key and the reason (:class:`PolicyError`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,12 +17,14 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from sandbox import seccomp as _seccomp
 from sandbox.egress.rules import EgressPolicy
+from sandbox.policy_base import PROFILES_DIR, PolicyError, Seccomp, Weakening, _Strict, read_yaml
 
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # shipped as package data
+__all__ = ["PROFILES_DIR", "Policy", "PolicyError", "Seccomp", "Weakening", "check_host_path", "find_weakenings",
+           "load_policy", "policy_from_dict", "profile_search_path", "resolve_profile"]
 
 # Host paths that must never be mounted into a sandbox, nor anything that
 # contains them (mounting "/" would expose all of them).
@@ -51,6 +54,10 @@ DANGEROUS_HOST_PATHS: tuple[str, ...] = (
 _RESERVED_TARGETS: tuple[str, ...] = ("/", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/lib", "/opt/sandbox-agent")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNSAFE_ID = re.compile(r"^[a-z_]+(\.[A-Za-z0-9_:/.-]+)+$")
+_MIN_REASON = 8
+_DEFER_UNSAFE = "sandbox.defer_unsafe_check"
+_ORIGINS_ATTR = "_sandbox_origins"  # kept out of the model: not a setting, not in the digest
 # Environment names that would let a policy pass a credential or redirect the loader.
 _FORBIDDEN_ENV = re.compile(r"^(ANTHROPIC_.*|LD_PRELOAD|LD_LIBRARY_PATH|LD_AUDIT|DOCKER_.*)$")
 
@@ -77,19 +84,6 @@ def check_host_path(v: str) -> str:
             raise ValueError(f"host path {v!r} is a container engine socket")
     return v
 
-
-
-class PolicyError(ValueError):
-    """A profile is invalid. ``problems`` lists (file, key, reason) triples."""
-
-    def __init__(self, problems: list[tuple[str, str, str]]):
-        self.problems = problems
-        lines = [f"{f}: {k}: {r}" for f, k, r in problems]
-        super().__init__("invalid policy:\n  " + "\n  ".join(lines))
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class User(_Strict):
@@ -156,15 +150,6 @@ class Rlimits(_Strict):
     stack_mb: int = Field(8, ge=1, le=1024)
 
 
-class Seccomp(_Strict):
-    """Which syscall allowlist to load, plus per-policy adjustments."""
-
-    profile: str = "default"
-    extra_allow: list[str] = []
-    extra_deny: list[str] = []
-    default_action: Literal["errno", "kill_process", "log"] = "errno"
-
-
 class Timeouts(_Strict):
     call_s: float = Field(120, gt=0, le=24 * 3600)
     session_s: float = Field(3600, gt=0, le=7 * 24 * 3600)
@@ -190,6 +175,26 @@ class Policy(_Strict):
     env: dict[str, str] = {}
     timeouts: Timeouts = Timeouts()
     output: Output = Output()
+    # Weakenings from the shipped baseline this profile accepts, each with a written reason:
+    # {"seccomp.allow.ptrace": "debugger sessions"}. A profile that extends another can
+    # withdraw an inherited entry with null. See find_weakenings() for the ids.
+    unsafe: dict[str, str] = {}
+
+    @field_validator("unsafe", mode="before")
+    @classmethod
+    def _unsafe_reasons(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # the type check reports it
+        out = {}
+        for wid, reason in v.items():
+            if reason is None:
+                continue  # withdrawn by an extending profile
+            if not isinstance(wid, str) or not _UNSAFE_ID.match(wid):
+                raise ValueError(f"{wid!r} is not a weakening id (like seccomp.allow.ptrace)")
+            if not isinstance(reason, str) or len(reason.strip()) < _MIN_REASON:
+                raise ValueError(f"{wid}: needs a written reason (at least {_MIN_REASON} characters)")
+            out[wid] = reason.strip()
+        return out
 
     @field_validator("env")
     @classmethod
@@ -224,10 +229,89 @@ class Policy(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _weakenings_declared(self, info: ValidationInfo) -> "Policy":
+        if (info.context or {}).get(_DEFER_UNSAFE):
+            return self  # policy_from_dict checks it itself, naming files
+        problems = _unsafe_problems(self, {}, "policy")
+        if problems:
+            raise ValueError("; ".join(f"{k}: {r}" for _, k, r in problems))
+        return self
+
+    def seccomp_filter(self) -> "_seccomp.CompiledFilter":
+        """The filter this policy loads into its sandboxes (allowlist resolved, runtime adjusted)."""
+        return _seccomp.for_runtime(_seccomp.compile_filter(self.seccomp), self.runtime)
+
     def digest(self) -> str:
-        """A stable hash of everything this policy enforces (for audit reports and trails)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """One hash over everything this policy enforces: every setting, the image reference and
+        runtime, and the resolved seccomp filter itself (default action, allowed, argument-checked
+        and errno calls), so editing an allowlist file changes it. Labels, audit reports and
+        trails carry it."""
+        doc = {"policy": self.model_dump(mode="json"), "seccomp_filter": self.seccomp_filter().canonical()}
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+    def weakenings(self) -> list[Weakening]:
+        """The weakenings from the shipped baseline this policy makes, each with its declared
+        reason (a policy that loaded declares all of them)."""
+        return [dataclasses.replace(w, reason=self.unsafe.get(w.id, "")) for w in find_weakenings(self)]
+
+    def origin(self, key: str) -> str | None:
+        """The profile file (of the ``extends`` chain) that set ``key`` ("limits.pids"), or None
+        for a built-in default or a policy not loaded from files."""
+        origins: dict[str, str] = self.__dict__.get(_ORIGINS_ATTR) or {}
+        return _lookup_origin(origins, key)
+
+
+# ---------------------------------------------------------------- weakenings
+
+def find_weakenings(p: Policy) -> list[Weakening]:
+    """Every way ``p`` is weaker than the shipped baseline, declared or not (reasons empty).
+
+    The baseline: the shipped seccomp allowlist and its argument checks, default action errno
+    (or kill_process), no dangerous syscall in any form (:mod:`sandbox.seccomp` has the
+    details), and the egress proxy refusing every non-public address. Ids:
+    ``seccomp.allow.<syscall>``, ``seccomp.default_action.<action>``, ``egress.allow_cidrs.<cidr>``.
+    """
+    out = list(_seccomp.weakenings(p.seccomp))
+    for c in p.egress.allow_cidrs:
+        out.append(Weakening(f"egress.allow_cidrs.{c}",
+                             f"non-public addresses in {c} (private, loopback, link-local, cloud metadata) "
+                             "reachable through the proxy, IP literals in it on any port",
+                             "policy", "egress.allow_cidrs"))
+    return out
+
+
+def _unsafe_problems(p: Policy, origins: dict[str, str], source: str) -> list[tuple[str, str, str]]:
+    """Undeclared weakenings and declarations of weakenings the policy does not make."""
+    problems: list[tuple[str, str, str]] = []
+    found = find_weakenings(p)
+    for w in found:
+        if w.id in p.unsafe:
+            continue
+        reason = (f"allows {w.allows}: weaker than the shipped baseline; remove it, or accept it in writing "
+                  f"with unsafe: {{{w.id}: <reason>}}")
+        if w.file == "policy":
+            problems.append((_lookup_origin(origins, w.key) or source, w.key, reason))
+        else:  # the allowlist file itself allows it
+            problems.append((w.file, w.key, f"{reason} in the profile using this allowlist ({source})"))
+    ids = {w.id for w in found}
+    for wid in p.unsafe:
+        if wid not in ids:
+            problems.append((_lookup_origin(origins, f"unsafe.{wid}") or source, f"unsafe.{wid}",
+                             "declares a weakening this policy does not make; remove it "
+                             "(a profile that extends this one withdraws it with null)"))
+    return problems
+
+
+def _lookup_origin(origins: dict[str, str], key: str) -> str | None:
+    k = key
+    while k:
+        for cand in (k, k + "."):
+            if cand in origins:
+                return origins[cand]
+        k = k.rpartition(".")[0]
+    return None
 
 
 # ---------------------------------------------------------------- loading
@@ -260,12 +344,7 @@ def resolve_profile(name_or_path: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PolicyError([(str(path), "-", f"not valid YAML: {e}")]) from None
-    except OSError as e:
-        raise PolicyError([(str(path), "-", f"cannot read: {e.strerror}")]) from None
+    data = read_yaml(path)  # strict: a key given twice is an error naming both lines
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -283,13 +362,43 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _origins_of(data: dict[str, Any], file: str, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> file for every value ``data`` sets, down to the leaves; a mapping is also
+    recorded as ``key.`` (the last file that wrote into it)."""
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out[key + "."] = file
+            out.update(_origins_of(v, file, key + "."))
+        else:
+            out[key] = file
+    return out
+
+
+def _merge_origins(parent: dict[str, str], child: dict[str, str]) -> dict[str, str]:
+    # a child leaf replaces everything the parent set below it (a mapping replaced by a list, say)
+    # and a child mapping replaces a parent's leaf of the same key (an empty mapping, say)
+    leaves = [c for c in child if not c.endswith(".")]
+    maps = {c[:-1] for c in child if c.endswith(".")}
+    out = {k: f for k, f in parent.items() if k not in maps and not any(k.startswith(c + ".") for c in leaves)}
+    out.update(child)
+    return out
+
+
 def _load_raw(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    return _load_raw_with_origins(path, chain)[0]
+
+
+def _load_raw_with_origins(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged profile and, for each dotted key, the file of the ``extends`` chain that set it."""
     if path in chain:
         raise PolicyError([(str(path), "extends", "circular extends: " + " -> ".join(str(c) for c in chain + (path,)))])
     data = _read_yaml(path)
     parent = data.pop("extends", None)
+    origins = _origins_of(data, str(path))
     if parent is None:
-        return data
+        return data, origins
     if not isinstance(parent, str):
         raise PolicyError([(str(path), "extends", "must be a profile name or path")])
     sibling = path.parent / f"{parent}.yaml"
@@ -301,23 +410,31 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         parent_path = resolve_profile(parent)
     except PolicyError as e:
         raise PolicyError([(str(path), "extends", r) for _, _, r in e.problems]) from None
-    base = _load_raw(parent_path, chain + (path,))
-    base.pop("name", None)
-    base.pop("description", None)
-    return _merge(base, data)
+    base, base_origins = _load_raw_with_origins(parent_path, chain + (path,))
+    for k in ("name", "description"):
+        base.pop(k, None)
+        base_origins.pop(k, None)
+    return _merge(base, data), _merge_origins(base_origins, origins)
 
 
 def load_policy(name_or_path: str) -> Policy:
     """Load, merge (``extends``) and validate a profile into a :class:`Policy`."""
     path = resolve_profile(name_or_path)
-    data = _load_raw(path, ())
+    data, origins = _load_raw_with_origins(path, ())
     data.setdefault("name", path.stem)
-    return policy_from_dict(data, source=str(path))
+    return policy_from_dict(data, source=str(path), origins=origins)
 
 
-def policy_from_dict(data: dict[str, Any], source: str = "<dict>") -> Policy:
+def policy_from_dict(data: dict[str, Any], source: str = "<dict>", origins: dict[str, str] | None = None) -> Policy:
+    """Validate a merged profile. ``origins`` (dotted key -> file) lets errors name the file of the
+    ``extends`` chain that set the key; without it they name ``source``."""
+    origins = origins or {}
+
+    def where(key: str) -> str:
+        return _lookup_origin(origins, key) or source
+
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={_DEFER_UNSAFE: True})
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -326,12 +443,14 @@ def policy_from_dict(data: dict[str, Any], source: str = "<dict>") -> Policy:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             msg = msg.removeprefix("Value error, ")
-            problems.append((source, key, msg))
+            problems.append((where(key), key, msg))
         raise PolicyError(problems) from None
-    from sandbox.seccomp import compile_filter  # here: seccomp imports this module
-
     try:
-        compile_filter(policy.seccomp)  # syscall names are checked against libseccomp at load
+        _seccomp.compile_filter(policy.seccomp)  # syscall names are checked against libseccomp at load
     except PolicyError as e:
-        raise PolicyError([(f if k == "allow" else source, k, r) for f, k, r in e.problems]) from None
+        raise PolicyError([(f if f != "policy" else where(k), k, r) for f, k, r in e.problems]) from None
+    problems = _unsafe_problems(policy, origins, source)
+    if problems:
+        raise PolicyError(problems)
+    object.__setattr__(policy, _ORIGINS_ATTR, dict(origins))
     return policy

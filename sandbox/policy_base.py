@@ -1,0 +1,115 @@
+"""What both the policy loader and the seccomp compiler need, so neither imports the other.
+
+:mod:`sandbox.policy` imports :mod:`sandbox.seccomp` (the digest and the weakening
+check need the compiled filter), and :mod:`sandbox.seccomp` needs the error type,
+the ``seccomp:`` section's model and a strict YAML reader: those live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # shipped as package data
+
+
+class PolicyError(ValueError):
+    """A profile is invalid. ``problems`` lists (file, key, reason) triples."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]):
+        self.problems = problems
+        lines = [f"{f}: {k}: {r}" for f, k, r in problems]
+        super().__init__("invalid policy:\n  " + "\n  ".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Seccomp(_Strict):
+    """Which syscall allowlist to load, plus per-policy adjustments."""
+
+    profile: str = "default"
+    extra_allow: list[str] = []
+    extra_deny: list[str] = []
+    default_action: Literal["errno", "kill_process", "log"] = "errno"
+
+
+@dataclass(frozen=True)
+class Weakening:
+    """One way a policy is weaker than the shipped baseline.
+
+    ``id`` is what a profile writes under ``unsafe:`` to accept it (e.g. ``seccomp.allow.ptrace``);
+    ``allows`` says in words what it lets a workload do; ``file``/``key`` say where it came from
+    (``file`` is "policy" for the profile's own keys); ``reason`` is the profile's written reason,
+    empty when the weakening is not declared (such a policy does not load)."""
+
+    id: str
+    allows: str
+    file: str
+    key: str
+    reason: str = ""
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.reason)
+
+
+# ---------------------------------------------------------------- strict YAML
+
+_Base: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser is ~10x faster
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class StrictLoader(_Base):  # type: ignore[misc, valid-type]
+    """SafeLoader that refuses a mapping key given twice (at any depth).
+
+    A reviewer reads the first value, the loader would use the last. YAML merge
+    keys (``<<``) still override as YAML defines; only literal repeats are errors.
+    Works with the C parser too: construction is Python code either way.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, tuple[int, int]] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base constructor reports unhashable keys itself
+                here = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                if key in seen:
+                    first = seen[key]
+                    where = (f"lines {first[0]} and {here[0]}" if first[0] != here[0]
+                             else f"line {here[0]} (columns {first[1]} and {here[1]})")
+                    raise _DuplicateKey(None, None, f"duplicate key {key!r} on {where}", key_node.start_mark)
+                seen[key] = here
+        return super().construct_mapping(node, deep=deep)
+
+
+
+def read_yaml(path: Path, key: str = "-") -> Any:
+    """Parse one YAML file strictly; errors are :class:`PolicyError` naming the file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PolicyError([(str(path), key, f"cannot read: {e.strerror}")]) from None
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise PolicyError([(str(path), key, str(e.problem))]) from None
+    except yaml.YAMLError as e:
+        raise PolicyError([(str(path), key, f"not valid YAML: {e}")]) from None
+
+
+__all__ = ["PROFILES_DIR", "PolicyError", "Seccomp", "StrictLoader", "Weakening", "read_yaml"]
