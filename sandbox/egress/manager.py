@@ -145,7 +145,7 @@ class EgressManager:
                 if not data:
                     raise EgressError("egress daemon closed the control connection")
                 buf += data
-        reply = json.loads(buf)
+        reply: dict[str, Any] = json.loads(buf)
         if not reply.get("ok"):
             raise EgressError(f"egress daemon refused {msg.get('op')}: {reply.get('error')}")
         return reply
