@@ -5,14 +5,25 @@ payload); stdin is raw. One reader thread per sandbox demultiplexes the agent's
 events to per-request queues. Everything read here comes from inside the
 sandbox, so sizes are bounded and malformed input ends the channel instead of
 being trusted.
+
+Every event line is ``<mac> <json>``: an HMAC-SHA256 (truncated to 128 bits) under
+a key made here for this sandbox alone and sent to the agent as the first line
+of its stdin, over an 8-byte sequence number and the JSON body. The workload
+cannot read the agent's stdin (the agent is PID 1 and non-dumpable), so it cannot
+learn the key; a line that fails the check - forged, replayed, reordered or
+corrupted - ends the channel with ``violation`` set, and the runtime destroys the
+sandbox: nothing that comes from inside it is trusted after that.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 import logging
 import queue
+import secrets
 import socket
 import struct
 import threading
@@ -22,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 16 << 20  # one event; a 256 KiB file read is well under this after base64
 MAX_DIAG = 64 << 10  # agent stderr kept for diagnostics
+MAC_HEX = 32
 
 
 class ChannelClosed(Exception):
@@ -29,8 +41,11 @@ class ChannelClosed(Exception):
 
 
 class AgentChannel:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, key: bytes | None = None):
         self._sock = sock
+        self.key = key if key is not None else secrets.token_bytes(32)
+        self._rseq = 0
+        self.violation = False
         self._wlock = threading.Lock()
         self._ids = itertools.count(1)
         self._queues: dict[int, queue.Queue[dict[str, Any] | None]] = {}
@@ -39,8 +54,13 @@ class AgentChannel:
         self.closed = threading.Event()
         self.close_reason = ""
         self.diagnostics = bytearray()
+        self.expired = False
         self._reader = threading.Thread(target=self._read_loop, name="agent-channel", daemon=True)
         self._reader.start()
+
+    def hello(self, session_s: float) -> None:
+        """The first line the agent reads: its MAC key and the session time limit it enforces itself."""
+        self.send({"op": "hello", "key": self.key.hex(), "session_s": float(session_s)})
 
     # -- requests
     def open_request(self) -> tuple[int, "queue.Queue[dict[str, Any] | None]"]:
@@ -102,18 +122,33 @@ class AgentChannel:
         except (OSError, ValueError) as e:
             self._close(f"channel error: {e}")
 
+    def _authentic(self, line: bytes) -> bytes | None:
+        mac, _, body = line.partition(b" ")
+        want = hmac.new(self.key, self._rseq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:MAC_HEX]
+        if len(mac) != MAC_HEX or not hmac.compare_digest(mac, want.encode()):
+            return None
+        self._rseq += 1
+        return body
+
     def _dispatch(self, line: bytes) -> None:
+        body = self._authentic(line)
+        if body is None:
+            self.violation = True
+            log.error("sandbox agent channel: a frame failed authentication (forged or corrupted); closing")
+            raise ValueError("a frame failed authentication (forged, replayed or corrupted)")
         try:
-            ev = json.loads(line)
+            ev = json.loads(body)
             if not isinstance(ev, dict):
                 raise ValueError
         except ValueError:
-            log.warning("sandbox agent sent a malformed event (%d bytes)", len(line))
+            log.warning("sandbox agent sent a malformed event (%d bytes)", len(body))
             return
         rid = ev.get("id")
         if rid is None:
             if ev.get("ev") == "ready":
                 self.ready.put(ev)
+            elif ev.get("ev") == "expired":
+                self.expired = True
             return
         with self._qlock:
             q = self._queues.get(rid) if isinstance(rid, int) else None

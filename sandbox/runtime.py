@@ -1,9 +1,12 @@
 """The runtime: one hardened container per session, driven through the Docker SDK.
 
-create -> (attach, start, agent ready) -> exec / call ... -> destroy. Every
-container carries labels naming its session, the managing host and the owning
-process, so sandboxes left by a crashed process are found and reaped by
-:func:`Runtime.gc`. Containers are cattle: never reused across sessions.
+create -> (lease a uid, attach, start, hello, agent ready) -> exec / call ... -> destroy.
+Every container carries labels naming its session, the managing host, the owning
+process and its uid. A sandbox dies with the process that created it (its
+agent exits when that process's end of the attach stream closes) and at its
+session time limit (inside the sandbox, with a host timer as a second line);
+:func:`Runtime.gc` removes anything left. Containers are cattle: never reused
+across sessions.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, BinaryIO, Callable, Protocol
 
 from sandbox import spec as specmod
 from sandbox.channel import AgentChannel, ChannelClosed
 from sandbox.engine import Engine, EngineError, NotFound, engine_socket_path
 from sandbox.egress.rules import EgressPolicy
+from sandbox.identity import Identity, IdentityAllocator, IdentityError
 from sandbox.policy import Policy, check_host_path
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ LIMIT_WORDS: dict[str, str] = {
 _LIMIT_ORDER = ("memory", "pids", "fsize", "cpu", "output", "timeout")
 HOST_GRACE_S = 5.0
 READY_TIMEOUT_S = 60.0
+STDIN_CHUNK = 64 << 10
+STDIN_WINDOW = 1 << 20  # streamed stdin in flight (sent, not yet written into the command)
 
 OutputCallback = Callable[[int, bytes], None]
 
@@ -184,8 +190,13 @@ class Sandbox:
     """A running sandbox. Thread-safe: several calls may run at once."""
 
     def __init__(self, runtime: "Runtime", policy: Policy, session_id: str, container_id: str,
-                 channel: AgentChannel, counters: CgroupCounters, workspace_dir: Path | None, egress: bool):
+                 channel: AgentChannel, counters: CgroupCounters, workspace_dir: Path | None, egress: bool,
+                 identity: Identity | None = None, owns_identity: bool = True):
         self.runtime = runtime
+        self.identity = identity
+        self._owns_identity = owns_identity
+        self.uid = identity.uid if identity else None
+        self.gid = identity.gid if identity else None
         self.policy = policy
         self.session_id = session_id
         self.id = container_id
@@ -212,9 +223,12 @@ class Sandbox:
         return not self._destroyed and not self.channel.closed.is_set()
 
     def exec(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None,
-             cwd: str | None = None, stdin: bytes | None = None, max_output: int | None = None,
+             cwd: str | None = None, stdin: bytes | BinaryIO | None = None, max_output: int | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
-        """Run argv inside the sandbox; stream output to ``on_output`` or collect it."""
+        """Run argv inside the sandbox; stream output to ``on_output`` or collect it.
+
+        ``stdin``: bytes, or a binary file object streamed in chunks with flow control
+        (at most STDIN_WINDOW bytes in flight: memory stays bounded on both sides)."""
         timeout = float(timeout or self.policy.timeouts.call_s)
         cap = int(max_output or self.policy.output.max_bytes)
         before = self.counters.snapshot()
@@ -228,14 +242,20 @@ class Sandbox:
             req["env"] = env
         if cwd:
             req["cwd"] = cwd
-        if stdin is not None:
-            req["stdin"] = base64.b64encode(stdin).decode()
+        stream: _StdinStream | None = None
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            req["stdin"] = base64.b64encode(bytes(stdin)).decode()
+        elif stdin is not None:
+            req["stdin_stream"] = True
+            stream = _StdinStream(self.channel, rid, stdin)
         out, err = bytearray(), bytearray()
         received = 0
         host_limits: list[str] = []
         exit_ev: dict[str, Any] | None = None
         try:
             self.channel.send(req)
+            if stream is not None:
+                stream.start()
             deadline = started + timeout + HOST_GRACE_S
             while exit_ev is None:
                 remaining = deadline - time.monotonic()
@@ -249,10 +269,15 @@ class Sandbox:
                 except Exception:  # queue.Empty
                     continue
                 if ev is None:
+                    self._after_channel_loss()
                     return self._finish(ExecResult(exit_code=SANDBOX_ERROR_EXIT, stdout=bytes(out), stderr=bytes(err),
                                                    error=f"sandbox agent stopped: {self.channel.close_reason}",
                                                    duration=time.monotonic() - started), before)
                 kind = ev.get("ev")
+                if kind == "stdin_ack":
+                    if stream is not None:
+                        stream.ack(ev.get("n"))
+                    continue
                 if kind == "out":
                     try:
                         data = base64.b64decode(ev.get("data", ""), validate=True)
@@ -274,6 +299,8 @@ class Sandbox:
                 elif kind in ("exit", "error"):
                     exit_ev = ev
         finally:
+            if stream is not None:
+                stream.stop()
             self.channel.finish_request(rid)
         duration = time.monotonic() - started
         if exit_ev is None:
@@ -293,8 +320,19 @@ class Sandbox:
                 host_limits.append("timeout")
             if agent_limit == "output" and received >= cap:
                 host_limits.append("output")
+            if duration > timeout + HOST_GRACE_S and "timeout" not in host_limits:
+                host_limits.append("timeout")  # the host's own clock says it ran past its limit
         res.limits = host_limits
         return self._finish(res, before)
+
+    def _after_channel_loss(self) -> None:
+        """A forged frame or an expired session: nothing from inside is trusted; the sandbox goes."""
+        if self.channel.violation:
+            self.runtime.log_event("channel integrity violation (a frame failed authentication); sandbox destroyed", self)
+            self.destroy()
+        elif self.channel.expired:
+            self.expired = True
+            self.destroy()
 
     def _cancel(self, rid: int) -> None:
         try:
@@ -335,6 +373,7 @@ class Sandbox:
                 except Exception:  # queue.Empty
                     continue
                 if ev is None:
+                    self._after_channel_loss()
                     raise SandboxError(f"sandbox agent stopped: {self.channel.close_reason}")
                 if ev.get("ev") == "result":
                     if ev.get("ok"):
@@ -352,6 +391,52 @@ class Sandbox:
             self._destroyed = True
         self._deadline.cancel()
         self.runtime._teardown(self)
+
+
+class _StdinStream:
+    """Feeds a file object into a running exec: chunks over the channel, acked by the agent."""
+
+    def __init__(self, channel: AgentChannel, rid: int, src: BinaryIO):
+        self.channel, self.rid, self.src = channel, rid, src
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"stdin-{rid}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ack(self, n: object) -> None:
+        with self._cond:
+            if isinstance(n, int) and n > 0:
+                self._inflight = max(0, self._inflight - n)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        read = getattr(self.src, "read1", None) or self.src.read
+        try:
+            while True:
+                with self._cond:
+                    while self._inflight >= STDIN_WINDOW and not self._stopped:
+                        self._cond.wait(1.0)
+                    if self._stopped:
+                        return
+                chunk = read(STDIN_CHUNK)
+                if not chunk:
+                    break
+                with self._cond:
+                    if self._stopped:
+                        return
+                    self._inflight += len(chunk)
+                self.channel.send({"op": "stdin", "target": self.rid, "data": base64.b64encode(chunk).decode()})
+            self.channel.send({"op": "stdin", "target": self.rid, "eof": True})
+        except (ChannelClosed, OSError, ValueError):
+            return
 
 
 class ToolOpError(Exception):
@@ -373,6 +458,29 @@ class Runtime:
         self._egress = egress
         self._events: list[tuple[float, str, str]] = []
         self.event_hook: Callable[[str, Sandbox], None] | None = None
+        self.identities = IdentityAllocator(in_use=self._ids_in_use)
+
+    def _ids_in_use(self) -> set[int]:
+        """uids/gids that containers the engine still lists carry (any owner, any state dir)."""
+        used: set[int] = set()
+        for c in self.list_managed():
+            lab = c.get("Labels") or {}
+            for key in (specmod.LABEL_UID, specmod.LABEL_GID):
+                try:
+                    used.add(int(lab[key]))
+                except (KeyError, ValueError):
+                    pass
+        return used
+
+    def lease_identity(self, policy: Policy) -> Identity:
+        """The uid/gid a sandbox of this policy will run as: pinned by the policy, or any free one."""
+        u = policy.user
+        try:
+            if isinstance(u.uid, int) and isinstance(u.gid, int):
+                return self.identities.acquire(u.uid, u.gid)
+            return self.identities.acquire()
+        except IdentityError as e:
+            raise SandboxError(str(e)) from None
 
     @property
     def client(self) -> Any:
@@ -397,33 +505,45 @@ class Runtime:
         return self._egress
 
     def create(self, policy: Policy, session_id: str | None = None, workspace: Path | None = None,
-               extra_labels: dict[str, str] | None = None) -> Sandbox:
-        """Create and start a sandbox for one session; returns once its agent is ready."""
+               extra_labels: dict[str, str] | None = None, *, identity: Identity | None = None,
+               ro_mounts: list[tuple[str | Path, str]] | None = None) -> Sandbox:
+        """Create and start a sandbox for one session; returns once its agent is ready.
+
+        ``identity``: a uid/gid lease the caller holds (e.g. for a session whose workspace
+        outlives its sandboxes); without one the runtime leases one for this sandbox alone.
+        ``ro_mounts``: extra host paths mounted read-only (checked like policy mounts)."""
         session_id = session_id or f"sess_{secrets.token_hex(8)}"
         name = f"sandbox-{_safe_name(session_id)}-{secrets.token_hex(3)}"
         ws_dir: Path | None = None
         managed_ws = False
         egress_dir: Path | None = None
         cid: str | None = None
+        owns_identity = identity is None
         try:
+            if identity is None:
+                identity = self.lease_identity(policy)
+            ids = specmod.Ids(identity.uid, identity.gid)
             if workspace is not None:
                 ws_dir = Path(check_host_path(str(Path(workspace).resolve())))
             elif policy.workspace.backing == "disk":
                 ws_dir = make_disk_workspace(self.state_dir / "workspaces", name, policy.workspace.size_mb,
-                                             policy.user.uid, policy.user.gid)
+                                             ids.uid, ids.gid)
                 managed_ws = True
             if policy.egress.enabled:
                 egress_dir = self.egress.register(session_id, policy.egress)
+            extra_ro = tuple((check_host_path(str(Path(src).resolve())), str(target))
+                             for src, target in (ro_mounts or []))
             binds = specmod.Binds(workspace_dir=str(ws_dir) if ws_dir else None,
-                                  egress_dir=str(egress_dir) if egress_dir else None)
+                                  egress_dir=str(egress_dir) if egress_dir else None, ro_mounts=extra_ro)
             labels = dict(extra_labels or {})
             if managed_ws:
                 labels["org.sandbox.workspace"] = name
-            spec = specmod.compile_spec(policy, session_id, binds, owner=self.owner, extra_labels=labels)
+            spec = specmod.compile_spec(policy, session_id, binds, owner=self.owner, extra_labels=labels, ids=ids)
             api = self.engine
             cid = api.create(spec.body, name=name)
             channel = AgentChannel(api.attach(cid))
             api.start(cid)
+            channel.hello(policy.timeouts.session_s)
             inspected: dict[str, Any] = {}
             # The cgroup lookup needs the container's pid; fetch it while the agent starts.
             t = threading.Thread(target=lambda: inspected.update(api.inspect(cid)), daemon=True)
@@ -435,10 +555,13 @@ class Runtime:
             t.join(timeout=30)
             pid = inspected.get("State", {}).get("Pid") or api.inspect(cid)["State"]["Pid"]
             return Sandbox(self, policy, session_id, cid, channel, CgroupCounters(pid),
-                           ws_dir if managed_ws else None, egress_dir is not None)
+                           ws_dir if managed_ws else None, egress_dir is not None,
+                           identity=identity, owns_identity=owns_identity)
         except BaseException as e:
             if cid:
                 self._remove_container(cid)
+            if owns_identity and identity is not None:
+                identity.release()
             if managed_ws:
                 remove_disk_workspace(self.state_dir / "workspaces", name)
             if egress_dir is not None:
@@ -447,6 +570,8 @@ class Runtime:
                 raise SandboxError(f"image {policy.image} is not built; run `sandbox images build`") from None
             if isinstance(e, EngineError):
                 raise SandboxError(f"Docker refused the sandbox: {e.explanation}") from None
+            if isinstance(e, ValueError) and ro_mounts and not isinstance(e, SandboxError):
+                raise SandboxError(f"refused mount: {e}") from None
             if isinstance(e, (ConnectionError, FileNotFoundError)):
                 raise SandboxError(f"cannot reach the Docker engine at {self.engine.socket_path}: {e}") from None
             if isinstance(e, Exception) and not isinstance(e, SandboxError):
@@ -473,6 +598,8 @@ class Runtime:
     def _teardown(self, sb: Sandbox) -> None:
         sb.channel.close()
         self._remove_container(sb.id)
+        if sb._owns_identity and sb.identity is not None:
+            sb.identity.release()
         if sb.workspace_dir is not None:
             remove_disk_workspace(sb.workspace_dir.parent, sb.workspace_dir.name)
         if sb.egress:

@@ -27,6 +27,24 @@ LABEL_OWNER = "org.sandbox.owner"
 LABEL_POLICY = "org.sandbox.policy"
 LABEL_DIGEST = "org.sandbox.policy-digest"
 LABEL_POOL = "org.sandbox.pool"
+LABEL_UID = "org.sandbox.uid"
+LABEL_GID = "org.sandbox.gid"
+
+# Docker's default masked paths (setting MaskedPaths replaces them, so they are repeated here),
+# then host facts a workload has no use for: the kernel's build config and crash-dump layout,
+# symbol addresses, loaded modules, the boot command line and boot id, CPU vulnerability
+# status, firmware and DMI data, tracing and security filesystems.
+MASKED_PATHS: tuple[str, ...] = (
+    "/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+    "/proc/config.gz", "/proc/kallsyms", "/proc/modules", "/proc/cmdline", "/proc/vmallocinfo",
+    "/proc/iomem", "/proc/ioports", "/proc/slabinfo", "/proc/pagetypeinfo", "/proc/sys/kernel/random/boot_id",
+    "/sys/kernel/vmcoreinfo", "/sys/kernel/notes", "/sys/kernel/debug", "/sys/kernel/tracing",
+    "/sys/kernel/security", "/sys/kernel/btf", "/sys/module", "/sys/devices/system/cpu/vulnerabilities",
+    "/sys/devices/virtual/dmi", "/sys/class/dmi",
+)
+READONLY_PATHS: tuple[str, ...] = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 _ULIMITS = (("nofile", "nofile", 1), ("nproc", "nproc", 1), ("fsize", "fsize_mb", 1 << 20),
             ("core", "core", 1), ("cpu", "cpu_s", 1), ("stack", "stack_mb", 1 << 20))
@@ -38,6 +56,21 @@ class Binds:
 
     workspace_dir: str | None = None  # host dir for a disk-backed or user-given workspace
     egress_dir: str | None = None     # per-session dir holding the proxy's Unix socket
+    ro_mounts: tuple[tuple[str, str], ...] = ()  # (host path, container path), e.g. a session's skills
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The uid/gid this sandbox runs as: leased by the runtime, never shared by two live sandboxes."""
+
+    uid: int
+    gid: int
+
+
+def policy_ids(policy: Policy) -> Ids:
+    """The pinned ids of a policy, or a placeholder for ``auto`` (for previews: explain, audits of a spec)."""
+    u = policy.user
+    return Ids(u.uid, u.gid) if isinstance(u.uid, int) and isinstance(u.gid, int) else Ids(65534, 65534)
 
 
 @dataclass(frozen=True)
@@ -65,9 +98,12 @@ def sandbox_env(policy: Policy, egress: bool) -> dict[str, str]:
     return env
 
 
-def labels(policy: Policy, session_id: str, owner: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def labels(policy: Policy, session_id: str, owner: str, extra: dict[str, str] | None = None,
+           ids: Ids | None = None) -> dict[str, str]:
     out = {LABEL_MANAGED: "true", LABEL_SESSION: session_id, LABEL_HOST: socket.gethostname(),
            LABEL_OWNER: owner, LABEL_POLICY: policy.name, LABEL_DIGEST: policy.digest()}
+    if ids is not None:
+        out[LABEL_UID], out[LABEL_GID] = str(ids.uid), str(ids.gid)
     out.update(extra or {})
     return out
 
@@ -80,14 +116,16 @@ def _tmpfs_opts(size_mb: int, exec_: bool, uid: int | None = None, gid: int | No
 
 
 def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner: str = "cli",
-                 image: str | None = None, extra_labels: dict[str, str] | None = None) -> ContainerSpec:
-    """Policy -> Docker create body. ``binds`` carries host paths the runtime created."""
+                 image: str | None = None, extra_labels: dict[str, str] | None = None,
+                 ids: Ids | None = None) -> ContainerSpec:
+    """Policy -> Docker create body. ``binds`` carries host paths the runtime created; ``ids`` the
+    uid/gid the runtime leased (defaults to the policy's pinned ids, or a placeholder for ``auto``)."""
     flt = sc.for_runtime(sc.compile_filter(policy.seccomp), policy.runtime)
     profile = sc.to_oci(flt)
     egress = policy.egress.enabled
     if egress and not binds.egress_dir:
         raise ValueError("policy allows egress but no proxy socket directory was prepared")
-    u = policy.user
+    u = ids or policy_ids(policy)
     ws = policy.workspace
     tmpfs = {t.path: _tmpfs_opts(t.size_mb, t.exec) for t in policy.tmpfs}
     mounts: list[dict[str, Any]] = []
@@ -101,6 +139,9 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
     for m in policy.read_only_mounts:
         mounts.append({"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": True,
                        "BindOptions": {"Propagation": "rprivate"}})
+    for src, target in binds.ro_mounts:
+        mounts.append({"Type": "bind", "Source": src, "Target": target, "ReadOnly": True,
+                       "BindOptions": {"Propagation": "rprivate"}})
     if egress:
         mounts.append({"Type": "bind", "Source": binds.egress_dir, "Target": EGRESS_MOUNT, "ReadOnly": True,
                        "BindOptions": {"Propagation": "rprivate"}})
@@ -110,7 +151,9 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
     mem = policy.limits.memory_mb << 20
     host_config: dict[str, Any] = {
         "Runtime": policy.runtime,
-        "Init": True,
+        # No docker-init: the agent itself is PID 1 (non-dumpable, no signal handlers, reaps
+        # orphans), so no dumpable process of the sandbox ever holds the channel's descriptors.
+        "Init": False,
         "ReadonlyRootfs": True,
         "Privileged": False,
         "CapDrop": ["ALL"],
@@ -134,6 +177,8 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
         "NetworkMode": "none",
         "PublishAllPorts": False,
         "PortBindings": {},
+        "MaskedPaths": list(MASKED_PATHS),
+        "ReadonlyPaths": list(READONLY_PATHS),
         "Devices": [],
         "DeviceCgroupRules": [],
         "GroupAdd": None,
@@ -156,13 +201,15 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
         "Domainname": "",
         "NetworkDisabled": True,
         "OpenStdin": True,
-        "StdinOnce": False,
+        # stdin closes when the attached owner goes away (whatever killed it); the agent then
+        # exits, and as PID 1 takes the whole sandbox with it: no sandbox outlives its owner.
+        "StdinOnce": True,
         "AttachStdin": True,
         "AttachStdout": True,
         "AttachStderr": True,
         "Tty": False,
         "StopSignal": "SIGKILL",
-        "Labels": labels(policy, session_id, owner, extra_labels),
+        "Labels": labels(policy, session_id, owner, extra_labels, u),
         "HostConfig": host_config,
     }
     return ContainerSpec(body=body, seccomp_profile=profile)

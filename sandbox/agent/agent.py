@@ -1,51 +1,81 @@
-"""The in-sandbox agent: the sandbox container's main process (under docker-init).
+"""The in-sandbox agent: PID 1 of the sandbox container.
 
 Stdlib only: it runs with the image's python3. It reads one JSON request per
 line on stdin (the container's attached stdin) and writes JSON events, one per
 line, on stdout. That channel replaces a `docker exec` round trip per call.
 
-The agent runs as the sandbox uid like everything else in the container, so
-the host treats it as untrusted: every limit it applies here (timeout, output
-cap) the host applies again on its side. It makes itself non-dumpable so code
-it runs cannot open its /proc/<pid>/fd entries and inject frames.
+The channel belongs to the agent alone:
+- it is PID 1 of the sandbox's PID namespace and handles no signal, so the
+  kernel drops every signal the workload sends it (SIGKILL and SIGSTOP included);
+- it makes itself non-dumpable before it reads anything, so the workload (same
+  uid) cannot open its /proc/1/{fd,mem,environ,...} entries;
+- its children get only pipes of their own (close_fds) and a new session;
+- every event carries an HMAC under a per-sandbox key the host sends as the
+  first line, with a sequence number, so a forged or replayed frame that
+  reached the host anyway is rejected there.
 
-Requests: {"id": ID, "op": NAME, ...}. Events: {"id": ID, "ev": KIND, ...}.
-Ops: ping, exec, cancel, plus the tool ops registered by tools.py, if present.
+When its stdin closes (the controlling process on the host died or let go) or
+the session time limit passes, the agent exits, and as PID 1 takes every
+process of the sandbox with it: no sandbox outlives its owner.
+
+The host still treats the agent as untrusted: every limit it applies here
+(timeout, output cap) the host applies again on its side.
+
+Requests: {"id": ID, "op": NAME, ...}. Events: "<mac> " + {"id": ID, "ev": KIND, ...}.
+Ops: hello (first line only), ping, exec, stdin, cancel, plus the tool ops of tools.py.
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
+import hmac
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reaper  # noqa: E402  (beside this file; the image's stdlib python has no package for it)
+
 PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
 CHUNK = 64 * 1024
+MAX_HELLO = 4096
 
 _out_lock = threading.Lock()
 _out = sys.stdout.buffer
 _procs: dict[object, subprocess.Popen] = {}
 _procs_lock = threading.Lock()
+_stdin_queues: dict[object, "queue.Queue[bytes | None]"] = {}
+_key = b""
+_seq = 0
 
 
 def emit(event: dict) -> None:
-    line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+    global _seq
+    body = json.dumps(event, separators=(",", ":")).encode()
     with _out_lock:
-        _out.write(line)
+        mac = hmac.new(_key, _seq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:32]
+        _seq += 1
+        _out.write(mac.encode() + b" " + body + b"\n")
         _out.flush()
 
 
 def _harden_self() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except Exception:  # noqa: BLE001 - best effort; the host does not rely on it
-        pass
+    """Non-dumpable, and no signal handlers at all: fails closed (the agent exits)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        sys.stderr.write("agent: cannot make itself non-dumpable; refusing to run\n")
+        os._exit(70)
+    # Python installs a SIGINT handler; PID 1 with a handler would receive the workload's SIGINT.
+    for sig in (signal.SIGINT,):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _child_env(extra: dict | None) -> dict:
@@ -66,19 +96,22 @@ def op_exec(req: dict) -> None:
     rid = req["id"]
     argv = req.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        _stdin_queues.pop(rid, None)
         emit({"id": rid, "ev": "error", "message": "argv must be a non-empty list of strings"})
         return
     timeout = float(req.get("timeout") or 120)
     max_output = int(req.get("max_output") or 1 << 20)
     stdin_data = base64.b64decode(req["stdin"]) if req.get("stdin") else None
+    stream_q = _stdin_queues.get(rid) if req.get("stdin_stream") else None
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(
+        proc = reaper.spawn(
             argv, cwd=req.get("cwd") or None, env=_child_env(req.get("env")),
-            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if (stdin_data is not None or stream_q is not None) else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
         )
     except OSError as e:
+        _stdin_queues.pop(rid, None)
         emit({"id": rid, "ev": "exit", "code": 127 if e.errno == 2 else 126, "signal": None,
               "error": f"{argv[0]}: {e.strerror}", "limit": None, "truncated": False,
               "duration": time.monotonic() - started})
@@ -131,6 +164,29 @@ def op_exec(req: dict) -> None:
             threading.Thread(target=feed, daemon=True).start()
         except RuntimeError:
             proc.stdin.close()
+    elif stream_q is not None:
+        def feed_stream() -> None:
+            # The host sends at most its window ahead of our acks: memory stays bounded.
+            broken = False
+            while True:
+                chunk = stream_q.get()
+                if chunk is None:
+                    break
+                if not broken:
+                    try:
+                        proc.stdin.write(chunk)
+                        proc.stdin.flush()
+                    except OSError:
+                        broken = True  # the command stopped reading; keep acking so the host never stalls
+                emit({"id": rid, "ev": "stdin_ack", "n": len(chunk)})
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            threading.Thread(target=feed_stream, daemon=True).start()
+        except RuntimeError:
+            proc.stdin.close()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,6 +201,9 @@ def op_exec(req: dict) -> None:
         _kill_group(proc)
     with _procs_lock:
         _procs.pop(rid, None)
+    q = _stdin_queues.pop(rid, None)
+    if q is not None:
+        q.put(None)
     code = proc.returncode
     emit({"id": rid, "ev": "exit", "code": code if code >= 0 else 128 - code,
           "signal": -code if code < 0 else None, "limit": limit[0], "truncated": limit[0] == "output",
@@ -159,16 +218,30 @@ def op_cancel(req: dict) -> None:
     emit({"id": req["id"], "ev": "done"})
 
 
+def op_stdin(req: dict) -> None:
+    """A chunk of a streamed stdin (handled in order, on the reading thread)."""
+    q = _stdin_queues.get(req.get("target"))
+    if q is None:
+        return
+    if req.get("eof"):
+        q.put(None)
+        return
+    try:
+        q.put(base64.b64decode(req.get("data") or ""))
+    except (ValueError, TypeError):
+        q.put(None)
+
+
 def op_ping(req: dict) -> None:
     emit({"id": req["id"], "ev": "pong", "pid": os.getpid(), "uid": os.getuid()})
 
 
 OPS = {"exec": op_exec, "cancel": op_cancel, "ping": op_ping}
+INLINE_OPS = {"stdin": op_stdin}  # order matters: run on the reading thread
 
 
 def _load_tool_ops() -> None:
     try:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import tools  # type: ignore[import-not-found]
     except ImportError:
         return
@@ -198,29 +271,64 @@ def _start_forwarder() -> None:
     threading.Thread(target=forwarder.serve, kwargs={"listen_port": 3128, "socket_path": sock}, daemon=True).start()
 
 
+def _read_hello() -> float:
+    """The first line: the per-sandbox MAC key and the session time limit. Nothing else runs before it."""
+    global _key
+    raw = sys.stdin.buffer.readline(MAX_HELLO)
+    try:
+        hello = json.loads(raw)
+        key = bytes.fromhex(hello["key"])
+        session_s = float(hello["session_s"])
+        if hello.get("op") != "hello" or len(key) < 16 or not session_s > 0:
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        sys.stderr.write("agent: no valid hello from the host; exiting\n")
+        os._exit(71)
+    _key = key
+    return session_s
+
+
+def _expire_after(seconds: float) -> None:
+    time.sleep(seconds)
+    emit({"id": None, "ev": "expired"})
+    os._exit(0)  # PID 1 exits: the kernel kills every process of the sandbox
+
+
 def main() -> None:
     _harden_self()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    session_s = _read_hello()
+    reaper.start()
+    threading.Thread(target=_expire_after, args=(session_s,), name="session-limit", daemon=True).start()
     _load_tool_ops()
     _start_forwarder()
     emit({"id": None, "ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()})
     for raw in sys.stdin.buffer:
         try:
             req = json.loads(raw)
-            op = OPS[req["op"]]
+            name = req["op"]
+            inline = INLINE_OPS.get(name)
+            op = OPS[name] if inline is None else inline
             req.setdefault("id", None)
         except (ValueError, KeyError, TypeError):
             emit({"id": None, "ev": "error", "message": "malformed request"})
             continue
+        if inline is not None:
+            _safe(inline, req)
+            continue
+        if op is op_exec and req.get("stdin_stream"):
+            _stdin_queues[req.get("id")] = queue.Queue()
         try:
             threading.Thread(target=_safe, args=(op, req), daemon=True).start()
         except RuntimeError:
-            # The sandbox's process/thread budget is spent (a fork bomb shares our uid):
-            # answer instead of dying, so the host can still cancel and report.
+            # The sandbox's process/thread budget is spent (a fork bomb): answer instead
+            # of dying, so the host can still cancel and report.
+            _stdin_queues.pop(req.get("id"), None)
             if op in (op_cancel, op_ping):
                 _safe(op, req)
             else:
                 emit({"id": req.get("id"), "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
+    # stdin closed: the host let go of this sandbox. Exiting as PID 1 ends everything in it.
+    os._exit(0)
 
 
 def _safe(op, req: dict) -> None:

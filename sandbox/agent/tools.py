@@ -35,6 +35,8 @@ import threading
 import time
 import uuid
 
+import reaper  # PID 1's child registry: the reaper leaves these children to us
+
 BASH_OUTPUT_LIMIT = 100 * 1024
 BASH_DEFAULT_TIMEOUT = 120.0
 MAX_FILE_BYTES = 256 * 1024
@@ -540,7 +542,7 @@ def _find_rg(root: str) -> str | None:
 
 def _run_capped(argv: list[str], limit: int, timeout: float) -> tuple[int, bytes, bytes, bool]:
     """Run argv; keep at most `limit` bytes of stdout (then kill it), stderr capped at 8 KiB."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = reaper.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, close_fds=True)
     out = bytearray()
     err = bytearray()
@@ -666,7 +668,7 @@ class Shell:
     def __init__(self, cwd: str) -> None:
         env = dict(os.environ)
         env.update({"PS1": "", "PS2": "", "TERM": "dumb"})
-        self.proc = subprocess.Popen(
+        self.proc = reaper.spawn(
             ["/bin/bash", "--noprofile", "--norc"], cwd=cwd, env=env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
         )

@@ -7,17 +7,18 @@ import json
 import pytest
 
 from sandbox.policy import load_policy, policy_from_dict
-from sandbox.spec import Binds, compile_spec
+from sandbox.spec import MASKED_PATHS, Binds, Ids, compile_spec
 
 
 @pytest.fixture(scope="module")
 def spec():
-    return compile_spec(load_policy("default"), "sess_test")
+    return compile_spec(load_policy("default"), "sess_test", ids=Ids(2000123, 2000123))
 
 
-def test_runs_as_non_root_without_capabilities(spec) -> None:
+def test_runs_as_the_leased_non_root_uid_without_capabilities(spec) -> None:
     hc = spec.host_config
-    assert spec.body["User"] == "10001:10001"
+    assert spec.body["User"] == "2000123:2000123"
+    assert spec.body["Labels"]["org.sandbox.uid"] == "2000123" and spec.body["Labels"]["org.sandbox.gid"] == "2000123"
     assert hc["CapDrop"] == ["ALL"] and not hc["CapAdd"]
     assert hc["Privileged"] is False
     assert "no-new-privileges:true" in hc["SecurityOpt"]
@@ -28,7 +29,7 @@ def test_root_filesystem_is_read_only_and_writable_paths_are_capped(spec) -> Non
     assert hc["ReadonlyRootfs"] is True
     assert "size=64m" in hc["Tmpfs"]["/tmp"] and "noexec" in hc["Tmpfs"]["/tmp"]
     ws = hc["Tmpfs"]["/workspace"]
-    assert "size=256m" in ws and "uid=10001" in ws and "mode=0700" in ws
+    assert "size=256m" in ws and "uid=2000123" in ws and "gid=2000123" in ws and "mode=0700" in ws
     assert hc["Mounts"] == []  # no host path at all by default
     assert hc["ShmSize"] > 0
 
@@ -57,11 +58,32 @@ def test_seccomp_profile_is_inline_allowlist(spec) -> None:
         assert bad not in allowed
 
 
-def test_init_reaps_zombies_and_output_is_not_logged_to_disk(spec) -> None:
+def test_agent_is_pid1_and_dies_with_its_owner_and_output_is_not_logged_to_disk(spec) -> None:
     hc = spec.host_config
-    assert hc["Init"] is True
+    assert hc["Init"] is False  # no dumpable docker-init holding the channel; the agent is PID 1
+    assert spec.body["StdinOnce"] is True  # the owner's attach closing closes the agent's stdin
     assert hc["LogConfig"]["Type"] == "none"
     assert hc["RestartPolicy"]["Name"] == "no"
+
+
+def test_host_facts_are_masked_and_docker_defaults_kept(spec) -> None:
+    masked = spec.host_config["MaskedPaths"]
+    for p in ("/sys/kernel/vmcoreinfo", "/proc/config.gz", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
+              "/sys/firmware", "/proc/sys/kernel/random/boot_id"):
+        assert p in masked
+    assert masked == list(MASKED_PATHS)
+    assert "/proc/sys" in spec.host_config["ReadonlyPaths"]
+
+
+def test_pinned_policy_uid_is_the_default_ids() -> None:
+    pol = policy_from_dict({"name": "p", "user": {"uid": 4242, "gid": 4343}})
+    assert compile_spec(pol, "s").body["User"] == "4242:4343"
+
+
+def test_extra_read_only_mounts_are_read_only_binds() -> None:
+    s = compile_spec(load_policy("default"), "s", Binds(ro_mounts=(("/srv/skills/x", "/skills"),)))
+    assert s.host_config["Mounts"] == [{"Type": "bind", "Source": "/srv/skills/x", "Target": "/skills",
+                                        "ReadOnly": True, "BindOptions": {"Propagation": "rprivate"}}]
 
 
 def test_caller_environment_never_leaks_in(monkeypatch) -> None:

@@ -1,0 +1,98 @@
+"""Child processes of the agent, which is PID 1 of its sandbox (stdlib only).
+
+As PID 1 the agent inherits every orphan of the workload and must reap them, or
+zombies fill the pids limit. It must not reap its *own* children, whose exit
+status belongs to the thread that started them (``Popen.wait``). So every spawn
+goes through :func:`spawn`, which registers the child under a lock, and the
+reaper thread only collects zombies that are not registered.
+
+No SIGCHLD handler is installed: PID 1 of a namespace receives only the signals
+it handles, and the agent handles none, so the workload cannot signal it at all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import weakref
+
+_lock = threading.Lock()
+_known: dict[int, "weakref.ref[subprocess.Popen[bytes]]"] = {}
+_wake = threading.Event()
+POLL_S = 0.25
+
+
+def spawn(argv: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
+    """subprocess.Popen, registered so the reaper leaves this child to its caller."""
+    with _lock:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
+        _known[proc.pid] = weakref.ref(proc)
+    _wake.set()
+    return proc
+
+
+def _is_known(pid: int) -> bool:
+    ref = _known.get(pid)
+    proc = ref() if ref is not None else None
+    if proc is None or proc.returncode is not None:
+        _known.pop(pid, None)
+        return False
+    return True
+
+
+def _zombie_children() -> list[int]:
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[0] == "Z" and fields[1] == me:
+            found.append(int(name))
+    return found
+
+
+def _reap_unknown() -> None:
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        with _lock:
+            if not _is_known(info.si_pid):
+                try:
+                    os.waitpid(info.si_pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                continue
+            # The first zombie is one of ours, waiting for its owner: look past it.
+            for pid in _zombie_children():
+                if not _is_known(pid):
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+        return
+
+
+def _loop() -> None:
+    while True:
+        try:
+            _reap_unknown()
+        except Exception:  # noqa: BLE001 - the reaper must outlive any surprise
+            time.sleep(1)
+        _wake.wait(POLL_S)
+        _wake.clear()
+
+
+def start() -> None:
+    threading.Thread(target=_loop, name="reaper", daemon=True).start()
