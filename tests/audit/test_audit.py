@@ -134,7 +134,9 @@ def test_self_test_canaries_hold_on_shipped_profiles(runtime, profile: str) -> N
 
 
 def test_self_test_fails_closed_naming_the_check_when_seccomp_is_weakened(runtime) -> None:
-    weak_policy = policy_from_dict({"name": "canary-weak", "seccomp": {"extra_allow": ["unshare", "setns", "ptrace"]}})
+    weak_policy = policy_from_dict({"name": "canary-weak", "seccomp": {"extra_allow": ["unshare", "setns", "ptrace"]},
+                                    "unsafe": {f"seccomp.allow.{n}": "the self-test must catch this"
+                                               for n in ("unshare", "setns", "ptrace")}})
     rows = {r.id: r for r in run_canaries(runtime, weak_policy)}
     assert rows["inside.seccomp_blocked"].status == "fail" and "unshare" in rows["inside.seccomp_blocked"].observed
     with pytest.raises(SelfTestFailed) as err:

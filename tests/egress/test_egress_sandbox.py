@@ -26,7 +26,8 @@ def bridge_target() -> Target:
 def test_curl_in_sandbox_goes_through_proxy_and_bypass_fails(make_sandbox, runtime, bridge_target: Target) -> None:
     t = bridge_target
     url = f"http://{t.addr}:{t.port}"
-    sb = make_sandbox({"name": "egress-e2e", "egress": {"allow_cidrs": [f"{t.addr}/32"]}})
+    sb = make_sandbox({"name": "egress-e2e", "egress": {"allow_cidrs": [f"{t.addr}/32"]},
+                       "unsafe": {f"egress.allow_cidrs.{t.addr}/32": "the test target is the docker bridge gateway"}})
 
     ok = sb.exec(["curl", "-sS", "-m", "20", f"{url}/via-proxy"], timeout=60)
     assert ok.exit_code == 0 and ok.stdout == b"ok:/via-proxy", (ok.stdout, ok.stderr)

@@ -53,7 +53,8 @@ def egress_policy(port: int) -> dict:
     # A host name, resolved by the proxy itself: an allow_cidrs entry would admit an IP
     # literal in its range on ANY port, so ports are tested through a named host.
     return {"name": f"egress-{port}", "egress": {"rules": [{"host": "localhost", "ports": [port]}],
-                                                 "allow_cidrs": ["127.0.0.0/8"]}}
+                                                 "allow_cidrs": ["127.0.0.0/8"]},
+            "unsafe": {"egress.allow_cidrs.127.0.0.0/8": "test targets listen on loopback"}}
 
 
 def curl(sb, url: str, *extra: str):
@@ -124,7 +125,8 @@ def test_loopback_target_is_refused_without_an_explicit_cidr(make_sandbox, targe
 def test_ip_literal_in_allowed_cidr_is_admitted_on_any_port_as_documented(make_sandbox, targets) -> None:
     a, b = targets
     sb = make_sandbox({"name": "cidr", "egress": {"rules": [{"host": "localhost", "ports": [a.port]}],
-                                                  "allow_cidrs": ["127.0.0.1/32"]}})
+                                                  "allow_cidrs": ["127.0.0.1/32"]},
+                       "unsafe": {"egress.allow_cidrs.127.0.0.1/32": "test targets listen on loopback"}})
     assert b"hello" in curl(sb, f"http://127.0.0.1:{b.port}/cidr").stdout
     assert b" 403 " in curl(sb, f"http://127.0.0.2:{b.port}/outside").stdout.split(b"\r\n")[0]
     assert b.hits == ["/cidr"]

@@ -24,7 +24,8 @@ SECRET_LOOKING = "sk-ant-oat01-this-must-only-appear-as-a-digest"
 def test_worker_refuses_to_serve_when_a_canary_attack_succeeds(cp: ControlPlane, tmp_path: Path,
                                                                docker_client) -> None:
     weak = tmp_path / "ptrace-allowed.yaml"
-    weak.write_text("extends: worker\nseccomp: {extra_allow: [ptrace]}\n")
+    weak.write_text("extends: worker\nseccomp: {extra_allow: [ptrace]}\n"
+                    "unsafe: {seccomp.allow.ptrace: the canary must catch this}\n")  # declared, or it would not load
     worker = Worker(WorkerConfig(base_url=cp.base_url, environment_id=cp.environment_id,
                                  state_dir=tmp_path / "w", profile=str(weak)),
                     EnvironmentKey(cp.environment_key, "test"))
