@@ -149,10 +149,9 @@ def exec_cmd(profile: str, workspace: str | None, timeout: float | None, as_json
 
 
 def describe_line(policy: Any) -> str:
-    net = "proxy-only egress" if policy.egress.enabled else "no network"
-    return (f"profile {policy.name}: uid {policy.user.uid}:{policy.user.gid}, memory {policy.limits.memory_mb} MiB "
-            f"(no swap), cpus {policy.limits.cpus}, pids {policy.limits.pids}, timeout {policy.timeouts.call_s:g}s, "
-            f"{net}, runtime {policy.runtime}, read-only root, no capabilities, seccomp {policy.seccomp.profile}")
+    from sandbox.explain import summary_line  # names the filter's changes and every declared weakening
+
+    return summary_line(policy)
 
 
 # ------------------------------------------------------------------ policy
@@ -166,43 +165,56 @@ def policy() -> None:
 @click.argument("profile")
 @click.option("--json", "as_json", is_flag=True)
 def policy_explain(profile: str, as_json: bool) -> None:
-    """Everything a policy allows and denies, as a table."""
-    from sandbox.explain import explain_rows
+    """Everything a policy allows and denies, and which file of its `extends` chain set it."""
+    import dataclasses
+    from pathlib import Path
+
+    from sandbox.explain import explain_table
 
     pol = _load(profile)
-    rows = explain_rows(pol)
+    rows = explain_table(pol)
     if as_json:
         click.echo(json.dumps({"policy": pol.name, "digest": pol.digest(),
-                               "rows": [dict(zip(("area", "setting", "value"), r)) for r in rows]}, indent=2))
+                               "weakenings": [dataclasses.asdict(w) for w in pol.weakenings()],
+                               "rows": rows}, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"policy {pol.name}  ({pol.digest()[:19]})")
-    for col in ("area", "setting", "value"):
+    files = list(dict.fromkeys(r["source"] for r in rows if r["source"].startswith("/")))
+    t = Table(title=f"policy {pol.name}  ({pol.digest()[:19]})",
+              caption="set by: " + "; ".join(f"{Path(f).name} = {f}" for f in files) if files else None)
+    for col in ("area", "setting", "value", "set by"):
         t.add_column(col)
     for r in rows:
-        t.add_row(*r)
+        style = "bold red" if r["area"] == "UNSAFE" and r["key"] != "unsafe" else None
+        src = Path(r["source"]).name if r["source"].startswith("/") else r["source"]
+        t.add_row(*(escape(str(r[k])) for k in ("area", "setting", "value")), escape(src), style=style)
     _console().print(t)
 
 
 @policy.command("lint")
 @click.argument("paths", nargs=-1, required=True)
 def policy_lint(paths: tuple[str, ...]) -> None:
-    """Validate profiles; name the file, key and reason of every error."""
-    from sandbox import seccomp as sc
+    """Validate profiles; name the file, key and reason of every error.
+
+    Anything weaker than the shipped baseline (a dangerous syscall, a lifted argument check, a
+    default action other than errno/kill_process, a non-public egress range) is an error unless
+    the profile accepts it in writing under `unsafe:`; accepted ones are listed."""
     from sandbox.policy import PolicyError, load_policy
 
     bad = 0
     for p in paths:
         try:
             pol = load_policy(p)
-            sc.compile_filter(pol.seccomp)
+            weak = pol.weakenings()
         except PolicyError as e:
             bad += 1
             for f, k, r in e.problems:
                 click.echo(f"{f}: {k}: {r}")
             continue
-        click.echo(f"{p}: ok ({pol.digest()[:19]})")
+        note = f"; UNSAFE (declared): {', '.join(w.id for w in weak)}" if weak else ""
+        click.echo(f"{p}: ok ({pol.digest()[:19]}){note}")
     sys.exit(1 if bad else 0)
 
 
@@ -210,13 +222,13 @@ def policy_lint(paths: tuple[str, ...]) -> None:
 @click.argument("profile")
 @click.option("--format", "fmt", type=click.Choice(["oci", "pfc", "bpf"]), default="oci", show_default=True)
 def policy_seccomp(profile: str, fmt: str) -> None:
-    """Print the compiled seccomp filter (OCI JSON, libseccomp PFC, or raw BPF)."""
+    """Print the compiled seccomp filter (OCI JSON, libseccomp PFC, or raw BPF), as the runtime loads it."""
     from sandbox import seccomp as sc
     from sandbox.policy import PolicyError
 
     pol = _load(profile)
     try:
-        flt = sc.compile_filter(pol.seccomp)
+        flt = pol.seccomp_filter()
     except PolicyError as e:
         _fail(str(e))
     if fmt == "oci":
