@@ -1,8 +1,13 @@
 """The `sandbox` command line.
 
 Output people read is a table (rich); output programs read is JSON (--json).
-Modules are imported inside commands so that `sandbox exec` pays only for what
-it uses.
+`--json` means the same on every command: one JSON document on stdout, and on
+failure a JSON error object on stdout, ``{"error": {"kind", "message", "exit_code"}}``,
+with the documented exit status (the message also goes to stderr).
+Output that is not a terminal is never truncated or wrapped.
+
+Listing the commands (`sandbox --help`) imports no subcommand module: each is
+imported when it runs, so `sandbox exec` pays only for what it uses.
 """
 
 from __future__ import annotations
@@ -11,33 +16,76 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
+EXIT_USAGE = 2        # bad option, profile, policy, environment or timeout
+EXIT_SANDBOX = 240    # the sandbox could not run the command (engine, image, workspace, agent)
+
 EXEC_HELP = """Run one command in a fresh sandbox, stream its output, and tear the sandbox down.
+
+Options end at the first word of COMMAND (as with `docker exec`): everything after
+it is the command's own (`sandbox exec grep -h x f`); `--` is accepted too.
+
+\b
+Environment: -e KEY=VAL sets a variable, -e KEY passes the host's value, --env-file
+reads KEY=VAL lines (Docker's format: # comments, blank lines, no quoting). Names are
+checked by the same rules as a policy's env: (credentials such as ANTHROPIC_* and
+loader variables such as LD_PRELOAD are refused). --timeout is checked as the
+policy's timeouts.call_s (a number of seconds, > 0, at most 86400).
 
 \b
 Exit status: the command's own, or when the sandbox stopped it:
-  240  the sandbox could not run the command (engine, image, agent)
+  2    usage: a bad option, profile, policy, --env or --timeout
+  240  the sandbox could not run the command (engine, image, workspace, agent)
   241  timeout         (--timeout or the policy's timeouts.call_s)
   242  memory          (cgroup memory limit; OOM kill)
   243  pids            (process limit; forks failed)
   244  output          (output cap; output truncated)
   245  file size       (RLIMIT_FSIZE)
   246  CPU time        (RLIMIT_CPU)
+With --json the result says which limit fired ("limit", "limit_message").
 """
 
 
+# ------------------------------------------------------------------ output helpers
+
 def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
+    """A rich Console; when the stream is not a terminal, never truncated nor wrapped."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    con = Console(stderr=stderr)
+    if con.is_terminal:
+        return con
+    return Console(stderr=stderr, width=100_000, soft_wrap=True, no_color=True, highlight=False)
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def _json_wanted() -> bool:
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.params.get("as_json") is True:
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def emit_json(doc: Any) -> None:
+    """One JSON document on stdout."""
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def fail(msg: str, code: int = EXIT_USAGE, kind: str | None = None, **extra: Any) -> NoReturn:
+    """Report a failure and exit: `sandbox: MSG` on stderr; under --json also
+    ``{"error": {...}}`` on stdout. Other modules' commands may use this too."""
+    kind = kind or {EXIT_USAGE: "usage", EXIT_SANDBOX: "sandbox"}.get(code, "error")
+    if _json_wanted():
+        emit_json({"error": {"kind": kind, "message": msg, "exit_code": code, **extra}})
     click.echo(f"sandbox: {msg}", err=True)
     sys.exit(code)
+
+
+_fail = fail
 
 
 def _load(profile: str):  # noqa: ANN202
@@ -46,22 +94,66 @@ def _load(profile: str):  # noqa: ANN202
     try:
         return load_policy(profile)
     except PolicyError as e:
-        _fail(str(e))
+        _fail(str(e), EXIT_USAGE, kind="policy", problems=[list(p) for p in e.problems])
 
 
-# Subcommands that live with their subsystem, imported only when used.
-LAZY_COMMANDS: dict[str, str] = {
-    "proxy": "sandbox.egress.cli:proxy_cmd",
-    "egress": "sandbox.egress.cli:egress_group",
-    "control-plane": "sandbox.controlplane.cli:control_plane_cmd",
-    "session": "sandbox.controlplane.cli:session_group",
-    "worker": "sandbox.worker.cli:worker_cmd",
-    "demo": "sandbox.worker.cli:demo_cmd",
-    "audit": "sandbox.audit.cli:audit_group",
+# ------------------------------------------------------------------ the command group
+
+# Subcommands that live with their subsystem, imported only when used: name -> (target, short help).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "proxy": ("sandbox.egress.cli:proxy_cmd", "Run the egress proxy in the foreground (one session's rules)."),
+    "egress": ("sandbox.egress.cli:egress_group", "Inspect egress proxy decisions and the proxy daemon."),
+    "control-plane": ("sandbox.controlplane.cli:control_plane_cmd",
+                      "Run the local control plane (Work and Sessions APIs)."),
+    "session": ("sandbox.controlplane.cli:session_group", "Drive sessions on the local control plane."),
+    "worker": ("sandbox.worker.cli:worker_cmd", "Claim work from a control plane and run it in sandboxes."),
+    "demo": ("sandbox.worker.cli:demo_cmd", "Run the main job on one machine (control plane, worker, session)."),
+    "audit": ("sandbox.audit.cli:audit_group", "Audit isolation of a profile's sandbox or any container."),
 }
 
 
-class LazyGroup(click.Group):
+def _value_options(cmd: click.Command) -> set[str]:
+    out: set[str] = set()
+    for p in cmd.params:
+        if isinstance(p, click.Option) and not p.is_flag and not p.count:
+            out.update(p.opts)
+    return out
+
+
+def _args_want_json(ctx: click.Context, tokens: list[str]) -> bool:
+    """Whether the command line asks for --json, read as click would (options end at `--`,
+    and at the first word of a command that takes no options after its arguments)."""
+    cmd: click.Command = ctx.command
+    while True:
+        values, i, sub = _value_options(cmd), 0, None
+        interspersed = cmd.context_settings.get("allow_interspersed_args",
+                                                not isinstance(cmd, click.Group))
+        while i < len(tokens):
+            t = tokens[i]
+            if t == "--":
+                return False
+            if t == "--json":
+                return True
+            if t.startswith("-") and t != "-":
+                i += 2 if t in values else 1
+                continue
+            if isinstance(cmd, click.Group):
+                try:
+                    sub = cmd.get_command(ctx, t)
+                except Exception:  # noqa: BLE001 - only deciding the error format
+                    sub = None
+                break
+            if not interspersed:
+                return False
+            i += 1
+        if sub is None:
+            return False
+        cmd, tokens = sub, tokens[i + 1:]
+
+
+class SandboxGroup(click.Group):
+    """Lazy subcommands (listed without importing them) and --json errors for usage mistakes."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
@@ -69,60 +161,166 @@ class LazyGroup(click.Group):
         if name in LAZY_COMMANDS and name not in self.commands:
             import importlib
 
-            mod, attr = LAZY_COMMANDS[name].split(":")
+            mod, attr = LAZY_COMMANDS[name][0].split(":")
             try:
-                return getattr(importlib.import_module(mod), attr)
+                cmd = getattr(importlib.import_module(mod), attr)
             except (ImportError, AttributeError) as e:
-                return click.Command(name, help=f"(unavailable: {e})",
-                                     callback=lambda: _fail(f"{name} is unavailable: {e}"))
+                err = f"{name} is unavailable: {type(e).__name__}: {e}"
+                return click.Command(name, help=f"({err})", callback=lambda: _fail(err, EXIT_USAGE, "unavailable"))
+            self.commands[name] = cmd
+            return cmd
         return super().get_command(ctx, name)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name not in self.commands:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - max(len(n) for n in LAZY_COMMANDS))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["sandbox.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as e:
+            if not _args_want_json(ctx, ctx.meta.get("sandbox.argv", [])):
+                raise
+            emit_json({"error": {"kind": "usage", "message": e.format_message(), "exit_code": e.exit_code}})
+            e.show()
+            sys.exit(e.exit_code)
+        except Exception as e:
+            if _args_want_json(ctx, ctx.meta.get("sandbox.argv", [])):
+                emit_json({"error": {"kind": "internal", "message": f"{type(e).__name__}: {e}", "exit_code": 1}})
+            raise
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from sandbox import __version__
+
+    click.echo(f"sandbox {__version__}")
+    ctx.exit(0)
+
+
+@click.group(cls=SandboxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
 def main() -> None:
     """Hardened local sandboxes for the tool calls of AI agents."""
 
 
-@main.command("exec", help=EXEC_HELP, context_settings={"ignore_unknown_options": True})
+# ------------------------------------------------------------------ exec
+
+def parse_env(pairs: tuple[str, ...], files: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """Docker's -e and --env-file: KEY=VAL, or KEY alone for the host's value (skipped when unset).
+    Files first, then -e (a later value wins). Returns (env, where each name came from)."""
+    env: dict[str, str] = {}
+    origin: dict[str, str] = {}
+
+    def add(item: str, where: str) -> None:
+        key, eq, val = item.partition("=")
+        if any(c.isspace() for c in key):
+            fail(f"{where}: variable name {key!r} contains whitespace")
+        if not eq:
+            if key not in os.environ:
+                return
+            val = os.environ[key]
+        env[key] = val
+        origin[key] = where
+
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--env-file {f}: cannot read: {getattr(e, 'strerror', None) or e}")
+        for n, line in enumerate(lines, 1):
+            line = line.lstrip()
+            if line and not line.startswith("#"):
+                add(line, f"--env-file {f}:{n}")
+    for p in pairs:
+        add(p, f"-e {p.partition('=')[0]}")
+    return env, origin
+
+
+@main.command("exec", help=EXEC_HELP, context_settings={"allow_interspersed_args": False})
 @click.option("--profile", "-p", default="default", show_default=True, help="Profile name or path to a YAML file.")
-@click.option("--workspace", "-w", type=click.Path(file_okay=False), help="Host directory to mount as the workspace.")
-@click.option("--timeout", "-t", type=float, help="Seconds before the command is killed (overrides the policy).")
+@click.option("--workspace", "-w", metavar="DIR", help="Host directory to mount as the workspace.")
+@click.option("--timeout", "-t", metavar="SECONDS", help="Seconds before the command is killed (overrides the policy).")
+@click.option("--env", "-e", "env_pairs", multiple=True, metavar="KEY[=VAL]", help="Set an environment variable.")
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE", help="Read KEY=VAL lines from FILE.")
+@click.option("--interactive", "-i", is_flag=True, help="Stream stdin into the command (else it reads /dev/null).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 @click.option("--verbose", "-v", is_flag=True, help="Say what runs, as which user, under which limits.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_cmd(profile: str, workspace: str | None, timeout: float | None, as_json: bool, verbose: bool,
+def exec_cmd(profile: str, workspace: str | None, timeout: str | None, env_pairs: tuple[str, ...],
+             env_files: tuple[str, ...], interactive: bool, as_json: bool, verbose: bool,
              command: tuple[str, ...]) -> None:
-    from sandbox.runtime import LIMIT_EXIT_CODES, LIMIT_WORDS, SANDBOX_ERROR_EXIT, Runtime, SandboxError
+    from sandbox import api
 
-    policy = _load(profile)
+    try:
+        argv = api._argv(list(command))
+    except ValueError as e:
+        fail(f"exec: {e}")
+    env, origin = parse_env(env_pairs, env_files)
+    try:
+        policy = api.load_profile(profile)
+    except api.PolicyError as e:
+        fail(str(e), kind="policy", problems=[list(p) for p in e.problems])
+    if env:
+        try:
+            policy = api.with_overrides(policy, env=env, source="--env")
+        except api.PolicyError as e:
+            reasons = "; ".join(r for _, _, r in e.problems)
+            where = next((w for k, w in origin.items() if repr(k) in reasons), "-e/--env-file")
+            fail(f"{where}: {reasons}", kind="env")
     if timeout is not None:
-        if timeout <= 0:
-            _fail("--timeout must be positive")
-        policy = policy.model_copy(update={"timeouts": policy.timeouts.model_copy(update={"call_s": timeout})})
+        try:
+            policy = api.with_overrides(policy, timeout=timeout, source="--timeout")
+        except api.PolicyError as e:
+            fail(f"--timeout {timeout}: " + "; ".join(r for _, _, r in e.problems), kind="timeout")
     if verbose:
         click.echo(f"sandbox: {describe_line(policy)}", err=True)
-    try:
-        rt = Runtime(owner_kind="exec")
-    except Exception as e:  # noqa: BLE001 - any engine failure
-        _fail(f"cannot reach the Docker engine: {e}; run `sandbox doctor`", SANDBOX_ERROR_EXIT)
-    sb = None
+
+    sb: Any = None
 
     def on_signal(signum: int, _frame: Any) -> None:
         if sb is not None:
-            sb.destroy()
+            sb.close()
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        from pathlib import Path
-
-        sb = rt.create(policy, workspace=Path(workspace) if workspace else None)
-    except (SandboxError, ValueError) as e:
-        _fail(str(e), SANDBOX_ERROR_EXIT)
+        sb = api._create(policy, workspace=workspace, owner_kind="exec")
+    except api.WorkspaceError as e:
+        fail(str(e), EXIT_SANDBOX, "workspace")
+    except api.ImageMissing as e:
+        fail(str(e), EXIT_SANDBOX, "image")
+    except api.EngineUnavailable as e:
+        fail(str(e), EXIT_SANDBOX, "engine")
+    except api.SandboxError as e:
+        fail(str(e), EXIT_SANDBOX, "sandbox")
     try:
+        if verbose:
+            click.echo(f"sandbox: started {sb.id[:12]} (session {sb.session_id}, uid {sb.uid}:{sb.gid})", err=True)
+        for w in sb.warnings:
+            click.echo(f"sandbox: warning: {w}", err=True)
+        stdin = sys.stdin.buffer if interactive else None
         if as_json:
-            res = sb.exec(list(command))
+            res = sb.exec(argv, stdin=stdin)
         else:
             out, err = sys.stdout.buffer, sys.stderr.buffer
 
@@ -131,21 +329,22 @@ def exec_cmd(profile: str, workspace: str | None, timeout: float | None, as_json
                 w.write(data)
                 w.flush()
 
-            res = sb.exec(list(command), on_output=stream)
+            res = sb.exec(argv, stdin=stdin, on_output=stream)
+    except api.SandboxStopped as e:
+        fail(str(e), EXIT_SANDBOX, "stopped")
     finally:
-        sb.destroy()
+        sb.close()
     if as_json:
         doc = res.to_json()
-        doc["profile"] = policy.name
-        click.echo(json.dumps(doc))
+        doc.update(profile=policy.name, session=sb.session_id, sandbox=sb.id, uid=sb.uid,
+                   warnings=sb.warnings)
+        emit_json(doc)
     else:
         if res.error:
             click.echo(f"sandbox: {res.error}", err=True)
         if res.limit:
-            click.echo(f"sandbox: limit hit: {res.limit}: {LIMIT_WORDS[res.limit]}", err=True)
-    if res.limit:
-        sys.exit(LIMIT_EXIT_CODES[res.limit])
-    sys.exit(res.exit_code)
+            click.echo(f"sandbox: limit hit: {res.limit}: {res.limit_message}", err=True)
+    sys.exit(res.status)
 
 
 def describe_line(policy: Any) -> str:
@@ -322,14 +521,111 @@ def doctor(as_json: bool, profile: str, no_canaries: bool) -> None:
 
 @main.command()
 @click.option("--all", "everything", is_flag=True, help="Remove every sandbox of this host, live owners included.")
-def gc(everything: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the removed sandboxes as JSON.")
+def gc(everything: bool, as_json: bool) -> None:
     """Remove sandboxes left behind by crashed processes on this host."""
     from sandbox.runtime import Runtime
 
-    removed = Runtime(owner_kind="gc").gc(everything=everything)
-    click.echo(f"removed {len(removed)} sandbox(es)" + (": " + " ".join(removed) if removed else ""))
+    try:
+        removed = Runtime(owner_kind="gc").gc(everything=everything)
+    except Exception as e:  # noqa: BLE001 - engine errors, in words
+        fail(f"cannot reach the Docker engine: {e}; run `sandbox doctor`", EXIT_SANDBOX, "engine")
+    if as_json:
+        emit_json({"removed": removed})
+    else:
+        click.echo(f"removed {len(removed)} sandbox(es)" + (": " + " ".join(removed) if removed else ""))
 
 
+# ------------------------------------------------------------------ ps
+
+def _age(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def list_sandboxes() -> list[dict[str, Any]]:
+    """The live sandboxes of this host, one dict each (what `sandbox ps --json` prints)."""
+    import time
+
+    from sandbox import spec
+    from sandbox.engine import NotFound
+    from sandbox.runtime import Runtime, owner_alive
+
+    rt = Runtime(owner_kind="ps")
+    rows = []
+    now = time.time()
+    for c in rt.list_managed():
+        lab = c.get("Labels") or {}
+        try:
+            info = rt.engine.inspect(c["Id"])
+        except NotFound:
+            continue  # removed while we listed
+        hc = info.get("HostConfig") or {}
+        cfg = info.get("Config") or {}
+        owner = lab.get(spec.LABEL_OWNER, "")
+        kind, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        user = cfg.get("User") or ""
+        uid = lab.get(spec.LABEL_UID) or user.partition(":")[0]
+        created = float(c.get("Created") or now)
+        nano = hc.get("NanoCpus") or 0
+        rows.append({
+            "id": c["Id"][:12],
+            "name": (c.get("Names") or ["?"])[0].lstrip("/"),
+            "session": lab.get(spec.LABEL_SESSION, ""),
+            "profile": lab.get(spec.LABEL_POLICY, ""),
+            "policy_digest": lab.get(spec.LABEL_DIGEST, ""),
+            "uid": int(uid) if str(uid).isdigit() else uid or None,
+            "user": user,
+            "state": c.get("State", ""),
+            "created": created,
+            "age_s": round(now - created, 1),
+            "owner": owner,
+            "owner_kind": kind,
+            "owner_pid": int(pid) if pid.isdigit() else None,
+            "owner_alive": owner_alive(owner) if owner else False,
+            "runtime": hc.get("Runtime") or "runc",
+            "limits": {"memory_mb": (hc.get("Memory") or 0) >> 20 or None, "cpus": nano / 1e9 if nano else None,
+                       "pids": hc.get("PidsLimit") or None},
+        })
+    rows.sort(key=lambda r: r["created"])
+    return rows
+
+
+@main.command("ps")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"sandboxes\": [...]}.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the sandboxes' ids.")
+def ps_cmd(as_json: bool, quiet: bool) -> None:
+    """List the live sandboxes of this host: session, profile, uid, age, owner process, limits."""
+    try:
+        rows = list_sandboxes()
+    except Exception as e:  # noqa: BLE001 - engine errors, in words
+        fail(f"cannot list sandboxes: cannot reach the Docker engine: {e}; run `sandbox doctor`", EXIT_SANDBOX, "engine")
+    if as_json:
+        emit_json({"sandboxes": rows})
+        return
+    if quiet:
+        for r in rows:
+            click.echo(r["id"])
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} sandbox(es)")
+    for col in ("id", "session", "profile", "uid", "age", "owner", "alive", "memory", "cpus", "pids", "runtime"):
+        t.add_column(col, no_wrap=True, overflow="fold")
+    for r in rows:
+        lim = r["limits"]
+        t.add_row(r["id"], r["session"], r["profile"], str(r["uid"] or "?"), _age(r["age_s"]), r["owner"],
+                  "yes" if r["owner_alive"] else "NO (orphan: `sandbox gc`)",
+                  f"{lim['memory_mb']} MiB" if lim["memory_mb"] else "-", f"{lim['cpus']:g}" if lim["cpus"] else "-",
+                  str(lim["pids"] or "-"), r["runtime"])
+    _console().print(t)
 
 
 if __name__ == "__main__":
