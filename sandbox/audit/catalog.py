@@ -1,9 +1,9 @@
 """Every check the audit knows: id -> title, CIS id, severity, default expectation.
 
 One table so the report, the JUnit export, the self-test and SECURITY.md name
-checks the same way. CIS ids are those of the CIS Docker Benchmark section 5
-("Container Runtime"), numbering as in v1.2.0 through v1.6.0; a check with no
-CIS counterpart (most kernel-escape probes) has none.
+checks the same way. CIS ids are recommendation numbers of section 5
+("Container Runtime") of the benchmark named in :data:`CIS_BENCHMARK`; a check
+with no CIS counterpart (most kernel-escape probes) has none.
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandbox.audit.model import CheckResult, Severity, Status, Where
+
+# The benchmark edition the `cis` ids below are numbered in (5.28 = PIDs cgroup limit,
+# 5.31 = Docker socket not mounted, as in v1.2.0's section 5). Reports print it, so a
+# reviewer looks the ids up in the right document.
+CIS_BENCHMARK = "CIS Docker Benchmark v1.2.0 (2019-07-29), section 5 \"Container Runtime\""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,15 @@ _DEFS: tuple[CheckDef, ...] = (
              "no route; connect fails at once with ENETUNREACH (no packet sent)", None),
     CheckDef("inside.env_secrets", "Environment free of secrets", "inside", "high",
              "no variable named like KEY/TOKEN/SECRET/PASSWORD; no value like sk-ant-", None),
+    # ---- inside: the host-agent channel (PID 1) and host facts
+    CheckDef("inside.agent_channel", "Host-agent channel unreachable from the workload", "inside", "critical",
+             "opening /proc/1/fd/0 (requests) and /proc/1/fd/1 (results), or any /proc/1/fd/*, fails", None),
+    CheckDef("inside.agent_memory", "Agent memory and environment unreadable", "inside", "critical",
+             "PID 1 not dumpable; /proc/1/mem and /proc/1/environ cannot be opened", None),
+    CheckDef("inside.agent_signals", "Agent cannot be stopped or killed", "inside", "high",
+             "SIGSTOP, SIGTERM and SIGKILL sent to PID 1 change nothing: it keeps running, not stopped", None),
+    CheckDef("inside.host_facts", "Host facts masked", "inside", "medium",
+             "/sys/kernel/vmcoreinfo, /proc/config.gz and the spec's masked paths unreadable or empty", None),
     # ---- outside: docker inspect
     CheckDef("outside.privileged", "Not privileged", "outside", "critical", "Privileged = false", "5.4"),
     CheckDef("outside.user", "Configured user is not root", "outside", "high", "Config.User set, not 0/root", None),
@@ -132,6 +146,13 @@ _DEFS: tuple[CheckDef, ...] = (
     CheckDef("outside.runtime", "OCI runtime", "outside", "high", "the runtime the policy names", None),
     CheckDef("outside.spec_matches_policy", "Container matches its compiled policy", "outside", "high",
              "hardening fields equal the policy's compiled spec", None),
+    CheckDef("outside.uid_unique", "Sandbox uid/gid held by no other live container", "outside", "high",
+             "non-root uid and gid that no other running container holds (per-uid kernel limits stay per sandbox)",
+             None),
+    CheckDef("outside.declared_weakenings", "Weakenings the policy declares", "outside", "info",
+             "none; any declared (unsafe: in the profile) is listed", None),
+    CheckDef("outside.exec_seccomp", "Processes entering by `docker exec` get the seccomp filter", "outside", "info",
+             "runc: yes; runsc (gVisor): no, and said so", None),
     # ---- engine (info/warn only: host configuration, not this container)
     CheckDef("engine.userns_remap", "Engine user-namespace remapping or rootless", "engine", "info",
              "userns-remap or rootless engine", None),

@@ -10,7 +10,7 @@ that is missing or malformed makes its row fail or skip, never pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sandbox.audit.catalog import INSIDE_IDS, result, skipped
@@ -50,6 +50,12 @@ class Expectations:
     workspace: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def with_ids(self, uid: int | None, gid: int | None) -> Expectations:
+        """The uid/gid the runtime actually gave this sandbox (Config.User, as the host set it)."""
+        if uid is None or gid is None:
+            return self
+        return replace(self, uid=uid, gid=gid)
+
     @property
     def gvisor(self) -> bool:
         return self.runtime == "runsc"
@@ -59,7 +65,10 @@ class Expectations:
         from sandbox.spec import EGRESS_MOUNT
 
         writable = {policy.workspace.path, "/dev/shm", "/dev/mqueue"} | {t.path for t in policy.tmpfs}
-        return cls(uid=policy.user.uid, gid=policy.user.gid, writable=frozenset(writable),
+        # A pinned uid is expected as such; "auto" is learnt from the container (with_ids).
+        uid = policy.user.uid if isinstance(policy.user.uid, int) else None
+        gid = policy.user.gid if isinstance(policy.user.gid, int) else None
+        return cls(uid=uid, gid=gid, writable=frozenset(writable),
                    egress_dir=EGRESS_MOUNT if policy.egress.enabled else None, runtime=policy.runtime,
                    pids=policy.limits.pids, memory_bytes=policy.limits.memory_mb << 20,
                    cpu_quota_us=int(policy.limits.cpus * 100000), workspace=policy.workspace.path)
@@ -519,6 +528,89 @@ def _env(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
     return [result("inside.env_secrets", "pass", f"no hits in {len(checked)} environments (probe, readable /proc/*/environ)")]
 
 
+def _agent(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
+    a = _d(p.get("agent"))
+    pid1 = _d(a.get("pid1"))
+    who = f"PID 1 is {_s(pid1.get('name'), 40)} (uid {_s(','.join(map(str, _l(pid1.get('uid')))), 12) or '?'})"
+    opens = {str(k): v for k, v in _d(a.get("fd_open")).items()}
+    if not opens:
+        return [result("inside.agent_channel", "fail", who + "; no result for /proc/1/fd"),
+                result("inside.agent_memory", "fail", who + "; no result")]
+    opened = [k for k, v in opens.items() if v == "opened"]
+    listing = a.get("fd_list")
+    lst = f"/proc/1/fd listing: {_s(listing, 20)}" if isinstance(listing, str) else \
+        f"/proc/1/fd lists {len(_l(listing))} descriptors"
+    if opened:
+        chan = [result("inside.agent_channel", "fail",
+                       f"{who}; the workload opened {_few(opened)} (read the host's requests / write results "
+                       f"the host would accept); {lst}")]
+    else:
+        chan = [result("inside.agent_channel", "pass",
+                       f"{who}; " + _few(f"{k.rsplit('/', 1)[-1]}:{_s(v, 12)}" for k, v in opens.items())
+                       + f"; {lst}")]
+    uid = _l(pid1.get("uid"))
+    owner = a.get("proc_owner")
+    pid1_uid = int(uid[0]) if uid and str(uid[0]).isdigit() else None
+    if isinstance(owner, int) and pid1_uid not in (None, 0):
+        dumpable = "not dumpable (its /proc entries belong to root)" if owner == 0 and pid1_uid != 0 else \
+            f"DUMPABLE (its /proc entries belong to uid {owner})"
+    else:
+        dumpable = f"dumpable unknown (owner {_s(owner, 12)})"
+    mem, env, vm = a.get("mem"), a.get("environ"), a.get("process_vm_readv")
+    reached = [n for n, v in (("/proc/1/mem", mem), ("/proc/1/environ", env)) if v == "opened"]
+    if vm == "read" or vm == "EFAULT":
+        reached.append(f"process_vm_readv ({vm})")
+    obs = f"{dumpable}; mem: {_s(mem, 12)}; environ: {_s(env, 12)}; process_vm_readv: {_s(vm, 12)}"
+    bad = reached or "DUMPABLE" in dumpable or mem is None or env is None
+    return chan + [result("inside.agent_memory", "fail" if bad else "pass",
+                          (f"reachable: {_few(reached)}; " if reached else "") + obs)]
+
+
+def _signals(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
+    s = _d(p.get("signals"))
+    if "skipped" in s:
+        return [skipped("inside.agent_signals", _s(s["skipped"]))]
+    if s.get("ended"):
+        return [result("inside.agent_signals", "fail", _s(s["ended"], 300))]
+    before = _l(s.get("before"))
+    if len(before) != 2:
+        return [result("inside.agent_signals", "fail", "PID 1 not readable before the signals")]
+    bad, parts = [], []
+    for name in ("SIGSTOP", "SIGTERM", "SIGKILL"):
+        r = _d(s.get(name))
+        after = _l(r.get("after"))
+        if len(after) != 2:
+            bad.append(f"{name}: PID 1 gone")
+        elif after[1] != before[1]:
+            bad.append(f"{name}: PID 1 replaced")
+        elif str(after[0]) in ("T", "t"):
+            bad.append(f"{name}: PID 1 stopped")
+        elif str(after[0]) in ("Z", "X"):
+            bad.append(f"{name}: PID 1 exiting")
+        parts.append(f"{name} {_s(r.get('kill'), 24)} -> state {_s(after[0] if after else '?', 2)}")
+    return [result("inside.agent_signals", "fail" if bad else "pass",
+                   ("; ".join(bad) + "; " if bad else "PID 1 unaffected: ") + "; ".join(parts))]
+
+
+def _host_facts(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
+    h = _d(p.get("host_facts"))
+    req = {str(k): _s(v, 40) for k, v in _d(h.get("required")).items()}
+    other = {str(k): _s(v, 40) for k, v in _d(h.get("other")).items()}
+    if not req:
+        return [result("inside.host_facts", "fail", "no result")]
+    leaks = [k for k, v in req.items() if v.startswith("readable")]
+    if exp.gvisor:
+        # gVisor's /proc and /sys are its own: what it shows is no fact about the host
+        # kernel, except where a file passes the host's through. Only the named two count.
+        leaks = [k for k in leaks if k in ("/sys/kernel/vmcoreinfo", "/proc/config.gz")]
+    also = [k for k, v in other.items() if v.startswith("readable")]
+    obs = (f"READABLE: {_few(leaks)}; " if leaks else "") + \
+        f"{len(req) - len(leaks)}/{len(req)} required paths masked, empty or absent"
+    if also:
+        obs += f"; also readable (not masked by this container's spec): {_few(also, 4)}"
+    return [result("inside.host_facts", "fail" if leaks else "pass", obs)]
+
+
 # probe section -> (rule, check ids it produces)
 RULES: tuple[tuple[str, Callable[[dict[str, Any], Expectations], list[CheckResult]], tuple[str, ...]], ...] = (
     ("identity", _user, ("inside.user", "inside.groups")),
@@ -542,6 +634,9 @@ RULES: tuple[tuple[str, Callable[[dict[str, Any], Expectations], list[CheckResul
     ("fork", _fork, ("inside.fork_bounded",)),
     ("network", _network, ("inside.no_route", "inside.raw_sockets", "inside.dns", "inside.metadata")),
     ("env", _env, ("inside.env_secrets",)),
+    ("agent", _agent, ("inside.agent_channel", "inside.agent_memory")),
+    ("signals", _signals, ("inside.agent_signals",)),
+    ("host_facts", _host_facts, ("inside.host_facts",)),
 )
 
 

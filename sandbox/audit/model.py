@@ -45,6 +45,8 @@ class AuditReport:
     header: dict[str, Any] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # "full": inside and outside; "configuration": nothing ran inside (`--container` without --probe)
+    scope: str = "full"
     started_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
 
     @property
@@ -64,6 +66,9 @@ class AuditReport:
     def summary(self) -> str:
         n = self.counts()
         verdict = "PASSED" if self.ok else "FAILED"
+        if self.scope == "configuration":
+            verdict += (" (CONFIGURATION ONLY: nothing was probed inside the container; "
+                        f"{n['skip']} checks not run, --probe runs them)")
         worst = ""
         if self.failures:
             sev = min(self.failures, key=lambda c: SEVERITY_ORDER[c.severity]).severity
@@ -75,6 +80,6 @@ class AuditReport:
         return {c.id: c for c in self.checks}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "started_at": self.started_at, "header": self.header,
+        return {"target": self.target, "started_at": self.started_at, "scope": self.scope, "header": self.header,
                 "ok": self.ok, "summary": self.summary(), "counts": self.counts(), "notes": self.notes,
                 "checks": [c.to_dict() for c in self.checks]}

@@ -118,7 +118,10 @@ def evaluate_outside(attrs: dict[str, Any], info: dict[str, Any] | None = None, 
     user = str(cfg.get("User") or "")
     uname = user.split(":")[0]
     root = uname in ("", "0", "root")
-    exp_user = f"{policy.user.uid}:{policy.user.gid}" if policy is not None else None
+    # A pinned uid is expected as such; "auto" means any leased non-root pair (outside.uid_unique
+    # checks that no other live container holds it).
+    pinned = policy is not None and isinstance(policy.user.uid, int)
+    exp_user = f"{policy.user.uid}:{policy.user.gid}" if pinned else None
     ok = not root and (exp_user is None or user == exp_user)
     rows.append(result("outside.user", "pass" if ok else "fail",
                        f"User={user!r}" + (" (image default: root unless the image sets USER)" if not user else ""),

@@ -505,6 +505,147 @@ def probe_exe(cfg):
     return out
 
 
+# ----------------------------------------------------------------- the host-agent channel (PID 1)
+
+def _pid1_stat():
+    """(state letter, start time in ticks) of PID 1, or None when it is gone or unreadable."""
+    txt = _read("/proc/1/stat", 4096)
+    if not isinstance(txt, str) or ")" not in txt:
+        return None
+    rest = txt.rsplit(")", 1)[1].split()
+    try:
+        return rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _try_open(path, flags):
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        return _err(e)
+    os.close(fd)  # never read or written: that it opened is the finding
+    return "opened"
+
+
+def probe_agent(cfg):
+    """What the workload can reach of the process that speaks the host's channel (PID 1):
+    its stdin (the host's requests) and stdout (results the host accepts), any other
+    descriptor, its memory and environment. Opens only; nothing is read or written."""
+    out = {"me": {"uid": os.getuid(), "pid": os.getpid()}}
+    st = {}
+    txt = _read("/proc/1/status", 8192)
+    if isinstance(txt, str):
+        for line in txt.splitlines():
+            k, _, v = line.partition(":")
+            st[k.strip()] = v.strip()
+    out["pid1"] = {"name": st.get("Name"), "uid": (st.get("Uid") or "").split()[:1], "state": st.get("State")}
+    try:
+        pst = os.stat("/proc/1")
+        # The kernel hands a non-dumpable process's /proc entries to root: owner 0 while the
+        # process runs as another uid means PR_SET_DUMPABLE is off.
+        out["proc_owner"] = pst.st_uid
+    except OSError as e:
+        out["proc_owner"] = _err(e)
+    try:
+        names = sorted(os.listdir("/proc/1/fd"), key=lambda n: int(n) if n.isdigit() else 1 << 30)
+        out["fd_list"] = names[:64]
+    except OSError as e:
+        names = []
+        out["fd_list"] = _err(e)
+    opens = {"/proc/1/fd/0": _try_open("/proc/1/fd/0", os.O_RDONLY),
+             "/proc/1/fd/1": _try_open("/proc/1/fd/1", os.O_WRONLY)}
+    for n in names[:32]:
+        p = "/proc/1/fd/" + n
+        if p not in opens:
+            opens[p] = _try_open(p, os.O_RDONLY)
+    out["fd_open"] = opens
+    out["mem"] = _try_open("/proc/1/mem", os.O_RDONLY)
+    out["environ"] = _try_open("/proc/1/environ", os.O_RDONLY)
+    nr = cfg.get("nr", {}).get("process_vm_readv")
+    if nr is not None:
+        # Address 0 in PID 1: EFAULT means the permission check passed (its memory is readable).
+        buf = ctypes.create_string_buffer(8)
+        local = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 8)
+        remote = (ctypes.c_void_p * 2)(None, 8)
+        r, e = _syscall(nr, [1, ctypes.addressof(local), 1, ctypes.addressof(remote), 1, 0])
+        out["process_vm_readv"] = "read" if r >= 0 else errno.errorcode.get(e, str(e))
+    try:
+        os.kill(1, 0)
+        out["signal_permitted"] = True
+    except OSError as e:
+        out["signal_permitted"] = _err(e)
+    try:
+        out["same_session"] = os.getsid(0) == os.getsid(1)
+        out["same_pgrp"] = os.getpgid(0) == os.getpgid(1)
+    except OSError as e:
+        out["same_session"] = out["same_pgrp"] = _err(e)
+    return out
+
+
+def probe_signals(cfg):
+    """SIGSTOP, SIGTERM, SIGKILL to PID 1 (the agent), each followed by a look at it.
+    Run alone, only in a sandbox the audit started: if the agent dies, so does the sandbox."""
+    out = {"before": _pid1_stat()}
+    for name in ("SIGSTOP", "SIGTERM", "SIGKILL"):
+        sig = getattr(signal, name)
+        try:
+            os.kill(1, sig)
+            sent = "delivered to the kernel"
+        except OSError as e:
+            sent = _err(e)
+        time.sleep(0.3)
+        after = _pid1_stat()
+        res = {"kill": sent, "after": after}
+        if name == "SIGSTOP" and after and after[0] in ("T", "t"):
+            try:
+                os.kill(1, signal.SIGCONT)  # let it answer this very probe
+            except OSError:
+                pass
+        out[name] = res
+    return out
+
+
+# Host facts a workload has no use for; each must be unreadable or empty.
+HOST_FACTS = ("/sys/kernel/vmcoreinfo", "/proc/config.gz")
+# Reported when readable (not required unless the container's spec masks them).
+HOST_FACTS_OTHER = ("/proc/cmdline", "/proc/modules", "/proc/kallsyms", "/proc/sys/kernel/random/boot_id",
+                    "/sys/kernel/notes", "/sys/devices/virtual/dmi/id/product_name", "/sys/module",
+                    "/sys/devices/system/cpu/vulnerabilities", "/proc/iomem", "/sys/kernel/debug")
+
+
+def _fact(path):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "absent" if e.errno == errno.ENOENT else "unreadable:" + _err(e)
+    if stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3):
+        return "masked"
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            return "readable:%d entries" % len(os.listdir(path)) if os.listdir(path) else "empty"
+        except OSError as e:
+            return "unreadable:" + _err(e)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64)  # a few bytes prove it; nothing is kept
+    except OSError as e:
+        return "unreadable:" + _err(e)
+    return "readable" if data else "empty"
+
+
+def probe_host_facts(cfg):
+    required = list(HOST_FACTS) + [p for p in cfg.get("masked", []) if p not in HOST_FACTS]
+    seen = {}
+    for p in required[:80]:
+        seen[p] = _fact(p)
+    others = {}
+    for p in HOST_FACTS_OTHER:
+        if p not in seen:
+            others[p] = _fact(p)
+    return {"required": seen, "other": others}
+
+
 # ----------------------------------------------------------------- kernel attack surface
 
 def _cgroup_v1_controller():
@@ -902,7 +1043,8 @@ PROBES = {
     "kernel_files": probe_kernel_files, "sockets": probe_sockets, "fds": probe_fds, "exe": probe_exe,
     "release_agent": probe_release_agent, "keyring": probe_keyring, "ptrace": probe_ptrace,
     "userns": probe_userns, "pidns": probe_pidns, "limits": probe_limits, "fork": probe_fork,
-    "network": probe_network, "env": probe_env,
+    "network": probe_network, "env": probe_env, "agent": probe_agent, "signals": probe_signals,
+    "host_facts": probe_host_facts,
 }
 
 

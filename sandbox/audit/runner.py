@@ -28,7 +28,10 @@ MARKER = "SANDBOX-AUDIT-PROBE-JSON:"
 MAX_PROBE_OUTPUT = 4 << 20
 PROBE_TIMEOUT_S = 180.0
 ALL_PROBES = ("identity", "caps", "nnp", "seccomp", "syscalls", "rootfs", "walk", "devices", "kernel_files", "sockets",
-              "fds", "exe", "release_agent", "keyring", "ptrace", "userns", "pidns", "limits", "network", "env")
+              "fds", "exe", "release_agent", "keyring", "ptrace", "userns", "pidns", "limits", "network", "env",
+              "agent", "host_facts")
+SIGNALS_NOT_OWNED = ("not sent: signals to PID 1 could stop a container this audit did not start "
+                     "(a profile audit sends them to its own sandbox)")
 
 
 class AuditError(RuntimeError):
@@ -36,9 +39,10 @@ class AuditError(RuntimeError):
 
 
 def probe_config(probes: tuple[str, ...] | list[str], scratch: list[str] | None = None,
-                 fork_cap: int = 512) -> dict[str, Any]:
+                 fork_cap: int = 512, masked: list[str] | None = None) -> dict[str, Any]:
+    """``masked``: the container's MaskedPaths, each checked from inside to be unreadable or empty."""
     return {"probes": list(probes), "syscalls": sample_table(), "nr": numbers(), "scratch": scratch or ["/tmp"],
-            "fork_cap": fork_cap}
+            "fork_cap": fork_cap, "masked": [str(m) for m in masked or []]}
 
 
 def probe_argv(config: dict[str, Any], python: str = "python3", isolated: bool = True) -> list[str]:
@@ -80,7 +84,48 @@ def _image_digests(client: Any, image_id: str) -> list[str]:
         return []
 
 
+def package_version() -> str:
+    try:
+        from sandbox import __version__
+
+        return str(__version__)
+    except ImportError:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("sandbox")
+        except PackageNotFoundError:
+            return "unknown (not installed)"
+
+
+def runtime_version(info: dict[str, Any], runtime: str | None) -> str:
+    """runc's version as the engine reports it; runsc's from its own binary (the engine does not say)."""
+    if runtime in (None, "runc", "io.containerd.runc.v2"):
+        rid = (info.get("RuncCommit") or {}).get("ID")
+        return f"runc {rid}" if rid else "runc (version not reported by the engine)"
+    path = ((info.get("Runtimes") or {}).get(runtime) or {}).get("path") or runtime
+    import subprocess
+
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{runtime} (version unknown: {type(e).__name__})"
+    first = out.strip().splitlines()[:1]
+    return first[0][:120] if first else f"{runtime} (version unknown)"
+
+
+def container_ids(attrs: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(uid, gid) from Config.User as the host configured it; None where not numeric."""
+    user = str((attrs.get("Config") or {}).get("User") or "")
+    u, _, g = user.partition(":")
+    uid = int(u) if u.isdigit() else (0 if u in ("", "root") else None)
+    gid = int(g) if g.isdigit() else (uid if not g and uid == 0 else None)
+    return uid, gid
+
+
 def _header(attrs: dict[str, Any], info: dict[str, Any], client: Any, probe: dict[str, Any] | None) -> dict[str, Any]:
+    from sandbox.audit.catalog import CIS_BENCHMARK
+
     hc, cfg = attrs.get("HostConfig") or {}, attrs.get("Config") or {}
     runtime = hc.get("Runtime") or info.get("DefaultRuntime")
     kernel = str(info.get("KernelVersion"))
@@ -89,25 +134,166 @@ def _header(attrs: dict[str, Any], info: dict[str, Any], client: Any, probe: dic
         kernel += f" (the container sees {seen[:40]}{': gVisor' if runtime == 'runsc' else ''})"
     image_id = str(attrs.get("Image") or "")
     return {"container": str(attrs.get("Id", ""))[:12], "image": cfg.get("Image"), "image_id": image_id,
-            "image_digests": _image_digests(client, image_id), "runtime": runtime, "kernel": kernel,
-            "engine": info.get("ServerVersion"), "host": socket.gethostname()}
+            "image_digests": _image_digests(client, image_id), "runtime": runtime,
+            "runtime_version": runtime_version(info, runtime), "kernel": kernel,
+            "engine": f"Docker {info.get('ServerVersion')}, containerd {(info.get('ContainerdCommit') or {}).get('ID')}",
+            "host": socket.gethostname(), "package_version": package_version(), "cis_benchmark": CIS_BENCHMARK}
+
+
+def policy_header(policy: Any) -> dict[str, Any]:
+    return {"policy": policy.name, "policy_hash": policy.digest(), "weakenings": weakening_lines(policy)}
+
+
+def weakening_lines(policy: Any) -> list[str]:
+    fn = getattr(policy, "weakenings", None)
+    if not callable(fn):
+        return []
+    out = []
+    for w in fn():
+        wid, allows, reason = getattr(w, "id", str(w)), getattr(w, "allows", ""), getattr(w, "reason", "")
+        out.append(f"{wid}: {allows}" + (f" (declared: {reason})" if reason else " (NOT declared)"))
+    return out
+
+
+# ---------------------------------------------------------------- rows only a runner can make
+
+def weakenings_row(policy: Any) -> CheckResult:
+    from sandbox.audit.catalog import result
+
+    if policy is None:
+        return result("outside.declared_weakenings", "info",
+                      "no policy known for this container (not a managed sandbox, or its profile does not load "
+                      "here with the digest on its label): weakenings cannot be listed")
+    lines = weakening_lines(policy)
+    if not lines:
+        return result("outside.declared_weakenings", "pass", f"policy {policy.name} declares none: it is the "
+                      "shipped baseline or stricter")
+    return result("outside.declared_weakenings", "warn", f"policy {policy.name} weakens the shipped baseline: "
+                  + "; ".join(lines))
+
+
+GVISOR_EXEC = ("under runsc (gVisor), processes that enter through `docker exec` run without the OCI seccomp "
+               "filter: only the container's own process tree is filtered")
+
+
+def exec_seccomp_row(runtime: str, *, audited_by_exec: bool, exec_ids: list[Any] | None = None) -> CheckResult:
+    from sandbox.audit.catalog import result
+
+    if runtime != "runsc":
+        return result("outside.exec_seccomp", "pass",
+                      f"{runtime}: a process entering through `docker exec` gets the container's seccomp filter")
+    live = f"; {len(exec_ids)} exec session(s) open in it now" if exec_ids else ""
+    if audited_by_exec:
+        return result("outside.exec_seccomp", "warn", GVISOR_EXEC + "; this audit's own inside probe entered that "
+                      "way, so its seccomp rows describe an exec'd process, not the workload" + live
+                      + ". `sandbox` never enters a sandbox that way; do not `docker exec` into one")
+    return result("outside.exec_seccomp", "info", GVISOR_EXEC + ". `sandbox` never enters a sandbox that way "
+                  "(its agent starts every command inside the filtered tree); the probe here ran through the agent"
+                  + live)
+
+
+def _running_ids(client: Any, exclude: set[str]) -> list[tuple[str, int | None, int | None]]:
+    out = []
+    for c in client.api.containers(quiet=True):
+        cid = str(c.get("Id"))
+        if cid in exclude:
+            continue
+        try:
+            a = client.api.inspect_container(cid)
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            continue
+        uid, gid = container_ids(a)
+        out.append((str(a.get("Name", "")).lstrip("/") or cid[:12], uid, gid))
+    return out
+
+
+def uid_row(client: Any, attrs: dict[str, Any], *, pinned: tuple[int, int] | None = None,
+            peer: tuple[int | None, int | None] | str | None = None) -> CheckResult:
+    """Outside, from the engine: this container's uid/gid against every other running container's.
+
+    ``peer``: what a second sandbox of the same policy, started while this one lived, got
+    (its (uid, gid), or the runtime's refusal as text), the test that the allocator holds."""
+    from sandbox.audit.catalog import result
+    from sandbox.spec import LABEL_GID, LABEL_UID
+
+    uid, gid = container_ids(attrs)
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    obs = f"User={(attrs.get('Config') or {}).get('User')!r}"
+    if uid is None or gid is None:
+        return result("outside.uid_unique", "fail", obs + ": not a numeric uid:gid, so the host cannot tell "
+                      "which per-uid budget it spends")
+    if uid == 0 or gid == 0:
+        return result("outside.uid_unique", "fail", obs + ": root, shared with the host and every root container")
+    bad = []
+    lu, lg = labels.get(LABEL_UID), labels.get(LABEL_GID)
+    if lu is not None and (lu != str(uid) or lg != str(gid)):
+        bad.append(f"label says {lu}:{lg}, Config.User {uid}:{gid}")
+    if pinned is not None and (uid, gid) != pinned:
+        bad.append(f"the policy pins {pinned[0]}:{pinned[1]}")
+    others = _running_ids(client, {str(attrs.get("Id"))})
+    shared = [f"{n} ({u}:{g})" for n, u, g in others if u == uid or g == gid]
+    if shared:
+        bad.append(f"shared with {len(shared)} other running container(s): " + ", ".join(shared[:5]))
+    obs += f"; {len(others)} other running containers hold other ids"
+    if isinstance(peer, tuple):
+        obs += f"; a second sandbox of this policy got {peer[0]}:{peer[1]}"
+        if peer == (uid, gid) or peer[0] == uid or peer[1] == gid:
+            bad.append(f"a second sandbox of the same policy got the same ids {peer[0]}:{peer[1]}")
+    elif isinstance(peer, str):
+        obs += f"; a second sandbox of this policy was refused: {peer[:160]}"
+    if bad:
+        return result("outside.uid_unique", "fail", "; ".join(bad) + f" ({obs})")
+    return result("outside.uid_unique", "pass", obs)
 
 
 # ---------------------------------------------------------------- a shipped policy
 
-def _spec_body(policy: Any, session_id: str) -> dict[str, Any]:
+def _spec_body(policy: Any, session_id: str, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The policy's compiled spec, for the ids the runtime leased this container (Config.User)."""
     from sandbox import spec as specmod
 
     binds = specmod.Binds(workspace_dir="/audit-placeholder" if policy.workspace.backing == "disk" else None,
                           egress_dir="/audit-placeholder" if policy.egress.enabled else None)
+    uid, gid = container_ids(attrs or {})
+    ids_cls = getattr(specmod, "Ids", None)
+    if ids_cls is not None and uid and gid:
+        return specmod.compile_spec(policy, session_id, binds, ids=ids_cls(uid, gid)).body
     return specmod.compile_spec(policy, session_id, binds).body
 
 
-def run_in_sandbox(sb: Any, probes: tuple[str, ...] | list[str], timeout: float = PROBE_TIMEOUT_S
-                   ) -> tuple[dict[str, Any] | None, Any]:
+def run_in_sandbox(sb: Any, probes: tuple[str, ...] | list[str], timeout: float = PROBE_TIMEOUT_S,
+                   masked: list[str] | None = None) -> tuple[dict[str, Any] | None, Any]:
     scratch = [sb.policy.workspace.path] + [t.path for t in sb.policy.tmpfs]
-    res = sb.exec(probe_argv(probe_config(probes, scratch)), timeout=timeout, max_output=MAX_PROBE_OUTPUT)
+    res = sb.exec(probe_argv(probe_config(probes, scratch, masked=masked)), timeout=timeout,
+                  max_output=MAX_PROBE_OUTPUT)
     return parse_probe_output(res.stdout), res
+
+
+def _signals_in_sandbox(sb: Any) -> dict[str, Any]:
+    """SIGSTOP/SIGTERM/SIGKILL to the agent (PID 1), alone: if it dies, the sandbox ends with it."""
+    try:
+        data, res = run_in_sandbox(sb, ["signals"], timeout=30)
+    except Exception as e:  # noqa: BLE001 - the sandbox went away under the test: that is the finding
+        return {"ended": f"the sandbox ended after signals to PID 1 (the agent): {type(e).__name__}: {str(e)[:120]}"}
+    sig = (data or {}).get("signals")
+    if isinstance(sig, dict) and sb.alive:
+        return sig
+    if isinstance(sig, dict):
+        return {"ended": "the probe saw PID 1 survive, yet the sandbox ended right after"}
+    why = (res.error or f"exit {res.exit_code}")[:120]
+    return {"ended": f"no answer after signals to PID 1 (the agent): it was stopped or killed ({why})"}
+
+
+def _peer_ids(rt: Any, policy: Any, session_id: str) -> tuple[int | None, int | None] | str:
+    """Start a second sandbox of the same policy while the audited one lives: which ids does it get?"""
+    try:
+        peer = rt.create(policy, session_id=f"{session_id}_peer")
+    except Exception as e:  # noqa: BLE001 - a pinned uid in use is refused: the answer, not an error
+        return f"{type(e).__name__}: {e}"
+    try:
+        return container_ids(rt.client.api.inspect_container(peer.id))
+    finally:
+        peer.destroy()
 
 
 def _fork_in_sandbox(sb: Any) -> dict[str, Any]:
@@ -161,22 +347,30 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
         attrs = rt.client.api.inspect_container(sb.id)
         info, engine_rows = _engine(rt.client)
         # While the sandbox lives: the host-side cgroup files go with it.
-        outside = evaluate_outside(attrs, info, policy=policy, spec_body=_spec_body(policy, session_id))
-        probe, res = run_in_sandbox(sb, ALL_PROBES)
+        outside = evaluate_outside(attrs, info, policy=policy, spec_body=_spec_body(policy, session_id, attrs))
+        pinned = (policy.user.uid, policy.user.gid) if isinstance(policy.user.uid, int) else None
+        outside.append(uid_row(rt.client, attrs, pinned=pinned, peer=_peer_ids(rt, policy, session_id)))
+        outside.append(weakenings_row(policy))
+        outside.append(exec_seccomp_row(policy.runtime, audited_by_exec=False))
+        masked = [str(m) for m in (attrs.get("HostConfig") or {}).get("MaskedPaths") or []]
+        probe, res = run_in_sandbox(sb, ALL_PROBES, masked=masked)
         if probe is None:
             report.notes.append(f"probe gave no result (exit {res.exit_code}, {res.error or 'no marker'}): "
                                 "every inside check fails")
             probe = {}
+        if sb.alive:
+            probe["signals"] = _signals_in_sandbox(sb)
         if fork_test and sb.alive:
             probe["fork"] = _fork_in_sandbox(sb)
     finally:
         sb.destroy()
-    exp = chk.Expectations.from_policy(policy)
+    exp = chk.Expectations.from_policy(policy).with_ids(*container_ids(attrs))
     inside = chk.evaluate_inside(probe, exp, missing_reason="the probe did not report it")
     if not fork_test:
         inside = [skipped(r.id, "fork test disabled") if r.id == "inside.fork_bounded" else r for r in inside]
     report.header = _header(attrs, info, rt.client, probe)
-    report.header.update({"policy": policy.name, "policy_hash": policy.digest()})
+    report.header.update(policy_header(policy))
+    report.header["probe"] = "python3, through the sandbox's agent"
     report.checks = _no_silent_pass(inside, probe) + outside + engine_rows
     return report
 
@@ -230,6 +424,8 @@ def audit_container(client: Any, container_id: str, *, probe: bool = False, forc
     policy = _policy_from_labels(labels)
     runtime = str(hc.get("Runtime") or info.get("DefaultRuntime") or "runc")
     exp = chk.Expectations.from_policy(policy) if policy is not None else chk.Expectations(runtime=runtime)
+    if policy is not None:
+        exp = exp.with_ids(*container_ids(attrs))
     report = AuditReport(target=f"container {attrs.get('Name', '').lstrip('/') or container_id[:12]}")
     running = bool((attrs.get("State") or {}).get("Running"))
     data: dict[str, Any] | None = None
@@ -238,21 +434,32 @@ def audit_container(client: Any, container_id: str, *, probe: bool = False, forc
     if not probe:
         reason = "inside probes not requested (--probe runs code in the container)"
         inside = [skipped(i, reason) for i in INSIDE_IDS]
+        report.scope = "configuration"
+        report.notes.append("configuration only: the container's settings were inspected from outside; nothing "
+                            f"ran inside it, so {len(INSIDE_IDS)} inside checks did not run (--probe runs them)")
     elif not running:
         inside = [skipped(i, "the container is not running") for i in INSIDE_IDS]
     else:
-        data, how, unavailable = _probe_container(client, container_id, runtime, force_shell, fork_test)
+        masked = [str(m) for m in hc.get("MaskedPaths") or []]
+        data, how, unavailable = _probe_container(client, container_id, runtime, force_shell, fork_test, masked)
+        unavailable.setdefault("inside.agent_signals", SIGNALS_NOT_OWNED)
         if data is None:
             inside = [skipped(i, how) for i in INSIDE_IDS]
             how = "none"
         else:
             inside = chk.evaluate_inside(data, exp, unavailable=unavailable)
     outside = evaluate_outside(attrs, info, policy=policy,
-                               spec_body=_spec_body(policy, labels.get("org.sandbox.session", "x")) if policy else None)
+                               spec_body=_spec_body(policy, labels.get("org.sandbox.session", "x"), attrs)
+                               if policy else None)
+    pinned = (policy.user.uid, policy.user.gid) if policy is not None and isinstance(policy.user.uid, int) else None
+    outside.append(uid_row(client, attrs, pinned=pinned))
+    outside.append(weakenings_row(policy))
+    outside.append(exec_seccomp_row(runtime, audited_by_exec=probe and running,
+                                    exec_ids=list(attrs.get("ExecIDs") or [])))
     report.header = _header(attrs, info, client, data)
     report.header["probe"] = how
     if policy is not None:
-        report.header.update({"policy": policy.name, "policy_hash": policy.digest()})
+        report.header.update(policy_header(policy))
     elif labels.get("org.sandbox.policy-digest"):
         report.header.update({"policy": labels.get("org.sandbox.policy"),
                               "policy_hash": labels["org.sandbox.policy-digest"] + " (label only; not loadable here)"})
@@ -262,8 +469,8 @@ def audit_container(client: Any, container_id: str, *, probe: bool = False, forc
     return report
 
 
-def _probe_container(client: Any, cid: str, runtime: str, force_shell: bool, fork_test: bool
-                     ) -> tuple[dict[str, Any] | None, str, dict[str, str]]:
+def _probe_container(client: Any, cid: str, runtime: str, force_shell: bool, fork_test: bool,
+                     masked: list[str] | None = None) -> tuple[dict[str, Any] | None, str, dict[str, str]]:
     unavailable: dict[str, str] = {}
     if not force_shell:
         code, out, _ = _exec(client, cid, ["python3", "-c", "import sys; print(sys.version_info >= (3, 6))"])
@@ -276,7 +483,7 @@ def _probe_container(client: Any, cid: str, runtime: str, force_shell: bool, for
             else:
                 unavailable["inside.fork_bounded"] = "fork test disabled"
             # Not isolated (-I): a foreign image's python may be older than 3.4.
-            _, out, err = _exec(client, cid, probe_argv(probe_config(probes), isolated=False))
+            _, out, err = _exec(client, cid, probe_argv(probe_config(probes, masked=masked), isolated=False))
             data = parse_probe_output(out)
             if data is not None:
                 return data, "python3", unavailable

@@ -73,21 +73,3 @@ def require_canaries(runtime: Any, policy: Any, *, timeout: float = CANARY_TIMEO
         detail = "; ".join(f"{r.id} ({r.title}): {r.observed[:160]}" for r in bad)
         raise SelfTestFailed(f"sandbox self-test failed under policy {policy.name!r}: {detail}", bad)
     return rows
-
-
-def doctor_check(profile: str = "default") -> Any:
-    """The self-test as one `sandbox doctor` row (ok, or fail naming the canary)."""
-    from sandbox.doctor import Check
-    from sandbox.policy import load_policy
-    from sandbox.runtime import Runtime
-
-    try:
-        policy = load_policy(profile)
-        rows = require_canaries(Runtime(owner_kind="doctor"), policy)
-    except SelfTestFailed as e:
-        return Check("self-test", "fail", str(e)[:400],
-                     "run `sandbox audit --profile " + profile + "` for the full report")
-    except Exception as e:  # noqa: BLE001 - the policy did not load, or no engine
-        return Check("self-test", "fail", f"{type(e).__name__}: {str(e)[:300]}", "fix the rows above first")
-    return Check("self-test", "ok", f"{len(rows)} canaries held in a {profile} sandbox "
-                 "(non-root, no caps, no_new_privs, seccomp, read-only root, no network)")

@@ -79,6 +79,16 @@ if command -v find >/dev/null 2>&1; then
   find / -xdev -type s 2>/dev/null | head -n 50 | while IFS= read -r f; do p walksock "$f" x; done
   p find available yes
 fi
+while IFS=: read -r k v; do case "$k" in Name|Uid) set -- $v; p agent "pid1$k" "$1";; esac; done < /proc/1/status
+set -- $(ls -ldn /proc/1 2>/dev/null); p agent owner "$3"
+if ( exec 3</proc/1/fd/0 ) 2>/dev/null; then p agent /proc/1/fd/0 opened; else p agent /proc/1/fd/0 refused; fi
+if ( exec 3>>/proc/1/fd/1 ) 2>/dev/null; then p agent /proc/1/fd/1 opened; else p agent /proc/1/fd/1 refused; fi
+if ( exec 3</proc/1/mem ) 2>/dev/null; then p agent mem opened; else p agent mem refused; fi
+if ( exec 3</proc/1/environ ) 2>/dev/null; then p agent environ opened; else p agent environ refused; fi
+for f in /sys/kernel/vmcoreinfo /proc/config.gz; do
+  if [ ! -e "$f" ]; then p fact "$f" absent; elif [ -c "$f" ]; then p fact "$f" masked
+  elif [ "$(head -c 1 "$f" 2>/dev/null | wc -c)" -gt 0 ]; then p fact "$f" readable; else p fact "$f" empty; fi
+done
 p done ok ok
 """
 
@@ -89,6 +99,8 @@ SH_UNAVAILABLE: dict[str, str] = {
         "inside.release_agent", "inside.keyring", "inside.ptrace", "inside.userns", "inside.fork_bounded",
         "inside.raw_sockets", "inside.dns", "inside.metadata")
 }
+SH_UNAVAILABLE["inside.agent_signals"] = "not sent: signals to PID 1 could stop a container this audit did not start"
+
 
 _DEV = re.compile(r"(\d+),\s+(\d+)\s.*?(/dev/\S+)\s*$")
 
@@ -106,6 +118,8 @@ def parse(output: str) -> dict[str, Any]:
     lim: dict[str, Any] = {"cgroupfs_mounted": False}
     walk: dict[str, Any] = {"writable": {}, "setid": [], "sockets": [], "devices_outside_dev": []}
     pidns: dict[str, Any] = {"kthreadd_visible": False}
+    agent: dict[str, Any] = {"pid1": {}, "fd_open": {}}
+    facts: dict[str, Any] = {}
     have_find = done = False
     for line in output.splitlines():
         parts = line.split("|", 2)
@@ -155,6 +169,19 @@ def parse(output: str) -> dict[str, Any]:
             walk["setid"].append({"path": key, "mode": "?", "nosuid": False})
         elif sec == "walksock":
             walk["sockets"].append(key)
+        elif sec == "agent":
+            if key == "pid1Name":
+                agent["pid1"]["name"] = val
+            elif key == "pid1Uid":
+                agent["pid1"]["uid"] = [val]
+            elif key == "owner":
+                agent["proc_owner"] = int(val) if val.isdigit() else val
+            elif key.startswith("/proc/1/fd/"):
+                agent["fd_open"][key] = "opened" if val == "opened" else "refused"
+            elif key in ("mem", "environ"):
+                agent[key] = "opened" if val == "opened" else "refused"
+        elif sec == "fact":
+            facts[key] = val
         elif sec == "find":
             have_find = True
         elif sec == "done":
@@ -174,6 +201,10 @@ def parse(output: str) -> dict[str, Any]:
         "limits": lim,
         "pidns": pidns,
     }
+    if agent["fd_open"]:
+        out["agent"] = agent
+    if facts:
+        out["host_facts"] = {"required": facts, "other": {}}
     if have_find:
         walk["setid_count"] = len(walk["setid"])
         out["walk"] = walk
