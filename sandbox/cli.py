@@ -451,6 +451,18 @@ def policy_list() -> None:
                 click.echo(f"{f.stem}\t{f}")
 
 
+@policy.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def policy_diff(a: str, b: str, as_json: bool) -> None:
+    """What policy A allows that B does not, and what B allows that A does not (syscalls, mounts,
+    limits, egress, env, runtime, timeouts). Exit 0: same; 1: they differ; 2: a profile is bad."""
+    from sandbox.policydiff import run_cli
+
+    sys.exit(run_cli(_load(a), _load(b), as_json))
+
+
 # ------------------------------------------------------------------ images, doctor, gc
 
 @main.group()
