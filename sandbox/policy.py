@@ -292,7 +292,8 @@ def _unsafe_problems(p: Policy, origins: dict[str, str], source: str) -> list[tu
         reason = (f"allows {w.allows}: weaker than the shipped baseline; remove it, or accept it in writing "
                   f"with unsafe: {{{w.id}: <reason>}}")
         if w.file == "policy":
-            problems.append((_lookup_origin(origins, w.key) or source, w.key, reason))
+            file = _lookup_origin(origins, w.key) or source
+            problems.append((file, w.key, reason + (f" (loading {source})" if file != source else "")))
         else:  # the allowlist file itself allows it
             problems.append((w.file, w.key, f"{reason} in the profile using this allowlist ({source})"))
     ids = {w.id for w in found}

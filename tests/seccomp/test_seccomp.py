@@ -78,3 +78,37 @@ def test_filter_applied_in_process_blocks_attacks_and_allows_normal_work() -> No
     parsed = eval(results)  # noqa: S307 - our own child's repr of a dict of ints
     assert all(v == 1 for v in parsed.values()), parsed  # every call: EPERM
     assert code == "7" and filtered.strip() == "True"  # fork/wait still work, filter in mode 2
+
+
+def test_seccomp_imports_without_the_policy_module() -> None:
+    """No import cycle: the compiler needs only sandbox.policy_base."""
+    code = "import sys, sandbox.seccomp; print('sandbox.policy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# The reviewed shipped baseline. Editing profiles/seccomp/default.yaml changes what every
+# policy enforces and what counts as a weakening: do it deliberately, then update this.
+BASELINE_SHA256 = "0f20ad65d88ada6375548068d816a107444a494512a08767b89d378297e6b736"
+
+
+def test_shipped_allowlist_is_the_reviewed_baseline() -> None:
+    import hashlib
+    import json
+
+    canon = sc.baseline_filter().canonical()
+    assert hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest() == BASELINE_SHA256, (
+        "profiles/seccomp/default.yaml changed: review the change, then update BASELINE_SHA256")
+    assert canon["default_action"] == "errno" and not set(canon["allow"]) & set(sc.DANGEROUS)
+    assert set(sc.ARG_CHECKED) - {"clone3"} <= set(canon["conditional"]) and "clone3" in canon["errno"]
+
+
+def test_malformed_allowlist_is_an_error_naming_the_file(tmp_path, monkeypatch) -> None:
+    d = tmp_path / "seccomp"
+    d.mkdir()
+    (d / "odd.yaml").write_text("allow: [read]\nconditional: {socket: [[{index: 9, op: eq, value: 1}]]}\nbogus: 1\n")
+    monkeypatch.setattr(sc, "_seccomp_dirs", lambda: [d])
+    with pytest.raises(PolicyError) as info:
+        sc.compile_filter(Seccomp(profile="odd"))
+    keys = {(f, k) for f, k, _ in info.value.problems}
+    assert keys == {(str((d / "odd.yaml").resolve()), "bogus"), (str((d / "odd.yaml").resolve()), "conditional.socket")}
