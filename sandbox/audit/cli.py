@@ -213,9 +213,10 @@ def diff_cmd(old: str, new: str, as_json: bool, show_all: bool) -> None:
     removed, results changed, digests and versions changed.
 
     \b
-    Exit status: 0 nothing got worse, 1 something got worse (a result fell, a passing check
-    disappeared, a failing one appeared, the policy digest changed to a weaker one is
-    reported but judged by its rows), 3 a file is missing or not an audit report."""
+    Exit status: 0 nothing got worse; 1 something got worse (a result fell from pass/info to
+    warn, skip or fail, a check that held is gone, or a new check fails); 3 a file is missing
+    or not an audit report. Changed digests and versions are listed; their effect shows in
+    the rows."""
     from sandbox.audit.diff import DiffError, diff_reports, load_report, render_diff
 
     try:

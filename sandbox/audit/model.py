@@ -83,3 +83,12 @@ class AuditReport:
         return {"target": self.target, "started_at": self.started_at, "scope": self.scope, "header": self.header,
                 "ok": self.ok, "summary": self.summary(), "counts": self.counts(), "notes": self.notes,
                 "checks": [c.to_dict() for c in self.checks]}
+
+
+def report_from_dict(doc: dict[str, Any]) -> AuditReport:
+    """An :class:`AuditReport` back from its JSON (``to_dict``), e.g. to render a saved audit."""
+    fields = ("id", "title", "status", "expected", "observed", "severity", "where", "cis")
+    checks = [CheckResult(**{k: c.get(k) for k in fields}) for c in doc.get("checks") or []]
+    return AuditReport(target=str(doc.get("target", "")), header=dict(doc.get("header") or {}), checks=checks,
+                       notes=list(doc.get("notes") or []), scope=str(doc.get("scope") or "full"),
+                       started_at=str(doc.get("started_at", "")))

@@ -118,7 +118,7 @@ def parse(output: str) -> dict[str, Any]:
     lim: dict[str, Any] = {"cgroupfs_mounted": False}
     walk: dict[str, Any] = {"writable": {}, "setid": [], "sockets": [], "devices_outside_dev": []}
     pidns: dict[str, Any] = {"kthreadd_visible": False}
-    agent: dict[str, Any] = {"pid1": {}, "fd_open": {}}
+    agent: dict[str, Any] = {"pid1": {}, "fd_open": {}, "fd_list": "not listed by the sh subset"}
     facts: dict[str, Any] = {}
     have_find = done = False
     for line in output.splitlines():
