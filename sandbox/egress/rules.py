@@ -14,7 +14,7 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sandbox.egress.acl import HostError, canonical_host, is_ip_literal
+from sandbox.egress.hosts import HostError, canonical_host, is_ip_literal
 
 # Ranges shorter than this would let a sandbox reach "almost everything private"
 # (or simply everything) through one line; an operator who really means that
