@@ -7,9 +7,14 @@ State (``state_dir()``; ``SANDBOX_STATE_DIR`` moves all of it)::
       audit/                            per-session hash-chained audit trails
       egress/                           egress proxy daemon: control socket, per-session sockets, audit.jsonl
       worker/                           environment worker: outbox, lock, SDK work dir
+      sessions/                         the worker's session store: workspaces, call journal, audit trails
       controlplane/                     embedded control plane: database, keys, endpoint.json
-      uids/                             uid/gid leases of live sandboxes
       cache/rootfs/                     only when SANDBOX_STATE_DIR is set (see ``rootfs_cache_dir``)
+
+Two things live elsewhere on purpose: the uid/gid leases of live sandboxes are host-wide
+(``uid_leases_dir``: /run/sandbox/uids for root, a tmpfs a reboot clears), so two runtimes
+with different state dirs never hand out one uid; and the rootfs cache is a cache
+(/var/cache/sandbox for root) unless ``SANDBOX_STATE_DIR`` or ``SANDBOX_ROOTFS_CACHE`` say otherwise.
 
 The runtime's own state directory is the top of the layout (``runtime_dir()``): it
 places ``workspaces/`` and ``egress/`` below itself, so a ``Runtime`` given another
@@ -40,6 +45,7 @@ SYSTEM_CONFIG_DIR = Path("/etc/sandbox")
 ENV_STATE_DIR = "SANDBOX_STATE_DIR"
 ENV_PROFILES = "SANDBOX_PROFILES"
 ENV_ROOTFS_CACHE = "SANDBOX_ROOTFS_CACHE"
+ENV_UID_LEASES = "SANDBOX_UID_LEASES"
 
 
 def _xdg(var: str, default: str) -> Path:
@@ -90,12 +96,24 @@ def worker_dir() -> Path:
     return state_dir() / "worker"
 
 
+def sessions_dir() -> Path:
+    return state_dir() / "sessions"
+
+
 def controlplane_dir() -> Path:
     return state_dir() / "controlplane"
 
 
 def uid_leases_dir() -> Path:
-    return state_dir() / "uids"
+    """Host-wide, not per state dir (see the module docstring): ``$SANDBOX_UID_LEASES``; else
+    /run/sandbox/uids for root; else ``$XDG_RUNTIME_DIR/sandbox-uids`` or /tmp/sandbox-uids-UID."""
+    env = os.environ.get(ENV_UID_LEASES)
+    if env:
+        return Path(env)
+    if _is_root():
+        return Path("/run/sandbox/uids")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "sandbox-uids" if runtime else Path(f"/tmp/sandbox-uids-{os.getuid()}")
 
 
 def rootfs_cache_dir() -> Path:

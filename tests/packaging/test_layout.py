@@ -156,7 +156,7 @@ def test_sandbox_state_dir_moves_every_part(no_layout_env: None, tmp_path: Path,
     root = tmp_path / "state"
     monkeypatch.setenv("SANDBOX_STATE_DIR", str(root))
     parts = [paths.runtime_dir(), paths.workspaces_dir(), paths.audit_dir(), paths.egress_dir(), paths.worker_dir(),
-             paths.controlplane_dir(), paths.uid_leases_dir(), paths.rootfs_cache_dir()]
+             paths.sessions_dir(), paths.controlplane_dir(), paths.rootfs_cache_dir()]
     assert all(p == root or root in p.parents for p in parts), parts
     assert len(set(parts)) == len(parts), "two parts share a directory"
     # and the modules that own each part use the same directories
@@ -165,6 +165,23 @@ def test_sandbox_state_dir_moves_every_part(no_layout_env: None, tmp_path: Path,
     assert _default_worker_state_dir() == paths.worker_dir() == root / "worker"
     monkeypatch.setenv("SANDBOX_ROOTFS_CACHE", str(tmp_path / "rc"))
     assert paths.rootfs_cache_dir() == tmp_path / "rc"
+    # uid leases stay host-wide: two state dirs must never hand out one uid
+    assert root not in paths.uid_leases_dir().parents
+
+
+def test_uid_leases_are_host_wide_and_agree_with_the_identity_module(no_layout_env: None, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.identity import default_lease_dir
+
+    for uid in (0, 1000):
+        _as(monkeypatch, uid, tmp_path)
+        for state in (tmp_path / "a", tmp_path / "b"):
+            monkeypatch.setenv("SANDBOX_STATE_DIR", str(state))
+            assert paths.uid_leases_dir() == default_lease_dir()
+        if uid == 0:
+            assert paths.uid_leases_dir() == Path("/run/sandbox/uids")
+    monkeypatch.setenv("SANDBOX_UID_LEASES", str(tmp_path / "leases"))
+    assert paths.uid_leases_dir() == default_lease_dir() == tmp_path / "leases"
 
 
 def test_control_plane_and_runtime_agree_as_root(no_layout_env: None, tmp_path: Path,
