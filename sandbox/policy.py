@@ -3,8 +3,12 @@
 Profiles are YAML files under ``profiles/`` (or any path). A profile may
 ``extends:`` another; the child is deep-merged over its parent before
 validation, so every policy that reaches the compiler is complete and strict:
-unknown keys are errors, uid 0 is an error, dangerous host paths are errors.
-Errors name the file, the key and the reason (:class:`PolicyError`).
+unknown keys and keys given twice are errors, uid 0 is an error, dangerous host
+paths are errors, and anything weaker than the shipped baseline (see
+:func:`find_weakenings`) is an error unless the profile accepts it in writing
+under ``unsafe:``. Errors name the file (of the ``extends`` chain) that set the
+key, the key and the reason (:class:`PolicyError`). :meth:`Policy.digest` covers
+every setting and the resolved seccomp filter.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ One source (a named allowlist under ``profiles/seccomp/`` plus the policy's
 adjustments) yields three equivalent outputs: OCI JSON for Docker, libseccomp
 PFC text for auditors, and a loaded in-process filter. Every syscall name is
 checked against libseccomp (through pyseccomp), so a typo is an error, not a
-silently missing rule.
+silently missing rule. :func:`weakenings` compares a filter with the shipped
+baseline; :meth:`CompiledFilter.canonical` is what the policy digest hashes.
+This module imports :mod:`sandbox.policy_base`, never :mod:`sandbox.policy`.
 """
 
 from __future__ import annotations
