@@ -4,7 +4,6 @@ State (``state_dir()``; ``SANDBOX_STATE_DIR`` moves all of it)::
 
     /var/lib/sandbox                    root; others: $XDG_STATE_HOME/sandbox (~/.local/state/sandbox)
       workspaces/                       disk-backed workspaces (runtime)
-      audit/                            per-session hash-chained audit trails
       egress/                           egress proxy daemon: control socket, per-session sockets, audit.jsonl
       worker/                           environment worker: outbox, lock, SDK work dir
       sessions/                         the worker's session store: workspaces, call journal, audit trails
@@ -82,10 +81,6 @@ def runtime_dir() -> Path:
 
 def workspaces_dir() -> Path:
     return runtime_dir() / "workspaces"
-
-
-def audit_dir() -> Path:
-    return runtime_dir() / "audit"
 
 
 def egress_dir() -> Path:

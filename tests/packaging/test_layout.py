@@ -155,7 +155,7 @@ def test_sandbox_state_dir_moves_every_part(no_layout_env: None, tmp_path: Path,
     _as(monkeypatch, uid, tmp_path / "home")
     root = tmp_path / "state"
     monkeypatch.setenv("SANDBOX_STATE_DIR", str(root))
-    parts = [paths.runtime_dir(), paths.workspaces_dir(), paths.audit_dir(), paths.egress_dir(), paths.worker_dir(),
+    parts = [paths.runtime_dir(), paths.workspaces_dir(), paths.egress_dir(), paths.worker_dir(),
              paths.sessions_dir(), paths.controlplane_dir(), paths.rootfs_cache_dir()]
     assert all(p == root or root in p.parents for p in parts), parts
     assert len(set(parts)) == len(parts), "two parts share a directory"
