@@ -19,9 +19,12 @@ CLI_SESSION = "proxy-cli"
 def load_rules(path: Path) -> EgressPolicy:
     """An egress policy from YAML: a bare EgressPolicy, or a profile with an ``egress:``
     key (a profile that ``extends:`` another is loaded through the policy loader)."""
-    import yaml
+    from sandbox.policy_base import PolicyError, read_yaml
 
-    doc = yaml.safe_load(path.read_text()) or {}
+    try:
+        doc = read_yaml(path) or {}  # strict: a key given twice is an error naming both lines
+    except PolicyError as e:
+        raise click.BadParameter("; ".join(f"{f}: {r}" for f, _, r in e.problems)) from None
     if not isinstance(doc, dict):
         raise click.BadParameter(f"{path}: expected a mapping")
     if "egress" in doc:
