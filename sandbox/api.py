@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from sandbox import policy as _policy
 from sandbox import runtime as _rt
@@ -60,7 +60,7 @@ LIMIT_EXIT_CODES: dict[str, int] = dict(_rt.LIMIT_EXIT_CODES)
 SANDBOX_ERROR_EXIT: int = _rt.SANDBOX_ERROR_EXIT
 LimitName = Literal["timeout", "memory", "pids", "output", "fsize", "cpu"]
 Argv = Sequence[str] | str
-Stdin = bytes | bytearray | memoryview | str | IO[bytes] | None
+Stdin = bytes | bytearray | memoryview | str | BinaryIO | None
 OutputCallback = Callable[[int, bytes], None]
 DEFAULT_READ_MAX = 64 << 20
 
@@ -219,7 +219,7 @@ def _argv(argv: Argv) -> list[str]:
     return args
 
 
-def _stdin(data: Stdin) -> bytes | IO[bytes] | None:
+def _stdin(data: Stdin) -> bytes | BinaryIO | None:
     if data is None or isinstance(data, bytes):
         return data
     if isinstance(data, str):
@@ -438,7 +438,7 @@ class Sandbox:
             raise _file_error("read_file", path, res)
         return res.stdout
 
-    def write_file(self, path: str, data: bytes | str | IO[bytes]) -> None:
+    def write_file(self, path: str, data: bytes | str | BinaryIO) -> None:
         """Create or replace ``path`` in the sandbox with ``data`` (bytes, str as UTF-8, or a
         binary file object), as the sandbox's user. Parent directories must exist."""
         res = self.exec(["/bin/sh", "-c", 'exec cat > "$1"', "sh", path], stdin=data)
