@@ -68,8 +68,8 @@ class _DuplicateKey(yaml.MarkedYAMLError):
     pass
 
 
-class StrictLoader(_Base):  # type: ignore[misc, valid-type]
-    """SafeLoader that refuses a mapping key given twice (at any depth).
+class _NoDuplicateKeys:
+    """Loader mixin that refuses a mapping key given twice (at any depth).
 
     A reviewer reads the first value, the loader would use the last. YAML merge
     keys (``<<``) still override as YAML defines; only literal repeats are errors.
@@ -94,7 +94,15 @@ class StrictLoader(_Base):  # type: ignore[misc, valid-type]
                              else f"line {here[0]} (columns {first[1]} and {here[1]})")
                     raise _DuplicateKey(None, None, f"duplicate key {key!r} on {where}", key_node.start_mark)
                 seen[key] = here
-        return super().construct_mapping(node, deep=deep)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+
+
+class StrictLoader(_NoDuplicateKeys, _Base):  # type: ignore[misc, valid-type]
+    """The safe loader (C-accelerated when libyaml is present) without duplicate keys."""
+
+
+class PyStrictLoader(_NoDuplicateKeys, yaml.SafeLoader):
+    """The same in pure Python (what :class:`StrictLoader` is without libyaml)."""
 
 
 
@@ -112,4 +120,4 @@ def read_yaml(path: Path, key: str = "-") -> Any:
         raise PolicyError([(str(path), key, f"not valid YAML: {e}")]) from None
 
 
-__all__ = ["PROFILES_DIR", "PolicyError", "Seccomp", "StrictLoader", "Weakening", "read_yaml"]
+__all__ = ["PROFILES_DIR", "PolicyError", "PyStrictLoader", "Seccomp", "StrictLoader", "Weakening", "read_yaml"]

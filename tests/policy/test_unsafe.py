@@ -25,7 +25,7 @@ from sandbox import seccomp as sc
 from sandbox.cli import describe_line, main
 from sandbox.explain import FIXED, explain_table
 from sandbox.policy import PROFILES_DIR, Policy, PolicyError, load_policy, policy_from_dict
-from sandbox.policy_base import StrictLoader, read_yaml
+from sandbox.policy_base import PyStrictLoader, StrictLoader, read_yaml
 
 HERE = Path(__file__).parent
 BAD = HERE / "bad"
@@ -262,6 +262,14 @@ def test_explain_names_the_file_of_the_extends_chain_that_set_each_value() -> No
 def test_duplicate_keys_use_the_c_loader_when_present() -> None:
     if getattr(yaml, "__with_libyaml__", False):
         assert issubclass(StrictLoader, yaml.CSafeLoader)
+
+
+@pytest.mark.parametrize("loader", [StrictLoader, PyStrictLoader], ids=["default", "pure-python"])
+def test_duplicate_keys_are_caught_by_either_parser(loader: type) -> None:
+    doc = "a: 1\nb:\n  c: [1, {d: 1, e: 2, d: 3}]\n"
+    with pytest.raises(yaml.MarkedYAMLError, match=r"duplicate key 'd' on line 3 \(columns 11 and 23\)"):
+        yaml.load(doc, Loader=loader)  # noqa: S506 - safe loaders
+    assert yaml.load("a: 1\nb: {a: 2}\n", Loader=loader) == {"a": 1, "b": {"a": 2}}  # noqa: S506
 
 
 def test_yaml_merge_keys_still_override(tmp_path: Path) -> None:
