@@ -115,9 +115,35 @@ def read_yaml(path: Path, key: str = "-") -> Any:
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as e:
-        raise PolicyError([(str(path), key, str(e.problem))]) from None
+        where = _key_path(text, e.problem_mark.line, e.problem_mark.column) if e.problem_mark else None
+        raise PolicyError([(str(path), where or key, str(e.problem))]) from None
     except yaml.YAMLError as e:
         raise PolicyError([(str(path), key, f"not valid YAML: {e}")]) from None
+
+
+def _key_path(text: str, line: int, column: int) -> str | None:
+    """The dotted path ("limits.pids") of the mapping key that starts at (line, column)."""
+    def walk(node: yaml.Node, path: list[str]) -> str | None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                here = path + [str(k.value)]
+                if k.start_mark.line == line and k.start_mark.column == column:
+                    return ".".join(here)
+                found = walk(v, here)
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                found = walk(v, path + [str(i)])
+                if found:
+                    return found
+        return None
+
+    try:
+        root = yaml.compose(text, Loader=_Base)  # noqa: S506 - composes nodes, constructs nothing
+    except yaml.YAMLError:
+        return None
+    return walk(root, []) if root is not None else None
 
 
 __all__ = ["PROFILES_DIR", "PolicyError", "PyStrictLoader", "Seccomp", "StrictLoader", "Weakening", "read_yaml"]
