@@ -77,12 +77,13 @@ class _NoDuplicateKeys:
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        loader: Any = self  # a yaml loader: this class is only mixed into one
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, tuple[int, int]] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = self.construct_object(key_node, deep=True)
+                key = loader.construct_object(key_node, deep=True)
                 try:
                     hash(key)
                 except TypeError:
@@ -94,10 +95,11 @@ class _NoDuplicateKeys:
                              else f"line {here[0]} (columns {first[1]} and {here[1]})")
                     raise _DuplicateKey(None, None, f"duplicate key {key!r} on {where}", key_node.start_mark)
                 seen[key] = here
-        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+        return result
 
 
-class StrictLoader(_NoDuplicateKeys, _Base):  # type: ignore[misc, valid-type]
+class StrictLoader(_NoDuplicateKeys, _Base):  # type: ignore[misc]
     """The safe loader (C-accelerated when libyaml is present) without duplicate keys."""
 
 

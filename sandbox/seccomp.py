@@ -180,11 +180,11 @@ def _load_allowlist_cached(path: str, _mtime_ns: int, _size: int) -> dict[str, A
     if not isinstance(errno_raw, dict):
         fail("errno", "must map a syscall name to an errno number")
         errno_raw = {}
-    for name, e in errno_raw.items():
-        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= 4095:
-            fail(f"errno.{name}", f"{e!r} is not an errno number")
+    for name, num in errno_raw.items():
+        if isinstance(num, bool) or not isinstance(num, int) or not 0 <= num <= 4095:
+            fail(f"errno.{name}", f"{num!r} is not an errno number")
         else:
-            errno_map[str(name)] = e
+            errno_map[str(name)] = num
     if bad:
         raise PolicyError(bad)
     return {"source": path, "allow": allow, "conditional": conditional, "errno": errno_map}
@@ -201,7 +201,7 @@ def _arg_check(c: Any) -> ArgCheck:
 
 
 def _native_arch() -> int:
-    return pyseccomp.system_arch()
+    return int(pyseccomp.system_arch())
 
 
 @lru_cache(maxsize=4096)
@@ -211,11 +211,11 @@ def syscall_known(name: str) -> bool:
         nr = pyseccomp.resolve_syscall(_native_arch(), name)
     except Exception:  # noqa: BLE001 - pyseccomp raises on names it cannot parse
         return False
-    return nr != -1  # __NR_SCMP_ERROR
+    return bool(nr != -1)  # __NR_SCMP_ERROR
 
 
 def _native_nr(name: str) -> int:
-    return pyseccomp.resolve_syscall(_native_arch(), name)
+    return int(pyseccomp.resolve_syscall(_native_arch(), name))
 
 
 def compile_filter(sc: Seccomp) -> CompiledFilter:

@@ -78,6 +78,13 @@ def test_the_reviews_list_is_refused_one_error_per_syscall() -> None:
         assert f"seccomp.extra_allow: allows {name}: " in out
 
 
+def test_exec_refuses_an_undeclared_weakening_before_any_sandbox_starts() -> None:
+    r = subprocess.run([sys.executable, "-m", "sandbox.cli", "exec", "-p", str(BAD / "seccomp_default_action_log.yaml"),
+                        "--", "true"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r
+    assert f"{BAD / 'seccomp_default_action_log.yaml'}: seccomp.default_action: allows default action log" in r.stderr
+
+
 def test_a_policy_built_in_code_cannot_skip_the_declaration() -> None:
     with pytest.raises(ValidationError, match=r"seccomp\.extra_allow: allows ptrace"):
         Policy.model_validate({"name": "x", "seccomp": {"extra_allow": ["ptrace"]}})
