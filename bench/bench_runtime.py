@@ -18,7 +18,6 @@ import statistics
 import sysconfig
 from pathlib import Path
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +44,7 @@ def docker_run_cmd(policy, seccomp_file: str) -> list[str]:
            f"--memory-swap={policy.limits.memory_mb}m", f"--cpus={policy.limits.cpus}", "--log-driver=none",
            f"--tmpfs=/tmp:rw,nosuid,nodev,noexec,size={policy.tmpfs[0].size_mb}m",
            f"--tmpfs=/workspace:rw,nosuid,nodev,exec,size={policy.workspace.size_mb}m,uid={u.uid},gid={u.gid},mode=0700",
-           f"--ulimit=nofile={rl.nofile}", f"--ulimit=nproc={rl.nproc}", f"--ulimit=core=0",
+           f"--ulimit=nofile={rl.nofile}", f"--ulimit=nproc={rl.nproc}", "--ulimit=core=0",
            f"--ulimit=fsize={rl.fsize_mb << 20}", f"--ulimit=cpu={rl.cpu_s}", f"--ulimit=stack={rl.stack_mb << 20}"]
     return cmd + [policy.image, "python3", "-c", "print(1)"]
 
