@@ -242,7 +242,7 @@ def parse_env(pairs: tuple[str, ...], files: tuple[str, ...]) -> tuple[dict[str,
 
     for f in files:
         try:
-            with open(f, encoding="utf-8") as fh:
+            with open(f, encoding="utf-8-sig") as fh:  # a BOM is skipped, as Docker does
                 lines = fh.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--env-file {f}: cannot read: {getattr(e, 'strerror', None) or e}")
