@@ -16,9 +16,14 @@ import json
 import os
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sandbox.policy import Policy
 
 EXIT_USAGE = 2        # bad option, profile, policy, environment or timeout
 EXIT_SANDBOX = 240    # the sandbox could not run the command (engine, image, workspace, agent)
@@ -36,7 +41,7 @@ loader variables such as LD_PRELOAD are refused). --timeout is checked as the
 policy's timeouts.call_s (a number of seconds, > 0, at most 86400).
 
 \b
-Exit status: the command's own, or when the sandbox stopped it:
+Exit status: the command's own, or:
   2    usage: a bad option, profile, policy, --env or --timeout
   240  the sandbox could not run the command (engine, image, workspace, agent)
   241  timeout         (--timeout or the policy's timeouts.call_s)
@@ -45,13 +50,14 @@ Exit status: the command's own, or when the sandbox stopped it:
   244  output          (output cap; output truncated)
   245  file size       (RLIMIT_FSIZE)
   246  CPU time        (RLIMIT_CPU)
-With --json the result says which limit fired ("limit", "limit_message").
+With --json: one JSON result that says which limit fired ("limit",
+"limit_message"), or {"error": {"kind", "message", "exit_code"}} on failure.
 """
 
 
 # ------------------------------------------------------------------ output helpers
 
-def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
+def _console(stderr: bool = False) -> Console:
     """A rich Console; when the stream is not a terminal, never truncated nor wrapped."""
     from rich.console import Console
 
@@ -88,7 +94,7 @@ def fail(msg: str, code: int = EXIT_USAGE, kind: str | None = None, **extra: Any
 _fail = fail
 
 
-def _load(profile: str):  # noqa: ANN202
+def _load(profile: str) -> Policy:
     from sandbox.policy import PolicyError, load_policy
 
     try:
@@ -163,7 +169,7 @@ class SandboxGroup(click.Group):
 
             mod, attr = LAZY_COMMANDS[name][0].split(":")
             try:
-                cmd = getattr(importlib.import_module(mod), attr)
+                cmd: click.Command = getattr(importlib.import_module(mod), attr)
             except (ImportError, AttributeError) as e:
                 err = f"{name} is unavailable: {type(e).__name__}: {e}"
                 return click.Command(name, help=f"({err})", callback=lambda: _fail(err, EXIT_USAGE, "unavailable"))
