@@ -571,7 +571,8 @@ def _signals(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
     if "skipped" in s:
         return [skipped("inside.agent_signals", _s(s["skipped"]))]
     if s.get("ended"):
-        return [result("inside.agent_signals", "fail", _s(s["ended"], 300))]
+        where = f" ({_s(s.get('where'), 80)})" if s.get("where") else ""
+        return [result("inside.agent_signals", "fail", _s(s["ended"], 300) + where)]
     before = _l(s.get("before"))
     if len(before) != 2:
         return [result("inside.agent_signals", "fail", "PID 1 not readable before the signals")]
@@ -588,8 +589,9 @@ def _signals(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
         elif str(after[0]) in ("Z", "X"):
             bad.append(f"{name}: PID 1 exiting")
         parts.append(f"{name} {_s(r.get('kill'), 24)} -> state {_s(after[0] if after else '?', 2)}")
+    where = f" ({_s(s.get('where'), 80)})" if s.get("where") else ""
     return [result("inside.agent_signals", "fail" if bad else "pass",
-                   ("; ".join(bad) + "; " if bad else "PID 1 unaffected: ") + "; ".join(parts))]
+                   ("; ".join(bad) + "; " if bad else "PID 1 unaffected: ") + "; ".join(parts) + where)]
 
 
 def _host_facts(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:

@@ -541,10 +541,10 @@ def probe_agent(cfg):
             st[k.strip()] = v.strip()
     out["pid1"] = {"name": st.get("Name"), "uid": (st.get("Uid") or "").split()[:1], "state": st.get("State")}
     try:
-        pst = os.stat("/proc/1")
-        # The kernel hands a non-dumpable process's /proc entries to root: owner 0 while the
-        # process runs as another uid means PR_SET_DUMPABLE is off.
-        out["proc_owner"] = pst.st_uid
+        # The kernel hands a non-dumpable process's private /proc entries (environ, fd/, mem; not
+        # the /proc/PID directory itself) to root: owner 0 while the process runs as another uid
+        # means PR_SET_DUMPABLE is off.
+        out["proc_owner"] = os.stat("/proc/1/environ").st_uid
     except OSError as e:
         out["proc_owner"] = _err(e)
     try:

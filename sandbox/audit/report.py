@@ -169,12 +169,13 @@ def to_markdown(report: AuditReport) -> str:
     fails = [c for c in report.checks if c.failed]
     if fails:
         lines += ["## Failures", ""]
-        lines += [f"- **{md_escape(c.id)}** ({md_escape(c.severity)}): {md_escape(c.title)}: {md_escape(c.observed)}"
+        lines += [f"- `{c.id}` ({c.severity}): {md_escape(c.title)}: {md_escape(c.observed)}"
                   for c in sorted(fails, key=lambda c: (SEVERITY_ORDER[c.severity], c.id))]
         lines.append("")
     lines += ["## Checks", "", "| Check | CIS | Severity | Result | Expected | Evidence |", "|---|---|---|---|---|---|"]
     for c in _ordered(report):
-        lines.append(f"| **{md_escape(c.id)}**<br>{md_escape(c.title)} | {md_escape(c.cis or '')} | "
+        # ids come from the catalog (no backtick): a code span keeps them greppable in the raw file
+        lines.append(f"| `{c.id}`<br>{md_escape(c.title)} | {md_escape(c.cis or '')} | "
                      f"{md_escape(c.severity)} | **{c.status.upper()}** | {md_escape(c.expected)} | "
                      f"{md_escape(c.observed)} |")
     lines += ["", "## Sign-off", "", f"Report digest (SHA-256 of the JSON report): `{report_digest(report)}`", "",

@@ -284,14 +284,19 @@ def _signals_in_sandbox(sb: Any) -> dict[str, Any]:
     return {"ended": f"no answer after signals to PID 1 (the agent): it was stopped or killed ({why})"}
 
 
-def _peer_ids(rt: Any, policy: Any, session_id: str) -> tuple[int | None, int | None] | str:
-    """Start a second sandbox of the same policy while the audited one lives: which ids does it get?"""
+def _peer(rt: Any, policy: Any, session_id: str
+          ) -> tuple[tuple[int | None, int | None] | str, dict[str, Any] | None]:
+    """Start a second sandbox of the same policy while the audited one lives: which ids does it get?
+    The signal attack on the agent runs in that one, so a sandbox it ends costs no other row."""
     try:
         peer = rt.create(policy, session_id=f"{session_id}_peer")
     except Exception as e:  # noqa: BLE001 - a pinned uid in use is refused: the answer, not an error
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", None
     try:
-        return container_ids(rt.client.api.inspect_container(peer.id))
+        ids = container_ids(rt.client.api.inspect_container(peer.id))
+        signals = _signals_in_sandbox(peer)
+        signals["where"] = "in a second sandbox of this policy, started for the purpose"
+        return ids, signals
     finally:
         peer.destroy()
 
@@ -349,7 +354,8 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
         # While the sandbox lives: the host-side cgroup files go with it.
         outside = evaluate_outside(attrs, info, policy=policy, spec_body=_spec_body(policy, session_id, attrs))
         pinned = (policy.user.uid, policy.user.gid) if isinstance(policy.user.uid, int) else None
-        outside.append(uid_row(rt.client, attrs, pinned=pinned, peer=_peer_ids(rt, policy, session_id)))
+        peer_ids, signals = _peer(rt, policy, session_id)
+        outside.append(uid_row(rt.client, attrs, pinned=pinned, peer=peer_ids))
         outside.append(weakenings_row(policy))
         outside.append(exec_seccomp_row(policy.runtime, audited_by_exec=False))
         masked = [str(m) for m in (attrs.get("HostConfig") or {}).get("MaskedPaths") or []]
@@ -358,10 +364,12 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
             report.notes.append(f"probe gave no result (exit {res.exit_code}, {res.error or 'no marker'}): "
                                 "every inside check fails")
             probe = {}
-        if sb.alive:
-            probe["signals"] = _signals_in_sandbox(sb)
         if fork_test and sb.alive:
             probe["fork"] = _fork_in_sandbox(sb)
+        if signals is None and sb.alive:  # no second sandbox (a pinned uid): the audited one, last
+            signals = _signals_in_sandbox(sb)
+        if signals is not None and probe:
+            probe["signals"] = signals
     finally:
         sb.destroy()
     exp = chk.Expectations.from_policy(policy).with_ids(*container_ids(attrs))

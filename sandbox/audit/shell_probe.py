@@ -80,7 +80,7 @@ if command -v find >/dev/null 2>&1; then
   p find available yes
 fi
 while IFS=: read -r k v; do case "$k" in Name|Uid) set -- $v; p agent "pid1$k" "$1";; esac; done < /proc/1/status
-set -- $(ls -ldn /proc/1 2>/dev/null); p agent owner "$3"
+set -- $(ls -ln /proc/1/environ 2>/dev/null); p agent owner "$3"
 if ( exec 3</proc/1/fd/0 ) 2>/dev/null; then p agent /proc/1/fd/0 opened; else p agent /proc/1/fd/0 refused; fi
 if ( exec 3>>/proc/1/fd/1 ) 2>/dev/null; then p agent /proc/1/fd/1 opened; else p agent /proc/1/fd/1 refused; fi
 if ( exec 3</proc/1/mem ) 2>/dev/null; then p agent mem opened; else p agent mem refused; fi
@@ -99,7 +99,6 @@ SH_UNAVAILABLE: dict[str, str] = {
         "inside.release_agent", "inside.keyring", "inside.ptrace", "inside.userns", "inside.fork_bounded",
         "inside.raw_sockets", "inside.dns", "inside.metadata")
 }
-SH_UNAVAILABLE["inside.agent_signals"] = "not sent: signals to PID 1 could stop a container this audit did not start"
 
 
 _DEV = re.compile(r"(\d+),\s+(\d+)\s.*?(/dev/\S+)\s*$")

@@ -45,6 +45,14 @@ def test_audit_passes_on_every_shipped_profile(runtime, docker_client, profile: 
     assert not [c.id for c in report.checks if c.status == "skip"], "nothing left unchecked on a shipped profile"
     assert report.header["policy_hash"] == policy.digest() and report.header["image_id"].startswith("sha256:")
     assert report.header["runtime"] == policy.runtime and report.header["kernel"]
+    assert report.header["runtime_version"].startswith(policy.runtime) and report.header["package_version"]
+    # Issue 8's guarantees, attacked from inside this very sandbox (needs the agent as a non-dumpable PID 1)
+    # and checked from outside (its uid against every other live container and a second sandbox of the policy).
+    for i in ("inside.agent_channel", "inside.agent_memory", "inside.agent_signals", "inside.host_facts",
+              "outside.uid_unique"):
+        assert rows[i].status == "pass", (i, rows[i].observed)
+    assert rows["outside.declared_weakenings"].status == "pass", "shipped profiles declare no weakening"
+    assert rows["outside.exec_seccomp"].status == ("info" if policy.runtime == "runsc" else "pass")
     if policy.runtime == "runsc":
         # Honest gVisor differences: cgroupfs is hidden inside (checked host-side instead), and
         # the fork test may end the sandbox through a host cgroup limit rather than fail a fork.
@@ -110,14 +118,60 @@ def test_a_managed_sandbox_is_audited_against_its_own_policy(docker_client, make
     assert report.by_id()["outside.spec_matches_policy"].status == "pass"
 
 
-def test_cli_profile_audit_writes_json_and_junit(tmp_path: Path) -> None:
+def test_cli_profile_audit_writes_a_signed_report_json_and_junit_from_one_real_audit(tmp_path: Path) -> None:
+    """The documents a security team signs, rendered from a real audit of a shipped profile."""
+    from sandbox.audit.catalog import CIS_BENCHMARK
+    from sandbox.audit.model import report_from_dict
+    from sandbox.audit.report import to_markdown
     from sandbox.cli import main
 
-    out, junit = tmp_path / "a.json", tmp_path / "a.xml"
-    res = CliRunner().invoke(main, ["audit", "--profile", "default", "--json", str(out), "--junit", str(junit)])
+    html, out, junit = tmp_path / "a.html", tmp_path / "a.json", tmp_path / "a.xml"
+    res = CliRunner().invoke(main, ["audit", "--profile", "default", "--format", "html", "--output", str(html),
+                                    "--json", str(out), "--junit", str(junit)])
     assert res.exit_code == 0, res.output[-3000:]
-    assert "PASSED" in res.output and json.loads(out.read_text())["ok"] is True
-    assert 'failures="0"' in junit.read_text()
+    assert "PASSED" in res.output and f"written to {html}" in res.output
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and 'failures="0"' in junit.read_text()
+    h = doc["header"]
+    policy = load_policy("default")
+    md = to_markdown(report_from_dict(doc))
+    for text in (html.read_text(), md):
+        for needle in (h["image"], h["image_id"], policy.digest(), "none declared", h["kernel"].split()[0],
+                       h["runtime_version"], f"Docker {docker_version()}", h["package_version"],
+                       CIS_BENCHMARK.split(" (")[0], doc["started_at"]):
+            assert needle in text, needle
+        for c in doc["checks"]:  # every check, with its evidence (escaped the same way in both)
+            assert c["id"] in text
+        assert "Signature" in text
+    assert "<script" not in html.read_text().lower()
+
+
+def docker_version() -> str:
+    import docker
+
+    return str(docker.from_env().version().get("Version"))
+
+
+def test_container_audit_without_probe_says_configuration_only(weak: str) -> None:
+    from sandbox.cli import main
+
+    res = CliRunner().invoke(main, ["audit", "--container", weak, "--format", "md"])
+    assert res.exit_code == 1, res.output[-2000:]  # its configuration alone fails
+    assert "CONFIGURATION ONLY" in res.output and "configuration only" in res.output
+    assert "PASSED" not in res.output
+
+
+def test_weak_container_markdown_report_keeps_its_failures_and_escapes_them(weak: str, tmp_path: Path) -> None:
+    from sandbox.cli import main
+
+    md = tmp_path / "weak.md"
+    res = CliRunner().invoke(main, ["audit", "--container", weak, "--probe", "-f", "md", "-o", str(md)])
+    assert res.exit_code == 1, res.output[-2000:]
+    text = md.read_text()
+    assert "## Failures" in text
+    for i in load_fixture()["must_fail"]:
+        assert f"`{i}`" in text, i
+    assert "not-a-real-key" not in text and "sk-ant-fake" not in text
 
 
 def test_cli_audit_of_a_missing_container_is_an_error_not_a_pass() -> None:

@@ -49,7 +49,7 @@ def test_html_report_escapes_evidence_from_inside_the_sandbox() -> None:
 
 def test_markdown_report_neutralises_html_links_and_table_breaks() -> None:
     doc = to_markdown(_report(HOSTILE))
-    row = next(line for line in doc.splitlines() if line.startswith("| **inside.user**"))
+    row = next(line for line in doc.splitlines() if line.startswith("| `inside.user`"))
     assert "<script>" not in doc and "&lt;script&gt;" in row
     assert "\\|" in row and len(re.findall(r"(?<!\\)\|", row)) == 7, "an evidence pipe must not add a column"
     assert "[link]" not in row and "\\*\\*bold" in row
@@ -315,8 +315,12 @@ def test_debian_backport_counts_only_for_the_cves_its_changelog_names(monkeypatc
                           "/usr/share/doc/runc/changelog.Debian.gz", ("CVE-2024-21626",))
     monkeypatch.setattr(doc, "runc_facts", lambda info: facts)
     row = doc.runc_check({})
-    assert row.status == "fail" and "CVE-2024-21626 (backported)" in row.detail
+    assert row.status == "warn" and "CVE-2024-21626 (backported)" in row.detail
     assert "MISSING fixes for CVE-2025-31133" in row.detail and "1.2.8" in row.fix
+    unpatched = doc.RuncFacts("1.1.5", "/usr/local/bin/runc", None, None, ())
+    monkeypatch.setattr(doc, "runc_facts", lambda info: unpatched)
+    row = doc.runc_check({})
+    assert row.status == "fail" and "MISSING fixes for CVE-2024-21626" in row.detail, "exec escape: a failure"
 
 
 def test_engine_error_is_named_in_words_with_a_fix_that_exists(monkeypatch: pytest.MonkeyPatch,

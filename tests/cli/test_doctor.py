@@ -1,8 +1,12 @@
-"""`sandbox doctor` on this host: every row ok or warn, and the attack canaries held."""
+"""`sandbox doctor` on this host: every row ok or warn (runc judged against the releases that
+fixed its escapes, distribution backports included), and the attack canaries held."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from click.testing import CliRunner
 
 pytestmark = pytest.mark.docker
 
@@ -14,3 +18,41 @@ def test_doctor_passes_and_runs_the_canaries(docker_client) -> None:
     assert all(c.status in ("ok", "warn") for c in checks.values()), [c for c in checks.values() if c.status == "fail"]
     assert checks["self-test"].status == "ok"
     assert "oci-seccomp" in checks["gvisor"].detail
+    for name in ("package", "state dir", "orphans", "runc", "engine"):
+        assert name in checks, name
+
+
+def test_doctor_names_the_engines_runc_and_the_fixes_it_carries(docker_client) -> None:
+    from pathlib import Path
+
+    from sandbox.doctor import RUNC_FIXES, parse_runc_version, runc_check, upstream_fixed
+
+    info = docker_client.info()
+    reported = (info.get("RuncCommit") or {}).get("ID")
+    row = runc_check(info)
+    assert reported and f"runc {reported}" in row.detail
+    v = parse_runc_version(reported)
+    assert v is not None
+    for cve, _, _ in RUNC_FIXES:
+        assert cve in row.detail, cve
+    changelog = Path("/usr/share/doc/runc/changelog.Debian.gz")
+    if "deb" in reported and changelog.is_file() and not upstream_fixed("CVE-2024-21626", v):
+        # Debian patches without changing the upstream number: the changelog is the evidence.
+        import gzip
+
+        if "CVE-2024-21626" in gzip.open(changelog, "rt").read():
+            assert "CVE-2024-21626 (backported)" in row.detail and str(changelog) in row.detail
+    missing = [c for c, _, _ in RUNC_FIXES if f"{c} (" in row.detail.split("MISSING fixes for", 1)[-1]
+               and "MISSING" in row.detail]
+    assert (row.status == "ok") == (not missing), row
+
+
+def test_doctor_json_is_one_document_with_every_row(docker_client) -> None:
+    from sandbox.cli import main
+
+    res = CliRunner().invoke(main, ["doctor", "--json", "--no-canaries"])
+    doc = json.loads(res.stdout)
+    rows = doc if isinstance(doc, list) else doc["checks"]
+    names = {r["name"] for r in rows}
+    assert {"engine", "runc", "state dir", "orphans", "package"} <= names
+    assert all(set(r) >= {"name", "status", "detail", "fix"} for r in rows)
