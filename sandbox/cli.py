@@ -479,12 +479,13 @@ def images() -> None:
 @images.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when the recipe is unchanged.")
 def images_build(force: bool) -> None:
+    """Build each recipe's image (skipped when the recipe is unchanged)."""
     import docker
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from sandbox import images as im
 
-    client = docker.from_env(timeout=900)
+    client = _docker_client(docker, timeout=900)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=_console(stderr=True)) as prog:
         for r in im.recipes():
@@ -501,16 +502,34 @@ def images_build(force: bool) -> None:
             prog.update(task, description=f"{r.name}: {tag}", total=1, completed=1)
 
 
+def _docker_client(docker: Any, timeout: int = 120) -> Any:
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+        return client
+    except Exception as e:  # noqa: BLE001 - DockerException and connection errors, in words
+        fail(f"cannot reach the Docker engine: {e}; run `sandbox doctor`", EXIT_SANDBOX, "engine")
+
+
 @images.command("list")
-def images_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"images\": [{\"tag\", \"present\"}]}.")
+def images_list(as_json: bool) -> None:
+    """The image each recipe builds, and whether it is present."""
     import docker
 
     from sandbox import images as im
 
-    client = docker.from_env()
-    for r in im.recipes():
-        tag = r.image_tag()
-        click.echo(f"{tag}\t{'present' if im.image_present(client, tag) else 'missing'}")
+    client = _docker_client(docker)
+    try:
+        rows = [{"recipe": r.name, "tag": r.image_tag(), "present": im.image_present(client, r.image_tag())}
+                for r in im.recipes()]
+    except RuntimeError as e:
+        fail(str(e), EXIT_SANDBOX, "image")
+    if as_json:
+        emit_json({"images": rows})
+        return
+    for row in rows:
+        click.echo(f"{row['tag']}\t{'present' if row['present'] else 'missing'}")
 
 
 @main.command()
