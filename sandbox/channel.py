@@ -6,13 +6,16 @@ events to per-request queues. Everything read here comes from inside the
 sandbox, so sizes are bounded and malformed input ends the channel instead of
 being trusted.
 
-Every event line is ``<mac> <json>``: an HMAC-SHA256 (truncated to 128 bits) under
-a key made here for this sandbox alone and sent to the agent as the first line
-of its stdin, over an 8-byte sequence number and the JSON body. The workload
-cannot read the agent's stdin (the agent is PID 1 and non-dumpable), so it cannot
-learn the key; a line that fails the check - forged, replayed, reordered or
-corrupted - ends the channel with ``violation`` set, and the runtime destroys the
-sandbox: nothing that comes from inside it is trusted after that.
+Every line in both directions is ``<mac> <json>``: an HMAC-SHA256 (truncated to
+128 bits) under a key made here for this sandbox alone and sent to the agent as
+the first line of its stdin, over a direction byte, an 8-byte sequence number and
+the JSON body. The workload cannot read the agent's memory (non-dumpable), and the
+hello is read before any workload process exists, so it cannot learn the key. An
+event that fails the check - forged, replayed, reordered or corrupted - ends the
+channel with ``violation`` set, and the runtime destroys the sandbox: nothing that
+comes from inside it is trusted after that. The agent likewise exits on a request
+it cannot authenticate: under gVisor, whose /proc lets a same-uid process open
+another's pipes, a workload could otherwise inject requests or steal them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ log = logging.getLogger(__name__)
 MAX_LINE = 16 << 20  # one event; a 256 KiB file read is well under this after base64
 MAX_DIAG = 64 << 10  # agent stderr kept for diagnostics
 MAC_HEX = 32
+TO_AGENT, FROM_AGENT = b"H", b"A"
+
+
+def mac(key: bytes, direction: bytes, seq: int, body: bytes) -> bytes:
+    return hmac.new(key, direction + seq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:MAC_HEX].encode()
 
 
 class ChannelClosed(Exception):
@@ -45,6 +53,8 @@ class AgentChannel:
         self._sock = sock
         self.key = key if key is not None else secrets.token_bytes(32)
         self._rseq = 0
+        self._wseq = 0
+        self._hello_sent = False
         self.violation = False
         self._wlock = threading.Lock()
         self._ids = itertools.count(1)
@@ -58,9 +68,18 @@ class AgentChannel:
         self._reader = threading.Thread(target=self._read_loop, name="agent-channel", daemon=True)
         self._reader.start()
 
-    def hello(self, session_s: float) -> None:
-        """The first line the agent reads: its MAC key and the session time limit it enforces itself."""
-        self.send({"op": "hello", "key": self.key.hex(), "session_s": float(session_s)})
+    def hello(self, session_s: float, watchdog_s: float | None = None) -> None:
+        """The first line the agent reads (the only one without a MAC): its key, the session time
+        limit it enforces itself, and, when set, how long it lives without hearing from the host."""
+        msg: dict[str, Any] = {"op": "hello", "key": self.key.hex(), "session_s": float(session_s)}
+        if watchdog_s:
+            msg["watchdog_s"] = float(watchdog_s)
+        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        with self._wlock:
+            if self._hello_sent:
+                raise ChannelClosed("hello sent twice")
+            self._hello_sent = True
+            self._sendall(data)
 
     # -- requests
     def open_request(self) -> tuple[int, "queue.Queue[dict[str, Any] | None]"]:
@@ -77,13 +96,18 @@ class AgentChannel:
             self._queues.pop(rid, None)
 
     def send(self, msg: dict[str, Any]) -> None:
-        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        body = json.dumps(msg, separators=(",", ":")).encode()
         with self._wlock:
-            try:
-                self._sock.sendall(data)
-            except OSError as e:
-                self._close(f"send failed: {e.strerror}")
-                raise ChannelClosed(self.close_reason) from None
+            line = mac(self.key, TO_AGENT, self._wseq, body) + b" " + body + b"\n"
+            self._wseq += 1
+            self._sendall(line)
+
+    def _sendall(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            self._close(f"send failed: {e.strerror}")
+            raise ChannelClosed(self.close_reason) from None
 
     # -- reading
     def _recv_exact(self, n: int) -> bytes:
@@ -123,9 +147,8 @@ class AgentChannel:
             self._close(f"channel error: {e}")
 
     def _authentic(self, line: bytes) -> bytes | None:
-        mac, _, body = line.partition(b" ")
-        want = hmac.new(self.key, self._rseq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:MAC_HEX]
-        if len(mac) != MAC_HEX or not hmac.compare_digest(mac, want.encode()):
+        got, _, body = line.partition(b" ")
+        if len(got) != MAC_HEX or not hmac.compare_digest(got, mac(self.key, FROM_AGENT, self._rseq, body)):
             return None
         self._rseq += 1
         return body
@@ -149,6 +172,8 @@ class AgentChannel:
                 self.ready.put(ev)
             elif ev.get("ev") == "expired":
                 self.expired = True
+            elif ev.get("ev") == "violation":
+                self.violation = True  # the agent refused a request it could not authenticate
             return
         with self._qlock:
             q = self._queues.get(rid) if isinstance(rid, int) else None

@@ -91,15 +91,27 @@ def check_host_path(v: str) -> str:
 
 
 class User(_Strict):
-    uid: int = Field(10001, ge=1, le=2**31 - 2)
-    gid: int = Field(10001, ge=1, le=2**31 - 2)
+    """The sandbox's identity. ``auto`` (the default): the runtime allocates a uid/gid pair that no
+    other live sandbox on the host holds (see :mod:`sandbox.identity`). A pinned number is granted
+    only while no other live sandbox holds it, so per-uid kernel limits stay per sandbox."""
+
+    uid: int | Literal["auto"] = "auto"
+    gid: int | Literal["auto"] = "auto"
 
     @field_validator("uid", "gid", mode="before")
     @classmethod
     def _not_root(cls, v: Any) -> Any:
         if v == 0:
             raise ValueError("must not be 0: sandboxes never run as root")
+        if isinstance(v, bool) or (isinstance(v, int) and not 1 <= v <= 2**31 - 2):
+            raise ValueError("must be 'auto' or an integer from 1 to 2147483646")
         return v
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "User":
+        if (self.uid == "auto") != (self.gid == "auto"):
+            raise ValueError("uid and gid must both be 'auto' or both be numbers")
+        return self
 
 
 class Workspace(_Strict):

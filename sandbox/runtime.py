@@ -51,6 +51,11 @@ LIMIT_WORDS: dict[str, str] = {
 _LIMIT_ORDER = ("memory", "pids", "fsize", "cpu", "output", "timeout")
 HOST_GRACE_S = 5.0
 READY_TIMEOUT_S = 60.0
+# Under gVisor a workload can open the agent's stdin through /proc and keep it open, so the
+# owner's death would not reach the agent as EOF: there the host also sends a beat every
+# BEAT_S and the agent exits when it has heard nothing authentic for WATCHDOG_S.
+BEAT_S = 1.0
+WATCHDOG_S = 5.0
 STDIN_CHUNK = 64 << 10
 STDIN_WINDOW = 1 << 20  # streamed stdin in flight (sent, not yet written into the command)
 
@@ -212,6 +217,15 @@ class Sandbox:
         self._deadline.daemon = True
         self._deadline.start()
         self.expired = False
+        if policy.runtime == "runsc":
+            threading.Thread(target=self._beat, name=f"beat-{container_id[:12]}", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._destroyed and not self.channel.closed.wait(BEAT_S):
+            try:
+                self.channel.send({"op": "beat"})
+            except ChannelClosed:
+                return
 
     def _expire(self) -> None:
         self.expired = True
@@ -543,7 +557,7 @@ class Runtime:
             cid = api.create(spec.body, name=name)
             channel = AgentChannel(api.attach(cid))
             api.start(cid)
-            channel.hello(policy.timeouts.session_s)
+            channel.hello(policy.timeouts.session_s, WATCHDOG_S if policy.runtime == "runsc" else None)
             inspected: dict[str, Any] = {}
             # The cgroup lookup needs the container's pid; fetch it while the agent starts.
             t = threading.Thread(target=lambda: inspected.update(api.inspect(cid)), daemon=True)

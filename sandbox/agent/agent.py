@@ -55,16 +55,35 @@ _procs_lock = threading.Lock()
 _stdin_queues: dict[object, "queue.Queue[bytes | None]"] = {}
 _key = b""
 _seq = 0
+_rseq = 0
+_last_heard = time.monotonic()
+MAC_HEX = 32
+
+
+def _mac(direction: bytes, seq: int, body: bytes) -> bytes:
+    return hmac.new(_key, direction + seq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:MAC_HEX].encode()
 
 
 def emit(event: dict) -> None:
     global _seq
     body = json.dumps(event, separators=(",", ":")).encode()
     with _out_lock:
-        mac = hmac.new(_key, _seq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:32]
+        line = _mac(b"A", _seq, body) + b" " + body + b"\n"
         _seq += 1
-        _out.write(mac.encode() + b" " + body + b"\n")
+        _out.write(line)
         _out.flush()
+
+
+def _authentic(raw: bytes) -> bytes:
+    """The body of a request line from the host; any line that fails ends the sandbox."""
+    global _rseq, _last_heard
+    got, _, body = raw.rstrip(b"\n").partition(b" ")
+    if len(got) != MAC_HEX or not hmac.compare_digest(got, _mac(b"H", _rseq, body)):
+        emit({"id": None, "ev": "violation", "message": "a request failed authentication"})
+        os._exit(72)  # injected, replayed or stolen requests: nothing here is trustworthy any more
+    _rseq += 1
+    _last_heard = time.monotonic()
+    return body
 
 
 def _harden_self() -> None:
@@ -236,8 +255,12 @@ def op_ping(req: dict) -> None:
     emit({"id": req["id"], "ev": "pong", "pid": os.getpid(), "uid": os.getuid()})
 
 
+def op_beat(req: dict) -> None:
+    """The host is alive (authenticated like every request; nothing to answer)."""
+
+
 OPS = {"exec": op_exec, "cancel": op_cancel, "ping": op_ping}
-INLINE_OPS = {"stdin": op_stdin}  # order matters: run on the reading thread
+INLINE_OPS = {"stdin": op_stdin, "beat": op_beat}  # order matters: run on the reading thread
 
 
 def _load_tool_ops() -> None:
@@ -271,21 +294,33 @@ def _start_forwarder() -> None:
     threading.Thread(target=forwarder.serve, kwargs={"listen_port": 3128, "socket_path": sock}, daemon=True).start()
 
 
-def _read_hello() -> float:
-    """The first line: the per-sandbox MAC key and the session time limit. Nothing else runs before it."""
+def _read_hello() -> tuple[float, float | None]:
+    """The first line: the per-sandbox MAC key, the session time limit and the watchdog period.
+    Nothing of the workload exists before it is read."""
     global _key
     raw = sys.stdin.buffer.readline(MAX_HELLO)
     try:
         hello = json.loads(raw)
         key = bytes.fromhex(hello["key"])
         session_s = float(hello["session_s"])
-        if hello.get("op") != "hello" or len(key) < 16 or not session_s > 0:
+        watchdog = hello.get("watchdog_s")
+        watchdog_s = float(watchdog) if watchdog is not None else None
+        if hello.get("op") != "hello" or len(key) < 16 or not session_s > 0 or (watchdog_s is not None and not watchdog_s > 0):
             raise ValueError
     except (ValueError, KeyError, TypeError):
         sys.stderr.write("agent: no valid hello from the host; exiting\n")
         os._exit(71)
     _key = key
-    return session_s
+    return session_s, watchdog_s
+
+
+def _watchdog(period: float) -> None:
+    """Exit when the host has not been heard from for ``period`` seconds (it sends beats).
+    Under gVisor a workload can hold the agent's stdin open, so EOF alone cannot tell."""
+    while True:
+        time.sleep(min(1.0, period / 4))
+        if time.monotonic() - _last_heard > period:
+            os._exit(0)
 
 
 def _expire_after(seconds: float) -> None:
@@ -296,15 +331,18 @@ def _expire_after(seconds: float) -> None:
 
 def main() -> None:
     _harden_self()
-    session_s = _read_hello()
+    session_s, watchdog_s = _read_hello()
     reaper.start()
     threading.Thread(target=_expire_after, args=(session_s,), name="session-limit", daemon=True).start()
+    if watchdog_s:
+        threading.Thread(target=_watchdog, args=(watchdog_s,), name="watchdog", daemon=True).start()
     _load_tool_ops()
     _start_forwarder()
     emit({"id": None, "ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()})
     for raw in sys.stdin.buffer:
+        body = _authentic(raw)
         try:
-            req = json.loads(raw)
+            req = json.loads(body)
             name = req["op"]
             inline = INLINE_OPS.get(name)
             op = OPS[name] if inline is None else inline

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import signal
 import socket
 import sys
@@ -187,9 +188,11 @@ class Daemon:
                 return {"ok": False, "error": "invalid session id"}
             if op == "add_session":
                 policy = EgressPolicy.model_validate(msg["policy"])
-                await self.proxy.add_session(sid, policy, Path(SESSIONS) / sid)
+                # The directory is named by a random token, not the session id: its host path shows in
+                # the sandbox's /proc/self/mountinfo, and the session id is not the sandbox's to know.
+                sock = await self.proxy.add_session(sid, policy, Path(SESSIONS) / secrets.token_hex(12))
                 self.idle_since = time.monotonic()
-                return {"ok": True, "dir": str(self.state_dir / SESSIONS / sid), "socket": str(self.state_dir / SESSIONS / sid / "proxy.sock")}
+                return {"ok": True, "dir": str(self.state_dir / sock.parent), "socket": str(self.state_dir / sock)}
             if op == "remove_session":
                 await self.proxy.remove_session(sid)
                 self.idle_since = time.monotonic()

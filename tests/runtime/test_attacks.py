@@ -89,7 +89,7 @@ def test_disk_workspace_fill_gets_enospc(make_sandbox, bystander) -> None:
     sb = make_sandbox({"name": "disk", "workspace": {"backing": "disk", "size_mb": 32}})
     assert sb.workspace_dir is not None and os.path.ismount(sb.workspace_dir)
     assert oct(os.stat(sb.workspace_dir).st_mode & 0o777) == "0o700"
-    assert os.stat(sb.workspace_dir).st_uid == 10001
+    assert os.stat(sb.workspace_dir).st_uid == sb.uid and sb.uid != 0
     res = sb.exec(["sh", "-c", "head -c 100000000 /dev/zero > /workspace/big; echo $?"], timeout=60)
     assert b"No space left on device" in res.stderr, res
     img = sb.workspace_dir.parent / f"{sb.workspace_dir.name}.img"
@@ -179,11 +179,12 @@ def test_no_setuid_or_setgid_binaries(make_sandbox) -> None:
     assert res.stdout == b"", res.stdout
 
 
-def test_runs_as_fixed_non_root_user_without_capabilities(make_sandbox) -> None:
+def test_runs_as_its_leased_non_root_user_without_capabilities(make_sandbox) -> None:
     sb = make_sandbox()
     res = sb.exec(["sh", "-c", "id -u; id -g; id -G; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status"])
     lines = res.stdout.decode().split("\n")
-    assert lines[:3] == ["10001", "10001", "10001"]
+    assert sb.uid and sb.uid > 0
+    assert lines[:3] == [str(sb.uid), str(sb.gid), str(sb.gid)]
     status = dict(line.split(":\t") for line in lines[3:] if line)
     assert all(status[k] == "0000000000000000" for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), status
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
