@@ -178,7 +178,7 @@ def render(pa: Policy, pb: Policy, deltas: list[Delta], console: Any = None) -> 
     from rich.table import Table
     from rich.text import Text
 
-    console = console or (Console() if sys.stdout.isatty() else Console(width=400, soft_wrap=True))
+    console = console or (Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True, highlight=False))
     console.print(Text(f"a = {pa.name} ({pa.digest()})\nb = {pb.name} ({pb.digest()})"))
     if not deltas:
         console.print(Text("no difference: the two policies enforce the same thing"))

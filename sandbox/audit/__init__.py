@@ -7,8 +7,9 @@ catalog       every check: id, title, CIS Docker Benchmark section 5 id, severit
 checks        inside rules: probe observations -> rows
 outside       docker inspect, host cgroup files and engine info -> rows
 runner        audit a fresh sandbox of a policy, or any running container
-report        table, JSON and JUnit rendering
-selftest      startup canaries that fail closed (worker, `sandbox doctor`)
+report        table, JSON, JUnit, and the Markdown/HTML documents a security team signs
+diff          what changed between two saved audits (`sandbox audit diff`)
+selftest      startup canaries that fail closed (worker, `sandbox doctor`); imports no CLI module
 trail         the per-session, hash-chained audit trail and its verifier
-cli           `sandbox audit [...]` and `sandbox audit verify FILE`
+cli           `sandbox audit [...]`, `sandbox audit verify FILE`, `sandbox audit diff OLD NEW`
 """

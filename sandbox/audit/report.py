@@ -72,7 +72,7 @@ def render_table(report: AuditReport, console: Any = None, *, failures_only: boo
 
     if console is None:
         # Not a terminal: never cut or wrap to 80 columns (a saved report keeps every column).
-        console = Console() if sys.stdout.isatty() else Console(width=400, soft_wrap=True)
+        console = Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True, highlight=False)
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
@@ -243,6 +243,6 @@ def render(report: AuditReport, fmt: str) -> str:
         from rich.console import Console
 
         buf = StringIO()
-        render_table(report, Console(file=buf, width=400, soft_wrap=True, color_system=None))
+        render_table(report, Console(file=buf, width=100_000, soft_wrap=True, color_system=None, highlight=False))
         return buf.getvalue()
     raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")

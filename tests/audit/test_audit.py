@@ -206,3 +206,18 @@ def test_self_test_fails_closed_when_no_sandbox_starts() -> None:
 
     with pytest.raises(SelfTestFailed, match="could not run.*engine gone"):
         require_canaries(Broken(), load_policy("default"))
+
+
+def test_gvisor_container_audit_says_docker_exec_runs_without_the_seccomp_filter(docker_client, make_sandbox) -> None:
+    """The row's statement, shown from inside: the probe enters by `docker exec` and finds no filter."""
+    if "runsc" not in (docker_client.info().get("Runtimes") or {}):
+        pytest.fail("runsc is not registered with the engine (./run setup registers it)")
+    sb = make_sandbox("gvisor")
+    report = audit_container(docker_client, sb.id, probe=True, fork_test=False)
+    rows = report.by_id()
+    assert rows["outside.exec_seccomp"].status == "warn"
+    assert "without the OCI seccomp filter" in rows["outside.exec_seccomp"].observed
+    assert rows["inside.seccomp_mode"].status == "fail", rows["inside.seccomp_mode"].observed  # Seccomp: 0
+    assert rows["inside.agent_signals"].status == "skip", "never signal a sandbox the audit did not start"
+    res = sb.exec(["sh", "-c", "grep Seccomp: /proc/self/status"])  # through the agent: filtered
+    assert b"Seccomp:\t2" in res.stdout
