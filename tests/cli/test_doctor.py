@@ -56,3 +56,24 @@ def test_doctor_json_is_one_document_with_every_row(docker_client) -> None:
     names = {r["name"] for r in rows}
     assert {"engine", "runc", "state dir", "orphans", "package"} <= names
     assert all(set(r) >= {"name", "status", "detail", "fix"} for r in rows)
+
+
+def test_doctor_reports_a_sandbox_whose_owner_is_gone(docker_client) -> None:
+    import socket
+    import uuid
+
+    from sandbox import spec as specmod
+    from sandbox.doctor import orphan_check
+    from sandbox.images import recipes
+
+    session = f"doctor-orphan-{uuid.uuid4().hex[:8]}"
+    labels = {specmod.LABEL_MANAGED: "true", specmod.LABEL_HOST: socket.gethostname(),
+              specmod.LABEL_SESSION: session, specmod.LABEL_OWNER: "pytest:999999999:1"}  # no such process
+    c = docker_client.containers.run(recipes()[0].image_tag(), ["sleep", "120"], labels=labels, detach=True,
+                                     network_mode="none", user="65534:65534", read_only=True, cap_drop=["ALL"])
+    try:
+        row = orphan_check(docker_client)
+        assert row.status == "warn" and session in row.detail and "sandbox gc" in row.fix
+    finally:
+        c.remove(force=True)
+    assert session not in orphan_check(docker_client).detail
