@@ -90,8 +90,9 @@ def egress_env() -> dict[str, str]:
 
 
 def sandbox_env(policy: Policy, egress: bool) -> dict[str, str]:
+    # USER/LOGNAME: leased uids have no passwd entry; tools that want a name (getpass, ...) read these.
     env = {"HOME": policy.workspace.path, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+           "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "USER": "sandbox", "LOGNAME": "sandbox"}
     if egress:
         env.update(egress_env())
     env.update(policy.env)
