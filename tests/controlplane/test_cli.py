@@ -108,11 +108,12 @@ def test_session_commands_without_a_control_plane(tmp_path: Path, runner: CliRun
 
 def test_state_dir_defaults_to_sandbox_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sandbox.controlplane.endpoint import resolve_state_dir
+    from sandbox.paths import state_dir
 
     monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path))
     assert resolve_state_dir(None) == tmp_path / "controlplane"
     monkeypatch.delenv("SANDBOX_STATE_DIR")
-    assert resolve_state_dir(None) == Path.home() / ".local/state/sandbox/controlplane"
+    assert resolve_state_dir(None) == state_dir() / "controlplane"  # /var/lib/sandbox as root, like the runtime
     assert resolve_state_dir("~/x") == Path.home() / "x"
 
 
