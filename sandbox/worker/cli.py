@@ -22,6 +22,13 @@ def _default_worker_state_dir() -> Path:
     return worker_dir()
 
 
+def default_session_store() -> Path:
+    """Shared by every worker of this host by default, whatever their --state-dir."""
+    from sandbox.paths import state_dir
+
+    return state_dir() / "sessions"
+
+
 @click.command("worker")
 @click.option("--base-url", help="Control plane base URL (default: the embedded control plane's endpoint.json).")
 @click.option("--environment-id", help="Environment to claim work from (required with --base-url).")
@@ -45,12 +52,20 @@ def _default_worker_state_dir() -> Path:
               help="Lease TTL asked for on heartbeats (a crashed worker's work returns after this).")
 @click.option("--drain-timeout", type=float, default=20.0, show_default=True,
               help="On SIGTERM, how long in-flight tool calls may take before they are interrupted.")
+@click.option("--session-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where sessions' workspaces, the call journal and audit trails live; share it between the "
+                   "workers of one environment. Default: <sandbox state dir>/sessions.")
+@click.option("--retention", type=click.FloatRange(min=60), default=24 * 3600.0, show_default=True,
+              help="Seconds a session's workspace is kept after its last activity.")
+@click.option("--keep-idle", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds a session's sandbox is kept after its run went idle (0: stop it; files stay).")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def worker_cmd(base_url: str | None, environment_id: str | None, environment_key_file: Path | None,
                control_plane_state_dir: Path | None, profile: str, max_sessions: int, warm: int,
                metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
-               drain_timeout: float, log_format: str, verbose: bool) -> None:
+               drain_timeout: float, session_store: Path | None, retention: float, keep_idle: float,
+               log_format: str, verbose: bool) -> None:
     """Claim work from a control plane and run each session's tool calls in its own sandbox."""
     from .credentials import CredentialError, check_no_org_key, load_environment_key, scrub_environment
     from .logs import setup_logging
@@ -62,11 +77,15 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
         _fail(str(e))
     setup_logging(logging.DEBUG if verbose else logging.INFO, fmt=log_format)
     try:
+        endpoint_dir = None
         if base_url:
             if not environment_id:
                 _fail("--environment-id is required with --base-url")
             key = load_environment_key(environment_key_file)
         else:
+            from sandbox.controlplane.endpoint import resolve_state_dir
+
+            endpoint_dir = resolve_state_dir(control_plane_state_dir)
             base_url, environment_id, key = _embedded_endpoint(control_plane_state_dir, environment_key_file,
                                                                environment_id)
     except CredentialError as e:
@@ -80,7 +99,8 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
     config = WorkerConfig(
         base_url=base_url, environment_id=environment_id, state_dir=state_dir or _default_worker_state_dir(),
         profile=profile, max_sessions=max_sessions, warm=warm, metrics_port=metrics_port, max_idle=max_idle,
-        lease_ttl=lease_ttl, drain_timeout=drain_timeout,
+        lease_ttl=lease_ttl, drain_timeout=drain_timeout, store_dir=session_store or default_session_store(),
+        retention_s=retention, keep_idle=keep_idle, endpoint_dir=endpoint_dir,
     )
     worker = Worker(config, key)
 

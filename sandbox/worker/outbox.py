@@ -1,4 +1,4 @@
-"""Durable record of every tool call this worker ran, keyed by `tool_use_id`.
+"""The journal: durable record of every tool call, keyed by `tool_use_id`, shared by workers.
 
 Why: the SDK's session runner dedupes tool calls by event id only in memory.
 After a restart (or a lost lease, or a re-delivered work item) its reconcile
@@ -9,15 +9,22 @@ record the call would run a second time. So:
 - `finish()` stores the result (`done`) BEFORE the SDK posts it;
 - `delivered()` drops the stored result once the control plane accepted the
   post (the row stays as a tombstone so the call can never run again);
-- on start, rows left `running` by a previous process become an `interrupted`
-  error result: the call may or may not have had effects, so it is not run
-  again; the model is told so and can decide.
+- rows left `running` by a worker that is gone become an `interrupted` error
+  result: the call may or may not have had effects, so it is not run again;
+  the model is told so and can decide. A row `running` under a worker that is
+  still alive (the lease moved while that worker still runs the call) is
+  waited for (`Begin.wait`), then replayed.
+
+The file lives in the session store (`<store>/journal.db`, host side, never
+inside a sandbox) and is shared by every worker using that store, so a call
+whose worker was killed is answered as interrupted by whichever worker serves
+the session next. Who is alive is asked of `alive(owner)` (the store's owner
+lock files); owners are unique per worker instance.
 
 A re-dispatched call whose row is `done` gets the stored result (replayed, not
 re-run); `delivered` rows replay too (a reconcile can race the post that made
 them delivered). SQLite in WAL mode, one connection per thread, short
-transactions; the worker holds an exclusive lock on its state directory so no
-other process writes here.
+`BEGIN IMMEDIATE` transactions, so several processes may write.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 TOMBSTONE_TTL_S = 7 * 24 * 3600
 INTERRUPTED_TEXT = (
@@ -83,12 +90,16 @@ class Begin:
 
     run: bool
     record: CallRecord | None = None  # the existing row when not running
+    wait: bool = False  # another live worker is running it right now: ask again later
 
 
 class Outbox:
-    def __init__(self, path: Path, owner: str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, owner: str, *, synchronous: str = "FULL",
+                 alive: Callable[[str], bool] | None = None) -> None:
         self.path = Path(path)
         self.owner = owner
+        # Without a liveness oracle every other owner counts as gone (a private, single-writer outbox).
+        self._alive = alive or (lambda o: o == owner)
         self._sync = synchronous
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -142,15 +153,20 @@ class Outbox:
     # ---------------------------------------------------------------- lifecycle
 
     def recover(self) -> int:
-        """At start: calls a previous process left running become `interrupted` results."""
+        """Calls left running by workers that are gone become `interrupted` results."""
         now = time.time()
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE calls SET state='done', is_error=1, content=?, finished_at=? WHERE state='running' AND owner<>?",
-                (json.dumps(INTERRUPTED_TEXT), now, self.owner),
-            )
+            owners = [r[0] for r in c.execute("SELECT DISTINCT owner FROM calls WHERE state='running' AND owner<>?",
+                                              (self.owner,))]
+            dead = [o for o in owners if not self._alive(o)]
+            n = 0
+            for o in dead:
+                n += c.execute(
+                    "UPDATE calls SET state='done', is_error=1, content=?, finished_at=? WHERE state='running' AND owner=?",
+                    (json.dumps(INTERRUPTED_TEXT), now, o),
+                ).rowcount
             c.execute("DELETE FROM calls WHERE state='delivered' AND delivered_at < ?", (now - TOMBSTONE_TTL_S,))
-            return cur.rowcount
+            return n
 
     def begin(self, tool_use_id: str, session_id: str, work_id: str | None, tool: str) -> Begin:
         """Claim the call for execution, or return the row that already answers it."""
@@ -163,8 +179,11 @@ class Outbox:
                     (tool_use_id, session_id, work_id, tool, self.owner, time.time()),
                 )
                 return Begin(run=True)
-            if row["state"] == "running" and row["owner"] != self.owner:
-                # Not ours and not recovered yet (another process wrote it after our recover()).
+            if row["state"] == "running":
+                if row["owner"] == self.owner or self._alive(row["owner"]):
+                    # A live worker runs it now (it lost the lease mid-call): wait for its result.
+                    return Begin(run=False, record=self._record(row), wait=True)
+                # Its worker is gone: the call may have had effects; never run it again.
                 c.execute(
                     "UPDATE calls SET state='done', is_error=1, content=?, finished_at=? WHERE tool_use_id=?",
                     (json.dumps(INTERRUPTED_TEXT), time.time(), tool_use_id),

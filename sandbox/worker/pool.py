@@ -1,9 +1,15 @@
 """Session sandboxes and the warm pool.
 
 One sandbox per session, never shared and never reused by another session.
-A new session gets, in order: its own parked sandbox (kept for a grace period
-after a control-plane outage or a lost lease, in case the session comes back
-to us), a warm pool sandbox, or a freshly created one.
+A session's files are not in its sandbox but in its workspace in the session
+store (store.py), bind-mounted as /workspace: the sandbox is stopped when a
+run ends (or kept `park_grace` seconds when the run ended because of the
+control plane, or when the worker is told to keep idle sandboxes) and a new
+one is started over the same workspace when work arrives.
+
+A session gets, in order: its own parked sandbox, a warm pool sandbox (only a
+session that has no workspace yet: the warm sandbox's fresh workspace becomes
+the session's), or a freshly created one over its workspace.
 
 Labels cannot change after a container is created, so a warm sandbox carries
 the session label `pool-<id>` (and `org.sandbox.pool`), and the mapping from
@@ -29,6 +35,7 @@ from sandbox.runtime import Runtime, Sandbox, SandboxError
 from sandbox.spec import LABEL_POOL
 
 from .logs import log_event
+from .store import RunLock, SessionStore, chown_tree
 
 log = logging.getLogger("sandbox.worker.pool")
 
@@ -38,7 +45,10 @@ class Assignment:
     session_id: str
     sandbox: Sandbox
     source: str  # "pool" | "fresh" | "parked"
+    workspace: str | None = None  # the store's workspace id
     parked_until: float | None = None
+    run_lock: RunLock | None = None  # held while parked: no other run may use the workspace meanwhile
+    parked_at: float = 0.0
     egress_denials_seen: int = 0
     assigned_at: float = field(default_factory=time.monotonic)
 
@@ -46,10 +56,12 @@ class Assignment:
 class WarmPool:
     """Keeps `size` started, unassigned sandboxes of one policy; refills in the background."""
 
-    def __init__(self, runtime: Runtime, policy: Policy, size: int, *, worker_label: str,
+    def __init__(self, runtime: Runtime, policy: Policy, size: int, *, worker_label: str, store: SessionStore,
                  on_change: Callable[[], None] = lambda: None) -> None:
         self.runtime = runtime
         self.policy = policy
+        self.store = store
+        self._workspaces: dict[str, str] = {}  # sandbox id -> its fresh workspace
         self.size = max(0, size)
         self.worker_label = worker_label
         self._on_change = on_change
@@ -71,8 +83,8 @@ class WarmPool:
         with self._lock:
             return len(self._ready)
 
-    def take(self) -> Sandbox | None:
-        """A ready sandbox, or None; the pool refills behind it."""
+    def take(self) -> tuple[Sandbox, str] | None:
+        """A ready sandbox and its (empty) workspace id, or None; the pool refills behind it."""
         while True:
             with self._lock:
                 if not self._ready:
@@ -82,10 +94,17 @@ class WarmPool:
             self._wake.set()
             if sb is None:
                 return None
-            if sb.alive:
+            with self._lock:
+                ws = self._workspaces.pop(sb.id, None)
+            if sb.alive and ws is not None:
                 self._on_change()
-                return sb
-            sb.destroy()  # died while waiting (OOM-killed host, engine restart): never hand it out
+                return sb, ws
+            self._discard(sb, ws)  # died while waiting (OOM-killed host, engine restart): never hand it out
+
+    def _discard(self, sb: Sandbox, ws: str | None) -> None:
+        sb.destroy()
+        if ws is not None:
+            self.store.remove_workspace(ws)
 
     def _fill_loop(self) -> None:
         backoff = 1.0
@@ -102,22 +121,28 @@ class WarmPool:
     def _create_one(self) -> None:
         pool_id = f"pool-{secrets.token_hex(6)}"
         sb: Sandbox | None = None
+        ws: str | None = None
         try:
             if self._closed.is_set():
                 return
-            sb = self.runtime.create(self.policy, session_id=pool_id, extra_labels={LABEL_POOL: self.worker_label})
+            ws = self.store.new_workspace(self.policy.workspace.size_mb)
+            sb = start_over(self.runtime, self.policy, self.store, pool_id, ws,
+                            extra_labels={LABEL_POOL: self.worker_label})
             self.failures = 0
-        except SandboxError as e:
+        except Exception as e:  # noqa: BLE001 - SandboxError, StoreError: retried with back-off
             self.failures += 1
             log.warning("warm pool could not start a sandbox: %s", e)
         finally:
             with self._lock:
                 self._creating -= 1
-                if sb is not None and not self._closed.is_set():
+                if sb is not None and ws is not None and not self._closed.is_set():
                     self._ready.append(sb)
-                    sb = None
+                    self._workspaces[sb.id] = ws
+                    sb = ws = None
             if sb is not None:
                 sb.destroy()
+            if ws is not None:
+                self.store.remove_workspace(ws)
             self._on_change()
 
     def close(self) -> None:
@@ -126,19 +151,49 @@ class WarmPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             ready, self._ready = self._ready, []
+            workspaces, self._workspaces = self._workspaces, {}
         for sb in ready:
-            sb.destroy()
+            self._discard(sb, workspaces.get(sb.id))
         self._on_change()
+
+
+def start_over(runtime: Runtime, policy: Policy, store: SessionStore, label: str, ws: str,
+               extra_labels: dict[str, str] | None = None) -> Sandbox:
+    """A sandbox over the store's workspace `ws`, which is then owned by the sandbox's uid."""
+    mnt = store.ensure_mounted(ws)
+    sb = runtime.create(policy, session_id=label, workspace=mnt, extra_labels=extra_labels)
+    try:
+        uid, gid = sandbox_ids(sb, policy)
+        chown_tree(mnt, uid, gid)
+    except BaseException:
+        sb.destroy()
+        raise
+    return sb
+
+
+def sandbox_ids(sb: Sandbox, policy: Policy) -> tuple[int, int]:
+    """The uid/gid this sandbox runs as (allocated per sandbox, or pinned by the policy)."""
+    uid = getattr(sb, "uid", None)
+    gid = getattr(sb, "gid", None)
+    if not isinstance(uid, int):
+        uid = policy.user.uid
+    if not isinstance(gid, int):
+        gid = policy.user.gid
+    if not isinstance(uid, int) or not isinstance(gid, int):
+        raise SandboxError("cannot tell which uid the sandbox runs as (policy says 'auto', sandbox says nothing)")
+    return uid, gid
 
 
 class SessionSandboxes:
     """The worker-side map session -> sandbox, with parking for sessions that may come back."""
 
-    def __init__(self, runtime: Runtime, policy: Policy, pool: WarmPool, *, park_grace: float,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, runtime: Runtime, policy: Policy, pool: WarmPool, *, park_grace: float, store: SessionStore,
+                 worker_id: str | None = None, on_change: Callable[[], None] = lambda: None) -> None:
         self.runtime = runtime
         self.policy = policy
         self.pool = pool
+        self.store = store
+        self.worker_id = worker_id
         self.park_grace = park_grace
         self._on_change = on_change
         self._by_session: dict[str, Assignment] = {}
@@ -158,17 +213,26 @@ class SessionSandboxes:
                 self._by_session.pop(session_id, None)
         if existing is not None:
             existing.sandbox.destroy()
-        sb = self.pool.take()
-        source = "pool"
-        if sb is None:
-            sb = self.runtime.create(self.policy, session_id=session_id)
-            source = "fresh"
-        a = Assignment(session_id=session_id, sandbox=sb, source=source)
+        size = self.policy.workspace.size_mb
+        taken = self.pool.take() if self.store.meta(session_id) is None else None
+        if taken is not None:
+            sb, ws = taken
+            meta, _ = self.store.open_session(session_id, size, adopt=ws, worker=self.worker_id)
+            if meta.workspace != ws:  # another worker created the session's entry meanwhile
+                self.pool._discard(sb, ws)
+                taken = None
+            source = "pool"
+        if taken is None:
+            meta, created = self.store.open_session(session_id, size, worker=self.worker_id)
+            sb = start_over(self.runtime, self.policy, self.store, session_id, meta.workspace)
+            source = "fresh" if created else "resumed"
+        a = Assignment(session_id=session_id, sandbox=sb, source=source, workspace=meta.workspace)
         with self._lock:
             self._by_session[session_id] = a
         # The pool label can't be changed to the session; this line is the record of the mapping.
         log_event(log, logging.INFO, "sandbox_assigned", f"sandbox {sb.id[:12]} ({source}) serves the session",
-                  session_id=session_id, container=sb.id[:12], sandbox_label=sb.session_id, source=source)
+                  session_id=session_id, container=sb.id[:12], sandbox_label=sb.session_id, source=source,
+                  workspace=meta.workspace)
         self._on_change()
         return a
 
@@ -176,18 +240,22 @@ class SessionSandboxes:
         with self._lock:
             return self._by_session.get(session_id)
 
-    def release(self, session_id: str, *, park: bool) -> None:
-        """The session's work item ended: destroy its sandbox, or park it for `park_grace` seconds."""
+    def release(self, session_id: str, *, park: bool | float, run_lock: RunLock | None = None) -> bool:
+        """The session's run ended: destroy its sandbox, or park it (`park`: True for `park_grace`
+        seconds, or a number of seconds) holding the session's run lock. True if parked."""
         with self._lock:
             a = self._by_session.get(session_id)
             if a is None:
-                return
-            if park and a.sandbox.alive and self.park_grace > 0:
-                a.parked_until = time.monotonic() + self.park_grace
+                return False
+            grace = self.park_grace if park is True else float(park or 0)
+            if park and a.sandbox.alive and grace > 0 and run_lock is not None:
+                a.parked_until = time.monotonic() + grace
+                a.run_lock = run_lock
+                a.parked_at = time.time()
                 log_event(log, logging.INFO, "sandbox_parked",
-                          f"keeping the sandbox for {self.park_grace:.0f}s in case the session comes back",
+                          f"keeping the sandbox for {grace:.0f}s in case the session comes back",
                           session_id=session_id, container=a.sandbox.id[:12])
-                return
+                return True
             self._by_session.pop(session_id, None)
         died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
         a.sandbox.destroy()
@@ -195,17 +263,31 @@ class SessionSandboxes:
                   "session sandbox destroyed" if died is None else f"session sandbox had died: {died}",
                   session_id=session_id, container=a.sandbox.id[:12])
         self._on_change()
+        return False
+
+    def take_parked_lock(self, session_id: str) -> RunLock | None:
+        """The run lock a parked sandbox of this session holds (the next run takes it over)."""
+        with self._lock:
+            a = self._by_session.get(session_id)
+            if a is None or a.run_lock is None:
+                return None
+            lock, a.run_lock = a.run_lock, None
+            return lock
 
     def reap_parked(self) -> list[str]:
         now = time.monotonic()
         with self._lock:
             expired = [a for a in self._by_session.values()
-                       if a.parked_until is not None and (a.parked_until <= now or not a.sandbox.alive)]
+                       if a.parked_until is not None and (a.parked_until <= now or not a.sandbox.alive
+                                                          or self.store.wanted_since(a.session_id, a.parked_at))]
             for a in expired:
                 self._by_session.pop(a.session_id, None)
         for a in expired:
             died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
             a.sandbox.destroy()
+            if a.run_lock is not None:
+                a.run_lock.release()
+                a.run_lock = None
             log_event(log, logging.INFO if died is None else logging.WARNING, "sandbox_destroyed",
                       "parked sandbox expired" if died is None else f"parked sandbox had died: {died}",
                       session_id=a.session_id, container=a.sandbox.id[:12])
@@ -230,6 +312,8 @@ class SessionSandboxes:
             all_, self._by_session = list(self._by_session.values()), {}
         for a in all_:
             a.sandbox.destroy()
+            if a.run_lock is not None:
+                a.run_lock.release()
         self._on_change()
 
 

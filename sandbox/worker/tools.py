@@ -200,11 +200,25 @@ class SessionToolbox:
             return content, is_error, "error" if is_error else "ok"
         tid = call.tool_use_id
         decision = await self._db(self.outbox.begin, tid, self.slot.session_id, self.slot.work_id, name)
+        waited = False
+        while decision.wait:
+            # Another live worker is running this very call (it lost the lease mid-call): never run it
+            # a second time; wait for its result (or for that worker to die: then it is "interrupted").
+            if not waited:
+                log_event(log, logging.WARNING, "tool_waiting", "another worker is running this call; waiting for "
+                          "its result", tool=name, tool_use_id=tid, session_id=self.slot.session_id)
+                waited = True
+            if self.slot.abort.is_set():
+                return f"{name}: {SHUTDOWN_TEXT}", True, "interrupted"
+            await anyio.sleep(0.5)
+            decision = await self._db(self.outbox.begin, tid, self.slot.session_id, self.slot.work_id, name)
         if not decision.run:
             rec = decision.record
-            assert rec is not None and rec.result is not None
+            assert rec is not None
             log_event(log, logging.INFO, "tool_replayed", "tool call already ran; replaying its stored result",
                       tool=name, tool_use_id=tid, session_id=self.slot.session_id, state=rec.state)
+            if rec.result is None:  # delivered already: the control plane keeps the first result anyway
+                return "(already answered)", False, "replayed"
             return rec.result.content, rec.result.is_error, "replayed"
         log_event(log, logging.INFO, "tool_exec", f"executing {name}", tool=name, tool_use_id=tid,
                   session_id=self.slot.session_id, work_id=self.slot.work_id)

@@ -9,10 +9,16 @@ unless the lease was lost). What this module adds:
 
 - concurrency: up to `max_sessions` items at once (the SDK's `run()` serves
   one at a time), each gated by admission control before it is claimed;
-- a sandbox per session (warm pool, parked, or fresh), started as soon as the
-  item is claimed, destroyed when the session ends, parked after an outage;
-- the durable outbox (via the tools and the middleware), recovery at start,
-  a sweeper for results nobody will replay;
+- a session's files for its whole life: a workspace in the session store
+  (store.py), shared by the workers using it; a sandbox per run over that
+  workspace (warm pool, parked, or fresh), stopped when the run ends (kept a
+  while after an outage, or with `keep_idle`), re-created when work arrives;
+  one run per session at a time across workers (the store's run lock); the
+  entry removed when the session ends or its retention expires;
+- the journal of calls (outbox.py, in the store, shared): a call whose worker
+  died is answered "interrupted", never re-run; a sweeper for results nobody
+  will replay;
+- one audit trail per session across all its runs (reopened, chain continued);
 - lifecycle: exclusive state directory, reaping sandboxes of a crashed
   worker, SIGTERM drain with a bound then hand-back, metrics and health.
 """
@@ -38,18 +44,20 @@ from anthropic.lib.environments import EnvironmentWorker
 from anthropic.lib.tools.agent_toolset import AgentToolContext
 
 from sandbox.audit.selftest import SelfTestFailed, require_canaries
-from sandbox.audit.trail import AuditTrail, trail_path
+from sandbox.audit.trail import AuditTrail
 from sandbox.policy import Policy, load_policy
 from sandbox.runtime import Runtime, owner_token
 
 from . import logs
 from .admission import Admission, psutil_probe
+from .checkpoints import Checkpoints
 from .credentials import EnvironmentKey
 from .logs import log_event
 from .metrics import HealthServer, WorkerMetrics
 from .middleware import CircuitBreaker, WorkerMiddleware
 from .outbox import Outbox
 from .pool import SessionSandboxes, WarmPool, count_egress_denials
+from .store import DEFAULT_RETENTION_S, RunLock, SessionStore
 from .toolctx import open_telemetry_option
 from .tools import SessionSlot, SessionToolbox
 
@@ -80,6 +88,15 @@ class WorkerConfig:
     admission: Admission | None = None  # tests inject one with a fake probe
     outbox_sync: str = "NORMAL"
     selftest: bool = True  # attack canaries in a sandbox of the policy before serving (fail closed)
+    store_dir: Path | None = None  # the session store, shared by workers; default <state_dir>/sessions
+    retention_s: float = DEFAULT_RETENTION_S  # a session's workspace is kept this long after its last activity
+    keep_idle: float = 0.0  # keep a session's sandbox this long after its run went idle (0: stop it, free memory)
+    run_lock_wait: float = 60.0  # how long a new run waits for the previous run of its session (another worker)
+    # The embedded control plane's state dir: while it is unreachable, re-read its endpoint.json and follow
+    # it if it came back elsewhere.
+    endpoint_dir: Path | None = None
+    checkpoints: int = 5  # checkpoints kept per session when a run goes idle (0: none)
+    checkpoint_bytes: int = 1 << 30  # distinct bytes of checkpoint data per session
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,6 +105,7 @@ class _Serving:
     slot: SessionSlot
     scope: anyio.CancelScope
     done: anyio.Event
+    run_lock: RunLock | None = None
 
 
 class Worker:
@@ -111,6 +129,7 @@ class Worker:
         self.pool: WarmPool | None = None
         self.sandboxes: SessionSandboxes | None = None
         self.outbox: Outbox | None = None
+        self.store: SessionStore | None = None
         self.middleware: WorkerMiddleware | None = None
         self.client: AsyncAnthropic | None = None
         self._sdk_worker: EnvironmentWorker | None = None
@@ -159,9 +178,13 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         breaker = self.middleware.breaker if self.middleware else None
-        status = "stopping" if self._draining else ("degraded" if breaker and breaker.open else "ok")
+        at_limit = len(self._serving) >= self.config.max_sessions
+        reasons = [r for r, on in (("circuit_open", bool(breaker and breaker.open)),
+                                   ("at_session_limit", at_limit)) if on]
+        status = "stopping" if self._draining else ("degraded" if reasons else "ok")
         return {
             "status": status,
+            "reasons": reasons,
             "worker_id": self.worker_id,
             "sessions": len(self._serving),
             "max_sessions": self.config.max_sessions,
@@ -181,8 +204,11 @@ class Worker:
             self.policy = load_policy(cfg.profile)
         except Exception as e:  # noqa: BLE001 - PolicyError and friends
             raise WorkerError(f"cannot load policy {cfg.profile!r}: {e}") from None
-        owner = owner_token(OWNER_KIND)
-        self.outbox = Outbox(cfg.state_dir / "outbox.db", owner=owner, synchronous=cfg.outbox_sync)
+        # Unique per worker instance (two workers may share a process in tests and benches).
+        owner = f"{owner_token(OWNER_KIND)}:{uuid.uuid4().hex[:8]}"
+        store = self.store = SessionStore(cfg.store_dir or cfg.state_dir / "sessions", retention_s=cfg.retention_s)
+        store.register_owner(owner)
+        self.outbox = Outbox(store.journal_path(), owner=owner, synchronous=cfg.outbox_sync, alive=store.owner_alive)
         recovered = self.outbox.recover()
         if recovered:
             log_event(log, logging.WARNING, "outbox_recovered",
@@ -201,10 +227,10 @@ class Worker:
             except SelfTestFailed as e:
                 raise WorkerError(f"refusing to serve: {e}") from None
             log_event(log, logging.INFO, "selftest_passed", f"{len(rows)} attack canaries held", profile=cfg.profile)
-        self.pool = WarmPool(self._runtime, self.policy, cfg.warm, worker_label=self.worker_id,
+        self.pool = WarmPool(self._runtime, self.policy, cfg.warm, worker_label=self.worker_id, store=store,
                              on_change=self._update_gauges)
         self.sandboxes = SessionSandboxes(self._runtime, self.policy, self.pool, park_grace=cfg.park_grace,
-                                          on_change=self._update_gauges)
+                                          store=store, worker_id=self.worker_id, on_change=self._update_gauges)
         self.pool.start()
         breaker = CircuitBreaker(on_change=self._circuit_changed)
         self.middleware = WorkerMiddleware(self.outbox, breaker, self.metrics, lease_ttl=cfg.lease_ttl)
@@ -249,6 +275,8 @@ class Worker:
             self._health.stop()
         if self.outbox is not None:
             self.outbox.close()
+        if self.store is not None:
+            self.store.close()
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
@@ -387,8 +415,16 @@ class Worker:
             # A re-delivery of a session we are still winding down: one runner per session at a time.
             with anyio.move_on_after(self.config.drain_timeout + 150):
                 await previous.done.wait()
+        run_lock = await self._lock_run(session_id)
+        if run_lock is None:
+            # Another run of this session (another worker) still holds its workspace: let the lease lapse
+            # so the item comes back, rather than run over a workspace someone else is using.
+            self.metrics.work_failed.labels(reason="session_busy").inc()
+            log_event(log, logging.ERROR, "session_busy", "another run of this session holds its workspace; "
+                      "not serving this delivery (it will come back)", work_id=work_id, session_id=session_id)
+            return
         slot = SessionSlot(session_id=session_id, work_id=work_id, trail=self._open_trail(session_id, work_id))
-        serving = _Serving(slot, anyio.CancelScope(), anyio.Event())
+        serving = _Serving(slot, anyio.CancelScope(), anyio.Event(), run_lock)
         self._serving[session_id] = serving
         self.middleware.track(work_id, session_id)
         self._update_gauges()
@@ -410,26 +446,120 @@ class Worker:
                       work_id=work_id, session_id=session_id)
         finally:
             view = self.middleware.leases.get(work_id)
-            # Park the sandbox when the control plane, not the session, ended the run:
-            # the session will come back (to us, most likely) and should find its files.
-            park = view is not None and not self._draining and self._lease_in_doubt(view)
+            # Park the sandbox when the control plane, not the session, ended the run (the session will
+            # come back, to us most likely), or keep it `keep_idle` seconds when told to. Otherwise stop it:
+            # the files are in the store, not in the sandbox.
+            in_doubt = view is not None and not self._draining and self._lease_in_doubt(view)
+            park: bool | float = True if in_doubt else (self.config.keep_idle if not self._draining else 0.0)
             self.middleware.forget(work_id)
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: self.sandboxes.release(session_id, park=park))  # type: ignore[union-attr]
-            self._close_trail(slot, "sandbox_parked" if park else "sandbox_destroyed", clean)
+                ended = None if in_doubt else await self._session_ended(session_id)
+                if ended:
+                    park = 0.0
+                parked = await anyio.to_thread.run_sync(
+                    lambda: self.sandboxes.release(session_id, park=park, run_lock=run_lock))  # type: ignore[union-attr]
+                await anyio.to_thread.run_sync(lambda: self._after_run(slot, run_lock, parked, ended))
+            self._close_trail(slot, "sandbox_parked" if parked else "sandbox_stopped", clean,
+                              session_ended=ended)
+            if not parked:
+                run_lock.release()
             self._serving.pop(session_id, None)
             serving.done.set()
             self._update_gauges()
             log_event(log, logging.INFO, "work_done", "session run ended", work_id=work_id, session_id=session_id,
                       seconds=round(time.monotonic() - started, 3), calls=slot.calls,
-                      outcome="ok" if clean else "failed", sandbox="parked" if park else "destroyed",
-                      lease=view.last if view else None,
+                      outcome="ok" if clean else "failed", sandbox="parked" if parked else "stopped",
+                      session_ended=ended, lease=view.last if view else None,
                       since_heartbeat=round(time.monotonic() - view.last_ok_at, 1) if view and view.last_ok_at else None)
 
-    def _open_trail(self, session_id: str, work_id: str) -> AuditTrail | None:
-        assert self._runtime is not None and self.policy is not None
+    async def _lock_run(self, session_id: str) -> RunLock | None:
+        """The session's run lock: taken over from our own parked sandbox, or waited for (bounded)."""
+        assert self.store is not None and self.sandboxes is not None
+        lock = self.sandboxes.take_parked_lock(session_id)
+        if lock is not None:
+            return lock
+        store = self.store
+        deadline = time.monotonic() + self.config.run_lock_wait
+        asked = False
+        while True:
+            lock = await anyio.to_thread.run_sync(store.try_lock_run, session_id, limiter=self._db_limiter)
+            if lock is not None:
+                return lock
+            if not asked:
+                # A parked sandbox elsewhere lets go within a second or two when asked.
+                await anyio.to_thread.run_sync(store.want, session_id)
+                log_event(log, logging.INFO, "session_locked", "waiting for the previous run of this session "
+                          "to release its workspace", session_id=session_id)
+                asked = True
+            if time.monotonic() > deadline or self._stopping.is_set():
+                return None
+            await anyio.sleep(0.25)
+
+    async def _session_ended(self, session_id: str) -> str | None:
+        """'terminated' / 'archived' / 'deleted' when the API says the session is over, else None."""
+        assert self.client is not None
         try:
-            trail = AuditTrail(trail_path(self._runtime.state_dir, session_id), session=session_id)
+            with anyio.fail_after(10):
+                sess = await self.client.beta.sessions.retrieve(session_id)
+        except Exception as e:  # noqa: BLE001
+            status = getattr(_first_cause(e), "status_code", None)
+            return "deleted" if status == 404 else None
+        if getattr(sess, "archived_at", None):
+            return "archived"
+        return "terminated" if getattr(sess, "status", None) == "terminated" else None
+
+    def _after_run(self, slot: SessionSlot, run_lock: RunLock, parked: bool, ended: str | None) -> None:
+        """Blocking, run lock held: record the session's activity, or remove it when it has ended."""
+        assert self.store is not None
+        store = self.store
+        try:
+            if ended:
+                if store.remove_session(slot.session_id, lock=run_lock):
+                    log_event(log, logging.INFO, "session_removed", f"session {ended}: workspace removed",
+                              session_id=slot.session_id, reason=ended)
+                return
+            meta = store.meta(slot.session_id)
+            if meta is None:
+                return
+            calls = meta.calls_since_checkpoint + slot.calls
+            store.update(slot.session_id, last_activity=time.time(), state="parked" if parked else "idle",
+                         runs=meta.runs + 1, calls_since_checkpoint=calls, worker=self.worker_id)
+            if not parked:
+                self._checkpoint(slot, calls)
+        except Exception as e:  # noqa: BLE001 - the run's results are not lost over housekeeping
+            log_event(log, logging.ERROR, "store_failed", f"session store update failed: {e}",
+                      session_id=slot.session_id)
+
+    def _checkpoint(self, slot: SessionSlot, calls: int) -> None:
+        """The run went idle and its sandbox is stopped: record the workspace (checkpoints.py)."""
+        assert self.store is not None
+        if self.config.checkpoints <= 0:
+            return
+        meta = self.store.meta(slot.session_id)
+        if meta is None:
+            return
+        cps = Checkpoints(self.store.session_dir(slot.session_id), max_count=self.config.checkpoints,
+                          max_bytes=self.config.checkpoint_bytes)
+        info = cps.create(self.store.ensure_mounted(meta.workspace), calls=calls)
+        if info is None:
+            log_event(log, logging.WARNING, "checkpoint_skipped", "workspace larger than the checkpoint budget; "
+                      "no checkpoint", session_id=slot.session_id)
+            if slot.trail is not None:
+                slot.trail.lifecycle("checkpoint_skipped", reason="over the byte budget")
+            return
+        self.store.update(slot.session_id, calls_since_checkpoint=0)
+        log_event(log, logging.INFO, "checkpoint", "workspace checkpoint recorded", session_id=slot.session_id,
+                  checkpoint=info.id, digest=info.digest, files=info.files, bytes_new=info.bytes_new,
+                  bytes_total=info.bytes_total, ms=info.ms, calls=calls)
+        if slot.trail is not None:
+            slot.trail.lifecycle("checkpoint", checkpoint=info.id, digest=info.digest, files=info.files,
+                                 bytes_total=info.bytes_total, bytes_new=info.bytes_new, calls=calls)
+
+    def _open_trail(self, session_id: str, work_id: str) -> AuditTrail | None:
+        assert self.store is not None and self.policy is not None
+        try:
+            # One trail per session for all its runs, whichever worker serves them: the chain continues.
+            trail = AuditTrail(self.store.trail_path(session_id), session=session_id, reopen=True)
             trail.policy(self.policy)
             trail.lifecycle("work_claimed", work_id=work_id)
             return trail
@@ -438,7 +568,7 @@ class Worker:
                       session_id=session_id)
             return None
 
-    def _close_trail(self, slot: SessionSlot, event: str, clean: bool) -> None:
+    def _close_trail(self, slot: SessionSlot, event: str, clean: bool, **details: Any) -> None:
         trail = slot.trail
         if trail is None or self._runtime is None:
             return
@@ -446,7 +576,7 @@ class Worker:
             if self.policy is not None and self.policy.egress.enabled:
                 for rec in self._runtime.egress.records(session=slot.session_id, limit=10000):
                     trail.egress(rec)
-            trail.lifecycle(event, calls=slot.calls, outcome="ok" if clean else "failed")
+            trail.lifecycle(event, calls=slot.calls, outcome="ok" if clean else "failed", **details)
             trail.close("work_done", work_id=slot.work_id)
             # The head, logged outside the file, is what lets `sandbox audit verify --head` see truncation.
             log_event(log, logging.INFO, "trail_closed", "session audit trail closed", session_id=slot.session_id,
@@ -475,6 +605,7 @@ class Worker:
             return
 
         def replace() -> Any:
+            # Same workspace: the session's files survive its sandbox dying.
             sandboxes.release(slot.session_id, park=False)
             return sandboxes.acquire(slot.session_id).sandbox
 
@@ -534,6 +665,7 @@ class Worker:
 
     async def _housekeeping(self) -> None:
         last_stats = 0.0
+        last_store = time.monotonic()
         while True:
             await anyio.sleep(1.0)
             try:
@@ -547,8 +679,49 @@ class Worker:
                     await self._refresh_stats()
                     await self._sweep_outbox()
                     await anyio.to_thread.run_sync(self._count_egress)
+                if breaker_open:
+                    await anyio.to_thread.run_sync(self._follow_endpoint)
+                if now - last_store >= 60.0:
+                    last_store = now
+                    await self._sweep_store()
             except Exception as e:  # noqa: BLE001 - housekeeping never kills the worker
                 log.warning("housekeeping failed: %s", _describe(e))
+
+    def _follow_endpoint(self) -> None:
+        """The control plane is unreachable: if its endpoint.json names another address now, use it."""
+        if self.config.endpoint_dir is None or self.client is None:
+            return
+        from sandbox.controlplane.endpoint import EndpointError, read_endpoint
+
+        try:
+            ep = read_endpoint(self.config.endpoint_dir)
+        except EndpointError:
+            return
+        if ep.base_url.rstrip("/") == self.config.base_url.rstrip("/") or ep.environment_id != self.config.environment_id:
+            return
+        log_event(log, logging.WARNING, "endpoint_moved", "the control plane came back at another address; "
+                  "following it", old=self.config.base_url, new=ep.base_url)
+        self.config.base_url = ep.base_url
+        self.client.base_url = ep.base_url  # the SDK derives each item's client from this one
+        self._poll_restart.set()
+
+    async def _sweep_store(self) -> None:
+        """Remove store entries of sessions that ended while no run served them, or past retention."""
+        store = self.store
+        if store is None or (self.middleware is not None and self.middleware.breaker.open):
+            return
+        for meta in await anyio.to_thread.run_sync(store.sessions):
+            sid = meta.session_id
+            if sid in self._serving:
+                continue
+            expired = time.time() - meta.last_activity > store.retention_s
+            reason = "retention expired" if expired else await self._session_ended(sid)
+            if not reason:
+                continue
+            removed = await anyio.to_thread.run_sync(store.remove_session, sid)
+            if removed:
+                log_event(log, logging.INFO, "session_removed", f"{reason}: workspace removed", session_id=sid,
+                          reason=reason)
 
     async def _refresh_stats(self) -> None:
         """Queue depth for the metrics; while the circuit is open this is also its probe."""
@@ -576,8 +749,15 @@ class Worker:
         outbox, client = self.outbox, self.client
         pending = await anyio.to_thread.run_sync(lambda: outbox.pending(older_than=self.config.sweep_after))
         active = set(self._serving) | (self.sandboxes.parked_sessions() if self.sandboxes else set())
+        store = self.store
+        assert store is not None
         for rec in pending:
             if rec.session_id in active or rec.result is None:
+                continue
+            # The journal is shared: leave results of live workers, and sessions some run is serving, alone.
+            if rec.owner != outbox.owner and store.owner_alive(rec.owner):
+                continue
+            if await anyio.to_thread.run_sync(store.run_active, rec.session_id):
                 continue
             try:
                 answered, terminated = await _answered_in_history(client, rec.session_id, rec.tool_use_id)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import anthropic
-import httpx
+import httpx2 as httpx  # what anthropic ships; httpx is not a dependency
 import httpx2
 
 from sandbox.controlplane import ControlPlane

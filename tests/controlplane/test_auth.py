@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import anthropic
-import httpx
+import httpx2 as httpx  # what anthropic ships; httpx is not a dependency
 import pytest
 
 from sandbox.controlplane import ControlPlane, ControlPlaneError, LocalAdmin

@@ -6,7 +6,7 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
-import httpx
+import httpx2 as httpx  # what anthropic ships; httpx is not a dependency
 import pytest
 
 from sandbox.controlplane import ControlPlane, LocalAdmin

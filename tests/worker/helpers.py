@@ -68,3 +68,24 @@ def call(admin: LocalAdmin, session_id: str, tool: str, input: dict[str, Any],
     tid = admin.send_tool_use(session_id, tool, input)
     ev = wait_result(admin, session_id, tid, timeout)
     return bool(ev.get("is_error")), text_of(ev), ev
+
+
+def log_records(path: Any) -> list[dict[str, Any]]:
+    """JSON log lines of a worker process's log file (other lines skipped)."""
+    out = []
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def log_events(path: Any, name: str) -> list[dict[str, Any]]:
+    return [r for r in log_records(path) if r.get("event") == name]

@@ -24,7 +24,7 @@ import pytest
 from sandbox.controlplane import ControlPlane, LocalAdmin
 from sandbox.worker import Worker
 
-from .helpers import LogCapture, call, results, text_of, wait_for, wait_result
+from .helpers import LogCapture, results, text_of, wait_for, wait_result
 
 pytestmark = pytest.mark.docker
 
@@ -116,6 +116,7 @@ def worker_process(cp: ControlPlane, tmp_path: Path, docker_client: Any) -> Iter
         p = subprocess.Popen(
             [sys.executable, "-m", "sandbox.cli", "worker", "--base-url", cp.base_url, "--environment-id",
              cp.environment_id, "--environment-key-file", str(key_file), "--state-dir", str(tmp_path / "wstate"),
+             "--session-store", str(tmp_path / "sessions"),
              "--lease-ttl", "10", "--max-idle", "30", *extra],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         procs.append(p)

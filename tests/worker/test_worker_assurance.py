@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.audit.trail import trail_path, verify
+from sandbox.audit.trail import verify
 from sandbox.controlplane import ControlPlane, LocalAdmin
 from sandbox.worker import Worker
 from sandbox.worker.credentials import EnvironmentKey
@@ -41,12 +41,14 @@ def test_each_session_leaves_a_verifiable_trail_with_digests_only(
     assert not call(admin, sid, "bash", {"command": "cat a.txt"})[0]
     admin.terminate(sid)
     wait_for(lambda: worker.sessions_in_flight == 0, what="the session to end")
-    path = trail_path(worker._runtime.state_dir, sid)
+    assert worker.store is not None
+    path = worker.store.trail_path(sid)  # in the session store: every run of the session, any worker
     text = path.read_text()
     assert SECRET_LOOKING not in text
     records = [json.loads(line) for line in text.splitlines()]
     kinds = [r.get("kind") for r in records]
     assert kinds[0] == "policy" and kinds.count("tool_call") == 2 and "lifecycle" in kinds
+    assert records[0]["policy_digest"] == worker.policy.digest()  # type: ignore[union-attr]
     assert all(len(r.get("input_digest", "x" * 64)) >= 64 for r in records if r.get("kind") == "tool_call")
     closed = worker_logs.events("trail_closed")[-1]
     result = verify(path, expect_head=closed["head"])
