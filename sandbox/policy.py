@@ -342,8 +342,11 @@ def profile_search_path() -> list[Path]:
     return profile_dirs()
 
 
-def resolve_profile(name_or_path: str) -> Path:
-    """A profile name ("default") or a path to a YAML file."""
+def resolve_profile(name_or_path: str, after: Path | None = None) -> Path:
+    """A profile name ("default") or a path to a YAML file.
+
+    ``after``: a profile file; only matches later on the search path count (a user's
+    ``default.yaml`` that says ``extends: default`` means the next ``default`` down the path)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
         if not p.is_file():
@@ -351,10 +354,11 @@ def resolve_profile(name_or_path: str) -> Path:
         return p.resolve()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name_or_path):
         raise PolicyError([(name_or_path, "-", "not a profile name or path")])
-    for d in profile_search_path():
-        cand = d / f"{name_or_path}.yaml"
-        if cand.is_file():
-            return cand.resolve()
+    found = [c.resolve() for d in profile_search_path() if (c := d / f"{name_or_path}.yaml").is_file()]
+    if after is not None and after.resolve() in found:
+        found = found[found.index(after.resolve()) + 1:]
+    if found:
+        return found[0]
     names = sorted({f.stem for d in profile_search_path() if d.is_dir() for f in d.glob("*.yaml")})
     searched = os.pathsep.join(str(d) for d in profile_search_path())
     raise PolicyError([(name_or_path, "-", f"no such profile; known: {', '.join(names) or 'none'} (searched {searched})")])

@@ -67,6 +67,19 @@ def test_user_profile_named_default_shadows_the_shipped_one(where: dict[str, Pat
     assert load_policy("default").limits.memory_mb == 400
 
 
+def test_resolve_after_a_file_finds_the_next_one_down_the_path(where: dict[str, Path]) -> None:
+    """What a user's default.yaml saying `extends: default` needs: the next `default`, not itself."""
+    mine = where["xdg"] / "default.yaml"
+    mine.write_text(SHIPPED_DEFAULT.read_text())
+    assert resolve_profile("default") == mine.resolve()
+    assert resolve_profile("default", after=mine) == SHIPPED_DEFAULT
+    etc = where["etc"] / "default.yaml"
+    etc.write_text(SHIPPED_DEFAULT.read_text())
+    assert resolve_profile("default", after=mine) == etc.resolve()
+    with pytest.raises(PolicyError, match="no such profile"):
+        resolve_profile("default", after=SHIPPED_DEFAULT)  # nothing after the last one
+
+
 def test_sandbox_profiles_takes_several_directories_in_order(where: dict[str, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
