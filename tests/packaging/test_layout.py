@@ -163,7 +163,7 @@ def test_sandbox_state_dir_moves_every_part(no_layout_env: None, tmp_path: Path,
                                             uid: int) -> None:
     from sandbox.controlplane.endpoint import resolve_state_dir
     from sandbox.egress.manager import default_state_dir as egress_default
-    from sandbox.worker.cli import _default_worker_state_dir
+    from sandbox.worker.cli import _default_worker_state_dir, default_session_store
 
     _as(monkeypatch, uid, tmp_path / "home")
     root = tmp_path / "state"
@@ -176,6 +176,7 @@ def test_sandbox_state_dir_moves_every_part(no_layout_env: None, tmp_path: Path,
     assert resolve_state_dir(None) == paths.controlplane_dir() == root / "controlplane"
     assert egress_default() == paths.egress_dir() == root / "egress"
     assert _default_worker_state_dir() == paths.worker_dir() == root / "worker"
+    assert default_session_store() == paths.sessions_dir() == root / "sessions"
     monkeypatch.setenv("SANDBOX_ROOTFS_CACHE", str(tmp_path / "rc"))
     assert paths.rootfs_cache_dir() == tmp_path / "rc"
     # uid leases stay host-wide: two state dirs must never hand out one uid
