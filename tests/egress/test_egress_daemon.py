@@ -56,7 +56,9 @@ def test_daemon_is_started_on_demand_reused_and_exits_when_idle(mgr: EgressManag
     pid = mgr.status()["pid"]
     d2 = mgr.register("s2", _policy(target))
     assert mgr.status()["pid"] == pid and sorted(mgr.sessions()) == ["s1", "s2"]
-    assert d1 == mgr.state_dir / "sessions" / "s1" and (d1 / "proxy.sock").exists() and d2 != d1
+    assert d1.parent == mgr.state_dir / "sessions" and (d1 / "proxy.sock").exists() and d2 != d1
+    # The directory's host path shows in the sandbox's mountinfo: it must not reveal the session id.
+    assert "s1" not in d1.name and "s2" not in d2.name and len(d1.name) >= 16
     assert mgr.register("s1", _policy(target)) == d1  # idempotent
     mgr.unregister("s1")
     time.sleep(1.5)
