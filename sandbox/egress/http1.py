@@ -149,8 +149,22 @@ def forward_target(req: Request) -> ForwardTarget:
     return ForwardTarget(host, port, origin, log_path)
 
 
+# Headers that decide where a request ends or where it goes: a Connection header naming one
+# would make us drop it while the body it framed is still forwarded (``Connection:
+# content-length`` turns the body into a second request upstream), so such a request is refused.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
+
+
+def connection_tokens(req: Request) -> set[str]:
+    return {t.strip().lower() for v in req.get_all("connection") for t in v.split(",") if t.strip()}
+
+
 def body_framing(req: Request) -> int | str:
-    """Content length in bytes, or ``"chunked"``. Ambiguous framing is refused."""
+    """Content length in bytes, or ``"chunked"``. Ambiguous framing is refused, and so is a
+    ``Connection`` header that names a framing header (Content-Length, Transfer-Encoding, Host)."""
+    named = sorted(connection_tokens(req) & _FRAMING)
+    if named:
+        raise ProtocolError(400, "bad-request", f"Connection header names the framing header {named[0]}")
     te = req.get_all("transfer-encoding")
     cl = req.get_all("content-length")
     if te and cl:
@@ -171,10 +185,7 @@ def body_framing(req: Request) -> int | str:
 def upstream_head(req: Request, fwd: ForwardTarget, framing: int | str) -> bytes:
     """The request head sent upstream: origin-form, hop-by-hop headers dropped, one
     request per connection (Connection: close)."""
-    listed = {
-        t.strip().lower() for v in req.get_all("connection") for t in v.split(",") if t.strip()
-    }
-    drop = _HOP_BY_HOP | listed
+    drop = _HOP_BY_HOP | connection_tokens(req)
     out = [f"{req.method} {fwd.origin_form} {req.version}"]
     if not req.get_all("host"):
         out.append(f"Host: {_host_header(fwd)}")

@@ -268,6 +268,21 @@ def test_request_smuggling_framing_is_refused(harness: Harness, targets: dict[st
     assert resp.status in (400, 501) and t.connections == []
 
 
+@pytest.mark.parametrize("named", ["content-length", "Content-Length", "keep-alive, content-length", "transfer-encoding", "host"])
+def test_connection_header_naming_a_framing_header_is_refused(harness: Harness, targets: dict[str, Target], named: str) -> None:
+    # Dropping Content-Length because Connection names it, while still forwarding the body, makes the
+    # upstream parse the body as a second request: smuggling towards an allowed host.
+    t = targets["allowed"]
+    sock = harness.add_session("s1", allow(t))
+    smuggled = f"GET /admin HTTP/1.1\r\nHost: allowed.test:{t.port}\r\n\r\n"
+    body = smuggled.encode()
+    resp = request(sock, f"POST http://allowed.test:{t.port}/ HTTP/1.1\r\nHost: allowed.test:{t.port}\r\n"
+                         f"Connection: {named}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert resp.status == 400 and b"framing header" in resp.body, resp.raw[:300]
+    assert t.connections == [] and t.requests == []
+    assert harness.records("s1")[-1]["code"] == "bad-request"
+
+
 def test_pipelined_second_request_is_not_forwarded(harness: Harness, targets: dict[str, Target]) -> None:
     t, other = targets["allowed"], targets["other"]
     sock = harness.add_session("s1", allow(t))
