@@ -540,14 +540,26 @@ def _agent(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
     listing = a.get("fd_list")
     lst = f"/proc/1/fd listing: {_s(listing, 20)}" if isinstance(listing, str) else \
         f"/proc/1/fd lists {len(_l(listing))} descriptors"
-    if opened:
+    forge = _d(a.get("forge"))
+    tried = (f"; forged result frames through /proc/1/fd/1 (in a second sandbox): {_s(forge.get('host'), 16)}, "
+             f"{_s(forge.get('detail'), 160)}") if forge else ""
+    refused = forge.get("host") == "refused" and "authentic" in str(forge.get("detail"))
+    if forge.get("host") == "ACCEPTED":
+        chan = [result("inside.agent_channel", "fail", f"{who}; the host ACCEPTED forged result frames{tried}")]
+    elif opened and exp.gvisor and refused:
+        # gVisor's /proc checks only the uid (SECURITY.md): reachable, but the channel's
+        # authentication refused the forgery and the host ended the sandbox.
+        chan = [result("inside.agent_channel", "warn",
+                       f"{who}; gVisor lets the workload open {_few(opened)} (its /proc checks only the uid); "
+                       f"the host refused what was forged there{tried}", severity="high")]
+    elif opened:
         chan = [result("inside.agent_channel", "fail",
                        f"{who}; the workload opened {_few(opened)} (read the host's requests / write results "
-                       f"the host would accept); {lst}")]
+                       f"the host would accept); {lst}{tried}")]
     else:
         chan = [result("inside.agent_channel", "pass",
                        f"{who}; " + _few(f"{k.rsplit('/', 1)[-1]}:{_s(v, 12)}" for k, v in opens.items())
-                       + f"; {lst}")]
+                       + f"; {lst}{tried}")]
     uid = _l(pid1.get("uid"))
     owner = a.get("proc_owner")
     pid1_uid = int(uid[0]) if uid and str(uid[0]).isdigit() else None
@@ -562,6 +574,12 @@ def _agent(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
         reached.append(f"process_vm_readv ({vm})")
     obs = f"{dumpable}; mem: {_s(mem, 12)}; environ: {_s(env, 12)}; process_vm_readv: {_s(vm, 12)}"
     bad = reached or "DUMPABLE" in dumpable or mem is None or env is None
+    if exp.gvisor and reached == ["/proc/1/environ"] and "DUMPABLE" not in dumpable:
+        # gVisor: environ is readable by the same uid; it is the sandbox's own environment
+        # (inside.env_secrets checks it holds no secret); memory stays closed.
+        return chan + [result("inside.agent_memory", "warn", "gVisor lets the workload read /proc/1/environ "
+                              "(the sandbox's own environment, no secret: see inside.env_secrets); " + obs,
+                              severity="medium")]
     return chan + [result("inside.agent_memory", "fail" if bad else "pass",
                           (f"reachable: {_few(reached)}; " if reached else "") + obs)]
 
@@ -572,6 +590,12 @@ def _signals(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
         return [skipped("inside.agent_signals", _s(s["skipped"]))]
     if s.get("ended"):
         where = f" ({_s(s.get('where'), 80)})" if s.get("where") else ""
+        if exp.gvisor:
+            # gVisor delivers a same-uid signal to PID 1 (SECURITY.md): the workload can end its
+            # own sandbox; that forges nothing and reaches no other session.
+            return [result("inside.agent_signals", "warn", "gVisor delivers same-uid signals to PID 1: the "
+                           "workload can end its own sandbox (no result forged, no other session affected); "
+                           + _s(s["ended"], 300) + where, severity="medium")]
         return [result("inside.agent_signals", "fail", _s(s["ended"], 300) + where)]
     before = _l(s.get("before"))
     if len(before) != 2:

@@ -606,6 +606,35 @@ def probe_signals(cfg):
     return out
 
 
+FORGED_MARK = "SANDBOX-AUDIT-FORGED"
+
+
+def probe_forge(cfg):
+    """The issue's attack: write result frames (output + exit 0) for the first request ids into
+    the agent's stdout through /proc/1/fd/1. Run only in a sandbox the audit started; the host
+    must not report them (this process then exits with cfg["exit_code"])."""
+    try:
+        fd = os.open("/proc/1/fd/1", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return {"open": _err(e)}
+    import base64
+
+    data = base64.b64encode((FORGED_MARK + "\n").encode()).decode()
+    lines = []
+    for rid in range(1, 6):
+        lines.append(json.dumps({"id": rid, "ev": "out", "fd": 1, "data": data}))
+        lines.append(json.dumps({"id": rid, "ev": "exit", "code": 0}))
+    try:
+        os.write(fd, ("\n".join(lines) + "\n").encode())
+        res = "written"
+    except OSError as e:
+        res = _err(e)
+    finally:
+        os.close(fd)
+    time.sleep(2)
+    return {"open": "opened", "write": res}
+
+
 # Host facts a workload has no use for; each must be unreadable or empty.
 HOST_FACTS = ("/sys/kernel/vmcoreinfo", "/proc/config.gz")
 # Reported when readable (not required unless the container's spec masks them).
@@ -1044,7 +1073,7 @@ PROBES = {
     "release_agent": probe_release_agent, "keyring": probe_keyring, "ptrace": probe_ptrace,
     "userns": probe_userns, "pidns": probe_pidns, "limits": probe_limits, "fork": probe_fork,
     "network": probe_network, "env": probe_env, "agent": probe_agent, "signals": probe_signals,
-    "host_facts": probe_host_facts,
+    "host_facts": probe_host_facts, "forge": probe_forge,
 }
 
 
@@ -1064,6 +1093,8 @@ def main(config_json):
         out["_meta"]["t_" + name] = round(time.time() - t0, 3)
     sys.stdout.write(MARKER + json.dumps(out, default=str) + "\n")
     sys.stdout.flush()
+    if cfg.get("exit_code"):
+        sys.exit(int(cfg["exit_code"]))
 
 
 if __name__ == "__main__":

@@ -284,19 +284,47 @@ def _signals_in_sandbox(sb: Any) -> dict[str, Any]:
     return {"ended": f"no answer after signals to PID 1 (the agent): it was stopped or killed ({why})"}
 
 
+FORGE_EXIT = 7
+
+
+def _forge_in_sandbox(sb: Any) -> dict[str, Any]:
+    """Write forged result frames through /proc/1/fd/1; the host's verdict on what it then reported."""
+    from sandbox.audit.probe_script import FORGED_MARK
+
+    cfg = probe_config(["forge"])
+    cfg["exit_code"] = FORGE_EXIT
+    try:
+        res = sb.exec(probe_argv(cfg), timeout=30)
+    except Exception as e:  # noqa: BLE001 - the host refusing the channel may surface as an error
+        return {"host": "refused", "detail": f"{type(e).__name__}: {str(e)[:160]}"}
+    data = parse_probe_output(res.stdout) or {}
+    forge = data.get("forge") if isinstance(data.get("forge"), dict) else {}
+    forged = FORGED_MARK.encode() in (res.stdout or b"") or (res.exit_code == 0 and not res.error)
+    if forged:
+        return {**forge, "host": "ACCEPTED", "detail": f"the host reported exit {res.exit_code}"
+                + (" and the forged output" if FORGED_MARK.encode() in (res.stdout or b"") else "")}
+    if res.error:
+        return {**forge, "host": "refused", "detail": f"the host ended the sandbox: {res.error[:160]}"}
+    return {**forge, "host": "real result", "detail": f"the host reported the command's real exit {res.exit_code}"}
+
+
 def _peer(rt: Any, policy: Any, session_id: str
-          ) -> tuple[tuple[int | None, int | None] | str, dict[str, Any] | None]:
+          ) -> tuple[tuple[int | None, int | None] | str, dict[str, Any] | None, dict[str, Any] | None]:
     """Start a second sandbox of the same policy while the audited one lives: which ids does it get?
-    The signal attack on the agent runs in that one, so a sandbox it ends costs no other row."""
+    The attacks that may end a sandbox (forged result frames, signals to the agent) run in that
+    one, so a sandbox they end costs no other row. Returns (ids or refusal, signals, forge)."""
     try:
         peer = rt.create(policy, session_id=f"{session_id}_peer")
     except Exception as e:  # noqa: BLE001 - a pinned uid in use is refused: the answer, not an error
-        return f"{type(e).__name__}: {e}", None
+        return f"{type(e).__name__}: {e}", None, None
     try:
         ids = container_ids(rt.client.api.inspect_container(peer.id))
-        signals = _signals_in_sandbox(peer)
-        signals["where"] = "in a second sandbox of this policy, started for the purpose"
-        return ids, signals
+        forge = _forge_in_sandbox(peer)
+        signals = None
+        if peer.alive:
+            signals = _signals_in_sandbox(peer)
+            signals["where"] = "in a second sandbox of this policy, started for the purpose"
+        return ids, signals, forge
     finally:
         peer.destroy()
 
@@ -354,7 +382,7 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
         # While the sandbox lives: the host-side cgroup files go with it.
         outside = evaluate_outside(attrs, info, policy=policy, spec_body=_spec_body(policy, session_id, attrs))
         pinned = (policy.user.uid, policy.user.gid) if isinstance(policy.user.uid, int) else None
-        peer_ids, signals = _peer(rt, policy, session_id)
+        peer_ids, signals, forge = _peer(rt, policy, session_id)
         outside.append(uid_row(rt.client, attrs, pinned=pinned, peer=peer_ids))
         outside.append(weakenings_row(policy))
         outside.append(exec_seccomp_row(policy.runtime, audited_by_exec=False))
@@ -370,6 +398,8 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
             signals = _signals_in_sandbox(sb)
         if signals is not None and probe:
             probe["signals"] = signals
+        if forge is not None and isinstance(probe.get("agent"), dict):
+            probe["agent"]["forge"] = forge
     finally:
         sb.destroy()
     exp = chk.Expectations.from_policy(policy).with_ids(*container_ids(attrs))

@@ -50,7 +50,14 @@ def test_audit_passes_on_every_shipped_profile(runtime, docker_client, profile: 
     # and checked from outside (its uid against every other live container and a second sandbox of the policy).
     for i in ("inside.agent_channel", "inside.agent_memory", "inside.agent_signals", "inside.host_facts",
               "outside.uid_unique"):
+        if policy.runtime == "runsc" and i.startswith("inside.agent"):
+            # gVisor's /proc checks only the uid and it delivers same-uid signals to PID 1 (SECURITY.md):
+            # reachable, but a forged result is refused and only the sandbox's own session can end.
+            assert rows[i].status in ("pass", "warn") and (rows[i].status == "pass" or "gVisor" in rows[i].observed)
+            continue
         assert rows[i].status == "pass", (i, rows[i].observed)
+    forged = rows["inside.agent_channel"].observed
+    assert "forged result frames" in forged and ("real exit 7" in forged or "authentication" in forged), forged
     assert rows["outside.declared_weakenings"].status == "pass", "shipped profiles declare no weakening"
     assert rows["outside.exec_seccomp"].status == ("info" if policy.runtime == "runsc" else "pass")
     if policy.runtime == "runsc":
