@@ -371,3 +371,17 @@ def test_selftest_does_not_import_doctor() -> None:
     tree = ast.parse(Path(st.__file__).read_text())
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "sandbox.doctor" not in mods
+
+
+def test_declared_weakenings_are_listed_with_their_reason() -> None:
+    from sandbox.audit.runner import policy_header, weakenings_row
+    from sandbox.policy import load_policy
+
+    loose = load_policy(str(FIX / "policy_loose.yaml"))
+    row = weakenings_row(loose)
+    assert row.status == "warn" and "seccomp.allow.ptrace" in row.observed and "a debugger profile" in row.observed
+    assert weakenings_row(load_policy("default")).status == "pass"
+    assert weakenings_row(None).status == "info"
+    r = _report()
+    r.header.update(policy_header(loose))
+    assert "seccomp.allow.ptrace" in to_markdown(r) and r.header["policy_hash"] == loose.digest()
