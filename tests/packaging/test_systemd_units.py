@@ -42,13 +42,38 @@ def test_unit_command_line_is_accepted_by_the_cli(unit: Path) -> None:
     assert p.returncode == 0, p.stderr
 
 
+# Directives that give the unit its own mount namespace (systemd's exec_needs_mount_namespace()).
+MOUNT_NAMESPACE_DIRECTIVES = ("ProtectSystem=", "ProtectHome=", "PrivateTmp=", "PrivateDevices=", "PrivateMounts=",
+                              "ProtectKernelTunables=", "ProtectKernelModules=", "ProtectKernelLogs=",
+                              "ProtectControlGroups=", "ProtectProc=", "ProcSubset=", "ReadWritePaths=",
+                              "ReadOnlyPaths=", "InaccessiblePaths=", "BindPaths=", "BindReadOnlyPaths=",
+                              "TemporaryFileSystem=", "RootDirectory=", "PrivateIPC=", "MountFlags=")
+
+
 @pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda u: u.name)
 def test_unit_carries_the_hardening_directives(unit: Path) -> None:
     text = unit.read_text()
-    for d in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-              "RestrictAddressFamilies=", "SystemCallFilter=", "CapabilityBoundingSet=", "RestrictNamespaces=yes",
-              "Environment=SANDBOX_STATE_DIR=/var/lib/sandbox"):
+    for d in ("NoNewPrivileges=yes", "RestrictAddressFamilies=", "SystemCallFilter=@system-service",
+              "CapabilityBoundingSet=", "RestrictNamespaces=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes",
+              "DevicePolicy=closed", "Environment=SANDBOX_STATE_DIR=/var/lib/sandbox"):
         assert d in text, f"{unit.name} lacks {d}"
+
+
+def test_control_plane_is_confined_to_its_state_directory_and_loopback() -> None:
+    text = (UNITS / "sandbox-control-plane.service").read_text()
+    for d in ("ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
+              "CapabilityBoundingSet=\n", "IPAddressDeny=any", "IPAddressAllow=localhost",
+              "StateDirectory=sandbox sandbox/controlplane", "MemoryDenyWriteExecute=yes"):
+        assert d in text, d
+
+
+def test_worker_has_no_mount_namespace_so_dockerd_sees_its_workspace_mounts() -> None:
+    """The worker loop-mounts session workspaces that dockerd bind-mounts into sandboxes. In a
+    unit mount namespace those mounts never reach dockerd (propagation is made slave first), and
+    a sandbox would write to the uncapped directory underneath."""
+    lines = (UNITS / "sandbox-worker.service").read_text().splitlines()
+    found = [line for line in lines for d in MOUNT_NAMESPACE_DIRECTIVES if line.startswith(d)]
+    assert not found, found
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
