@@ -38,8 +38,11 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
 @click.command("control-plane")
 @_state_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep it loopback).")
-@click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0: any free port).")
-def control_plane_cmd(state_dir: Path | None, host: str, port: int) -> None:
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on (0: any free port). Default: the port this state directory's control plane "
+                   "used before (recorded in <state-dir>/port), else 7787, else any free port; so it comes back "
+                   "where workers last found it.")
+def control_plane_cmd(state_dir: Path | None, host: str, port: int | None) -> None:
     """Run the local control plane (Environments Work API + Sessions API) until Ctrl-C."""
     from .endpoint import resolve_state_dir
     from .server import ControlPlane, ControlPlaneError
@@ -265,3 +268,165 @@ def session_events(state_dir: Path | None, session_id: str, as_json: bool) -> No
         Console(highlight=False).print(table)
 
     _guard(admin, run)
+
+
+# --------------------------------------------------------------------- the worker's session store
+# These read the session store the workers share (host side), not the control plane.
+
+
+def _store_option(f: F) -> F:
+    return click.option(
+        "--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="The workers' session store (default: <sandbox state dir>/sessions, as `sandbox worker` uses).",
+    )(f)
+
+
+def _store(store_dir: Path | None) -> Any:
+    from sandbox.worker.cli import default_session_store
+    from sandbox.worker.store import SessionStore
+
+    path = store_dir or default_session_store()
+    if not path.is_dir():
+        _fail(f"no session store at {path} (a worker creates it; or pass --store)")
+    return SessionStore(path)
+
+
+def _run_lock(store: Any, session_id: str, wait: float = 5.0) -> Any:
+    """The session's run lock, asking a parked sandbox to let go; None while a run is active."""
+    import time
+
+    lock = store.try_lock_run(session_id)
+    if lock is None:
+        store.want(session_id)
+        deadline = time.monotonic() + wait
+        while lock is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            lock = store.try_lock_run(session_id)
+    return lock
+
+
+def _ago(ts: float) -> str:
+    import time
+
+    s = max(0, int(time.time() - ts))
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+@session_group.command("list")
+@_store_option
+@click.option("--json", "as_json", is_flag=True)
+def session_list(store_dir: Path | None, as_json: bool) -> None:
+    """This host's sessions: state, workspace size, checkpoints, last activity, worker."""
+    from sandbox.worker.checkpoints import Checkpoints
+
+    store = _store(store_dir)
+    rows = []
+    for m in store.sessions():
+        cps = Checkpoints(store.session_dir(m.session_id)).list()
+        rows.append({"session_id": m.session_id, "state": "running" if store.run_active(m.session_id) else m.state,
+                     "workspace_bytes": store.workspace_bytes(m.workspace), "workspace_cap_mb": m.size_mb,
+                     "checkpoints": len(cps), "last_activity": m.last_activity, "runs": m.runs, "worker": m.worker})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("session", "state", "workspace", "checkpoints", "runs", "last activity", "worker", box=None)
+    for r in rows:
+        table.add_row(r["session_id"], r["state"], f"{r['workspace_bytes'] / 2**20:.1f}/{r['workspace_cap_mb']} MiB",
+                      str(r["checkpoints"]), str(r["runs"]), _ago(r["last_activity"]), str(r["worker"] or "-"))
+    Console(highlight=False).print(table)
+
+
+@session_group.command("checkpoints")
+@_store_option
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True)
+def session_checkpoints(store_dir: Path | None, session_id: str, as_json: bool) -> None:
+    """A session's workspace checkpoints: time, size, tool calls since the previous one, content digest."""
+    import datetime
+
+    from sandbox.worker.checkpoints import Checkpoints
+
+    store = _store(store_dir)
+    if store.meta(session_id) is None:
+        _fail(f"no session {session_id!r} in {store.root}")
+    cps = Checkpoints(store.session_dir(session_id)).list()
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in cps], indent=2))
+        return
+    for c in cps:
+        when = datetime.datetime.fromtimestamp(c.created_at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        click.echo(f"{c.id}  {when}  {c.files} files  {c.bytes_total} bytes ({c.bytes_new} new)  "
+                   f"{c.calls} calls  {c.digest}")
+    if not cps:
+        click.echo("no checkpoints (one is recorded each time a run of the session goes idle)", err=True)
+
+
+@session_group.command("restore")
+@_store_option
+@click.argument("session_id")
+@click.argument("checkpoint_id")
+def session_restore(store_dir: Path | None, session_id: str, checkpoint_id: str) -> None:
+    """Roll the session's workspace back to CHECKPOINT_ID (refused while a run of the session is active)."""
+    import time
+
+    from sandbox.audit.trail import AuditTrail
+    from sandbox.worker.checkpoints import CheckpointError, Checkpoints
+
+    store = _store(store_dir)
+    meta = store.meta(session_id)
+    if meta is None:
+        _fail(f"no session {session_id!r} in {store.root}")
+    lock = _run_lock(store, session_id)
+    if lock is None:
+        _fail(f"session {session_id} has an active run; restore it once the run has gone idle", 1)
+    try:
+        info = Checkpoints(store.session_dir(session_id)).restore(checkpoint_id, store.ensure_mounted(meta.workspace))
+        trail = AuditTrail(store.trail_path(session_id), session=session_id, reopen=True)
+        trail.lifecycle("restore", checkpoint=info.id, digest=info.digest, files=info.files,
+                        bytes_total=info.bytes_total)
+        trail.close("restored")
+        store.update(session_id, last_activity=time.time(), calls_since_checkpoint=0)
+    except CheckpointError as e:
+        _fail(str(e), 1)
+    finally:
+        lock.release()
+    click.echo(f"restored {session_id} to {info.id} ({info.digest})")
+
+
+@session_group.command("export")
+@_store_option
+@click.argument("session_id")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--checkpoint", "checkpoint_id", default=None, help="Export this checkpoint instead of the workspace.")
+def session_export(store_dir: Path | None, session_id: str, out: Path, checkpoint_id: str | None) -> None:
+    """Write the session's workspace (or one checkpoint) as a tar file (symlinks kept as links)."""
+    import tarfile
+
+    from sandbox.worker.checkpoints import CheckpointError, Checkpoints
+
+    store = _store(store_dir)
+    meta = store.meta(session_id)
+    if meta is None:
+        _fail(f"no session {session_id!r} in {store.root}")
+    lock = None
+    if checkpoint_id:
+        try:
+            Checkpoints(store.session_dir(session_id)).get(checkpoint_id)
+        except CheckpointError as e:
+            _fail(str(e), 1)
+        src = store.session_dir(session_id) / "checkpoints" / checkpoint_id / "files"
+    else:
+        lock = _run_lock(store, session_id, wait=2.0)
+        if lock is None:
+            _fail(f"session {session_id} has an active run; export a checkpoint (--checkpoint) or wait", 1)
+        src = store.ensure_mounted(meta.workspace)
+    try:
+        with tarfile.open(out, "w") as tar:
+            tar.add(src, arcname="workspace", recursive=True)  # never dereferences symlinks
+    finally:
+        if lock is not None:
+            lock.release()
+    click.echo(f"wrote {out}")

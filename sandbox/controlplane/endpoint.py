@@ -72,3 +72,24 @@ def read_admin_key(state_dir: Path) -> str:
 
 def read_environment_key(state_dir: Path) -> str:
     return keys.read_key_file(state_dir / ENV_KEY_FILE, keys.ENV_KEY_PREFIX)
+
+
+# ------------------------------------------------------------------ a stable address
+
+PORT_FILE = "port"  # the port this state directory's control plane listens on; kept across restarts
+DEFAULT_PORT = 7787  # tried first when the state directory has no port yet
+
+
+def read_port(state_dir: Path) -> int | None:
+    """The port recorded by an earlier start (None if none or unreadable)."""
+    try:
+        value = int((state_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return value if 0 < value < 65536 else None
+
+
+def write_port(state_dir: Path, port: int) -> None:
+    tmp = state_dir / f".{PORT_FILE}.tmp"
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, state_dir / PORT_FILE)

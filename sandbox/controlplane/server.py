@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -26,7 +27,17 @@ from .api import Api
 from .auth import Authenticator
 from .clock import Clock, system_clock
 from .db import Database
-from .endpoint import ADMIN_KEY_FILE, DB_FILE, LOCK_FILE, Endpoint, remove_endpoint, write_endpoint
+from .endpoint import (
+    ADMIN_KEY_FILE,
+    DB_FILE,
+    DEFAULT_PORT,
+    LOCK_FILE,
+    Endpoint,
+    read_port,
+    remove_endpoint,
+    write_endpoint,
+    write_port,
+)
 from .environments import Environments
 from .http import DEFAULT_MAX_BODY, LOOPBACK_HOST_NAMES, ControlPlaneHTTPServer
 from .sessions import Sessions
@@ -65,7 +76,7 @@ class ControlPlane:
         self,
         state_dir: Path,
         host: str = "127.0.0.1",
-        port: int = 0,
+        port: int | None = 0,
         *,
         sse_ping_interval: float = 15.0,
         max_body_bytes: int = DEFAULT_MAX_BODY,
@@ -104,7 +115,7 @@ class ControlPlane:
             work = WorkQueue(db, self._clock)
             sessions = Sessions(db, self._clock, work)
             allowed_hosts = LOOPBACK_HOST_NAMES | {self.host.lower()} if _is_loopback(self.host) else None
-            server = ControlPlaneHTTPServer((self.host, self.port), None, self._max_body, allowed_hosts)
+            server = self._bind(allowed_hosts)
             bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
             url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
             self._base_url = f"http://{url_host}:{bound_port}"
@@ -128,6 +139,7 @@ class ControlPlane:
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="controlplane-http", daemon=True
         )
         self._thread.start()
+        write_port(self.state_dir, bound_port)
         write_endpoint(self.state_dir, Endpoint(self._base_url, self._environment_id))
         if not _is_loopback(self.host):
             log.warning("control plane listening on non-loopback address %s; anyone who can reach it can try keys", self.host)
@@ -138,6 +150,29 @@ class ControlPlane:
             keys.fingerprint(self._environment_key),
             keys.fingerprint(self._admin_key),
         )
+
+    def _bind(self, allowed_hosts: frozenset[str] | None) -> ControlPlaneHTTPServer:
+        """`port=None`: come back where this state directory's control plane was (its `port` file), so
+        workers and CLIs find it again after a restart; else the default port; else any free port."""
+        if self.port is not None:
+            return ControlPlaneHTTPServer((self.host, self.port), None, self._max_body, allowed_hosts)
+        recorded = read_port(self.state_dir)
+        candidates = [p for p in (recorded, DEFAULT_PORT) if p] + [0]
+        last: OSError | None = None
+        for i, port in enumerate(candidates):
+            # The recorded port may still be in TIME_WAIT or held by a dying predecessor: retry it briefly.
+            tries = 20 if port == recorded else 1
+            for _ in range(tries):
+                try:
+                    return ControlPlaneHTTPServer((self.host, port), None, self._max_body, allowed_hosts)
+                except OSError as e:
+                    last = e
+                    if tries > 1:
+                        time.sleep(0.25)
+            if port == recorded:
+                log.warning("control plane port %s (recorded in %s) is taken; listening elsewhere, workers "
+                            "re-read endpoint.json", port, self.state_dir)
+        raise last or OSError("no port to bind")
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
