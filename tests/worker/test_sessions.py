@@ -128,3 +128,88 @@ def test_two_workers_kill_9_mid_call_the_call_is_answered_interrupted_and_never_
     owners = {c.get("org.sandbox.owner", "") for c in _containers(docker_client, sid)}
     assert not any(o.startswith(f"worker:{procs[victim].pid}:") for o in owners), owners
     admin.terminate(sid)
+
+
+def _cli(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from sandbox.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_checkpoint_and_restore_round_trip_byte_for_byte_refused_during_a_run(
+        cp: ControlPlane, admin: LocalAdmin, start_worker: Callable[..., Worker], worker_logs: LogCapture,
+        tmp_path: Path) -> None:
+    import json
+
+    start_worker(max_idle=1.0)
+    store_dir = str(tmp_path / "sessions")
+    sid = admin.create_session(cp.environment_id)
+    make = ("head -c 300000 /dev/urandom > data.bin && mkdir -p sub && echo v1 > sub/v.txt && ln -sf sub/v.txt link"
+            " && sha256sum data.bin sub/v.txt | awk '{print $1}' | sha256sum")
+    is_error, before, _ = call(admin, sid, "bash", {"command": make}, timeout=60)
+    assert not is_error, before
+    admin.send_idle(sid)
+    wait_for(lambda: worker_logs.events("checkpoint"), timeout=30, what="the first checkpoint")
+    first = worker_logs.events("checkpoint")[0]
+    assert first["calls"] == 1 and first["bytes_new"] >= 300000
+    # The next turn changes things; a run is active while its call sleeps: restore is refused.
+    slow = admin.send_tool_use(sid, "bash", {"command": "echo v2 > sub/v.txt; rm data.bin; sleep 6; echo slept"})
+    wait_for(lambda: any(r.get("tool_use_id") == slow for r in worker_logs.events("tool_exec")), what="the call")
+    refused = _cli("session", "restore", "--store", store_dir, sid, first["checkpoint"])
+    assert refused.exit_code == 1 and "active run" in refused.output, refused.output
+    wait_result(admin, sid, slow, timeout=30)
+    admin.send_idle(sid)
+    wait_for(lambda: len(worker_logs.events("checkpoint")) == 2, timeout=30, what="the second checkpoint")
+    wait_for(lambda: worker_logs.events("work_done") and len(worker_logs.events("work_done")) == 2, timeout=30,
+             what="the second run to end")
+    listed = _cli("session", "checkpoints", "--store", store_dir, "--json", sid)
+    assert listed.exit_code == 0, listed.output
+    cps = json.loads(listed.output)
+    assert [c["id"] for c in cps] == [r["checkpoint"] for r in worker_logs.events("checkpoint")]
+    assert cps[0]["digest"] != cps[1]["digest"] and cps[1]["calls"] == 1
+    ok = _cli("session", "restore", "--store", store_dir, sid, cps[0]["id"])
+    assert ok.exit_code == 0, ok.output
+    # The next run sees the first checkpoint's bytes exactly.
+    is_error, after, _ = call(admin, sid, "bash", {"command": "sha256sum data.bin sub/v.txt | awk '{print $1}' | "
+                                                               "sha256sum; readlink link; cat sub/v.txt"}, timeout=60)
+    assert not is_error and after.splitlines() == [before, "sub/v.txt", "v1"], after
+    # The trail ties states to calls: both checkpoints and the restore, with their digests, in one chain.
+    store = SessionStore(tmp_path / "sessions")
+    admin.terminate(sid)
+    wait_for(lambda: worker_logs.events("session_removed"), timeout=30, what="the session to be removed")
+    records = [json.loads(x) for x in store.trail_path(sid).read_text().splitlines()]
+    events = [(r.get("event"), r.get("digest")) for r in records if r.get("event") in ("checkpoint", "restore")]
+    assert events == [("checkpoint", cps[0]["digest"]), ("checkpoint", cps[1]["digest"]),
+                      ("restore", cps[0]["digest"])]
+    assert verify(store.trail_path(sid)).ok
+    # Export of a removed session says so.
+    gone = _cli("session", "export", "--store", store_dir, sid, str(tmp_path / "x.tar"))
+    assert gone.exit_code != 0 and "no session" in gone.output
+
+
+def test_session_list_and_export(cp: ControlPlane, admin: LocalAdmin, start_worker: Callable[..., Worker],
+                                 worker_logs: LogCapture, tmp_path: Path) -> None:
+    import json
+    import tarfile
+
+    start_worker(max_idle=1.0)
+    store_dir = str(tmp_path / "sessions")
+    sid = admin.create_session(cp.environment_id)
+    assert not call(admin, sid, "bash", {"command": "mkdir d && echo hi > d/f && ln -s /etc/passwd d/l"},
+                    timeout=60)[0]
+    listed = json.loads(_cli("session", "list", "--store", store_dir, "--json").output)
+    assert [(r["session_id"], r["state"]) for r in listed] == [(sid, "running")]
+    admin.send_idle(sid)
+    wait_for(lambda: worker_logs.events("work_done"), timeout=30, what="the run to end")
+    listed = json.loads(_cli("session", "list", "--store", store_dir, "--json").output)
+    assert listed[0]["state"] == "idle" and listed[0]["checkpoints"] == 1 and listed[0]["workspace_bytes"] > 0
+    out = tmp_path / "ws.tar"
+    res = _cli("session", "export", "--store", store_dir, sid, str(out))
+    assert res.exit_code == 0, res.output
+    with tarfile.open(out) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert tar.extractfile(members["workspace/d/f"]).read() == b"hi\n"  # type: ignore[union-attr]
+        assert members["workspace/d/l"].issym() and members["workspace/d/l"].linkname == "/etc/passwd"
+    admin.terminate(sid)
