@@ -169,6 +169,31 @@ def test_shipped_profiles_are_found_outside_the_tree(installed: Installed) -> No
         assert installed.venv in Path(listed[name]).parents, listed[name]
 
 
+def test_installed_cli_finds_user_profiles_in_the_documented_places(installed: Installed, tmp_path: Path) -> None:
+    places = {
+        "from-env": tmp_path / "env",
+        "from-cwd": installed.cwd / "profiles",
+        "from-xdg": Path(installed.env["XDG_CONFIG_HOME"]) / "sandbox" / "profiles",
+    }
+    for name, d in places.items():
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.yaml").write_text("extends: default\n")
+    try:
+        p = _run([str(installed.venv / "bin" / "sandbox"), "policy", "list"], timeout=120, cwd=installed.cwd,
+                 env={**installed.env, "SANDBOX_PROFILES": str(places["from-env"])})
+        assert p.returncode == 0, p.stderr
+        listed = dict(line.split("\t", 1) for line in p.stdout.splitlines() if "\t" in line)
+        for name, d in places.items():
+            assert Path(listed[name]).resolve() == (d / f"{name}.yaml").resolve(), (name, p.stdout)
+        # and one of them loads for real (extends: default resolves to the shipped default)
+        q = _run([str(installed.venv / "bin" / "sandbox"), "exec", "-p", "from-xdg", "--", "true"], timeout=300,
+                 cwd=installed.cwd, env=installed.env)
+        assert q.returncode == 0, q.stderr[-3000:]
+    finally:
+        for name, d in places.items():
+            (d / f"{name}.yaml").unlink(missing_ok=True)
+
+
 def test_exec_true_runs_a_sandbox_from_the_installed_wheel(installed: Installed) -> None:
     p = installed.sandbox("exec", "--", "true")
     assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-3000:]}"
