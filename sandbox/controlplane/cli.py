@@ -153,19 +153,50 @@ def session_new(state_dir: Path | None, environment_id: str | None, title: str |
 @_state_dir_option
 @click.argument("session_id")
 @click.argument("file", type=click.File("r"))
-@click.option("--idle", is_flag=True, help="End the turn (session.status_idle, end_turn) after the calls.")
-def session_send(state_dir: Path | None, session_id: str, file: Any, idle: bool) -> None:
+@click.option("--idle", is_flag=True,
+              help="End the turn (session.status_idle, end_turn) once the calls have their results, as the model "
+                   "would: an idle posted before them is followed by the results, which cancel the worker's idle "
+                   "countdown (--max-idle), so the run would never end.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="With --idle: at most this many seconds to wait for the results (then post idle anyway).")
+def session_send(state_dir: Path | None, session_id: str, file: Any, idle: bool, wait_s: float) -> None:
     """Inject agent.tool_use calls from FILE (JSON or JSON lines; '-' for stdin); print their event ids."""
     calls = parse_tool_calls(file.read())
     admin, _ = _admin(state_dir)
 
     def run() -> None:
+        ids = []
         for call in calls:
-            click.echo(admin.send_tool_use(session_id, call["name"], call["input"], call["evaluated_permission"]))
+            ids.append(admin.send_tool_use(session_id, call["name"], call["input"], call["evaluated_permission"]))
+            click.echo(ids[-1])
         if idle:
+            # Calls the worker will not answer (denied, awaiting confirmation, not a sandbox tool) are not waited for.
+            waited = [i for i, c in zip(ids, calls)
+                      if c["name"] in SANDBOX_TOOL_NAMES and c["evaluated_permission"] in (None, "allow")]
+            if not _wait_for_results(admin, session_id, waited, wait_s):
+                click.echo(f"sandbox: not all results arrived within {wait_s:.0f}s; ending the turn anyway", err=True)
             admin.send_idle(session_id)
 
     _guard(admin, run)
+
+
+SANDBOX_TOOL_NAMES = frozenset({"bash", "read", "write", "edit", "glob", "grep"})
+
+
+def _wait_for_results(admin: Any, session_id: str, ids: list[str], timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    want = set(ids)
+    while want:
+        got = {ev.get("tool_use_id") for ev in admin.events(session_id, types=["user.tool_result"])}
+        want -= got
+        if not want:
+            break
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 @session_group.command("idle")
@@ -221,7 +252,8 @@ WATCHED_TYPES = frozenset(
 @_state_dir_option
 @click.argument("session_id")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, every event type.")
-def session_watch(state_dir: Path | None, session_id: str, as_json: bool) -> None:
+@click.option("--history", is_flag=True, help="Print the session's log so far first, then new events.")
+def session_watch(state_dir: Path | None, session_id: str, as_json: bool, history: bool) -> None:
     """Print tool calls and results as they arrive, until the session terminates (or Ctrl-C)."""
     from rich.console import Console
     from rich.markup import escape
@@ -231,7 +263,7 @@ def session_watch(state_dir: Path | None, session_id: str, as_json: bool) -> Non
     styles = {"agent": "cyan", "user": "green", "session": "magenta"}
 
     def run() -> None:
-        for ev in admin.watch(session_id):
+        for ev in admin.watch(session_id, history=history):
             if as_json:
                 click.echo(json.dumps(ev))
                 continue

@@ -155,14 +155,23 @@ class LocalAdmin:
             if not page:
                 return out
 
-    def watch(self, session_id: str, *, read_timeout: float = 60.0) -> Iterator[dict[str, Any]]:
-        """Yield events appended after the call, until the session terminates (pings skipped)."""
+    def watch(self, session_id: str, *, read_timeout: float = 60.0, history: bool = False) -> Iterator[dict[str, Any]]:
+        """Yield events appended after the call (with `history`: the whole log first), until the session
+        terminates (pings skipped). The stream is opened before the log is read, so no event falls
+        between the two; events in both are yielded once."""
         timeout = httpx.Timeout(self._timeout, read=read_timeout)
         url = f"{self.base_url}/v1/sessions/{session_id}/events/stream"
+        seen: set[str] = set()
         with self._http.stream("GET", url, headers=self._headers, timeout=timeout) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 self._raise_for(resp)
+            if history:
+                for ev in self.events(session_id):
+                    seen.add(str(ev.get("id")))
+                    yield ev
+                    if ev.get("type") in ("session.status_terminated", "session.deleted"):
+                        return
             event_name: str | None = None
             data: list[str] = []
             for line in resp.iter_lines():
@@ -183,6 +192,8 @@ class LocalAdmin:
                 ev = json.loads(payload)
                 if name == "error":
                     raise LocalAdminError(500, "stream_error", payload[:200])
+                if seen and str(ev.get("id")) in seen:
+                    continue
                 yield ev
                 if ev.get("type") in ("session.status_terminated", "session.deleted"):
                     return

@@ -28,6 +28,9 @@ class WorkerMetrics:
         self.work_claimed = Counter(p + "work_claimed", "Work items claimed", registry=r)
         self.work_failed = Counter(p + "work_failed", "Work items that ended in an error", ["reason"], registry=r)
         self.sessions_in_flight = Gauge(p + "sessions_in_flight", "Sessions being served", registry=r)
+        self.at_session_limit = Gauge(p + "at_session_limit",
+                                      "1 while the worker serves --max-sessions sessions and claims no new work",
+                                      registry=r)
         self.sandboxes_live = Gauge(p + "sandboxes_live", "Sandboxes alive (assigned, parked and warm)", registry=r)
         self.pool_ready = Gauge(p + "pool_ready", "Warm sandboxes ready for a new session", registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Work items queued, from the work stats endpoint", registry=r)

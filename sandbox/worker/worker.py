@@ -786,6 +786,7 @@ class Worker:
     def _update_gauges(self) -> None:
         m = self.metrics
         m.sessions_in_flight.set(len(self._serving))
+        m.at_session_limit.set(1 if len(self._serving) >= self.config.max_sessions else 0)
         ready = self.pool.ready if self.pool else 0
         m.pool_ready.set(ready)
         m.sandboxes_live.set(ready + (self.sandboxes.live_count() if self.sandboxes else 0))
