@@ -164,6 +164,9 @@ _DEFS: tuple[CheckDef, ...] = (
     CheckDef("engine.seccomp", "Engine seccomp support", "engine", "info", "seccomp available", None),
     CheckDef("engine.lsm", "Engine LSM (AppArmor/SELinux)", "engine", "info", "reported", None),
     CheckDef("engine.versions", "Engine, runc and kernel versions", "engine", "info", "reported", None),
+    CheckDef("engine.runc_fixes", "runc carries the fixes for known escapes", "engine", "info",
+             "CVE-2024-21626, CVE-2025-31133, -52565, -52881 fixed (runc >= 1.2.8 / 1.3.3 / 1.4.0-rc.3, "
+             "or the distribution's backport)", None),
 )
 
 CATALOG: dict[str, CheckDef] = {d.id: d for d in _DEFS}

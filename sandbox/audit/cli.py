@@ -157,7 +157,7 @@ def _audit_profile(profile: str, fork_test: bool) -> AuditReport:
 
         rt = Runtime(owner_kind="audit")
     except Exception as e:  # noqa: BLE001 - engine not reachable
-        from sandbox.doctor import engine_error_words
+        from sandbox.audit.hostfacts import engine_error_words
 
         raise AuditError(f"cannot reach the Docker engine: {engine_error_words(e)}; run `sandbox doctor`") from None
     return audit_policy(policy, rt, fork_test=fork_test)
@@ -172,7 +172,7 @@ def _audit_container(container: str, probe: bool, fork_test: bool) -> AuditRepor
         client = docker.from_env(timeout=120)
         client.ping()
     except Exception as e:  # noqa: BLE001
-        from sandbox.doctor import engine_error_words
+        from sandbox.audit.hostfacts import engine_error_words
 
         raise AuditError(f"cannot reach the Docker engine: {engine_error_words(e)}; run `sandbox doctor`") from None
     return audit_container(client, container, probe=probe, fork_test=fork_test)

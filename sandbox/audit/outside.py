@@ -384,6 +384,12 @@ def evaluate_engine(info: dict[str, Any], bridge_options: dict[str, Any] | None 
                        "available" if "seccomp" in joined else "not available"))
     lsm = [s for s in ("apparmor", "selinux") if s in joined]
     rows.append(result("engine.lsm", "info", ", ".join(lsm) or "neither AppArmor nor SELinux"))
+    # The engine's runc against the releases that fixed the escapes SECURITY.md names (as `sandbox doctor`).
+    from sandbox.audit.hostfacts import runc_facts, runc_verdict
+
+    status, detail, fix = runc_verdict(runc_facts(info))
+    rows.append(result("engine.runc_fixes", "info" if status == "ok" else "warn",
+                       detail + (f"; fix: {fix}" if fix else "")))
     runc = (info.get("RuncCommit") or {}).get("ID")
     rows.append(result("engine.versions", "info",
                        f"engine {info.get('ServerVersion')}, runc {runc}, containerd "

@@ -17,6 +17,7 @@ from typing import Any
 
 from sandbox.audit import checks as chk
 from sandbox.audit.catalog import INSIDE_IDS, skipped
+from sandbox.audit.hostfacts import package_version, runtime_version
 from sandbox.audit.model import AuditReport, CheckResult
 from sandbox.audit.outside import evaluate_engine, evaluate_outside
 from sandbox.audit.shell_probe import SH_PROBE, SH_UNAVAILABLE
@@ -82,36 +83,6 @@ def _image_digests(client: Any, image_id: str) -> list[str]:
         return list(client.api.inspect_image(image_id).get("RepoDigests") or [])
     except Exception:  # noqa: BLE001
         return []
-
-
-def package_version() -> str:
-    try:
-        from sandbox import __version__
-
-        return str(__version__)
-    except ImportError:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("sandbox")
-        except PackageNotFoundError:
-            return "unknown (not installed)"
-
-
-def runtime_version(info: dict[str, Any], runtime: str | None) -> str:
-    """runc's version as the engine reports it; runsc's from its own binary (the engine does not say)."""
-    if runtime in (None, "runc", "io.containerd.runc.v2"):
-        rid = (info.get("RuncCommit") or {}).get("ID")
-        return f"runc {rid}" if rid else "runc (version not reported by the engine)"
-    path = ((info.get("Runtimes") or {}).get(runtime) or {}).get("path") or runtime
-    import subprocess
-
-    try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"{runtime} (version unknown: {type(e).__name__})"
-    first = out.strip().splitlines()[:1]
-    return first[0][:120] if first else f"{runtime} (version unknown)"
 
 
 def container_ids(attrs: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -298,7 +269,8 @@ def _forge_in_sandbox(sb: Any) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - the host refusing the channel may surface as an error
         return {"host": "refused", "detail": f"{type(e).__name__}: {str(e)[:160]}"}
     data = parse_probe_output(res.stdout) or {}
-    forge = data.get("forge") if isinstance(data.get("forge"), dict) else {}
+    raw = data.get("forge")
+    forge: dict[str, Any] = raw if isinstance(raw, dict) else {}
     forged = FORGED_MARK.encode() in (res.stdout or b"") or (res.exit_code == 0 and not res.error)
     if forged:
         return {**forge, "host": "ACCEPTED", "detail": f"the host reported exit {res.exit_code}"
