@@ -283,12 +283,17 @@ def test_two_sessions_cannot_see_each_other(make_sandbox) -> None:
     assert out == "0\n", out  # empty workspace, no file holding alpha's data, no alpha process
 
 
-def test_init_reaps_zombies(make_sandbox) -> None:
+def test_agent_as_pid1_reaps_orphaned_zombies(make_sandbox) -> None:
+    """Orphans of the workload are re-parented to PID 1 (the agent); left unreaped they would fill the pids limit."""
     sb = make_sandbox()
-    res = sb.exec(["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; (sleep 0.1 &) ; sleep 0.5; "
-                              "ps -eo stat,args | grep -c '^Z' || true"])
-    assert res.stdout.decode().startswith("/sbin/docker-init") or b"init" in res.stdout.split(b"\n")[0]
-    assert res.stdout.strip().endswith(b"0"), res.stdout
+    res = sb.exec(["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; "
+                              "for i in $(seq 1 30); do (sleep 0.05 &); done; sleep 1.5; "
+                              "ps -eo stat,ppid | grep -c '^Z' || true"])
+    first, count = res.stdout.decode().strip().split("\n")[0], res.stdout.decode().strip().split("\n")[-1]
+    assert first.startswith("/usr/bin/python3 -I -S /opt/sandbox-agent/agent.py"), res.stdout
+    assert count == "0", res.stdout
+    # and its own children's exit codes still reach their callers
+    assert sb.exec(["sh", "-c", "exit 7"]).exit_code == 7
 
 
 def test_sandbox_is_destroyed_at_the_session_time_limit(make_sandbox) -> None:
