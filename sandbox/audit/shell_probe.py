@@ -81,10 +81,16 @@ if command -v find >/dev/null 2>&1; then
 fi
 while IFS=: read -r k v; do case "$k" in Name|Uid) set -- $v; p agent "pid1$k" "$1";; esac; done < /proc/1/status
 set -- $(ls -ln /proc/1/environ 2>/dev/null); p agent owner "$3"
-if ( exec 3</proc/1/fd/0 ) 2>/dev/null; then p agent /proc/1/fd/0 opened; else p agent /proc/1/fd/0 refused; fi
-if ( exec 3>>/proc/1/fd/1 ) 2>/dev/null; then p agent /proc/1/fd/1 opened; else p agent /proc/1/fd/1 refused; fi
-if ( exec 3</proc/1/mem ) 2>/dev/null; then p agent mem opened; else p agent mem refused; fi
-if ( exec 3</proc/1/environ ) 2>/dev/null; then p agent environ opened; else p agent environ refused; fi
+# Open only (never read or write). A pipe open can block (no peer): 2 s at most, and blocking
+# means the permission check passed, so a timeout (124) counts as opened.
+try_open() {
+  if command -v timeout >/dev/null 2>&1; then timeout 2 sh -c "$1" 2>/dev/null; else sh -c "$1" 2>/dev/null; fi
+  r=$?; [ "$r" -eq 0 ] || [ "$r" -eq 124 ]
+}
+if try_open 'exec 3</proc/1/fd/0'; then p agent /proc/1/fd/0 opened; else p agent /proc/1/fd/0 refused; fi
+if try_open 'exec 3>>/proc/1/fd/1'; then p agent /proc/1/fd/1 opened; else p agent /proc/1/fd/1 refused; fi
+if try_open 'exec 3</proc/1/mem'; then p agent mem opened; else p agent mem refused; fi
+if try_open 'exec 3</proc/1/environ'; then p agent environ opened; else p agent environ refused; fi
 for f in /sys/kernel/vmcoreinfo /proc/config.gz; do
   if [ ! -e "$f" ]; then p fact "$f" absent; elif [ -c "$f" ]; then p fact "$f" masked
   elif [ "$(head -c 1 "$f" 2>/dev/null | wc -c)" -gt 0 ]; then p fact "$f" readable; else p fact "$f" empty; fi

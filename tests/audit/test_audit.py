@@ -102,7 +102,8 @@ def test_weak_container_sh_subset_says_what_could_not_run(docker_client, weak: s
     for i in SH_UNAVAILABLE:
         assert rows[i].status == "skip" and "python3" in rows[i].observed, rows[i]
     for i in ("inside.user", "inside.caps", "inside.no_new_privs", "inside.seccomp_mode", "inside.rootfs_read_only",
-              "inside.core_pattern", "inside.engine_socket", "inside.no_route", "inside.env_secrets", "inside.setid_files"):
+              "inside.core_pattern", "inside.engine_socket", "inside.no_route", "inside.env_secrets", "inside.setid_files",
+              "inside.agent_channel", "inside.agent_memory", "inside.host_facts"):
         assert rows[i].status == "fail", rows[i]
     assert report.notes and "could not run" in report.notes[0]
 
