@@ -200,6 +200,7 @@ class SessionSandboxes:
         self._lock = threading.Lock()
 
     def acquire(self, session_id: str) -> Assignment:
+        started = time.perf_counter()
         with self._lock:
             existing = self._by_session.get(session_id)
             if existing is not None and existing.sandbox.alive:
@@ -207,7 +208,8 @@ class SessionSandboxes:
                 if existing.source != "parked":
                     existing.source = "parked"
                 log_event(log, logging.INFO, "sandbox_reused", "reusing the session's parked sandbox",
-                          session_id=session_id, container=existing.sandbox.id[:12])
+                          session_id=session_id, container=existing.sandbox.id[:12],
+                          ms=round((time.perf_counter() - started) * 1000, 1))
                 return existing
             if existing is not None:
                 self._by_session.pop(session_id, None)
@@ -232,7 +234,7 @@ class SessionSandboxes:
         # The pool label can't be changed to the session; this line is the record of the mapping.
         log_event(log, logging.INFO, "sandbox_assigned", f"sandbox {sb.id[:12]} ({source}) serves the session",
                   session_id=session_id, container=sb.id[:12], sandbox_label=sb.session_id, source=source,
-                  workspace=meta.workspace)
+                  workspace=meta.workspace, ms=round((time.perf_counter() - started) * 1000, 1))
         self._on_change()
         return a
 
