@@ -6,14 +6,18 @@ verdict and why, and how much moved. Never request bodies, headers, userinfo or
 query strings - those are where credentials live, and this file is readable by
 operators who must not learn a sandbox's secrets from it.
 
-The file is size-capped with one rotated generation, so a sandbox that hammers
-the proxy with refused requests cannot fill the host's disk.
+Each file is size-capped with one rotated generation, so a sandbox that hammers
+the proxy with refused requests cannot fill the host's disk. The daemon keeps one
+file pair per session (:class:`SessionAuditLogs`, ``audit/<session>.jsonl``): a session
+that floods the proxy rotates away only its own records, never another session's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -23,6 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+SESSION_MAX_BYTES = 4 * 1024 * 1024  # per session file (plus one rotated generation)
+SESSIONS_DIR = "audit"  # next to audit.jsonl
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Verdict = Literal["allow", "deny", "error"]
 
@@ -102,6 +109,42 @@ class AuditLog:
             pass
 
 
+def session_file(path: Path, session: str) -> Path:
+    """Where :class:`SessionAuditLogs` next to ``path`` (an ``audit.jsonl``) keeps ``session``'s records."""
+    name = session if _SAFE_NAME.match(session) and session not in (".", "..") else "h-" + hashlib.sha256(session.encode()).hexdigest()[:32]
+    return Path(path).parent / SESSIONS_DIR / f"{name}.jsonl"
+
+
+class SessionAuditLogs:
+    """One capped :class:`AuditLog` per session under ``<dir of path>/audit/``: per-session
+    quotas, so no session's flood can evict another's records. Same ``write`` as AuditLog."""
+
+    def __init__(self, path: Path, max_bytes: int = SESSION_MAX_BYTES) -> None:
+        self.path = Path(path)
+        self.dir = self.path.parent / SESSIONS_DIR
+        self.dir.mkdir(mode=0o750, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._logs: dict[str, AuditLog] = {}
+
+    def write(self, record: AuditRecord) -> None:
+        log = self._logs.get(record.session)
+        if log is None:
+            try:
+                log = self._logs[record.session] = AuditLog(session_file(self.path, record.session), self.max_bytes)
+            except OSError:
+                return  # auditing must not take the proxy down
+        log.write(record)
+
+    def close_session(self, session: str) -> None:
+        log = self._logs.pop(session, None)
+        if log is not None:
+            log.close()
+
+    def close(self) -> None:
+        for s in list(self._logs):
+            self.close_session(s)
+
+
 def _lines(path: Path) -> Iterator[str]:
     for p in (path.with_name(path.name + ".1"), path):
         try:
@@ -112,19 +155,33 @@ def _lines(path: Path) -> Iterator[str]:
 
 
 def read_records(path: Path, session: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """The most recent ``limit`` records (oldest first), optionally for one session."""
-    out: deque[dict[str, Any]] = deque(maxlen=max(1, limit))
-    for line in _lines(Path(path)):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn last line after a crash
-        if not isinstance(rec, dict):
-            continue
-        if session is not None and rec.get("session") != session:
-            continue
-        out.append(rec)
-    return list(out)
+    """The most recent ``limit`` records (oldest first), optionally for one session: from
+    ``path`` itself and from the per-session files next to it (:class:`SessionAuditLogs`)."""
+    path = Path(path)
+    sources = [path]
+    if session is not None:
+        sources.append(session_file(path, session))
+    else:
+        with_dir = path.parent / SESSIONS_DIR
+        if with_dir.is_dir():
+            sources += sorted(p for p in with_dir.glob("*.jsonl"))
+    merged: list[dict[str, Any]] = []
+    for src in sources:
+        out: deque[dict[str, Any]] = deque(maxlen=max(1, limit))
+        for line in _lines(src):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash
+            if not isinstance(rec, dict):
+                continue
+            if session is not None and rec.get("session") != session:
+                continue
+            out.append(rec)
+        merged += out
+    if len(sources) > 1:
+        merged.sort(key=lambda r: str(r.get("ts", "")))  # ISO 8601 UTC: text order is time order
+    return merged[-max(1, limit):]
 
 
 def now_ms(start: float) -> float:

@@ -9,7 +9,7 @@ Layout of DIR (created here; ``manager.py`` is the only intended client):
                    decides to exit, so "is it running?" and "I am leaving" cannot interleave
     control.sock   JSON-lines control socket (mode 0600, root's when started as root)
     sessions/<id>/proxy.sock   one listener per sandbox session (dir bind-mounted into it)
-    audit.jsonl[.1]            decisions, see audit.py
+    audit/<session>.jsonl[.1]  decisions, one capped file pair per session (audit.py)
     daemon.log     the daemon's stderr (opened by the manager)
 
 Started as root it sets everything up, then becomes an unprivileged uid/gid
@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.egress.audit import AuditLog
+from sandbox.egress.audit import SESSIONS_DIR as AUDIT_DIR
+from sandbox.egress.audit import SessionAuditLogs
 from sandbox.egress.proxy import EgressProxy
 from sandbox.egress.rules import EgressPolicy
 from sandbox.egress.unixsock import bind_unix
@@ -76,6 +77,12 @@ def _preload_lazy_modules() -> None:
     import encodings.punycode  # noqa: F401
     import encodings.utf_8  # noqa: F401
 
+    import importlib
+
+    from sandbox.egress.resolve import PRELOAD
+
+    for mod in PRELOAD:
+        importlib.import_module(mod)
     "warm.example".encode("idna")
     with contextlib.suppress(OSError):
         socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
@@ -109,7 +116,7 @@ class Daemon:
         self.manager_lock_fd = manager_lock_fd
         self.daemon_lock_fd = daemon_lock_fd
         self.control = control
-        self.audit = AuditLog(Path(AUDIT))
+        self.audit = SessionAuditLogs(Path(AUDIT))
         self.proxy = EgressProxy(audit=self.audit)
         self.idle_since = time.monotonic()
         self.stopping = asyncio.Event()
@@ -243,10 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(SESSIONS, 0o711)
     for name in (AUDIT, AUDIT + ".1"):
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640))
+    Path(AUDIT_DIR).mkdir(mode=0o750, exist_ok=True)
     if root:
         # Only what the dropped daemon must write becomes its own; locks and the control
         # socket stay root's, so the unprivileged uid cannot be driven by other processes.
-        for p in [SESSIONS, AUDIT, AUDIT + ".1", *(str(d) for d in Path(SESSIONS).iterdir())]:
+        audit_files = [str(f) for f in Path(AUDIT_DIR).iterdir()]
+        for p in [SESSIONS, AUDIT, AUDIT + ".1", AUDIT_DIR, *audit_files, *(str(d) for d in Path(SESSIONS).iterdir())]:
             os.lchown(p, uid, gid)
     control = bind_unix(Path(CONTROL), 0o600)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

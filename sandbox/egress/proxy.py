@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.egress import acl, http1
-from sandbox.egress.audit import AuditLog, AuditRecord, now_ms
+from sandbox.egress.audit import AuditLog, AuditRecord, SessionAuditLogs, now_ms
+from sandbox.egress.resolve import HOSTS_FILE, DnsResolver, hosts_file_addrs
 from sandbox.egress.rules import EgressPolicy
 from sandbox.egress.unixsock import bind_unix
+
+__all__ = ["HOSTS_FILE", "DnsResolver", "EgressProxy", "StaticResolver", "hosts_file_addrs", "system_resolver"]
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
@@ -56,38 +59,14 @@ _USE_SPLICE = hasattr(os, "splice")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-HOSTS_FILE = "/etc/hosts"
+# The default resolver: hosts file, then DNS for the absolute name, cancellable (resolve.py).
+system_resolver = DnsResolver()
 
-
-def hosts_file_addrs(host: str, path: str = HOSTS_FILE) -> list[str]:
-    """Addresses /etc/hosts gives for exactly this name (case-insensitive), in file order."""
-    out: list[str] = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split("#", 1)[0].split()
-                if len(fields) >= 2 and host.lower() in (n.lower().rstrip(".") for n in fields[1:]):
-                    out.append(fields[0])
-    except OSError:
-        return []
-    return list(dict.fromkeys(out))
-
-
-async def system_resolver(host: str, port: int) -> list[str]:
-    """The hosts file for exactly this name, else DNS for the ABSOLUTE name only.
-
-    Never the name as given: resolv.conf search domains (ndots:5 under Kubernetes)
-    would turn 'pypi.org' into some cluster-internal host whenever the real name
-    failed. The files backend does not match 'host.' against /etc/hosts, so that
-    file is read here directly. Either way every address is then checked by the ACL."""
-    addrs = hosts_file_addrs(host)
-    if addrs:
-        return addrs
-    if "." not in host:
-        raise socket.gaierror(socket.EAI_NONAME, "single-label names resolve only through the hosts file")
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host + ".", port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+# Fairness of name resolution: one session may have this many lookups in flight, all sessions
+# together the global number; a session waiting for its own slots never holds a global one.
+DNS_PER_SESSION = 4
+DNS_GLOBAL = 64
+DNS_DEADLINE_S = 5.0
 
 
 class StaticResolver:
@@ -127,6 +106,7 @@ class _Session:
     conns: set[_Conn] = field(default_factory=set)
     bytes_used: int = 0
     closed: bool = False
+    dns_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(DNS_PER_SESSION))
 
     @property
     def budget_left(self) -> int | None:
@@ -244,9 +224,12 @@ class _Buffered:
 class EgressProxy:
     """The proxy. All methods must be called from the event loop it runs on."""
 
-    def __init__(self, resolver: Resolver | None = None, audit: AuditLog | None = None) -> None:
+    def __init__(self, resolver: Resolver | None = None, audit: AuditLog | SessionAuditLogs | None = None, *,
+                 dns_per_session: int = DNS_PER_SESSION, dns_global: int = DNS_GLOBAL) -> None:
         self.resolver: Resolver = resolver or system_resolver
         self.audit = audit
+        self.dns_per_session = dns_per_session
+        self._dns_slots = asyncio.Semaphore(dns_global)
         self._sessions: dict[str, _Session] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.on_record: Callable[[AuditRecord], None] | None = None  # e.g. the CLI's live view
@@ -268,7 +251,7 @@ class EgressProxy:
         os.chmod(socket_dir, 0o711)  # its parent is ours alone, so no swap can race this
         path = socket_dir / SOCKET_NAME
         sock = bind_unix(path, 0o666)
-        sess = existing or _Session(session_id, policy)
+        sess = existing or self._new_session(session_id, policy)
         sess.policy, sess.socket_path = policy, path
         self._listen(sess, sock)
         return path
@@ -284,11 +267,14 @@ class EgressProxy:
         sock.bind((host, port))
         sock.listen(256)
         sock.setblocking(False)
-        sess = self._sessions.get(session_id) or _Session(session_id, policy)
+        sess = self._sessions.get(session_id) or self._new_session(session_id, policy)
         sess.policy = policy
         self._listen(sess, sock)
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
+
+    def _new_session(self, session_id: str, policy: EgressPolicy) -> _Session:
+        return _Session(session_id, policy, dns_slots=asyncio.Semaphore(self.dns_per_session))
 
     def _listen(self, sess: _Session, sock: socket.socket) -> None:
         self._sessions[sess.id] = sess
@@ -313,6 +299,8 @@ class EgressProxy:
             c.kill("session-removed", "the session ended")
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        if isinstance(self.audit, SessionAuditLogs):
+            self.audit.close_session(session_id)
         if sess.socket_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(sess.socket_path)
@@ -456,7 +444,7 @@ class EgressProxy:
 
         if sess.budget_left == 0:
             raise _Refuse(403, "budget-exhausted", "session egress byte budget spent")
-        decision = await self._decide(pol, host, port)
+        decision = await self._decide(sess, host, port)
         rec.rule, rec.addr = decision.rule, decision.addr
         if not decision.allowed:
             raise _Refuse(403, decision.code, decision.reason)
@@ -477,16 +465,24 @@ class EgressProxy:
             else:
                 await _both(self._request_body(conn, reader, framing), self._response(conn), b_ends_all=True)
 
-    async def _decide(self, pol: EgressPolicy, host: str, port: int) -> acl.Decision:
+    async def _decide(self, sess: _Session, host: str, port: int) -> acl.Decision:
+        pol = sess.policy
         pre = acl.precheck(pol, host, port)
         if not pre.allowed or acl.is_ip_literal(host):
             return acl.decide(pol, host, port, ())
+        return acl.decide(pol, host, port, await self._resolve(sess, host, port))
+
+    async def _resolve(self, sess: _Session, host: str, port: int) -> Sequence[str]:
+        """Resolve under the session's deadline, in one of the session's own slots first and
+        then one of the global ones: a session flooding slow names queues behind itself and
+        holds at most DNS_PER_SESSION global slots. The deadline cancels the lookup itself
+        (the resolver runs on the loop, not in a thread that would keep going)."""
         try:
-            async with asyncio.timeout(pol.connect_timeout_s):  # no extra task, unlike wait_for
-                addrs = await self.resolver(host, port)
+            async with asyncio.timeout(min(sess.policy.connect_timeout_s, DNS_DEADLINE_S)):  # no extra task, unlike wait_for
+                async with sess.dns_slots, self._dns_slots:
+                    return await self.resolver(host, port)
         except (OSError, TimeoutError, LookupError):
             raise _Refuse(502, "dns-failure", f"could not resolve {host}", verdict="error", header=ERROR_HEADER) from None
-        return acl.decide(pol, host, port, addrs)
 
     async def _connect(self, decision: acl.Decision, port: int, timeout: float) -> socket.socket:
         """Connect to the checked addresses only, in order. Never a name: no second lookup."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.egress.audit import AuditLog, read_records
+from sandbox.egress.audit import SESSIONS_DIR, SessionAuditLogs, read_records
 from sandbox.egress.proxy import EgressProxy, StaticResolver
 from sandbox.egress.rules import EgressPolicy
 from sandbox.egress.unixsock import connect_unix
@@ -123,14 +123,15 @@ NAMES = {
 class Harness:
     """An EgressProxy running on a private event loop thread, driven synchronously."""
 
-    def __init__(self, tmp: Path, mapping: dict[str, list[str]]) -> None:
+    def __init__(self, tmp: Path, mapping: dict[str, list[str]], resolver: Any = None, audit_max_bytes: int | None = None, **proxy_kw: Any) -> None:
         self.tmp = tmp
         self.audit_path = tmp / "audit.jsonl"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.resolver = StaticResolver(mapping)
-        self.proxy = EgressProxy(resolver=self.resolver, audit=AuditLog(self.audit_path))
+        self.resolver = resolver or StaticResolver(mapping)
+        audit = SessionAuditLogs(self.audit_path, audit_max_bytes) if audit_max_bytes else SessionAuditLogs(self.audit_path)
+        self.proxy = EgressProxy(resolver=self.resolver, audit=audit, **proxy_kw)
         self.connect_attempts: list[tuple[str, ...]] = []
 
     def call(self, coro: Any, timeout: float = 10) -> Any:
@@ -142,7 +143,12 @@ class Harness:
         return self.call(self.proxy.add_session(sid, policy, self.tmp / "sessions" / sid))
 
     def records(self, session: str | None = None) -> list[dict[str, Any]]:
-        return read_records(self.audit_path, session=session, limit=10000)
+        return read_records(self.audit_path, session=session, limit=100000)
+
+    def audit_text(self) -> str:
+        """Every audit file's text (all sessions), for leak checks."""
+        files = [p for p in (self.tmp / SESSIONS_DIR).glob("*") if p.is_file()]
+        return "".join(p.read_text() for p in files)
 
     def close(self) -> None:
         self.call(self.proxy.close())
