@@ -41,6 +41,7 @@ from .environments import Environments
 from .errors import ApiError, bad_request, forbidden, not_found, unauthorized
 from .events import events_array
 from .sessions import MAX_LIST_LIMIT, Sessions
+from .skills import Skills
 from .sse import SessionEventStream
 from .work import WorkQueue, validate_metadata_patch
 
@@ -73,7 +74,14 @@ class StreamResponse:
     stream: SessionEventStream
 
 
-Response = JsonResponse | StreamResponse
+@dataclass
+class BytesResponse:
+    status: int
+    body: bytes
+    content_type: str = "application/octet-stream"
+
+
+Response = JsonResponse | StreamResponse | BytesResponse
 Handler = Callable[[Request, Principal | None, dict[str, str]], Response]
 
 
@@ -161,7 +169,9 @@ class Api:
         auth: Authenticator,
         base_url: str,
         sse_ping_interval: float,
+        skills: Skills | None = None,
     ) -> None:
+        self._skills = skills
         self._db = db
         self._work = work
         self._sessions = sessions
@@ -170,6 +180,7 @@ class Api:
         self.base_url = base_url
         self._ping = sse_ping_interval
         env, work_item, sess = "(?P<env>" + _ID + ")", "(?P<work>" + _ID + ")", "(?P<sid>" + _ID + ")"
+        skill, ver = "(?P<skill>" + _ID + ")", "(?P<ver>" + _ID + ")"
         routes: list[tuple[str, str, Handler, bool, bool]] = [
             ("GET", f"/v1/environments/{env}/work/poll", self.poll, True, True),
             ("GET", f"/v1/environments/{env}/work/stats", self.stats, True, True),
@@ -190,6 +201,8 @@ class Api:
             ("POST", f"/local/v1/sessions/{sess}/events", self.inject_events, True, False),
             ("GET", f"/local/v1/sessions/{sess}/work", self.session_work, True, False),
             ("GET", "/local/v1/health", self.health, False, False),
+            ("GET", f"/v1/skills/{skill}/versions/{ver}", self.retrieve_skill_version, True, False),
+            ("GET", f"/v1/skills/{skill}/versions/{ver}/content", self.skill_content, True, False),
         ]
         self._routes = [
             Route(method, re.compile(path), handler, authenticated=authn, beta=beta)
@@ -376,8 +389,12 @@ class Api:
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise bad_request("metadata: expected an object")
+        skills = body.get("skills")
+        if skills is not None and self._skills is None:
+            raise bad_request("skills: this control plane serves no skills")
         session = self._sessions.create(
-            env_id, title=title, metadata=metadata, agent_ref=agent_ref if isinstance(agent_ref, str) else None
+            env_id, title=title, metadata=metadata, agent_ref=agent_ref if isinstance(agent_ref, str) else None,
+            skills=self._skills.agent_refs(skills) if self._skills is not None else [],
         )
         return JsonResponse(200, session)
 
@@ -428,6 +445,24 @@ class Api:
         self._admin_only(p, "session work listing")
         self._sessions.retrieve(a["sid"])
         return JsonResponse(200, {"data": self._work.for_session(a["sid"]), "next_page": None})
+
+    # ---------------------------------------------------------------- skills
+
+    def _skill_reader(self, p: Principal | None) -> Skills:
+        """Skills are read by workers (environment key, or a current sessions token) and the admin."""
+        if isinstance(p, SessionsToken) and (not p.current or p.work_state == "stopped"):
+            raise unauthorized("this sessions token is no longer valid (its work item was stopped or re-delivered)")
+        if not isinstance(p, (Admin, EnvironmentKey, SessionsToken)):
+            raise unauthorized()
+        if self._skills is None:
+            raise not_found("this control plane serves no skills")
+        return self._skills
+
+    def retrieve_skill_version(self, req: Request, p: Principal | None, a: dict[str, str]) -> Response:
+        return JsonResponse(200, self._skill_reader(p).retrieve(a["skill"], a["ver"]))
+
+    def skill_content(self, req: Request, p: Principal | None, a: dict[str, str]) -> Response:
+        return BytesResponse(200, self._skill_reader(p).content(a["skill"], a["ver"]))
 
     def health(self, req: Request, p: Principal | None, a: dict[str, str]) -> Response:
         return JsonResponse(200, {"status": "ok"})

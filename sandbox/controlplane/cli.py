@@ -42,13 +42,16 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
               help="Port to listen on (0: any free port). Default: the port this state directory's control plane "
                    "used before (recorded in <state-dir>/port), else 7787, else any free port; so it comes back "
                    "where workers last found it.")
-def control_plane_cmd(state_dir: Path | None, host: str, port: int | None) -> None:
+@click.option("--skill", "skills", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A skill archive (zip or tar.*) to serve; sessions created with `session new --skill ID` list "
+                   "it. Repeatable. Its id is printed.")
+def control_plane_cmd(state_dir: Path | None, host: str, port: int | None, skills: tuple[Path, ...]) -> None:
     """Run the local control plane (Environments Work API + Sessions API) until Ctrl-C."""
     from .endpoint import resolve_state_dir
     from .server import ControlPlane, ControlPlaneError
 
     sd = resolve_state_dir(state_dir)
-    cp = ControlPlane(sd, host=host, port=port)
+    cp = ControlPlane(sd, host=host, port=port, skills=list(skills))
     try:
         cp.start()
     except (ControlPlaneError, OSError) as e:
@@ -61,6 +64,8 @@ def control_plane_cmd(state_dir: Path | None, host: str, port: int | None) -> No
         click.echo(f"state dir       {sd}")
         click.echo(f"environment key {cp.environment_key_path()}  (for workers: Authorization: Bearer)")
         click.echo(f"admin key       {cp.admin_key_path}  (for `sandbox session`; never give it to a worker)")
+        for path, skill_id in cp.skill_ids.items():
+            click.echo(f"skill           {skill_id}  ({path})")
         click.echo("Ctrl-C to stop.", err=True)
         while not stop.wait(0.5):
             pass
@@ -143,10 +148,12 @@ def session_group() -> None:
 @_state_dir_option
 @click.option("--environment", "environment_id", default=None, help="Environment id (default: the default environment).")
 @click.option("--title", default=None)
-def session_new(state_dir: Path | None, environment_id: str | None, title: str | None) -> None:
+@click.option("--skill", "skills", multiple=True, help="Id of a skill the control plane serves (repeatable).")
+def session_new(state_dir: Path | None, environment_id: str | None, title: str | None, skills: tuple[str, ...]) -> None:
     """Create a session (queues a work item) and print its id."""
     admin, endpoint = _admin(state_dir)
-    _guard(admin, lambda: click.echo(admin.create_session(environment_id or endpoint.environment_id, title=title)))
+    _guard(admin, lambda: click.echo(admin.create_session(environment_id or endpoint.environment_id, title=title,
+                                                          skills=list(skills) or None)))
 
 
 @session_group.command("send")

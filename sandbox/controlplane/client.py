@@ -84,10 +84,14 @@ class LocalAdmin:
     # ------------------------------------------------------------- sessions
 
     def create_session(
-        self, environment_id: str, *, title: str | None = None, metadata: dict[str, str] | None = None
+        self, environment_id: str, *, title: str | None = None, metadata: dict[str, str] | None = None,
+        skills: list[str] | None = None,
     ) -> str:
-        """Create a session (this queues a work item for the environment's workers); return its id."""
+        """Create a session (this queues a work item for the environment's workers); return its id.
+        `skills`: ids of skills the control plane was given, listed in the session's `agent.skills`."""
         body: dict[str, Any] = {"environment_id": environment_id}
+        if skills:
+            body["skills"] = skills
         if title is not None:
             body["title"] = title
         if metadata:

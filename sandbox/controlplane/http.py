@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .api import Api, JsonResponse, Request, Response, StreamResponse
+from .api import Api, BytesResponse, JsonResponse, Request, Response, StreamResponse
 from .errors import ApiError
 from .keys import redact
 
@@ -158,6 +158,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             if isinstance(resp, StreamResponse):
                 self._send_stream(resp, rid)
+            elif isinstance(resp, BytesResponse):
+                self._send_bytes(resp, rid)
             else:
                 self._send_json(resp.status, resp.body, rid)
         except (ConnectionError, socket.timeout, OSError):
@@ -203,6 +205,16 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_bytes(self, resp: BytesResponse, rid: str) -> None:
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        self.send_header("request-id", rid)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(resp.body)
 
     def _send_stream(self, resp: StreamResponse, rid: str) -> None:
         self.send_response(200)

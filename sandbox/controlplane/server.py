@@ -41,6 +41,7 @@ from .endpoint import (
 from .environments import Environments
 from .http import DEFAULT_MAX_BODY, LOOPBACK_HOST_NAMES, ControlPlaneHTTPServer
 from .sessions import Sessions
+from .skills import SkillError, Skills
 from .work import WorkQueue
 
 log = logging.getLogger("sandbox.controlplane")
@@ -81,7 +82,10 @@ class ControlPlane:
         sse_ping_interval: float = 15.0,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         clock: Clock | None = None,
+        skills: list[Path] | None = None,
     ) -> None:
+        self._skill_files = [Path(p) for p in (skills or [])]
+        self.skill_ids: dict[str, str] = {}  # archive path -> skill id, for the skills given here
         self.state_dir = Path(state_dir).expanduser()
         self.host = host
         self.port = port
@@ -114,6 +118,9 @@ class ControlPlane:
             self._environment_id, self._environment_key = environments.ensure_default()
             work = WorkQueue(db, self._clock)
             sessions = Sessions(db, self._clock, work)
+            skills = Skills(self.state_dir)
+            for path in self._skill_files:
+                self.skill_ids[str(path)] = skills.add(path)
             allowed_hosts = LOOPBACK_HOST_NAMES | {self.host.lower()} if _is_loopback(self.host) else None
             server = self._bind(allowed_hosts)
             bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
@@ -127,9 +134,10 @@ class ControlPlane:
                 auth=Authenticator(self._admin_key, environments, work),
                 base_url=self._base_url,
                 sse_ping_interval=self._ping,
+                skills=skills,
             )
             self._server = server
-        except keys.KeyFileError as e:
+        except (keys.KeyFileError, SkillError) as e:
             self._teardown()
             raise ControlPlaneError(str(e)) from None
         except BaseException:

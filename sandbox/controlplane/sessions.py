@@ -24,10 +24,11 @@ SANDBOX_TOOLS = ("bash", "edit", "read", "write", "glob", "grep")
 
 
 def default_agent(agent_ref: str | None) -> dict[str, Any]:
-    """The agent snapshot a session reports: no skills, the sandbox toolset, no MCP.
+    """The agent snapshot a session reports: the sandbox toolset, no MCP, no skills unless the
+    session was created with some (skills.py).
 
-    The worker reads `agent.skills` (downloads each) and `resources` (memory
-    stores); both are empty so the SDK worker makes no calls we do not serve.
+    The worker reads `agent.skills` (downloads each, from the skills this
+    control plane was given) and `resources` (memory stores: always empty).
     """
     allow = {"type": "always_allow"}
     return {
@@ -98,6 +99,7 @@ class Sessions:
         title: str | None = None,
         metadata: dict[str, str] | None = None,
         agent_ref: str | None = None,
+        skills: list[dict[str, str]] | None = None,
     ) -> dict[str, Any]:
         clean_meta = {k: v for k, v in validate_metadata_patch(metadata or {}).items() if v is not None}
         with self._db.tx() as c:
@@ -109,7 +111,8 @@ class Sessions:
             c.execute(
                 "INSERT INTO sessions(id, environment_id, status, title, metadata, agent, created_at, updated_at)"
                 " VALUES(?, ?, 'idle', ?, ?, ?, ?, ?)",
-                (session_id, environment_id, title, json.dumps(clean_meta), json.dumps(default_agent(agent_ref)), now, now),
+                (session_id, environment_id, title, json.dumps(clean_meta),
+                 json.dumps({**default_agent(agent_ref), "skills": list(skills or [])}), now, now),
             )
             self._work.enqueue(c, environment_id, session_id)
             row = self._row(c, session_id)

@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from sandbox.policy import Policy
@@ -158,10 +159,12 @@ class WarmPool:
 
 
 def start_over(runtime: Runtime, policy: Policy, store: SessionStore, label: str, ws: str,
-               extra_labels: dict[str, str] | None = None) -> Sandbox:
+               extra_labels: dict[str, str] | None = None,
+               ro_mounts: list[tuple[Path, str]] | None = None) -> Sandbox:
     """A sandbox over the store's workspace `ws`, which is then owned by the sandbox's uid."""
     mnt = store.ensure_mounted(ws)
-    sb = runtime.create(policy, session_id=label, workspace=mnt, extra_labels=extra_labels)
+    sb = runtime.create(policy, session_id=label, workspace=mnt, extra_labels=extra_labels,
+                        ro_mounts=list(ro_mounts or []))
     try:
         uid, gid = sandbox_ids(sb, policy)
         chown_tree(mnt, uid, gid)
@@ -199,7 +202,10 @@ class SessionSandboxes:
         self._by_session: dict[str, Assignment] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, session_id: str) -> Assignment:
+    def acquire(self, session_id: str, *, ro_mounts: list[tuple[Path, str]] | None = None,
+                use_pool: bool = True) -> Assignment:
+        """The session's sandbox over its workspace: its parked one, a warm one (a new session only, and
+        only with `use_pool`: warm sandboxes have no `ro_mounts`), or a new one with `ro_mounts`."""
         started = time.perf_counter()
         with self._lock:
             existing = self._by_session.get(session_id)
@@ -216,7 +222,7 @@ class SessionSandboxes:
         if existing is not None:
             existing.sandbox.destroy()
         size = self.policy.workspace.size_mb
-        taken = self.pool.take() if self.store.meta(session_id) is None else None
+        taken = self.pool.take() if use_pool and self.store.meta(session_id) is None else None
         if taken is not None:
             sb, ws = taken
             meta, _ = self.store.open_session(session_id, size, adopt=ws, worker=self.worker_id)
@@ -226,7 +232,7 @@ class SessionSandboxes:
             source = "pool"
         if taken is None:
             meta, created = self.store.open_session(session_id, size, worker=self.worker_id)
-            sb = start_over(self.runtime, self.policy, self.store, session_id, meta.workspace)
+            sb = start_over(self.runtime, self.policy, self.store, session_id, meta.workspace, ro_mounts=ro_mounts)
             source = "fresh" if created else "resumed"
         a = Assignment(session_id=session_id, sandbox=sb, source=source, workspace=meta.workspace)
         with self._lock:

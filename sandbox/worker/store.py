@@ -15,6 +15,7 @@ own workspace, bind-mounted):
       sessions/<session>/run.lock  held (flock) by the worker serving a run: one run per session at a time;
                                    `restore` refuses while it is held
       sessions/<session>/checkpoints/  see checkpoints.py
+      sessions/<session>/run/skills/   this run's skills (a capped tmpfs), read-only at /mnt/skills in the sandbox
 
 Workspaces are named apart from sessions so a warm sandbox can be started over
 a fresh workspace before anyone knows which session it will serve; the first
@@ -286,6 +287,24 @@ class SessionStore:
         self.ensure_mounted(meta.workspace)
         return meta, created
 
+    def skills_dir(self, session_id: str, *, size_mb: int, inodes: int) -> Path:
+        """`sessions/<s>/run/skills`: where the SDK puts this run's skills, a small tmpfs (size and inode
+        capped, nosuid, nodev) that the sandbox mounts read-only. A bomb of an archive fills it and fails;
+        the host is untouched. Kept if already mounted (a parked sandbox still has it)."""
+        run = self.session_dir(session_id) / "run"
+        d = run / "skills"
+        if os.path.ismount(d):
+            return d
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,nr_inodes={inodes},mode=0755,nosuid,nodev",
+              "sandbox-skills", str(d)])
+        return d
+
+    def release_skills_dir(self, session_id: str) -> None:
+        d = self.session_dir(session_id) / "run" / "skills"
+        if os.path.ismount(d):
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
     def remove_workspace(self, ws: str) -> None:
         remove_ext4_workspace(self.root / "workspaces", safe_id(ws))
 
@@ -301,6 +320,7 @@ class SessionStore:
             meta = self.meta(session_id)
             if meta is not None:
                 self.remove_workspace(meta.workspace)
+            self.release_skills_dir(session_id)
             d = self.session_dir(session_id)
             # Everything but the lock file we hold, then the directory itself.
             for child in d.iterdir():

@@ -94,6 +94,7 @@ class SessionSlot:
     abort: anyio.Event = field(default_factory=anyio.Event)
     calls: int = 0
     trail: Any = None  # the session's AuditTrail (sandbox.audit.trail), when one could be opened
+    skills_dir: Any = None  # host dir of this run's skills (mounted read-only in the sandbox)
 
     def __post_init__(self) -> None:
         self.idle.set()

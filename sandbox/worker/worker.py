@@ -95,6 +95,8 @@ class WorkerConfig:
     # The embedded control plane's state dir: while it is unreachable, re-read its endpoint.json and follow
     # it if it came back elsewhere.
     endpoint_dir: Path | None = None
+    skills_mb: int = 64  # a run's skills (extracted archives) live in a tmpfs this big ...
+    skills_inodes: int = 4096  # ... with at most this many files and directories
     checkpoints: int = 5  # checkpoints kept per session when a run goes idle (0: none)
     checkpoint_bytes: int = 1 << 30  # distinct bytes of checkpoint data per session
     extra: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +135,7 @@ class Worker:
         self.middleware: WorkerMiddleware | None = None
         self.client: AsyncAnthropic | None = None
         self._sdk_worker: EnvironmentWorker | None = None
+        self._sdk_kwargs: dict[str, Any] = {}
         self._health: HealthServer | None = None
         self._last_admission: str = ""
         self._outbox_pending = 0
@@ -242,12 +245,13 @@ class Worker:
         )
         workdir = cfg.state_dir / "sdk-workdir"
         workdir.mkdir(exist_ok=True, mode=0o700)
-        self._sdk_worker = EnvironmentWorker(
-            self.client, environment_id=cfg.environment_id, environment_key=self._key.value,
+        self._sdk_kwargs = dict(
+            client=self.client, environment_id=cfg.environment_id, environment_key=self._key.value,
             tools=self._tools_for, workdir=workdir, max_idle=cfg.max_idle,
             # Memory stores would be mounted on this host, not in the sandbox: off.
             memory_sync_interval=None, worker_id=self.worker_id,
         )
+        self._sdk_worker = EnvironmentWorker(**self._sdk_kwargs)  # type: ignore[arg-type]
         if self.config.admission is None:
             self.config.admission = Admission(self.policy, psutil_probe(cfg.state_dir))
         if cfg.metrics_port is not None:
@@ -423,7 +427,20 @@ class Worker:
             log_event(log, logging.ERROR, "session_busy", "another run of this session holds its workspace; "
                       "not serving this delivery (it will come back)", work_id=work_id, session_id=session_id)
             return
+        try:
+            # The SDK downloads the session agent's skills into `<workdir>/skills`: per session and run, a
+            # capped tmpfs the sandbox mounts read-only at SKILLS_PATH (so it must exist before the sandbox).
+            skills_dir = await anyio.to_thread.run_sync(
+                lambda: self.store.skills_dir(session_id, size_mb=self.config.skills_mb,  # type: ignore[union-attr]
+                                              inodes=self.config.skills_inodes))
+        except Exception as e:  # noqa: BLE001 - served without skills, said loudly
+            log_event(log, logging.ERROR, "skills_unavailable", f"cannot prepare the skills directory: {e}",
+                      session_id=session_id)
+            skills_dir = None
+        sdk_worker = self._sdk_worker if skills_dir is None else EnvironmentWorker(
+            **{**self._sdk_kwargs, "workdir": skills_dir.parent})
         slot = SessionSlot(session_id=session_id, work_id=work_id, trail=self._open_trail(session_id, work_id))
+        slot.skills_dir = skills_dir
         serving = _Serving(slot, anyio.CancelScope(), anyio.Event(), run_lock)
         self._serving[session_id] = serving
         self.middleware.track(work_id, session_id)
@@ -435,7 +452,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._acquire_sandbox, slot)
                 with serving.scope:
-                    await self._sdk_worker.handle_item(
+                    await sdk_worker.handle_item(
                         work_id=work_id, environment_id=environment_id, session_id=session_id,
                         environment_key=self._key.value, work_secret=secret if isinstance(secret, str) else None,
                     )
@@ -458,6 +475,8 @@ class Worker:
                     park = 0.0
                 parked = await anyio.to_thread.run_sync(
                     lambda: self.sandboxes.release(session_id, park=park, run_lock=run_lock))  # type: ignore[union-attr]
+                if not parked:
+                    await anyio.to_thread.run_sync(self.store.release_skills_dir, session_id)  # type: ignore[union-attr]
                 await anyio.to_thread.run_sync(lambda: self._after_run(slot, run_lock, parked, ended))
             self._close_trail(slot, "sandbox_parked" if parked else "sandbox_stopped", clean,
                               session_ended=ended)
@@ -596,8 +615,13 @@ class Worker:
     async def _acquire_sandbox(self, slot: SessionSlot) -> None:
         assert self.sandboxes is not None
         sandboxes = self.sandboxes
+        mounts = [(slot.skills_dir, SKILLS_PATH)] if slot.skills_dir is not None else []
+        # A warm sandbox has no skills mount: only for sessions without skills.
+        use_pool = bool(self.pool and self.pool.ready) and not await self._has_skills(slot.session_id)
         try:
-            a = await anyio.to_thread.run_sync(sandboxes.acquire, slot.session_id, limiter=self._sandbox_limiter)
+            a = await anyio.to_thread.run_sync(
+                lambda: sandboxes.acquire(slot.session_id, ro_mounts=mounts, use_pool=use_pool),
+                limiter=self._sandbox_limiter)
         except Exception as e:  # noqa: BLE001
             log_event(log, logging.ERROR, "sandbox_failed", f"could not start the session's sandbox: {e}",
                       session_id=slot.session_id)
@@ -607,19 +631,33 @@ class Worker:
         def replace() -> Any:
             # Same workspace: the session's files survive its sandbox dying.
             sandboxes.release(slot.session_id, park=False)
-            return sandboxes.acquire(slot.session_id).sandbox
+            return sandboxes.acquire(slot.session_id, ro_mounts=mounts, use_pool=False).sandbox
 
         slot.replace = replace
         slot.set_sandbox(a.sandbox)
 
+    async def _has_skills(self, session_id: str) -> bool:
+        assert self.client is not None
+        try:
+            with anyio.fail_after(10):
+                sess = await self.client.beta.sessions.retrieve(session_id)
+        except Exception:  # noqa: BLE001 - unknown: assume it has some (no warm sandbox, skills mounted)
+            return True
+        return bool(getattr(getattr(sess, "agent", None), "skills", None))
+
     def _tools_for(self, env: AgentToolContext) -> list[Any]:
-        """The SDK's per-session tool factory: tools bound to that session's sandbox."""
+        """The SDK's per-session tool factory: tools bound to that session's sandbox.
+
+        Called once the SDK has put the session's skills in place: they become readable by the
+        sandbox (the mount is read-only; the host-side tree stays root's)."""
         assert self.outbox is not None
         session = env.session
         session_id = getattr(session, "id", None) or env.session_id
         serving = self._serving.get(session_id) if session_id else None
         if serving is None:
             raise RuntimeError(f"no sandbox slot for session {session_id!r}")
+        if serving.slot.skills_dir is not None:
+            _open_for_reading(serving.slot.skills_dir)
         return SessionToolbox(serving.slot, self.outbox, self.metrics, sandbox_limiter=self._sandbox_limiter,
                               db_limiter=self._db_limiter).tools()
 
@@ -799,6 +837,17 @@ class Worker:
 
 
 # ---------------------------------------------------------------------- helpers
+
+SKILLS_PATH = "/mnt/skills"  # the session agent's skills, read-only: /mnt/skills/<name>/SKILL.md
+
+
+def _open_for_reading(root: Path) -> None:
+    """The SDK makes skill dirs 0700 (root's, on the host): let the sandbox's uid read and enter them."""
+    for dirpath, dirnames, _files in os.walk(root, followlinks=False):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755)
 
 async def _answered_in_history(client: AsyncAnthropic, session_id: str, tool_use_id: str) -> tuple[bool, bool]:
     answered = terminated = False
