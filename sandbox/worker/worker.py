@@ -91,6 +91,7 @@ class WorkerConfig:
     store_dir: Path | None = None  # the session store, shared by workers; default <state_dir>/sessions
     retention_s: float = DEFAULT_RETENTION_S  # a session's workspace is kept this long after its last activity
     keep_idle: float = 0.0  # keep a session's sandbox this long after its run went idle (0: stop it, free memory)
+    store_sweep_s: float = 60.0  # how often ended and expired sessions are looked for in the store
     run_lock_wait: float = 60.0  # how long a new run waits for the previous run of its session (another worker)
     # The embedded control plane's state dir: while it is unreachable, re-read its endpoint.json and follow
     # it if it came back elsewhere.
@@ -719,7 +720,7 @@ class Worker:
                     await anyio.to_thread.run_sync(self._count_egress)
                 if breaker_open:
                     await anyio.to_thread.run_sync(self._follow_endpoint)
-                if now - last_store >= 60.0:
+                if now - last_store >= self.config.store_sweep_s:
                     last_store = now
                     await self._sweep_store()
             except Exception as e:  # noqa: BLE001 - housekeeping never kills the worker

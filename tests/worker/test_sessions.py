@@ -213,3 +213,30 @@ def test_session_list_and_export(cp: ControlPlane, admin: LocalAdmin, start_work
         assert tar.extractfile(members["workspace/d/f"]).read() == b"hi\n"  # type: ignore[union-attr]
         assert members["workspace/d/l"].issym() and members["workspace/d/l"].linkname == "/etc/passwd"
     admin.terminate(sid)
+
+
+def test_an_idle_session_is_removed_when_it_ends_or_its_retention_expires(
+        cp: ControlPlane, admin: LocalAdmin, start_worker: Callable[..., Worker], worker_logs: LogCapture,
+        tmp_path: Path) -> None:
+    start_worker(max_idle=0.5, retention_s=4.0, store_sweep_s=0.5, checkpoints=0)
+    store = SessionStore(tmp_path / "sessions")
+    ended, kept, expiring = (admin.create_session(cp.environment_id) for _ in range(3))
+    for sid in (ended, kept, expiring):
+        assert not call(admin, sid, "write", {"file_path": "f", "content": sid}, timeout=60)[0]
+        admin.send_idle(sid)
+    wait_for(lambda: len(worker_logs.events("work_done")) == 3, timeout=30, what="the three runs to end")
+    workspaces = {sid: store.meta(sid).workspace for sid in (ended, kept, expiring)}  # type: ignore[union-attr]
+    # Terminated while no run serves it: the worker notices on its sweep and removes it.
+    admin.terminate(ended)
+    wait_for(lambda: store.meta(ended) is None, timeout=20, what="the ended session's removal")
+    assert not store.workspace_dir(workspaces[ended]).exists()
+    # Activity keeps `kept` alive past the retention; `expiring` has none and goes.
+    for _ in range(4):
+        assert call(admin, kept, "read", {"file_path": "f"}, timeout=60)[1] == kept
+        time.sleep(1.5)
+    wait_for(lambda: store.meta(expiring) is None, timeout=20, what="the expired session's removal")
+    assert store.meta(kept) is not None
+    reasons = {r["session_id"]: r["reason"] for r in worker_logs.events("session_removed")}
+    assert reasons == {ended: "terminated", expiring: "retention expired"}
+    for sid in (kept, expiring):
+        admin.terminate(sid)

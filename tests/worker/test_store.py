@@ -1,0 +1,73 @@
+"""The session store's locks and the shared journal, without sandboxes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox.worker.outbox import INTERRUPTED_TEXT, Outbox
+from sandbox.worker.store import SessionStore, StoreError, safe_id
+
+
+def test_a_worker_that_is_gone_is_seen_gone_and_a_live_one_alive(tmp_path: Path) -> None:
+    a, b = SessionStore(tmp_path), SessionStore(tmp_path)
+    a.register_owner("worker:1:1:aa")
+    b.register_owner("worker:2:2:bb")
+    assert a.owner_alive("worker:2:2:bb") and b.owner_alive("worker:1:1:aa")
+    with pytest.raises(StoreError, match="already registered"):
+        SessionStore(tmp_path).register_owner("worker:1:1:aa")
+    b.close()  # what a kill -9 does to its flock, too
+    assert not a.owner_alive("worker:2:2:bb") and not a.owner_alive("worker:never:0:zz")
+
+
+def test_the_journal_never_reruns_a_call_and_waits_for_a_live_owner(tmp_path: Path) -> None:
+    a, b = SessionStore(tmp_path), SessionStore(tmp_path)
+    a.register_owner("A")
+    b.register_owner("B")
+    ja = Outbox(a.journal_path(), "A", alive=a.owner_alive)
+    jb = Outbox(b.journal_path(), "B", alive=b.owner_alive)
+    assert ja.begin("t1", "s", "w", "bash").run
+    d = jb.begin("t1", "s", "w2", "bash")  # A is alive and running it: B waits, never runs it
+    assert not d.run and d.wait
+    ja.finish("t1", "done", False)
+    d = jb.begin("t1", "s", "w2", "bash")
+    assert not d.run and not d.wait and d.record.result.content == "done"  # type: ignore[union-attr]
+    assert ja.begin("t2", "s", "w", "bash").run
+    a.close()  # A dies mid-call
+    assert jb.recover() == 1
+    d = jb.begin("t2", "s", "w2", "bash")
+    assert not d.run and d.record.result.content == INTERRUPTED_TEXT and d.record.result.is_error  # type: ignore[union-attr]
+
+
+def test_one_run_per_session_and_removal_refused_while_a_run_holds_it(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    meta, created = store.open_session("sess_1", 8)
+    assert created and os.path.ismount(store.workspace_dir(meta.workspace))
+    lock = store.try_lock_run("sess_1")
+    assert lock is not None and store.try_lock_run("sess_1") is None and store.run_active("sess_1")
+    assert not SessionStore(tmp_path).remove_session("sess_1")
+    assert store.meta("sess_1") is not None
+    assert store.remove_session("sess_1", lock=lock)
+    lock.release()
+    assert store.meta("sess_1") is None and not store.workspace_dir(meta.workspace).exists()
+
+
+def test_retention_counts_from_the_last_activity(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path, retention_s=60)
+    for sid in ("old", "new"):
+        store.open_session(sid, 8)
+    store.update("old", last_activity=time.time() - 61)
+    assert [m.session_id for m in store.expired()] == ["old"]
+    for sid in ("old", "new"):
+        assert store.remove_session(sid)
+
+
+def test_session_ids_never_name_another_directory(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    assert store.session_dir("../../etc").parent == tmp_path / "sessions"
+    assert safe_id("a/b") == "a_b"
+    with pytest.raises(StoreError):
+        safe_id("..")
