@@ -28,7 +28,7 @@ from sandbox.egress.hosts import HostError, canonical_host, is_ip_literal, parse
 from sandbox.egress.rules import EgressPolicy, EgressRule
 
 __all__ = ["METADATA_ADDRESSES", "Decision", "HostError", "IPAddress", "canonical_host", "cidr_for", "classify",
-           "decide", "deny", "embedded_ipv4", "is_ip_literal", "parse_authority", "parse_port", "precheck", "unwrap"]
+           "decide", "deny", "embedded_ipv4", "is_ip_literal", "parse_authority", "parse_port", "precheck", "rule_for", "unwrap"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -201,6 +201,14 @@ def deny(code: str, reason: str, rule: str | None = None) -> Decision:
 def _rules_for(policy: EgressPolicy, host: str) -> list[EgressRule]:
     found = [r for r in policy.rules if r.matches_host(host)]
     return sorted(found, key=lambda r: (r.host != host, -len(r.host)))
+
+
+def rule_for(policy: EgressPolicy, host: str, port: int) -> EgressRule | None:
+    """The rule that allows canonical ``host`` on ``port`` (the one :func:`precheck` names)."""
+    for rule in _rules_for(policy, host):
+        if port in rule.ports:
+            return rule
+    return None
 
 
 def precheck(policy: EgressPolicy, host: str, port: int) -> Decision:

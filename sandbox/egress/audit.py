@@ -50,6 +50,10 @@ class AuditRecord:
     bytes_down: int = 0
     duration_ms: float = 0.0
     ts: str = ""
+    tls: str | None = None  # "tunnel" (SNI checked) or "terminated" (requests seen by the proxy)
+    sni: str | None = None  # the ClientHello's server name, when one was read
+    credential: str | None = None  # the NAME of a credential injected into this request, never its value
+    status: int | None = None  # terminated requests: the response status the client got
 
     def to_json(self) -> str:
         d = dict(vars(self))  # flat fields only: asdict()'s deep copy is measurable per request

@@ -35,10 +35,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.egress import acl, http1
+from sandbox.egress import acl, http1, tls
 from sandbox.egress.audit import AuditLog, AuditRecord, SessionAuditLogs, now_ms
 from sandbox.egress.resolve import HOSTS_FILE, DnsResolver, hosts_file_addrs
-from sandbox.egress.rules import EgressPolicy
+from sandbox.egress.rules import EgressPolicy, EgressRule
 from sandbox.egress.unixsock import bind_unix
 
 __all__ = ["HOSTS_FILE", "DnsResolver", "EgressProxy", "StaticResolver", "hosts_file_addrs", "system_resolver"]
@@ -88,9 +88,10 @@ class StaticResolver:
 class _Refuse(Exception):
     """Answer the client with a proxy-generated response and end the connection."""
 
-    def __init__(self, status: int, code: str, reason: str, *, verdict: str = "deny", header: str = DENIED_HEADER) -> None:
+    def __init__(self, status: int, code: str, reason: str, *, verdict: str = "deny", header: str = DENIED_HEADER, raw: bytes | None = None) -> None:
         super().__init__(reason)
         self.status, self.code, self.reason, self.verdict, self.header = status, code, reason, verdict, header
+        self.raw = raw  # sent instead of an HTTP response (inside a tunnel: a TLS alert, or nothing)
 
 
 class _BudgetSpent(Exception):
@@ -382,7 +383,7 @@ class EgressProxy:
             rec.decision, rec.code, rec.reason = r.verdict, r.code, r.reason  # type: ignore[assignment]
             body = f"sandbox egress proxy refused this request: {r.reason}"
             with contextlib.suppress(OSError):
-                conn.client.send(http1.refusal(r.status, r.header, f"{r.code}: {r.reason}", body))
+                conn.client.send(r.raw if r.raw is not None else http1.refusal(r.status, r.header, f"{r.code}: {r.reason}", body))
         except asyncio.CancelledError:
             if conn.killed is None:
                 raise
@@ -454,6 +455,10 @@ class EgressProxy:
 
         if fwd is None:
             await self._send(conn.client, b"HTTP/1.1 200 Connection Established\r\n\r\n", conn)
+            rule = None if (decision.rule or "").startswith("cidr:") else acl.rule_for(pol, host, port)
+            if rule.tls_port_set if rule is not None else port == 443:
+                hello = await self._client_hello(conn, reader)
+                self._check_sni(conn, hello, host, rule)
             early = reader.take()  # e.g. a TLS ClientHello sent without waiting for our 200
             if early:
                 await self._send_up(conn, early)
@@ -464,6 +469,48 @@ class EgressProxy:
                 await self._response(conn)  # no body to forward: skip the second task
             else:
                 await _both(self._request_body(conn, reader, framing), self._response(conn), b_ends_all=True)
+
+    async def _client_hello(self, conn: _Conn, reader: _Buffered) -> tls.Hello:
+        """The tunnel's first bytes as a ClientHello (they stay in ``reader`` to be forwarded).
+        A client that sends anything else on a TLS port is refused: an HTTP 403 for plaintext
+        (that client reads it), a TLS alert for a malformed hello."""
+        limit = conn.session.policy.header_timeout_s
+        conn.record.tls = "tunnel"
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    try:
+                        return tls.read_hello(bytes(reader.buf))
+                    except tls.NeedMore:
+                        if len(reader.buf) > tls.MAX_HELLO + 64 or not await reader._fill():
+                            raise tls.BadHello("the client ended inside its ClientHello") from None
+        except TimeoutError:
+            raise _Refuse(408, "handshake-timeout", f"no complete TLS ClientHello within {limit:g}s", raw=b"") from None
+        except tls.NotTLS:
+            raise _Refuse(403, "not-tls", "this port of the rule carries TLS only; the tunnel did not start with a TLS ClientHello") from None
+        except tls.BadHello as e:
+            raise _Refuse(403, "bad-client-hello", f"malformed TLS ClientHello: {e}", raw=tls.alert(tls.ALERT_HANDSHAKE_FAILURE)) from None
+
+    def _check_sni(self, conn: _Conn, hello: tls.Hello, host: str, rule: EgressRule | None) -> None:
+        """The ClientHello must name the CONNECT host: no other name behind an allowed address."""
+        if hello.sni is not None:
+            conn.record.sni = hello.sni[:253]
+        label = rule.label() if rule is not None else "the allowed address range"
+        if hello.ech and not (rule is not None and rule.allow_ech):
+            raise _Refuse(403, "ech-refused", f"encrypted ClientHello (ECH) hides the real server name ({label})", raw=tls.alert(tls.ALERT_ACCESS_DENIED))
+        if rule is not None and rule.sni == "off":
+            return
+        if hello.sni is None:
+            if acl.is_ip_literal(host) or (rule is not None and rule.sni == "allow-missing"):
+                return
+            raise _Refuse(403, "sni-missing", f"the TLS ClientHello names no server; {host} requires one ({label})", raw=tls.alert(tls.ALERT_ACCESS_DENIED))
+        try:
+            named = acl.canonical_host(hello.sni)
+        except acl.HostError:
+            named = None
+        if named != host:
+            raise _Refuse(403, "sni-mismatch", f"the TLS ClientHello names another server than the CONNECT target {host} ({label})",
+                          raw=tls.alert(tls.ALERT_UNRECOGNIZED_NAME))
 
     async def _decide(self, sess: _Session, host: str, port: int) -> acl.Decision:
         pol = sess.policy

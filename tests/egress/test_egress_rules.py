@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -50,3 +52,51 @@ def test_models_are_frozen() -> None:
     p = EgressPolicy()
     with pytest.raises(ValidationError):
         p.max_connections = 5  # type: ignore[misc]
+
+
+# ------------------------------------------------------------ termination, credentials, http rules
+
+def _cred_policy(**rule: object) -> dict:
+    base = {"host": "api.example.com", "ports": [443], "credential": {"name": "gh"}}
+    return {"rules": [{**base, **rule}], "credentials": {"gh": {"env": "GH_TOKEN"}}}
+
+
+def test_a_credential_rule_is_terminated_and_names_its_source() -> None:
+    p = EgressPolicy.model_validate(_cred_policy())
+    assert p.rules[0].terminates and p.terminates and p.rules[0].tls_port_set == {443}
+
+
+@pytest.mark.parametrize(
+    ("rule", "why"),
+    [
+        ({"host": "*.example.com"}, "exact host"),
+        ({"ports": [80]}, "TLS port"),
+        ({"credential": {"name": "other"}}, "no entry in egress.credentials"),
+        ({"credential": {"name": "gh", "header": "Host"}}, "header"),
+        ({"credential": {"name": "gh", "format": "Bearer"}}, "{secret}"),
+        ({"credential": {"name": "gh", "format": "Bearer {secret}\r\nX: {secret}"}}, "{secret}"),
+        ({"http": [{"methods": ["TRACE"]}]}, "TRACE"),
+        ({"http": [{"methods": ["GET"], "paths": ["/repos/../admin"]}]}, "path pattern"),
+        ({"http": [{"methods": ["GET"], "paths": ["/repos/a*"]}]}, "path pattern"),
+        ({"sni": "off"}, "SNI"),
+    ],
+)
+def test_unsafe_termination_rules_are_load_errors(rule: dict, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        EgressPolicy.model_validate(_cred_policy(**rule))
+
+
+def test_a_credential_source_names_exactly_one_place() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        EgressPolicy.model_validate({**_cred_policy(), "credentials": {"gh": {"env": "A", "file": "/x"}}})
+    with pytest.raises(ValueError, match="absolute"):
+        EgressPolicy.model_validate({**_cred_policy(), "credentials": {"gh": {"file": "rel/x"}}})
+
+
+def test_path_patterns_match_whole_segments() -> None:
+    from sandbox.egress.rules import path_matches
+
+    assert path_matches("/repos/acme/**", "/repos/acme/x/pulls")
+    assert not path_matches("/repos/acme/**", "/repos/acme-evil/x")
+    assert path_matches("/repos/*/issues", "/repos/acme/issues") and not path_matches("/repos/*/issues", "/repos/a/b/issues")
+    assert path_matches("/**", "/") and path_matches("/user", "/user") and not path_matches("/user", "/user/x")
