@@ -138,3 +138,35 @@ def test_a_control_plane_that_cannot_have_its_port_back_is_followed_through_endp
     finally:
         squatter.close()
     assert os.path.exists(plane.state_dir / "port")
+
+
+def test_a_control_plane_stopped_for_90s_loses_nothing_and_runs_nothing_twice(tmp_path: Path, plane: _Plane) -> None:
+    import time
+
+    base_url = plane.start("--port", str(free_port()))
+    bw = _worker(tmp_path, plane, base_url)
+    try:
+        with LocalAdmin(base_url, read_admin_key(plane.state_dir), timeout=120) as admin:
+            sid = admin.create_session(read_endpoint(plane.state_dir).environment_id)
+            first = admin.send_tool_use(sid, "write", {"file_path": "kept.txt", "content": "kept"})
+            wait_result(admin, sid, first, timeout=60)
+            running = admin.send_tool_use(sid, "bash", {"command": "echo running >> count; sleep 2; echo slow"})
+            wait_for(lambda: (rec := bw.worker.outbox.get(running)) is not None,  # type: ignore[union-attr]
+                     what="the call to start")
+            queued = [admin.send_tool_use(sid, "bash", {"command": f"echo q{i} >> count"}) for i in range(3)]
+            assert plane.proc is not None
+            plane.proc.send_signal(signal.SIGSTOP)  # hangs every connection; longer than any lease
+            try:
+                time.sleep(90)
+            finally:
+                plane.proc.send_signal(signal.SIGCONT)
+            for tid in [running, *queued]:
+                wait_result(admin, sid, tid, timeout=120)
+            check = admin.send_tool_use(sid, "bash", {"command": "cat kept.txt; echo; sort count | uniq -d | wc -l;"
+                                                                 " wc -l < count"})
+            assert text_of(wait_result(admin, sid, check, timeout=60)).split() == ["kept", "0", "4"]
+            got = Counter(ev["tool_use_id"] for ev in results(admin, sid))
+            assert got == Counter({t: 1 for t in [first, running, *queued, check]}), got
+            admin.terminate(sid)
+    finally:
+        bw.stop(timeout=90)
