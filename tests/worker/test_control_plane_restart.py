@@ -151,7 +151,7 @@ def test_a_control_plane_stopped_for_90s_loses_nothing_and_runs_nothing_twice(tm
             first = admin.send_tool_use(sid, "write", {"file_path": "kept.txt", "content": "kept"})
             wait_result(admin, sid, first, timeout=60)
             running = admin.send_tool_use(sid, "bash", {"command": "echo running >> count; sleep 2; echo slow"})
-            wait_for(lambda: (rec := bw.worker.outbox.get(running)) is not None,  # type: ignore[union-attr]
+            wait_for(lambda: bw.worker.outbox.get(running) is not None,  # type: ignore[union-attr]
                      what="the call to start")
             queued = [admin.send_tool_use(sid, "bash", {"command": f"echo q{i} >> count"}) for i in range(3)]
             assert plane.proc is not None

@@ -5,7 +5,6 @@ are refused without writing outside their directory, and the host is untouched."
 from __future__ import annotations
 
 import io
-import os
 import secrets
 import tarfile
 import zipfile
