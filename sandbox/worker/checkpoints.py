@@ -26,6 +26,7 @@ than `max_bytes` is not kept (and said so).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -72,8 +73,8 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ listing
 
-    def list(self) -> list[CheckpointInfo]:
-        out = []
+    def list(self) -> builtins.list[CheckpointInfo]:
+        out: builtins.list[CheckpointInfo] = []
         if not self.dir.is_dir():
             return out
         for d in self.dir.iterdir():
@@ -166,8 +167,8 @@ class Checkpoints:
         self._prune(keep=cid)
         return info
 
-    def _prune(self, keep: str) -> list[str]:
-        dropped = []
+    def _prune(self, keep: str) -> builtins.list[str]:
+        dropped: builtins.list[str] = []
         cps = self.list()
         while len(cps) > self.max_count or (len(cps) > 1 and self.stored_bytes() > self.max_bytes):
             oldest = cps.pop(0)

@@ -252,7 +252,7 @@ class Worker:
             # Memory stores would be mounted on this host, not in the sandbox: off.
             memory_sync_interval=None, worker_id=self.worker_id,
         )
-        self._sdk_worker = EnvironmentWorker(**self._sdk_kwargs)  # type: ignore[arg-type]
+        self._sdk_worker = EnvironmentWorker(**self._sdk_kwargs)
         if self.config.admission is None:
             self.config.admission = Admission(self.policy, psutil_probe(cfg.state_dir))
         if cfg.metrics_port is not None:
