@@ -369,7 +369,12 @@ def policy() -> None:
 @policy.command("explain")
 @click.argument("profile")
 @click.option("--json", "as_json", is_flag=True)
-def policy_explain(profile: str, as_json: bool) -> None:
+@click.option("--target", type=click.Choice(["docker", "kubernetes"]), default="docker", show_default=True,
+              help="kubernetes: what the cluster cannot enforce (degradations), the workaround and whether it is accepted.")
+@click.option("--namespace", help="(--target kubernetes) the sandboxes' namespace.")
+@click.option("--config", "kube_config", metavar="FILE", help="(--target kubernetes) backend configuration [$SANDBOX_KUBE_CONFIG].")
+def policy_explain(profile: str, as_json: bool, target: str = "docker", namespace: str | None = None,
+                   kube_config: str | None = None) -> None:
     """Everything a policy allows and denies, and which file of its `extends` chain set it."""
     import dataclasses
     from pathlib import Path
@@ -377,6 +382,11 @@ def policy_explain(profile: str, as_json: bool) -> None:
     from sandbox.explain import explain_table
 
     pol = _load(profile)
+    if target == "kubernetes":
+        from sandbox.kube import cli as kube_cli
+
+        kube_cli.explain(pol, kube_cli.config_for(kube_config, namespace), as_json)
+        return
     rows = explain_table(pol)
     if as_json:
         click.echo(json.dumps({"policy": pol.name, "digest": pol.digest(),
@@ -396,6 +406,22 @@ def policy_explain(profile: str, as_json: bool) -> None:
         src = Path(r["source"]).name if r["source"].startswith("/") else r["source"]
         t.add_row(*(escape(str(r[k])) for k in ("area", "setting", "value")), escape(src), style=style)
     _console().print(t)
+
+
+@policy.command("compile")
+@click.argument("profile")
+@click.option("--target", type=click.Choice(["kubernetes"]), required=True)
+@click.option("--namespace", help="The sandboxes' namespace (default: the configuration's, else sandboxes).")
+@click.option("--config", "kube_config", metavar="FILE", help="Backend configuration [$SANDBOX_KUBE_CONFIG].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON List instead of YAML documents.")
+def policy_compile(profile: str, target: str, namespace: str | None, kube_config: str | None, as_json: bool) -> None:
+    """Print the manifests that enforce a policy on a cluster (`kubectl apply -f -`): a SeccompProfile,
+    an agent-sandbox SandboxTemplate, a deny-by-default NetworkPolicy and a SandboxWarmPool.
+    Refused while the policy has a degradation the configuration does not accept."""
+    from sandbox.kube import cli as kube_cli
+
+    pol = _load(profile)
+    kube_cli.print_manifests(pol, kube_cli.config_for(kube_config, namespace), as_json)
 
 
 @policy.command("lint")
