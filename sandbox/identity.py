@@ -56,13 +56,10 @@ def configured_range() -> tuple[int, int]:
 
 
 def default_lease_dir() -> Path:
-    env = os.environ.get(LEASE_DIR_ENV)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/sandbox/uids")
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime_dir) / "sandbox-uids" if runtime_dir else Path(f"/tmp/sandbox-uids-{os.getuid()}")
+    """``$SANDBOX_UID_LEASES``, else /run/sandbox/uids for root (see :func:`sandbox.paths.uid_leases_dir`)."""
+    from sandbox.paths import uid_leases_dir
+
+    return uid_leases_dir()
 
 
 @dataclass

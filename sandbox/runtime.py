@@ -24,14 +24,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Protocol, Union
 
 from sandbox import spec as specmod
 from sandbox.channel import AgentChannel, ChannelClosed
 from sandbox.engine import Engine, EngineError, NotFound, engine_socket_path
-from sandbox.egress.rules import EgressPolicy
 from sandbox.identity import Identity, IdentityAllocator, IdentityError
-from sandbox.policy import Policy, check_host_path
+from sandbox.policycache import CompiledPolicy
+
+if TYPE_CHECKING:
+    from sandbox.egress.rules import EgressPolicy
+    from sandbox.policy import Policy
+
+# What create() takes: a Policy, or the same policy compiled (sandbox.policycache). Either way the
+# sandbox is made from sandbox.spec.policy_facts() by sandbox.spec.body_from_facts().
+PolicyLike = Union["Policy", CompiledPolicy]
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +100,10 @@ class ExecResult:
 
 
 def default_state_dir() -> Path:
-    env = os.environ.get("SANDBOX_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/sandbox")
-    return Path.home() / ".local/state/sandbox"
+    """The runtime's state directory: one layout for every part (:mod:`sandbox.paths`)."""
+    from sandbox.paths import runtime_dir
+
+    return runtime_dir()
 
 
 def _start_ticks(pid: int | str) -> int:
@@ -118,6 +123,17 @@ def owner_alive(token: str) -> bool:
         return _start_ticks(int(pid)) == int(started)
     except (ValueError, OSError, IndexError):
         return False
+
+
+def _compiled(policy: PolicyLike) -> CompiledPolicy:
+    return policy if isinstance(policy, CompiledPolicy) else CompiledPolicy.from_policy(policy)
+
+
+def check_host_path(path: str) -> str:
+    """:func:`sandbox.policy.check_host_path` (imported when a host path is actually given)."""
+    from sandbox.policy import check_host_path as check
+
+    return check(path)
 
 
 def _safe_name(session_id: str) -> str:
@@ -194,15 +210,15 @@ def remove_disk_workspace(root: Path, session: str) -> None:
 class Sandbox:
     """A running sandbox. Thread-safe: several calls may run at once."""
 
-    def __init__(self, runtime: "Runtime", policy: Policy, session_id: str, container_id: str,
+    def __init__(self, runtime: "Runtime", policy: PolicyLike, session_id: str, container_id: str,
                  channel: AgentChannel, counters: CgroupCounters, workspace_dir: Path | None, egress: bool,
                  identity: Identity | None = None, owns_identity: bool = True):
         self.runtime = runtime
+        self.compiled = _compiled(policy)
         self.identity = identity
         self._owns_identity = owns_identity
         self.uid = identity.uid if identity else None
         self.gid = identity.gid if identity else None
-        self.policy = policy
         self.session_id = session_id
         self.id = container_id
         self.channel = channel
@@ -213,11 +229,11 @@ class Sandbox:
         self._destroyed = False
         self._lock = threading.Lock()
         # A sandbox never outlives its policy's session limit, whoever forgets to destroy it.
-        self._deadline = threading.Timer(policy.timeouts.session_s, self._expire)
+        self._deadline = threading.Timer(self.compiled.session_s, self._expire)
         self._deadline.daemon = True
         self._deadline.start()
         self.expired = False
-        if policy.runtime == "runsc":
+        if self.compiled.runtime == "runsc":
             threading.Thread(target=self._beat, name=f"beat-{container_id[:12]}", daemon=True).start()
 
     def _beat(self) -> None:
@@ -233,6 +249,11 @@ class Sandbox:
         self.destroy()
 
     @property
+    def policy(self) -> Policy:
+        """The full policy model (loaded on first use when the sandbox came from a cached policy)."""
+        return self.compiled.policy()
+
+    @property
     def alive(self) -> bool:
         return not self._destroyed and not self.channel.closed.is_set()
 
@@ -243,8 +264,8 @@ class Sandbox:
 
         ``stdin``: bytes, or a binary file object streamed in chunks with flow control
         (at most STDIN_WINDOW bytes in flight: memory stays bounded on both sides)."""
-        timeout = float(timeout or self.policy.timeouts.call_s)
-        cap = int(max_output or self.policy.output.max_bytes)
+        timeout = float(timeout or self.compiled.call_s)
+        cap = int(max_output or self.compiled.output_max)
         before = self.counters.snapshot()
         started = time.monotonic()
         try:
@@ -398,13 +419,19 @@ class Sandbox:
         finally:
             self.channel.finish_request(rid)
 
-    def destroy(self) -> None:
+    def destroy(self, wait: bool = True) -> None:
+        """Kill the sandbox (AutoRemove deletes it) and release what it held.
+
+        ``wait=False``, for a process about to exit: the kill is sent without waiting for the
+        engine's answer and the channel closed (its stdin's EOF makes the agent, PID 1, exit
+        too: two independent ways the sandbox ends). Sandboxes with a disk workspace or an
+        egress registration are torn down in full either way."""
         with self._lock:
             if self._destroyed:
                 return
             self._destroyed = True
         self._deadline.cancel()
-        self.runtime._teardown(self)
+        self.runtime._teardown(self, wait=wait)
 
 
 class _StdinStream:
@@ -486,12 +513,15 @@ class Runtime:
                     pass
         return used
 
-    def lease_identity(self, policy: Policy) -> Identity:
+    def lease_identity(self, policy: PolicyLike) -> Identity:
         """The uid/gid a sandbox of this policy will run as: pinned by the policy, or any free one."""
-        u = policy.user
+        if isinstance(policy, CompiledPolicy):
+            uid, gid = policy.uid, policy.gid
+        else:
+            uid, gid = policy.user.uid, policy.user.gid
         try:
-            if isinstance(u.uid, int) and isinstance(u.gid, int):
-                return self.identities.acquire(u.uid, u.gid)
+            if isinstance(uid, int) and isinstance(gid, int):
+                return self.identities.acquire(uid, gid)
             return self.identities.acquire()
         except IdentityError as e:
             raise SandboxError(str(e)) from None
@@ -518,7 +548,7 @@ class Runtime:
             self._egress = EgressManager(self.state_dir / "egress")
         return self._egress
 
-    def create(self, policy: Policy, session_id: str | None = None, workspace: Path | None = None,
+    def create(self, policy: PolicyLike, session_id: str | None = None, workspace: Path | None = None,
                extra_labels: dict[str, str] | None = None, *, identity: Identity | None = None,
                ro_mounts: list[tuple[str | Path, str]] | None = None) -> Sandbox:
         """Create and start a sandbox for one session; returns once its agent is ready.
@@ -534,17 +564,22 @@ class Runtime:
         cid: str | None = None
         owns_identity = identity is None
         try:
+            cp = _compiled(policy)
             if identity is None:
-                identity = self.lease_identity(policy)
+                identity = self.lease_identity(cp)
             ids = specmod.Ids(identity.uid, identity.gid)
             if workspace is not None:
                 ws_dir = Path(check_host_path(str(Path(workspace).resolve())))
-            elif policy.workspace.backing == "disk":
-                ws_dir = make_disk_workspace(self.state_dir / "workspaces", name, policy.workspace.size_mb,
+            elif cp.workspace_backing == "disk":
+                ws_dir = make_disk_workspace(self.state_dir / "workspaces", name, cp.workspace_size_mb,
                                              ids.uid, ids.gid)
                 managed_ws = True
-            if policy.egress.enabled:
-                egress_dir = self.egress.register(session_id, policy.egress)
+            # Validation resolved these host paths when the policy was loaded (perhaps long ago,
+            # from the cache): a symlink retargeted since then is caught here.
+            for m in cp.facts["read_only_mounts"]:
+                check_host_path(m["source"])
+            if cp.egress:
+                egress_dir = self.egress.register(session_id, cp.policy().egress)
             extra_ro = tuple((check_host_path(str(Path(src).resolve())), str(target))
                              for src, target in (ro_mounts or []))
             binds = specmod.Binds(workspace_dir=str(ws_dir) if ws_dir else None,
@@ -552,12 +587,13 @@ class Runtime:
             labels = dict(extra_labels or {})
             if managed_ws:
                 labels["org.sandbox.workspace"] = name
-            spec = specmod.compile_spec(policy, session_id, binds, owner=self.owner, extra_labels=labels, ids=ids)
+            spec = specmod.body_from_facts(cp.facts, session_id, binds, owner=self.owner, extra_labels=labels,
+                                           ids=ids)
             api = self.engine
             cid = api.create(spec.body, name=name)
             channel = AgentChannel(api.attach(cid))
             api.start(cid)
-            channel.hello(policy.timeouts.session_s, WATCHDOG_S if policy.runtime == "runsc" else None)
+            channel.hello(cp.session_s, WATCHDOG_S if cp.runtime == "runsc" else None)
             inspected: dict[str, Any] = {}
             # The cgroup lookup needs the container's pid; fetch it while the agent starts.
             t = threading.Thread(target=lambda: inspected.update(api.inspect(cid)), daemon=True)
@@ -568,7 +604,7 @@ class Runtime:
                 raise SandboxError(f"sandbox agent did not start: {channel.close_reason}; {diag}")
             t.join(timeout=30)
             pid = inspected.get("State", {}).get("Pid") or api.inspect(cid)["State"]["Pid"]
-            return Sandbox(self, policy, session_id, cid, channel, CgroupCounters(pid),
+            return Sandbox(self, cp, session_id, cid, channel, CgroupCounters(pid),
                            ws_dir if managed_ws else None, egress_dir is not None,
                            identity=identity, owns_identity=owns_identity)
         except BaseException as e:
@@ -609,7 +645,16 @@ class Runtime:
             if "already in progress" not in str(e):
                 log.warning("could not remove sandbox %s: %s", cid[:12], e.explanation)
 
-    def _teardown(self, sb: Sandbox) -> None:
+    def _teardown(self, sb: Sandbox, wait: bool = True) -> None:
+        if not wait and sb.workspace_dir is None and not sb.egress:
+            try:
+                self.engine.kill_nowait(sb.id)
+            except OSError as e:
+                log.warning("could not send the kill for sandbox %s: %s; its agent exits on stdin EOF", sb.id[:12], e)
+            sb.channel.close()
+            if sb._owns_identity and sb.identity is not None:
+                sb.identity.release()
+            return
         sb.channel.close()
         self._remove_container(sb.id)
         if sb._owns_identity and sb.identity is not None:
