@@ -1,129 +1,304 @@
-"""Runtime benchmark (run by hand: `python3 bench/bench_runtime.py [-n 20]`).
+"""Runtime benchmark: the runtime rows of issue 11's table (run by hand).
 
-(a) `sandbox exec -- python3 -c 'print(1)'` (a whole CLI process) vs a plain
-    `docker run --rm` with the same hardening flags and image;
-(b) one command in an already-running sandbox through the runtime's exec path
-    vs `docker exec` into the same container;
-(c) creating and destroying 20 sandboxes concurrently: wall time, peak memory.
-Rounds are interleaved so both sides see the same machine load; medians and
-ratios are measured in this one run. Nothing here is asserted.
+    python bench/bench_runtime.py [-n 15] [--idle 100] [--only cold,api,live,idle,gvisor]
+
+Rows, each against a baseline measured in the same run, rounds interleaved so both sides
+see the same machine load, medians and their ratio (nothing is asserted):
+
+- cold:   `sandbox exec -- python3 -c 'print(1)'`, a whole CLI process, vs a hardened
+          `docker run --rm` with the same flags and image (aim <= 0.8x);
+- api:    the Python API in-process, create -> first result -> destroy, vs the same
+          `docker run` (aim <= 0.5x);
+- live:   `print(1)` in a running sandbox vs `docker exec` into the same container (<= 0.3x);
+- idle:   N idle sandboxes at once: host memory each (MemAvailable before/after), what it
+          is made of (agent, containerd-shim, cgroup), extrapolated to this host (aim >= 500
+          at <= 10 MiB each);
+- gvisor: create -> first result -> destroy under runsc (the registered platform) vs runc,
+          and each platform runsc offers tried with `runsc do` (kvm needs a usable /dev/kvm).
+
+The machine's load average is printed with the results: on a shared host, read ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
-import sysconfig
-from pathlib import Path
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
 
-import psutil
-
-from sandbox import seccomp as sc
-from sandbox.policy import load_policy
+from sandbox import api
 from sandbox.runtime import Runtime
 
+PRINT1 = ["python3", "-c", "print(1)"]
+med = statistics.median
 
-def timed(cmd: list[str]) -> float:
+
+def timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    fn()
     return time.perf_counter() - t
 
 
-def docker_run_cmd(policy, seccomp_file: str) -> list[str]:
-    u, rl = policy.user, policy.rlimits
-    cmd = ["docker", "run", "--rm", "--init", f"--user={u.uid}:{u.gid}", "--read-only", "--cap-drop=ALL",
+def run_quiet(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+
+
+def docker_run_cmd(facts: dict[str, Any], seccomp_file: str, uid: int) -> list[str]:
+    """`docker run --rm` with the flags the runtime's create body sets (same image, user,
+    seccomp profile, limits, rlimits, tmpfs, no network, no log driver)."""
+    rl, lim, ws = facts["rlimits"], facts["limits"], facts["workspace"]
+    cmd = ["docker", "run", "--rm", f"--user={uid}:{uid}", "--read-only", "--cap-drop=ALL",
            "--security-opt=no-new-privileges", f"--security-opt=seccomp={seccomp_file}", "--network=none",
-           f"--pids-limit={policy.limits.pids}", f"--memory={policy.limits.memory_mb}m",
-           f"--memory-swap={policy.limits.memory_mb}m", f"--cpus={policy.limits.cpus}", "--log-driver=none",
-           f"--tmpfs=/tmp:rw,nosuid,nodev,noexec,size={policy.tmpfs[0].size_mb}m",
-           f"--tmpfs=/workspace:rw,nosuid,nodev,exec,size={policy.workspace.size_mb}m,uid={u.uid},gid={u.gid},mode=0700",
-           f"--ulimit=nofile={rl.nofile}", f"--ulimit=nproc={rl.nproc}", "--ulimit=core=0",
-           f"--ulimit=fsize={rl.fsize_mb << 20}", f"--ulimit=cpu={rl.cpu_s}", f"--ulimit=stack={rl.stack_mb << 20}"]
-    return cmd + [policy.image, "python3", "-c", "print(1)"]
+           f"--pids-limit={lim['pids']}", f"--memory={lim['memory_mb']}m", f"--memory-swap={lim['memory_mb']}m",
+           f"--cpus={lim['cpus']}", "--log-driver=none", "--ipc=private", "--cgroupns=private", "--shm-size=16m",
+           "--hostname=sandbox", "--oom-score-adj=500"]
+    for t in facts["tmpfs"]:
+        cmd.append(f"--tmpfs={t['path']}:rw,nosuid,nodev,{'exec' if t['exec'] else 'noexec'},size={t['size_mb']}m")
+    cmd.append(f"--tmpfs={ws['path']}:rw,nosuid,nodev,exec,size={ws['size_mb']}m,uid={uid},gid={uid},mode=0700")
+    cmd += [f"--ulimit=nofile={rl['nofile']}", f"--ulimit=nproc={rl['nproc']}", "--ulimit=core=0",
+            f"--ulimit=fsize={rl['fsize_mb'] << 20}", f"--ulimit=cpu={rl['cpu_s']}",
+            f"--ulimit=stack={rl['stack_mb'] << 20}"]
+    return cmd + [facts["image"], *PRINT1]
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+def row(label: str, ours: list[float], base: list[float] | None, aim: str = "") -> None:
+    if base:
+        r = med(ours) / med(base)
+        print(f"{label:62} {med(ours) * 1000:8.1f} {med(base) * 1000:9.1f} {r:7.2f}  {aim}")
+    else:
+        print(f"{label:62} {med(ours) * 1000:8.1f} {'':9} {'':7}  {aim}")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# ------------------------------------------------------------------ rows
+
+def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> None:
+    script = Path(sysconfig.get_path("scripts")) / "sandbox"  # not a version-manager shim (pyenv adds ~0.3 s)
+    cli = [str(script if script.exists() else shutil.which("sandbox")), "exec", "--", *PRINT1]
+
+    def api_once() -> None:
+        with api.open(cp) as sb:
+            assert sb.exec(PRINT1).stdout == b"1\n"
+
+    def cli_once() -> None:
+        out = subprocess.run(cli, check=True, capture_output=True).stdout
+        assert out == b"1\n", out
+
+    sides: dict[str, Callable[[], None]] = {"docker run": lambda: run_quiet(base_cmd)}
+    if "cold" in only:
+        sides["cli"] = cli_once
+    if "api" in only:
+        sides["api"] = api_once
+    for fn in sides.values():
+        fn()  # warm caches (the policy cache included)
+    samples: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(n):
+        order = list(sides)
+        if i % 2:
+            order.reverse()
+        for k in order:
+            samples[k].append(timed(sides[k]))
+    if "cli" in samples:
+        row("cold `sandbox exec -- python3 -c 'print(1)'` vs docker run --rm", samples["cli"],
+            samples["docker run"], "aim <= 0.8")
+    if "api" in samples:
+        row("API in-process create -> first result -> destroy vs docker run", samples["api"],
+            samples["docker run"], "aim <= 0.5")
+
+
+def bench_live(n: int, rt: Runtime, cp: Any) -> None:
+    sb = rt.create(cp)
+    try:
+        ours, base, true_ = [], [], []
+        dexec = ["docker", "exec", sb.id, *PRINT1]
+        for _ in range(n):
+            ours.append(timed(lambda: sb.exec(PRINT1)))
+            base.append(timed(lambda: run_quiet(dexec)))
+            true_.append(timed(lambda: sb.exec(["true"])))
+        row("print(1) in a live sandbox vs docker exec", ours, base, "keep <= 0.3")
+        row("  `true` in a live sandbox (channel + fork/exec floor)", true_, None)
+    finally:
+        sb.destroy()
+
+
+def _pss_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in KiB from smaps_rollup."""
+    rss = pss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+def _mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cgroup_usage(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if "memory" in ctrls.split(","):
+            p = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.usage_in_bytes"
+            if p.exists():
+                return int(p.read_text())
+        if ctrls == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            p = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.current"
+            if p.exists():
+                return int(p.read_text())
+    return 0
+
+
+def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
+    subprocess.run(["sync"], check=False)
+    time.sleep(2)
+    before = _mem_available_kib()
+    t0 = time.perf_counter()
+    boxes: list[Any] = []
+    lock = threading.Lock()
+
+    def one(_: int) -> None:
+        s = rt.create(cp)
+        with lock:
+            boxes.append(s)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(count)))
+        wall = time.perf_counter() - t0
+        time.sleep(3)  # let the engine settle
+        after = _mem_available_kib()
+        pids = [rt.engine.inspect(s.id)["State"]["Pid"] for s in boxes]
+        agent = [_pss_kib(p) for p in pids]
+        shims = []
+        for p in pids:
+            try:
+                ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                shims.append(_pss_kib(ppid))
+            except (OSError, ValueError):
+                pass
+        cg = [_cgroup_usage(p) for p in pids]
+        total_mib = (before - after) / 1024
+        each = total_mib / count
+        print(f"{count} idle sandboxes started in {wall:.1f} s ({wall / count * 1000:.0f} ms each, 4 threads)")
+        print(f"  host memory (MemAvailable drop) {total_mib:8.1f} MiB total, {each:6.2f} MiB per sandbox  "
+              "aim <= 10 MiB")
+        print(f"  agent (PID 1, python3)          RSS {med(a[0] for a in agent) / 1024:6.2f}  "
+              f"PSS {med(a[1] for a in agent) / 1024:6.2f} MiB (median)")
+        if shims:
+            print(f"  containerd-shim per sandbox     RSS {med(s[0] for s in shims) / 1024:6.2f}  "
+                  f"PSS {med(s[1] for s in shims) / 1024:6.2f} MiB (median)")
+        print(f"  memory cgroup usage             {med(cg) / 2**20:6.2f} MiB (median; page cache and tmpfs included)")
+        host_kib = _mem_available_kib()
+        print(f"  at {each:.2f} MiB each, MemAvailable now ({host_kib / 2**20:.1f} GiB) holds "
+              f"{int(host_kib / 1024 / max(each, 0.01))} more; aim >= 500")
+        uids = {s.uid for s in boxes}
+        print(f"  distinct uids: {len(uids)} of {count}")
+    finally:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda s: s.destroy(), boxes))
+
+
+def bench_gvisor(n: int, rt: Runtime, cp: Any) -> None:
+    runtimes = rt.client.info().get("Runtimes", {})
+    if "runsc" in runtimes:
+        args = runtimes["runsc"].get("runtimeArgs") or []
+        gv = api.load_compiled("gvisor")
+
+        def once(c: Any) -> Callable[[], None]:
+            def f() -> None:
+                s = rt.create(c)
+                try:
+                    assert s.exec(PRINT1).stdout == b"1\n"
+                finally:
+                    s.destroy()
+            return f
+
+        once(gv)()
+        ours, base = [], []
+        for _ in range(n):
+            ours.append(timed(once(gv)))
+            base.append(timed(once(cp)))
+        row(f"gVisor create->result->destroy vs runc ({' '.join(args)})", ours, base)
+    else:
+        print("gVisor: runsc is not registered with the engine")
+    runsc = shutil.which("runsc")
+    if not runsc:
+        return
+    ver = subprocess.run([runsc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    for platform in ("ptrace", "kvm", "systrap"):
+        times, err = [], ""
+        for _ in range(min(n, 5)):
+            t = time.perf_counter()
+            try:
+                p = subprocess.run([runsc, f"--platform={platform}", "--network=none", "do", "/bin/true"],
+                                   capture_output=True, text=True, timeout=15)
+            except subprocess.TimeoutExpired:
+                err = "hangs (no result in 15 s)"
+                break
+            if p.returncode != 0:
+                err = (p.stderr.strip().splitlines() or ["failed"])[-1][:100]
+                break
+            times.append(time.perf_counter() - t)
+        status = f"{med(times) * 1000:7.1f} ms" if times and not err else f"unusable: {err}"
+        print(f"  `runsc do /bin/true` --platform={platform:8} {status}   ({ver})")
+    kvm = Path("/dev/kvm")
+    flags = Path("/proc/cpuinfo").read_text()
+    print(f"  /dev/kvm {'present' if kvm.exists() else 'absent'}; CPU virtualisation flags (vmx/svm): "
+          f"{'yes' if (' vmx' in flags or ' svm' in flags) else 'no'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("-n", type=int, default=20)
+    ap.add_argument("-n", type=int, default=15, help="interleaved rounds per row")
+    ap.add_argument("--idle", type=int, default=100, help="idle sandboxes to start at once")
+    ap.add_argument("--only", default="cold,api,live,idle,gvisor")
     args = ap.parse_args()
-    policy = load_policy("default")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(sc.to_oci(sc.compile_filter(policy.seccomp)), f)
-        seccomp_file = f.name
-    # The console script itself, not a version-manager shim in front of it (pyenv adds ~0.3 s).
-    script = Path(sysconfig.get_path("scripts")) / "sandbox"
-    sandbox_cmd = [str(script if script.exists() else shutil.which("sandbox")), "exec", "--", "python3", "-c", "print(1)"]
-    plain = docker_run_cmd(policy, seccomp_file)
-    timed(sandbox_cmd), timed(plain)  # warm caches
-    a_ours, a_base = [], []
-    for _ in range(args.n):
-        a_ours.append(timed(sandbox_cmd))
-        a_base.append(timed(plain))
-
+    only = set(args.only.split(","))
+    cp = api.load_compiled("default")
     rt = Runtime(owner_kind="bench")
-    sb = rt.create(policy)
-    b_ours, b_base = [], []
-    dexec = ["docker", "exec", sb.id, "python3", "-c", "print(1)"]
-    for _ in range(args.n):
-        t = time.perf_counter()
-        r = sb.exec(["python3", "-c", "print(1)"])
-        b_ours.append(time.perf_counter() - t)
-        assert r.stdout == b"1\n", r
-        b_base.append(timed(dexec))
-    t_true = []
-    for _ in range(args.n):
-        t = time.perf_counter()
-        sb.exec(["true"])
-        t_true.append(time.perf_counter() - t)
-    sb.destroy()
-
-    peak = [0]
-    base_used = psutil.virtual_memory().used
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], psutil.virtual_memory().used - base_used)
-            time.sleep(0.02)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    t = time.perf_counter()
-
-    def one(_: int) -> None:
-        s = rt.create(policy)
-        s.exec(["true"])
-        s.destroy()
-
-    with ThreadPoolExecutor(20) as pool:
-        list(pool.map(one, range(20)))
-    c_wall = time.perf_counter() - t
-    stop.set()
-    th.join()
-
-    med = statistics.median
-    print(f"\nRuntime benchmark, n={args.n} interleaved rounds, medians (seconds)\n")
-    print(f"{'measure':58} {'ours':>8} {'baseline':>9} {'ratio':>7}")
-    print(f"{'(a) sandbox exec (CLI) vs hardened docker run --rm':58} {med(a_ours):8.3f} {med(a_base):9.3f} "
-          f"{med(a_ours) / med(a_base):7.2f}")
-    print(f"{'(b) exec in running sandbox vs docker exec':58} {med(b_ours):8.4f} {med(b_base):9.4f} "
-          f"{med(b_ours) / med(b_base):7.2f}")
-    print(f"{'    p99 of (b), ours / docker exec':58} {pct(b_ours, 99):8.4f} {pct(b_base, 99):9.4f}")
-    print(f"{'    `true` in running sandbox (channel overhead floor)':58} {med(t_true):8.4f}")
-    print(f"{'(c) 20 concurrent create+exec+destroy: wall':58} {c_wall:8.2f}")
-    print(f"{'    peak host memory above start (MiB)':58} {peak[0] / 2**20:8.0f}")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cp.facts["seccomp_profile"], f)
+        seccomp_file = f.name
+    ident = rt.lease_identity(cp)  # the baseline runs as a leased uid too, held for the whole run
+    base_cmd = docker_run_cmd(cp.facts, seccomp_file, ident.uid)
+    print(f"Runtime benchmark: n={args.n} interleaved rounds, medians in ms; load average before: {loadavg()}")
+    print(f"{'row':62} {'ours':>8} {'baseline':>9} {'ratio':>7}")
+    try:
+        if only & {"cold", "api"}:
+            bench_cold_and_api(args.n, cp, base_cmd, only)
+        if "live" in only:
+            bench_live(args.n, rt, cp)
+        if "gvisor" in only:
+            bench_gvisor(max(3, args.n // 2), rt, cp)
+        if "idle" in only and args.idle > 0:
+            bench_idle(args.idle, rt, cp)
+    finally:
+        ident.release()
+        os.unlink(seccomp_file)
+        rt.gc(mine=True)
+    print(f"load average after: {loadavg()}  ({os.cpu_count()} CPUs)")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -34,11 +34,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
-from sandbox import policy as _policy
+from sandbox import errors as _errors
+from sandbox import policycache as _cache
 from sandbox import runtime as _rt
 from sandbox.runtime import SandboxError
+
+if TYPE_CHECKING:
+    from sandbox import policy as _policy
 
 __all__ = [
     "open",
@@ -69,11 +73,11 @@ DEFAULT_READ_MAX = 64 << 20
 # SandboxError (re-exported from sandbox.runtime, so errors the runtime raises directly are
 # caught by `except sandbox.SandboxError` too) is the base of everything below.
 
-class PolicyError(SandboxError, _policy.PolicyError):
+class PolicyError(SandboxError, _errors.PolicyError):
     """A profile, or an env/timeout given to the API, is invalid. ``problems``: (source, key, reason)."""
 
     def __init__(self, problems: list[tuple[str, str, str]]):
-        _policy.PolicyError.__init__(self, problems)
+        _errors.PolicyError.__init__(self, problems)
 
 
 class EngineUnavailable(SandboxError):
@@ -175,11 +179,23 @@ class Result:
 
 def load_profile(profile: str | os.PathLike[str] | _policy.Policy) -> _policy.Policy:
     """A :class:`~sandbox.policy.Policy` from a profile name, a YAML path, or a Policy."""
+    from sandbox import policy as _policy
+
     if isinstance(profile, _policy.Policy):
         return profile
     try:
         return _policy.load_policy(os.fspath(profile))
     except _policy.PolicyError as e:
+        raise PolicyError(e.problems) from None
+
+
+def load_compiled(profile: str | os.PathLike[str]) -> _cache.CompiledPolicy:
+    """The compiled policy of a profile name or YAML path, through the policy cache
+    (:mod:`sandbox.policycache`: used only while every file it was built from is unchanged;
+    otherwise loaded and validated exactly as :func:`load_profile` does)."""
+    try:
+        return _cache.load(os.fspath(profile))
+    except _errors.PolicyError as e:
         raise PolicyError(e.problems) from None
 
 
@@ -190,6 +206,8 @@ def with_overrides(policy: _policy.Policy, *, env: Mapping[str, str] | None = No
     zero or negative timeout are refused). Errors name ``source`` and the policy key."""
     if not env and timeout is None:
         return policy
+    from sandbox import policy as _policy
+
     data = policy.model_dump(mode="json")
     if env:
         data["env"] = {**data.get("env", {}), **dict(env)}
@@ -251,7 +269,7 @@ def workspace_dir(workspace: str | os.PathLike[str]) -> Path:
         raise WorkspaceError(f"workspace {typed}: not a directory")
     resolved = p.resolve()
     try:
-        _policy.check_host_path(str(resolved))
+        _rt.check_host_path(str(resolved))
     except ValueError as e:
         raise WorkspaceError(f"workspace {typed}: {e}") from None
     return resolved
@@ -328,7 +346,7 @@ class Sandbox:
     # -------------------------------------------------------------- lifecycle
 
     @classmethod
-    def create(cls, profile: str | os.PathLike[str] | _policy.Policy = "default", *,
+    def create(cls, profile: str | os.PathLike[str] | _policy.Policy | _cache.CompiledPolicy = "default", *,
                workspace: str | os.PathLike[str] | None = None, session_id: str | None = None,
                timeout: float | None = None, env: Mapping[str, str] | None = None) -> Sandbox:
         """Start a sandbox of ``profile`` (a name, a YAML path or a Policy) and wait until it is ready.
@@ -338,10 +356,12 @@ class Sandbox:
         (the policy's ``timeouts.call_s``). ``env``: extra environment for every command."""
         return _create(profile, workspace=workspace, session_id=session_id, timeout=timeout, env=env)
 
-    def close(self) -> None:
-        """Destroy the sandbox (idempotent)."""
+    def close(self, *, wait: bool = True) -> None:
+        """Destroy the sandbox (idempotent). ``wait=False`` (for a process about to exit) sends
+        the kill without waiting for the engine's answer; the sandbox's stdin closes as well, so
+        its agent ends it even if the kill were lost."""
         self._closed = True
-        self._sb.destroy()
+        self._sb.destroy(wait=wait)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -371,18 +391,18 @@ class Sandbox:
 
     @property
     def profile(self) -> str:
-        return self._sb.policy.name
+        return self._sb.compiled.name
 
     @property
     def uid(self) -> int:
         """The uid commands run as (allocated per sandbox when the policy says ``auto``)."""
         uid = getattr(self._sb, "uid", None)
-        return int(uid if uid is not None else self._sb.policy.user.uid)
+        return int(uid if uid is not None else self._sb.compiled.uid)
 
     @property
     def gid(self) -> int:
         gid = getattr(self._sb, "gid", None)
-        return int(gid if gid is not None else self._sb.policy.user.gid)
+        return int(gid if gid is not None else self._sb.compiled.gid)
 
     @property
     def alive(self) -> bool:
@@ -448,15 +468,23 @@ class Sandbox:
             raise _file_error("write_file", path, res)
 
 
-def _create(profile: str | os.PathLike[str] | _policy.Policy = "default", *,
+def _create(profile: str | os.PathLike[str] | _policy.Policy | _cache.CompiledPolicy = "default", *,
             workspace: str | os.PathLike[str] | None = None, session_id: str | None = None,
             timeout: float | None = None, env: Mapping[str, str] | None = None,
             owner_kind: str = "api", env_source: str = "env", timeout_source: str = "timeout") -> Sandbox:
-    policy = load_profile(profile)
-    if env:
-        policy = with_overrides(policy, env=env, source=env_source)
-    if timeout is not None:
-        policy = with_overrides(policy, timeout=timeout, source=timeout_source)
+    policy: _policy.Policy | _cache.CompiledPolicy
+    if isinstance(profile, _cache.CompiledPolicy) and not env and timeout is None:
+        policy = profile
+    elif isinstance(profile, (str, os.PathLike)) and not env and timeout is None:
+        policy = load_compiled(profile)  # the cached fast path: same validation, same facts
+    else:
+        if isinstance(profile, _cache.CompiledPolicy):
+            profile = profile.policy()
+        policy = load_profile(profile)
+        if env:
+            policy = with_overrides(policy, env=env, source=env_source)
+        if timeout is not None:
+            policy = with_overrides(policy, timeout=timeout, source=timeout_source)
     ws = workspace_dir(workspace) if workspace is not None else None
     rt = _runtime(owner_kind)
     try:
@@ -484,12 +512,12 @@ def _check_writable(sb: Sandbox, ws: Path, typed: str) -> None:
         return
     sb.warnings.append(
         f"workspace {typed} (owner {st.st_uid}:{st.st_gid}, mode {stat.S_IMODE(st.st_mode):o}) is not writable by "
-        f"the sandbox's uid {sb.uid}:{sb.gid}: writes to {sb.policy.workspace.path} will fail ("
+        f"the sandbox's uid {sb.uid}:{sb.gid}: writes to {sb._sb.compiled.workspace_path} will fail ("
         + ("the uid is allocated per sandbox: let others write (chmod o+wx), or pin user.uid/gid in a profile "
-           "and give that uid access)" if sb.policy.user.uid == "auto" else "give that uid write access)"))
+           "and give that uid access)" if sb._sb.compiled.uid == "auto" else "give that uid write access)"))
 
 
-def open(profile: str | os.PathLike[str] | _policy.Policy = "default", *,  # noqa: A001 - the API's name
+def open(profile: str | os.PathLike[str] | _policy.Policy | _cache.CompiledPolicy = "default", *,  # noqa: A001
          workspace: str | os.PathLike[str] | None = None, session_id: str | None = None,
          timeout: float | None = None, env: Mapping[str, str] | None = None) -> Sandbox:
     """Start a sandbox; use it as a context manager so it is destroyed when the block ends::

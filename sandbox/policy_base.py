@@ -14,16 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+# Defined in sandbox.errors (stdlib only), so the cached fast path can catch it without pydantic.
+from sandbox.errors import PolicyError
+
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # shipped as package data
-
-
-class PolicyError(ValueError):
-    """A profile is invalid. ``problems`` lists (file, key, reason) triples."""
-
-    def __init__(self, problems: list[tuple[str, str, str]]):
-        self.problems = problems
-        lines = [f"{f}: {k}: {r}" for f, k, r in problems]
-        super().__init__("invalid policy:\n  " + "\n  ".join(lines))
 
 
 class _Strict(BaseModel):

@@ -3,6 +3,14 @@
 Pure functions: no Docker, no I/O. The result is what ``POST /containers/create``
 receives, so an auditor can read precisely what a sandbox is given and unit
 tests can check every hardening flag without an engine.
+
+Two stages: :func:`policy_facts` reduces a validated Policy to plain JSON data (every
+setting the body is made of, the OCI seccomp profile and the digest), and
+:func:`body_from_facts` makes the create body from those facts and what the runtime
+prepared for one sandbox. :func:`compile_spec` is both in a row. The facts are what
+:mod:`sandbox.policycache` stores, so a sandbox made from a cached policy gets the
+body the same code makes from a freshly loaded one. Only the first stage imports the
+policy model and the seccomp compiler.
 """
 
 from __future__ import annotations
@@ -10,10 +18,10 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sandbox import seccomp as sc
-from sandbox.policy import Policy
+if TYPE_CHECKING:
+    from sandbox.policy import Policy
 
 AGENT_CMD = ["/usr/bin/python3", "-I", "-S", "/opt/sandbox-agent/agent.py"]
 EGRESS_MOUNT = "/run/sandbox-egress"
@@ -70,7 +78,11 @@ class Ids:
 def policy_ids(policy: Policy) -> Ids:
     """The pinned ids of a policy, or a placeholder for ``auto`` (for previews: explain, audits of a spec)."""
     u = policy.user
-    return Ids(u.uid, u.gid) if isinstance(u.uid, int) and isinstance(u.gid, int) else Ids(65534, 65534)
+    return _pinned_ids(u.uid, u.gid)
+
+
+def _pinned_ids(uid: Any, gid: Any) -> Ids:
+    return Ids(uid, gid) if isinstance(uid, int) and isinstance(gid, int) else Ids(65534, 65534)
 
 
 @dataclass(frozen=True)
@@ -85,24 +97,39 @@ class ContainerSpec:
 
 def egress_env() -> dict[str, str]:
     url = f"http://{EGRESS_LISTEN}"
-    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
-            "ALL_PROXY": url, "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
+    env = {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+           "ALL_PROXY": url, "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
+    # The egress proxy always writes this bundle (the host's roots, plus the session CA when the
+    # policy terminates a host to inject a credential): sandbox/egress/manager.py CA_ENV_VARS.
+    bundle = f"{EGRESS_MOUNT}/ca-bundle.pem"
+    env.update({k: bundle for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO",
+                                    "AWS_CA_BUNDLE", "CARGO_HTTP_CAINFO", "NIX_SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")})
+    return env
 
 
 def sandbox_env(policy: Policy, egress: bool) -> dict[str, str]:
+    return _sandbox_env(policy.workspace.path, dict(policy.env), egress)
+
+
+def _sandbox_env(workspace_path: str, policy_env: dict[str, str], egress: bool) -> dict[str, str]:
     # USER/LOGNAME: leased uids have no passwd entry; tools that want a name (getpass, ...) read these.
-    env = {"HOME": policy.workspace.path, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+    env = {"HOME": workspace_path, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
            "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "USER": "sandbox", "LOGNAME": "sandbox"}
     if egress:
         env.update(egress_env())
-    env.update(policy.env)
+    env.update(policy_env)
     return env
 
 
 def labels(policy: Policy, session_id: str, owner: str, extra: dict[str, str] | None = None,
            ids: Ids | None = None) -> dict[str, str]:
+    return _labels(policy.name, policy.digest(), session_id, owner, extra, ids)
+
+
+def _labels(name: str, digest: str, session_id: str, owner: str, extra: dict[str, str] | None = None,
+            ids: Ids | None = None) -> dict[str, str]:
     out = {LABEL_MANAGED: "true", LABEL_SESSION: session_id, LABEL_HOST: socket.gethostname(),
-           LABEL_OWNER: owner, LABEL_POLICY: policy.name, LABEL_DIGEST: policy.digest()}
+           LABEL_OWNER: owner, LABEL_POLICY: name, LABEL_DIGEST: digest}
     if ids is not None:
         out[LABEL_UID], out[LABEL_GID] = str(ids.uid), str(ids.gid)
     out.update(extra or {})
@@ -116,29 +143,65 @@ def _tmpfs_opts(size_mb: int, exec_: bool, uid: int | None = None, gid: int | No
     return ",".join(opts)
 
 
+FACTS_VERSION = 1  # bump when the facts' shape or meaning changes (cached facts are then rebuilt)
+
+
+def policy_facts(policy: Policy) -> dict[str, Any]:
+    """Everything the create body is made of, as plain JSON data: the policy's settings, its
+    digest, and its seccomp filter (resolved, adjusted for its runtime) as an OCI profile."""
+    from sandbox import seccomp as sc
+
+    flt = sc.for_runtime(sc.compile_filter(policy.seccomp), policy.runtime)
+    rl, lim, ws = policy.rlimits, policy.limits, policy.workspace
+    return {
+        "v": FACTS_VERSION,
+        "name": policy.name,
+        "digest": policy.digest(),
+        "image": policy.image,
+        "runtime": policy.runtime,
+        "user": {"uid": policy.user.uid, "gid": policy.user.gid},
+        "workspace": {"path": ws.path, "backing": ws.backing, "size_mb": ws.size_mb},
+        "tmpfs": [{"path": t.path, "size_mb": t.size_mb, "exec": t.exec} for t in policy.tmpfs],
+        "read_only_mounts": [{"source": m.source, "target": m.target} for m in policy.read_only_mounts],
+        "limits": {"memory_mb": lim.memory_mb, "cpus": lim.cpus, "pids": lim.pids},
+        "rlimits": {attr: getattr(rl, attr) for _, attr, _ in _ULIMITS},
+        "env": dict(policy.env),
+        "egress": bool(policy.egress.enabled),
+        "timeouts": {"call_s": policy.timeouts.call_s, "session_s": policy.timeouts.session_s},
+        "output": {"max_bytes": policy.output.max_bytes},
+        "seccomp_profile": sc.to_oci(flt),
+    }
+
+
 def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner: str = "cli",
                  image: str | None = None, extra_labels: dict[str, str] | None = None,
                  ids: Ids | None = None) -> ContainerSpec:
     """Policy -> Docker create body. ``binds`` carries host paths the runtime created; ``ids`` the
     uid/gid the runtime leased (defaults to the policy's pinned ids, or a placeholder for ``auto``)."""
-    flt = sc.for_runtime(sc.compile_filter(policy.seccomp), policy.runtime)
-    profile = sc.to_oci(flt)
-    egress = policy.egress.enabled
+    return body_from_facts(policy_facts(policy), session_id, binds, owner, image, extra_labels, ids)
+
+
+def body_from_facts(facts: dict[str, Any], session_id: str, binds: Binds = Binds(), owner: str = "cli",
+                    image: str | None = None, extra_labels: dict[str, str] | None = None,
+                    ids: Ids | None = None) -> ContainerSpec:
+    """The create body from :func:`policy_facts` and what the runtime prepared for one sandbox."""
+    profile = facts["seccomp_profile"]
+    egress = facts["egress"]
     if egress and not binds.egress_dir:
         raise ValueError("policy allows egress but no proxy socket directory was prepared")
-    u = ids or policy_ids(policy)
-    ws = policy.workspace
-    tmpfs = {t.path: _tmpfs_opts(t.size_mb, t.exec) for t in policy.tmpfs}
+    u = ids or _pinned_ids(facts["user"]["uid"], facts["user"]["gid"])
+    ws = facts["workspace"]
+    tmpfs = {t["path"]: _tmpfs_opts(t["size_mb"], t["exec"]) for t in facts["tmpfs"]}
     mounts: list[dict[str, Any]] = []
     if binds.workspace_dir:
-        mounts.append({"Type": "bind", "Source": binds.workspace_dir, "Target": ws.path, "ReadOnly": False,
+        mounts.append({"Type": "bind", "Source": binds.workspace_dir, "Target": ws["path"], "ReadOnly": False,
                        "BindOptions": {"Propagation": "rprivate"}})
-    elif ws.backing == "tmpfs":
-        tmpfs[ws.path] = _tmpfs_opts(ws.size_mb, True, u.uid, u.gid, mode="0700")
+    elif ws["backing"] == "tmpfs":
+        tmpfs[ws["path"]] = _tmpfs_opts(ws["size_mb"], True, u.uid, u.gid, mode="0700")
     else:
         raise ValueError("a disk-backed workspace needs its host directory")
-    for m in policy.read_only_mounts:
-        mounts.append({"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": True,
+    for m in facts["read_only_mounts"]:
+        mounts.append({"Type": "bind", "Source": m["source"], "Target": m["target"], "ReadOnly": True,
                        "BindOptions": {"Propagation": "rprivate"}})
     for src, target in binds.ro_mounts:
         mounts.append({"Type": "bind", "Source": src, "Target": target, "ReadOnly": True,
@@ -146,12 +209,12 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
     if egress:
         mounts.append({"Type": "bind", "Source": binds.egress_dir, "Target": EGRESS_MOUNT, "ReadOnly": True,
                        "BindOptions": {"Propagation": "rprivate"}})
-    rl = policy.rlimits
-    ulimits = [{"Name": name, "Soft": getattr(rl, attr) * mult, "Hard": getattr(rl, attr) * mult}
-               for name, attr, mult in _ULIMITS]
-    mem = policy.limits.memory_mb << 20
+    rl = facts["rlimits"]
+    ulimits = [{"Name": name, "Soft": rl[attr] * mult, "Hard": rl[attr] * mult} for name, attr, mult in _ULIMITS]
+    lim = facts["limits"]
+    mem = lim["memory_mb"] << 20
     host_config: dict[str, Any] = {
-        "Runtime": policy.runtime,
+        "Runtime": facts["runtime"],
         # No docker-init: the agent itself is PID 1 (non-dumpable, no signal handlers, reaps
         # orphans), so no dumpable process of the sandbox ever holds the channel's descriptors.
         "Init": False,
@@ -163,8 +226,8 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
         "Memory": mem,
         "MemorySwap": mem,  # equal to Memory: no swap
         "MemoryReservation": 0,
-        "NanoCpus": int(policy.limits.cpus * 1e9),
-        "PidsLimit": policy.limits.pids,
+        "NanoCpus": int(lim["cpus"] * 1e9),
+        "PidsLimit": lim["pids"],
         "Ulimits": ulimits,
         "OomScoreAdj": 500,  # under host memory pressure, sandboxes go first
         "Tmpfs": tmpfs,
@@ -190,14 +253,14 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
         # sandbox whose agent dies (or whose owner crashed and killed it) leaves nothing behind.
         "AutoRemove": True,
     }
-    env = sandbox_env(policy, egress)
+    env = _sandbox_env(ws["path"], facts["env"], egress)
     body: dict[str, Any] = {
-        "Image": image or policy.image,
+        "Image": image or facts["image"],
         "User": f"{u.uid}:{u.gid}",
         "Env": [f"{k}={v}" for k, v in env.items()],
         "Cmd": AGENT_CMD,
         "Entrypoint": None,
-        "WorkingDir": ws.path,
+        "WorkingDir": ws["path"],
         "Hostname": "sandbox",
         "Domainname": "",
         "NetworkDisabled": True,
@@ -210,7 +273,7 @@ def compile_spec(policy: Policy, session_id: str, binds: Binds = Binds(), owner:
         "AttachStderr": True,
         "Tty": False,
         "StopSignal": "SIGKILL",
-        "Labels": labels(policy, session_id, owner, extra_labels, u),
+        "Labels": _labels(facts["name"], facts["digest"], session_id, owner, extra_labels, u),
         "HostConfig": host_config,
     }
     return ContainerSpec(body=body, seccomp_profile=profile)

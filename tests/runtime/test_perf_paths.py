@@ -1,0 +1,211 @@
+"""The fast paths are the real paths: the compiled-policy cache never serves a stale, weaker or
+forged policy, and what it serves makes the same create body as a freshly loaded profile.
+(The benchmarks are in bench/bench_runtime.py; nothing here measures time.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sandbox import policycache, spec
+from sandbox.errors import PolicyError
+from sandbox.paths import SHIPPED_PROFILES_DIR
+from sandbox.policy import load_policy
+
+SECCOMP_DEFAULT = SHIPPED_PROFILES_DIR / "seccomp" / "default.yaml"
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private state dir and a user profile dir: parent.yaml <- child.yaml, and a seccomp list of its own."""
+    state, profiles = tmp_path / "state", tmp_path / "profiles"
+    (profiles / "seccomp").mkdir(parents=True)
+    monkeypatch.setenv("SANDBOX_STATE_DIR", str(state))
+    monkeypatch.setenv("SANDBOX_PROFILES", str(profiles))
+    monkeypatch.chdir(tmp_path)  # ./profiles is on the search path too: the same dir here
+    (profiles / "seccomp" / "mylist.yaml").write_text(SECCOMP_DEFAULT.read_text())
+    (profiles / "parent.yaml").write_text("extends: default\nlimits: {memory_mb: 512, cpus: 1.0, pids: 100}\n"
+                                          "seccomp: {profile: mylist}\n")
+    (profiles / "child.yaml").write_text("extends: parent\nenv: {A: '1'}\n")
+    policycache.clear_memo()
+    yield profiles
+    policycache.clear_memo()
+
+
+def _fresh(profile: str) -> dict:
+    return spec.policy_facts(load_policy(profile))
+
+
+def _entry_file() -> Path:
+    files = list(policycache.cache_dir().glob("*.json"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_cached_policy_makes_the_same_create_body_as_a_fresh_load(env: Path) -> None:
+    first = policycache.load("child")
+    policycache.clear_memo()
+    second = policycache.load("child")
+    assert not first.cached and second.cached
+    fresh = load_policy("child")
+    assert second.digest == fresh.digest()
+    assert second.facts == spec.policy_facts(fresh)
+    ids = spec.Ids(2_000_123, 2_000_123)
+    assert (spec.body_from_facts(second.facts, "s1", owner="o", ids=ids).body
+            == spec.compile_spec(fresh, "s1", owner="o", ids=ids).body)
+    assert second.policy().digest() == fresh.digest()
+
+
+def test_editing_the_parent_profile_invalidates_the_cached_child(env: Path) -> None:
+    assert policycache.load("child").facts["limits"]["pids"] == 100
+    policycache.clear_memo()  # the on-disk entry is what is checked
+    (env / "parent.yaml").write_text((env / "parent.yaml").read_text().replace("pids: 100", "pids: 64"))
+    cp = policycache.load("child")
+    assert not cp.cached and cp.facts["limits"]["pids"] == 64
+    assert cp.facts == _fresh("child")
+
+
+def test_editing_the_profile_itself_invalidates_even_within_one_process(env: Path) -> None:
+    assert policycache.load("child").facts["env"] == {"A": "1"}
+    (env / "child.yaml").write_text("extends: parent\nenv: {A: '2'}\n")
+    assert policycache.load("child").facts["env"] == {"A": "2"}  # the in-process memo re-checks too
+
+
+def test_editing_the_seccomp_list_invalidates_and_changes_the_digest(env: Path) -> None:
+    before = policycache.load("child")
+    assert "getpid" in before.facts["seccomp_profile"]["syscalls"][0]["names"]
+    policycache.clear_memo()
+    data = yaml.safe_load((env / "seccomp" / "mylist.yaml").read_text())
+    data["allow"] = [[n for n in group if n != "getpid"] if isinstance(group, list) else group
+                     for group in data["allow"]]
+    (env / "seccomp" / "mylist.yaml").write_text(yaml.safe_dump(data))
+    after = policycache.load("child")
+    assert not after.cached
+    assert "getpid" not in after.facts["seccomp_profile"]["syscalls"][0]["names"]
+    assert after.digest != before.digest and after.digest == load_policy("child").digest()
+
+
+def test_a_weakened_seccomp_list_is_refused_not_served_from_the_cache(env: Path) -> None:
+    policycache.load("child")
+    policycache.clear_memo()
+    text = (env / "seccomp" / "mylist.yaml").read_text()
+    (env / "seccomp" / "mylist.yaml").write_text(text.replace("allow:\n", "allow:\n  - [ptrace]\n", 1))
+    with pytest.raises(PolicyError, match="ptrace"):
+        policycache.load("child")
+
+
+def test_a_profile_that_newly_shadows_a_name_on_the_search_path_invalidates(env: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    monkeypatch.setenv("SANDBOX_PROFILES", f"{earlier}{os.pathsep}{env}")
+    assert policycache.load("child").facts["env"] == {"A": "1"}
+    policycache.clear_memo()
+    # a child.yaml earlier on the search path now wins the name
+    (earlier / "child.yaml").write_text("extends: default\nlimits: {memory_mb: 512, cpus: 1.0, pids: 32}\n")
+    cp = policycache.load("child")
+    assert not cp.cached and cp.facts["limits"]["pids"] == 32 and cp.facts["env"] == {}
+
+
+def test_a_tampered_cache_entry_is_detected_and_not_trusted(env: Path, caplog: pytest.LogCaptureFixture) -> None:
+    policycache.load("child")
+    policycache.clear_memo()
+    path = _entry_file()
+    doc = json.loads(path.read_text())
+    doc["entry"]["facts"]["limits"]["pids"] = 1_000_000  # a weaker limit, MAC left as it was
+    doc["entry"]["facts"]["seccomp_profile"]["defaultAction"] = "SCMP_ACT_ALLOW"
+    path.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="sandbox.policycache"):
+        cp = policycache.load("child")
+    assert "failed authentication" in caplog.text
+    assert not cp.cached
+    assert cp.facts["limits"]["pids"] == 100 and cp.facts["seccomp_profile"]["defaultAction"] == "SCMP_ACT_ERRNO"
+    policycache.clear_memo()
+    assert policycache.load("child").cached  # rewritten, authentic again
+
+
+def test_an_entry_made_under_another_key_is_not_trusted(env: Path) -> None:
+    policycache.load("child")
+    policycache.clear_memo()
+    key = policycache.cache_dir() / ".key"
+    key.write_bytes(os.urandom(32))  # e.g. an entry copied from another host or user
+    assert not policycache.load("child").cached
+
+
+def test_a_cache_writable_by_others_is_not_used(env: Path) -> None:
+    policycache.load("child")
+    policycache.clear_memo()
+    os.chmod(_entry_file(), 0o666)
+    assert not policycache.load("child").cached
+    policycache.clear_memo()
+    os.chmod(policycache.cache_dir(), 0o777)
+    cp = policycache.load("child")  # the directory itself is not private: no cache at all
+    assert not cp.cached and cp.facts == _fresh("child")
+
+
+def test_an_invalid_profile_raises_the_same_error_with_a_cache(env: Path) -> None:
+    (env / "bad.yaml").write_text("extends: default\nlimits: {pids: 1}\n")
+    with pytest.raises(PolicyError) as e:
+        policycache.load("bad")
+    assert any(k == "limits.pids" and f.endswith("bad.yaml") for f, k, _ in e.value.problems)
+
+
+def test_the_cached_path_imports_no_policy_model(env: Path) -> None:
+    code = ("import sys\nfrom sandbox import api\n"
+            "cp = api.load_compiled('child')\n"
+            "print(cp.cached, 'pydantic' in sys.modules, 'yaml' in sys.modules, 'pyseccomp' in sys.modules)\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+            .stdout.split() for _ in range(2)]
+    assert runs[0][0] == "False" and runs[0][1] == "True"  # a miss validates with the model
+    assert runs[1] == ["True", "False", "False", "False"]   # a hit needs none of it
+
+
+@pytest.mark.docker
+def test_a_sandbox_from_the_cached_policy_carries_the_fresh_digest_and_limits(docker_client, runtime, env: Path) -> None:
+    policycache.load("child")
+    policycache.clear_memo()
+    cp = policycache.load("child")
+    assert cp.cached
+    sb = runtime.create(cp)
+    try:
+        info = docker_client.api.inspect_container(sb.id)
+        assert info["Config"]["Labels"]["org.sandbox.policy-digest"] == load_policy("child").digest()
+        assert info["HostConfig"]["PidsLimit"] == 100
+        assert sb.exec(["sh", "-c", "echo $A"]).stdout == b"1\n"
+        assert sb.policy.digest() == cp.digest  # the full model, loaded on demand
+    finally:
+        sb.destroy()
+
+
+@pytest.mark.docker
+def test_the_policy_model_is_refused_once_the_profile_changed_under_a_running_sandbox(runtime, env: Path) -> None:
+    policycache.load("child")
+    policycache.clear_memo()
+    cp = policycache.load("child")
+    sb = runtime.create(cp)
+    try:
+        (env / "child.yaml").write_text("extends: parent\nenv: {A: '3'}\n")
+        with pytest.raises(PolicyError, match="changed since this sandbox was created"):
+            _ = sb.policy
+    finally:
+        sb.destroy()
+
+
+@pytest.mark.docker
+def test_exec_cli_teardown_without_waiting_leaves_no_container(docker_client, env: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "sandbox", "exec", "--json", "--", "sh", "-c", "sleep 30 & echo up"],
+                       capture_output=True, text=True, timeout=120, env=os.environ)
+    doc = json.loads(r.stdout)
+    assert doc["stdout"] == "up\n", r.stderr
+    deadline = time.monotonic() + 20
+    while docker_client.api.containers(all=True, filters={"id": doc["sandbox"]}):
+        assert time.monotonic() < deadline, "the sandbox outlived `sandbox exec`"
+        time.sleep(0.1)
