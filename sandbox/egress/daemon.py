@@ -40,6 +40,7 @@ from typing import Any
 
 from sandbox.egress.audit import SESSIONS_DIR as AUDIT_DIR
 from sandbox.egress.audit import SessionAuditLogs
+from sandbox.egress.credentials import SessionMaterial
 from sandbox.egress.proxy import EgressProxy
 from sandbox.egress.rules import EgressPolicy
 from sandbox.egress.unixsock import bind_unix
@@ -195,9 +196,11 @@ class Daemon:
                 return {"ok": False, "error": "invalid session id"}
             if op == "add_session":
                 policy = EgressPolicy.model_validate(msg["policy"])
+                # Credential values, read by the sandbox's owner (manager.py): kept in memory only.
+                material = SessionMaterial.from_wire(msg.get("material"))
                 # The directory is named by a random token, not the session id: its host path shows in
                 # the sandbox's /proc/self/mountinfo, and the session id is not the sandbox's to know.
-                sock = await self.proxy.add_session(sid, policy, Path(SESSIONS) / secrets.token_hex(12))
+                sock = await self.proxy.add_session(sid, policy, Path(SESSIONS) / secrets.token_hex(12), material)
                 self.idle_since = time.monotonic()
                 return {"ok": True, "dir": str(self.state_dir / sock.parent), "socket": str(self.state_dir / sock)}
             if op == "remove_session":

@@ -35,7 +35,10 @@ PHRASES = {
     200: "OK",
     400: "Bad Request",
     403: "Forbidden",
+    405: "Method Not Allowed",
     408: "Request Timeout",
+    413: "Content Too Large",
+    421: "Misdirected Request",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
@@ -192,6 +195,43 @@ def upstream_head(req: Request, fwd: ForwardTarget, framing: int | str) -> bytes
     out += [f"{k}: {v}" for k, v in req.headers if k.lower() not in drop]
     if framing == "chunked":
         out.append("Transfer-Encoding: chunked")
+    out.append("Connection: close")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("ascii")
+
+
+def fold_name(name: str) -> str:
+    """Header names as CGI-style servers see them: case, '-', '_' and '.' folded together."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def origin_path(target: str) -> tuple[str, str]:
+    """(path, query) of an origin-form target on a terminated host, strict: the path the rules
+    match is exactly the path forwarded, so anything a server could read as another path
+    (dot segments, empty segments, encoded '/', '\\' or '.', control or non-ASCII) is refused."""
+    if not target.startswith("/"):
+        raise ProtocolError(400, "bad-request", "expected an origin-form request target (/path)")
+    path, sep, query = target.partition("?")
+    if "#" in target or any(not 0x21 <= ord(c) < 0x7F for c in target) or "\\" in path:
+        raise ProtocolError(400, "ambiguous-path", "request target with a fragment, backslash, space, control or non-ASCII character")
+    low = path.lower()
+    if "%2f" in low or "%5c" in low or "%2e" in low or "%00" in low:
+        raise ProtocolError(400, "ambiguous-path", "encoded '/', '\\', '.' or NUL in the path")
+    segs = path.split("/")[1:]
+    if any(s in (".", "..") for s in segs) or any(s == "" for s in segs[:-1]):
+        raise ProtocolError(400, "ambiguous-path", "dot or empty segments in the path")
+    return path, (sep + query)
+
+
+def terminated_head(req: Request, host_header: str, target: str, framing: int | str, strip: frozenset[str], add: list[tuple[str, str]]) -> bytes:
+    """The head sent to a terminated host's upstream: hop-by-hop headers, headers named in
+    Connection and every (folded) name in ``strip`` dropped; Host rebuilt from the CONNECT
+    target; ``add`` appended last, so nothing the client sent can remove or duplicate it."""
+    drop = _HOP_BY_HOP | connection_tokens(req) | {"host"}
+    out = [f"{req.method} {target} HTTP/1.1", f"Host: {host_header}"]
+    out += [f"{k}: {v}" for k, v in req.headers if k.lower() not in drop and fold_name(k) not in strip]
+    if framing == "chunked":
+        out.append("Transfer-Encoding: chunked")
+    out += [f"{k}: {v}" for k, v in add]
     out.append("Connection: close")
     return ("\r\n".join(out) + "\r\n\r\n").encode("ascii")
 

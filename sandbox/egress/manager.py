@@ -25,6 +25,8 @@ from typing import Any
 import sandbox
 from sandbox.egress import daemon as _d
 from sandbox.egress.audit import read_records
+from sandbox.egress.credentials import CredentialError
+from sandbox.egress.credentials import resolve as resolve_material
 from sandbox.egress.rules import EgressPolicy
 from sandbox.egress.unixsock import connect_unix
 
@@ -44,10 +46,24 @@ def default_state_dir() -> Path:
     return egress_dir()
 
 
+# Every variable through which common clients take a CA bundle (curl, OpenSSL/Python, requests,
+# pip, git's libcurl-gnutls, AWS, cargo, Nix): all name the complete bundle (the host's roots plus
+# the session CA), because most of them REPLACE the default store. Node's is additive.
+CA_BUNDLE = f"{MOUNT_POINT}/ca-bundle.pem"
+CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO",
+               "AWS_CA_BUNDLE", "CARGO_HTTP_CAINFO", "NIX_SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
+
+
+def ca_env() -> dict[str, str]:
+    """The CA variables of a sandbox with egress (the bundle is always written, so they are safe to set)."""
+    return {k: CA_BUNDLE for k in CA_ENV_VARS}
+
+
 def proxy_env() -> dict[str, str]:
     """The environment a sandbox with egress needs (the forwarder listens on 3128)."""
     env = {k: PROXY_URL for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     env.update({"NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"})
+    env.update(ca_env())
     return env
 
 
@@ -82,7 +98,14 @@ class EgressManager:
             raise EgressError("policy allows no egress: give the sandbox no proxy socket at all")
         if not _d.SESSION_ID.match(session_id):
             raise EgressError(f"invalid session id {session_id!r} (letters, digits, '_.-', at most 64)")
-        reply = self._request({"op": "add_session", "session": session_id, "policy": policy.model_dump(mode="json")}, start=True)
+        try:
+            # Credentials are read HERE, by the process that owns the sandbox (its environment,
+            # its files, its commands), and travel only over the owner-only control socket.
+            material = resolve_material(policy)
+        except CredentialError as e:
+            raise EgressError(f"egress credentials: {e}") from None
+        msg = {"op": "add_session", "session": session_id, "policy": policy.model_dump(mode="json"), "material": material.to_wire()}
+        reply = self._request(msg, start=True)
         assert reply is not None
         return Path(reply["dir"])
 

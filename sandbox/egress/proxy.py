@@ -30,6 +30,7 @@ import fcntl
 import ipaddress
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from pathlib import Path
 
 from sandbox.egress import acl, http1, tls
 from sandbox.egress.audit import AuditLog, AuditRecord, SessionAuditLogs, now_ms
+from sandbox.egress.credentials import SessionMaterial, header_value
+from sandbox.egress.mitm import BUNDLE_FILE, CA_FILE, SessionCA, host_roots, write_trust_files
 from sandbox.egress.resolve import HOSTS_FILE, DnsResolver, hosts_file_addrs
 from sandbox.egress.rules import EgressPolicy, EgressRule
 from sandbox.egress.unixsock import bind_unix
@@ -108,6 +111,9 @@ class _Session:
     bytes_used: int = 0
     closed: bool = False
     dns_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(DNS_PER_SESSION))
+    material: SessionMaterial = field(default_factory=SessionMaterial)
+    ca: SessionCA | None = None  # only when the policy terminates some host
+    upstream_ctx: dict[str | None, ssl.SSLContext] = field(default_factory=dict)
 
     @property
     def budget_left(self) -> int | None:
@@ -140,6 +146,8 @@ class _Conn:
     task: asyncio.Task[None] | None = None
     upstream: socket.socket | None = None
     killed: tuple[str, str] | None = None  # (code, reason) set by whoever cancelled us
+    client_tls: _TLS | None = None  # terminated: plaintext goes through these instead of the sockets
+    up_tls: _TLS | None = None
     record: AuditRecord = field(init=False)
 
     def __post_init__(self) -> None:
@@ -222,6 +230,106 @@ class _Buffered:
         return out
 
 
+class _TLS:
+    """TLS over one of our non-blocking sockets with ``ssl.SSLObject`` and memory BIOs: bytes the
+    proxy already read (a ClientHello behind the CONNECT) go straight into the incoming BIO."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, conn: _Conn, *, server_side: bool,
+                 server_hostname: str | None = None, early: bytes = b"") -> None:
+        self.sock, self.conn = sock, conn
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=server_side, server_hostname=server_hostname)
+        if early:
+            self.inc.write(early)
+
+    async def _flush(self) -> None:
+        data = self.out.read()
+        if data:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            self.conn.touch()
+
+    async def _fill(self) -> None:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        if data:
+            self.inc.write(data)
+            self.conn.touch()
+        else:
+            self.inc.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                await self._flush()
+                return
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    await self._flush()  # our alert, so the peer learns why
+                raise
+
+    async def recv(self, n: int = 65536) -> bytes:
+        """Plaintext; b"" after the peer's close_notify. An EOF without close_notify raises
+        (ssl.SSLEOFError): a truncated response must not look complete."""
+        while True:
+            try:
+                return self.obj.read(n)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self.obj.write(view[:16384])
+            view = view[n:]
+            await self._flush()
+
+    async def close(self) -> None:
+        """close_notify, best effort."""
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self.obj.unwrap()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            await self._flush()
+
+
+class _TLSReader(_Buffered):
+    """:class:`_Buffered` over a :class:`_TLS` (heads, chunked framing inside a terminated tunnel)."""
+
+    def __init__(self, t: _TLS, conn: _Conn) -> None:
+        super().__init__(t.sock, conn)
+        self.t = t
+
+    async def _fill(self) -> bool:
+        data = await self.t.recv()
+        if data:
+            self.buf += data
+        return bool(data)
+
+
+class _LeakGuard:
+    """Watches a byte stream for any of ``needles`` (a credential's value and header value), also
+    across chunk boundaries, so an upstream that echoes the injected header cannot hand it to
+    the sandbox."""
+
+    def __init__(self, needles: Sequence[bytes]) -> None:
+        self.needles = [n for n in needles if n]
+        self.keep = max((len(n) for n in self.needles), default=1) - 1
+        self.tail = b""
+
+    def hit(self, data: bytes) -> bool:
+        if not self.needles:
+            return False
+        window = self.tail + data
+        found = any(n in window for n in self.needles)
+        self.tail = window[-self.keep:] if self.keep else b""
+        return found
+
+
 class EgressProxy:
     """The proxy. All methods must be called from the event loop it runs on."""
 
@@ -231,19 +339,27 @@ class EgressProxy:
         self.audit = audit
         self.dns_per_session = dns_per_session
         self._dns_slots = asyncio.Semaphore(dns_global)
+        self._roots: bytes | None = None  # the host's trust store, read once for the sandboxes' bundles
+        self.upstream_cafile: str | None = None  # None: the host's default trust store for upstreams
         self._sessions: dict[str, _Session] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.on_record: Callable[[AuditRecord], None] | None = None  # e.g. the CLI's live view
 
     # ------------------------------------------------------------ sessions
 
-    async def add_session(self, session_id: str, policy: EgressPolicy, socket_dir: Path) -> Path:
+    async def add_session(self, session_id: str, policy: EgressPolicy, socket_dir: Path, material: SessionMaterial | None = None) -> Path:
         """Listen for ``session_id`` on ``socket_dir/proxy.sock`` (mode 0666: the sandbox's
         uid must connect; only that sandbox gets ``socket_dir`` mounted). Re-adding a live
-        session replaces its policy for new connections and keeps its socket."""
+        session replaces its policy for new connections and keeps its socket.
+
+        ``material`` holds the values of the credentials the policy injects (read on the host
+        by the sandbox's owner, never by the sandbox). The directory also gets ``ca.pem`` and
+        ``ca-bundle.pem``: the session CA for terminated hosts, and the host's roots plus it."""
+        self._check_material(policy, material)
         existing = self._sessions.get(session_id)
         if existing is not None and existing.socket_path is not None:
             existing.policy = policy
+            self._setup_tls(existing, material, existing.socket_path.parent)
             return existing.socket_path
         socket_dir = Path(socket_dir)
         socket_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -251,17 +367,44 @@ class EgressProxy:
             raise ValueError(f"{socket_dir} is not a plain directory")
         os.chmod(socket_dir, 0o711)  # its parent is ours alone, so no swap can race this
         path = socket_dir / SOCKET_NAME
-        sock = bind_unix(path, 0o666)
         sess = existing or self._new_session(session_id, policy)
-        sess.policy, sess.socket_path = policy, path
+        sess.policy = policy
+        self._setup_tls(sess, material, socket_dir)
+        sock = bind_unix(path, 0o666)
+        sess.socket_path = path
         self._listen(sess, sock)
         return path
 
-    async def add_tcp_listener(self, session_id: str, policy: EgressPolicy, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+    @staticmethod
+    def _check_material(policy: EgressPolicy, material: SessionMaterial | None) -> None:
+        m = material or SessionMaterial()
+        missing = sorted({r.credential.name for r in policy.rules if r.credential is not None} - set(m.secrets))
+        if missing:
+            raise ValueError(f"no value given for credential(s) {', '.join(missing)}")
+        cas = sorted({r.upstream_ca for r in policy.rules if r.upstream_ca is not None} - set(m.upstream_cas))
+        if cas:
+            raise ValueError(f"upstream CA file(s) not provided: {', '.join(cas)}")
+
+    def _setup_tls(self, sess: _Session, material: SessionMaterial | None, socket_dir: Path | None) -> None:
+        sess.material = material or SessionMaterial()
+        sess.upstream_ctx = {}
+        hosts = {r.host for r in sess.policy.rules if r.terminates}
+        if not hosts:
+            sess.ca = None
+        elif sess.ca is None or sess.ca.hosts != hosts:
+            sess.ca = SessionCA(hosts)  # its name constraints list exactly these hosts
+        if socket_dir is not None:
+            if self._roots is None:
+                self._roots = host_roots()
+            write_trust_files(socket_dir, sess.ca.pem if sess.ca else None, self._roots)
+
+    async def add_tcp_listener(self, session_id: str, policy: EgressPolicy, host: str = "127.0.0.1", port: int = 0,
+                               material: SessionMaterial | None = None) -> tuple[str, int]:
         """An extra TCP listener bound to one fixed session (operators testing rules, benches).
         Loopback only: a TCP port cannot tell sandboxes apart."""
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError("the TCP listener binds loopback addresses only")
+        self._check_material(policy, material)
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -270,6 +413,7 @@ class EgressProxy:
         sock.setblocking(False)
         sess = self._sessions.get(session_id) or self._new_session(session_id, policy)
         sess.policy = policy
+        self._setup_tls(sess, material, None)
         self._listen(sess, sock)
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
@@ -303,8 +447,9 @@ class EgressProxy:
         if isinstance(self.audit, SessionAuditLogs):
             self.audit.close_session(session_id)
         if sess.socket_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(sess.socket_path)
+            for name in (SOCKET_NAME, CA_FILE, BUNDLE_FILE):
+                with contextlib.suppress(OSError):
+                    os.unlink(sess.socket_path.parent / name)
             with contextlib.suppress(OSError):
                 sess.socket_path.parent.rmdir()
 
@@ -449,16 +594,22 @@ class EgressProxy:
         rec.rule, rec.addr = decision.rule, decision.addr
         if not decision.allowed:
             raise _Refuse(403, decision.code, decision.reason)
+        rule = None if (decision.rule or "").startswith("cidr:") else acl.rule_for(pol, host, port)
+        if fwd is not None and rule is not None and rule.terminates:
+            raise _Refuse(403, "plaintext-terminated-host", f"{host} is reached over TLS only: its rule {rule.label()} "
+                          "injects a credential or checks requests (use https://)")
         conn.upstream = await self._connect(decision, port, pol.connect_timeout_s)
         rec.decision, rec.code, rec.reason = "allow", "allowed", decision.reason
         rec.addr = conn.upstream.getpeername()[0]
 
         if fwd is None:
             await self._send(conn.client, b"HTTP/1.1 200 Connection Established\r\n\r\n", conn)
-            rule = None if (decision.rule or "").startswith("cidr:") else acl.rule_for(pol, host, port)
             if rule.tls_port_set if rule is not None else port == 443:
                 hello = await self._client_hello(conn, reader)
                 self._check_sni(conn, hello, host, rule)
+                if rule is not None and rule.terminates:
+                    await self._terminate(conn, reader, rule, host, port)
+                    return
             early = reader.take()  # e.g. a TLS ClientHello sent without waiting for our 200
             if early:
                 await self._send_up(conn, early)
@@ -556,6 +707,175 @@ class EgressProxy:
             return sock
         raise _Refuse(502, "upstream-unreachable", f"could not connect to {decision.addr} port {port}: {last}", verdict="error", header=ERROR_HEADER)
 
+
+    # ------------------------------------------------------------ terminated hosts
+
+    def _upstream_context(self, sess: _Session, rule: EgressRule) -> ssl.SSLContext:
+        """Verify the upstream against the HOST's trust store (never the sandbox's bundle), plus
+        the rule's extra CA; HTTP/1.1 only."""
+        key = rule.upstream_ca
+        ctx = sess.upstream_ctx.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context(cafile=self.upstream_cafile)
+            if key is not None:
+                ctx.load_verify_locations(cadata=sess.material.upstream_cas[key])
+            ctx.set_alpn_protocols(["http/1.1"])
+            sess.upstream_ctx[key] = ctx
+        return ctx
+
+    async def _terminate(self, conn: _Conn, reader: _Buffered, rule: EgressRule, host: str, port: int) -> None:
+        """Be the server for ``host`` (a leaf from the session CA), check the one request the
+        client sends, then be its client towards the real upstream (verified), inject the
+        rule's credential and relay the response. One request per connection, as plain HTTP."""
+        sess, rec, pol = conn.session, conn.record, conn.session.policy
+        rec.tls = "terminated"
+        assert sess.ca is not None and conn.upstream is not None
+        client = _TLS(conn.client, sess.ca.server_context(host), conn, server_side=True, early=reader.take())
+        try:
+            async with asyncio.timeout(pol.header_timeout_s):
+                await client.handshake()
+        except TimeoutError:
+            raise _Refuse(408, "handshake-timeout", f"TLS handshake not finished within {pol.header_timeout_s:g}s", raw=b"") from None
+        except ssl.SSLError as e:
+            why = str(getattr(e, "reason", "") or "")
+            if any(k in why for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")):
+                raise _Refuse(403, "client-rejected-leaf", "the client does not trust the session CA (is its CA bundle "
+                              "/run/sandbox-egress/ca-bundle.pem? clients that pin certificates need a tunnelled host)", raw=b"") from None
+            raise _Refuse(403, "handshake-failed", f"TLS handshake with the client failed: {why or type(e).__name__}", raw=b"") from None
+        conn.client_tls = client
+        try:
+            await self._terminated_exchange(conn, client, rule, host, port)
+        except _Refuse as r:
+            if rec.status is None:  # nothing of a response sent yet: the refusal goes inside the TLS
+                body = f"sandbox egress proxy refused this request: {r.reason}"
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await client.send(http1.refusal(r.status, r.header, f"{r.code}: {r.reason}", body))
+                    await client.close()
+                rec.status = r.status
+            r.raw = b""
+            raise
+        await client.close()
+
+    async def _terminated_exchange(self, conn: _Conn, client: _TLS, rule: EgressRule, host: str, port: int) -> None:
+        sess, rec, pol = conn.session, conn.record, conn.session.policy
+        creader = _TLSReader(client, conn)
+        try:
+            async with asyncio.timeout(pol.header_timeout_s):
+                head = await creader.until(b"\r\n\r\n", pol.max_header_bytes)
+        except OverflowError:
+            raise _Refuse(431, "headers-too-large", f"request head exceeds {pol.max_header_bytes} bytes") from None
+        except TimeoutError:
+            raise _Refuse(408, "header-timeout", f"request head not received within {pol.header_timeout_s:g}s") from None
+        if head is None:
+            if creader.buf.startswith(b"PRI * HTTP/2.0"):
+                raise _Refuse(505, "h2-refused", "HTTP/2 is not spoken on terminated hosts (ALPN offers http/1.1 only)")
+            raise _Refuse(400, "bad-request", "connection closed before a request head", raw=b"")
+        if head.startswith(b"PRI * HTTP/2.0"):
+            raise _Refuse(505, "h2-refused", "HTTP/2 is not spoken on terminated hosts (ALPN offers http/1.1 only)")
+        try:
+            req = http1.parse_head(head)
+            rec.method = req.method
+            target = req.target
+            if "://" in target:  # absolute-form must name this very host
+                scheme, _, rest = target.partition("://")
+                authority, slash, tail = rest.partition("/")
+                if scheme.lower() != "https" or acl.parse_authority(authority, 443, allow_userinfo=False) != (host, port):
+                    raise _Refuse(421, "misdirected", f"the request names another host than the tunnel's {host}")
+                target = slash + tail
+            path, query = http1.origin_path(target)
+            rec.path = path[:256]
+            hosts = req.get_all("host")
+            if len(hosts) != 1 or acl.parse_authority(hosts[0], 443, allow_userinfo=False) != (host, port):
+                raise _Refuse(421, "misdirected", f"the Host header must name the tunnel's host {host}")
+            framing = http1.body_framing(req)
+        except http1.ProtocolError as e:
+            raise _Refuse(e.status, e.code, e.reason) from None
+        except acl.HostError:
+            raise _Refuse(421, "misdirected", f"the Host header must name the tunnel's host {host}") from None
+        if req.method in ("TRACE", "TRACK", "CONNECT"):
+            raise _Refuse(405, "method-not-allowed", f"{req.method} is never allowed on a terminated host (rule {rule.label()})")
+        which = rule.http_rule_for(req.method, path)
+        if which is None:
+            raise _Refuse(403, "path-denied", f"{req.method} {path} is not allowed by rule {rule.label()}")
+        if req.get_all("upgrade"):
+            raise _Refuse(501, "upgrade-refused", f"protocol upgrades (WebSocket) are not relayed on terminated hosts (rule {rule.label()})")
+        cap = rule.max_body_bytes
+        if cap is not None and isinstance(framing, int) and framing > cap:
+            raise _Refuse(413, "body-too-large", f"request body of {framing} bytes exceeds {cap} (rule {rule.label()})")
+
+        add: list[tuple[str, str]] = []
+        strip: set[str] = {"authorization", "proxy-authorization"}
+        needles: list[bytes] = []
+        cred = rule.credential
+        if cred is not None:
+            # Whatever the sandbox sends as credentials for this host is dropped, injected or not:
+            # it must not reach the host with its own account.
+            strip |= {http1.fold_name(cred.header), "cookie"}
+            secret = sess.material.secrets[cred.name]
+            value = header_value(cred, secret)
+            needles = [secret.encode(), value.encode()]
+            if path.startswith(cred.path_prefix) or path + "/" == cred.path_prefix:
+                add.append((cred.header, value))
+                rec.credential = cred.name
+
+        # The upstream's identity is checked BEFORE a credential is written to it.
+        assert conn.upstream is not None
+        up = _TLS(conn.upstream, self._upstream_context(sess, rule), conn, server_side=False, server_hostname=host)
+        try:
+            async with asyncio.timeout(pol.connect_timeout_s):
+                await up.handshake()
+        except ssl.SSLCertVerificationError as e:
+            raise _Refuse(502, "upstream-cert", f"the upstream's certificate for {host} did not verify: {e.verify_message}",
+                          verdict="error", header=ERROR_HEADER) from None
+        except (ssl.SSLError, OSError, TimeoutError) as e:
+            raise _Refuse(502, "upstream-tls", f"TLS with the upstream {host} failed: {type(e).__name__}", verdict="error", header=ERROR_HEADER) from None
+        conn.up_tls = up
+        host_header = host if port == 443 else f"{host}:{port}"
+        if ":" in host:
+            host_header = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+        upstream_head = http1.terminated_head(req, host_header, path + query, framing, frozenset(strip), add)
+        await self._send_up(conn, upstream_head)
+        response = self._terminated_response(conn, up, client, _LeakGuard(needles))
+        if framing == 0:
+            await response
+        else:
+            await _both(self._request_body(conn, creader, framing, cap), response, b_ends_all=True)
+        await up.close()
+
+    async def _terminated_response(self, conn: _Conn, up: _TLS, client: _TLS, guard: _LeakGuard) -> None:
+        rec = conn.record
+        ureader = _TLSReader(up, conn)
+        while True:
+            try:
+                head = await ureader.until(b"\r\n\r\n", _MAX_RESPONSE_HEAD)
+            except OverflowError:
+                head = None
+            if head is None:
+                raise _Refuse(502, "bad-upstream-response", "upstream sent no valid response head", verdict="error", header=ERROR_HEADER)
+            status = http1.response_status(head)
+            if status == 0:
+                raise _Refuse(502, "bad-upstream-response", "upstream response is not HTTP/1.x", verdict="error", header=ERROR_HEADER)
+            if guard.hit(head):
+                raise _Refuse(502, "leak-blocked", "the upstream's response repeated the injected credential", verdict="error", header=ERROR_HEADER)
+            if 100 <= status < 200 and status != 101:
+                await self._send_down(conn, head)
+                continue
+            break
+        rec.status = status
+        first = http1.rewrite_response_head(head) + ureader.take()
+        if guard.hit(first[len(head):]):
+            rec.code = "leak-blocked"
+            raise EOFError  # the head is not sent: the client sees the connection close
+        await self._send_down(conn, first)
+        while True:
+            data = await up.recv()
+            if not data:
+                return
+            if guard.hit(data):
+                rec.code, rec.reason = "leak-blocked", "the upstream's response repeated the injected credential; connection cut"
+                raise EOFError
+            await self._send_down(conn, data)
+
     # ------------------------------------------------------------ relaying
 
     def _account(self, conn: _Conn, n: int, direction: str) -> int:
@@ -574,13 +894,19 @@ class EgressProxy:
     async def _send_up(self, conn: _Conn, data: bytes) -> None:
         assert conn.upstream is not None
         ok = self._account(conn, len(data), "up")
-        await self._send(conn.upstream, data[:ok], conn)
+        if conn.up_tls is not None:
+            await conn.up_tls.send(data[:ok])
+        else:
+            await self._send(conn.upstream, data[:ok], conn)
         if ok < len(data):
             raise _BudgetSpent
 
     async def _send_down(self, conn: _Conn, data: bytes) -> None:
         ok = self._account(conn, len(data), "down")
-        await self._send(conn.client, data[:ok], conn)
+        if conn.client_tls is not None:
+            await conn.client_tls.send(data[:ok])
+        else:
+            await self._send(conn.client, data[:ok], conn)
         if ok < len(data):
             raise _BudgetSpent
 
@@ -676,23 +1002,31 @@ class EgressProxy:
                 return done
         return None
 
-    async def _request_body(self, conn: _Conn, reader: _Buffered, framing: int | str) -> None:
+    async def _request_body(self, conn: _Conn, reader: _Buffered, framing: int | str, cap: int | None = None) -> None:
         """Forward exactly the framed body; anything the client sends after it is never read."""
         if framing == "chunked":
-            await self._chunked_body(conn, reader)
+            await self._chunked_body(conn, reader, cap)
             return
         assert isinstance(framing, int)
         early = reader.take(framing)
         if early:
             await self._send_up(conn, early)
         left = framing - len(early)
-        if left:
+        if left and conn.client_tls is not None:
+            while left:
+                piece = await reader.exact(min(left, 65536))
+                if piece is None:
+                    raise EOFError
+                await self._send_up(conn, piece)
+                left -= len(piece)
+        elif left:
             assert conn.upstream is not None
             await self._relay(conn, conn.client, conn.upstream, "up", limit=left)
 
-    async def _chunked_body(self, conn: _Conn, reader: _Buffered) -> None:
+    async def _chunked_body(self, conn: _Conn, reader: _Buffered, cap: int | None = None) -> None:
         # Re-framed chunk by chunk rather than passed through, so what upstream sees is
         # exactly what we parsed (no chunk-extension or trailer games).
+        total = 0
         while True:
             try:
                 line = await reader.until(b"\r\n", _MAX_CHUNK_LINE)
@@ -704,6 +1038,9 @@ class EgressProxy:
             if not size_text or len(size_text) > 15 or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
                 raise EOFError
             size = int(size_text, 16)
+            total += size
+            if cap is not None and total > cap:
+                raise _Refuse(413, "body-too-large", f"chunked request body exceeds {cap} bytes (rule's max_body_bytes)")
             if size == 0:
                 while True:  # discard trailers
                     t = await reader.until(b"\r\n", _MAX_CHUNK_LINE)

@@ -137,10 +137,10 @@ class Harness:
     def call(self, coro: Any, timeout: float = 10) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def add_session(self, sid: str, policy: EgressPolicy | dict[str, Any]) -> Path:
+    def add_session(self, sid: str, policy: EgressPolicy | dict[str, Any], material: Any = None) -> Path:
         if isinstance(policy, dict):
             policy = EgressPolicy.model_validate(policy)
-        return self.call(self.proxy.add_session(sid, policy, self.tmp / "sessions" / sid))
+        return self.call(self.proxy.add_session(sid, policy, self.tmp / "sessions" / sid, material))
 
     def records(self, session: str | None = None) -> list[dict[str, Any]]:
         return read_records(self.audit_path, session=session, limit=100000)
