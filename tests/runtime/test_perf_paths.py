@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -209,3 +210,15 @@ def test_exec_cli_teardown_without_waiting_leaves_no_container(docker_client, en
     while docker_client.api.containers(all=True, filters={"id": doc["sandbox"]}):
         assert time.monotonic() < deadline, "the sandbox outlived `sandbox exec`"
         time.sleep(0.1)
+
+
+@pytest.mark.docker
+def test_the_agent_modules_load_from_bytecode_in_the_image_that_matches_their_source(make_sandbox) -> None:
+    """The root filesystem is read-only: without shipped .pyc files every agent start compiles from source."""
+    sb = make_sandbox()
+    res = sb.exec(["python3", "-I", "-S", "-v", "-c",
+                   "import sys; sys.path.insert(0, '/opt/sandbox-agent'); import tools, reaper, forwarder"])
+    err = res.stderr.decode()
+    for mod in ("tools", "reaper", "forwarder"):
+        assert f"code object from '/opt/sandbox-agent/__pycache__/{mod}." in err, err[-2000:]
+        assert re.search(rf"__pycache__/{mod}\.[\w-]+\.pyc matches /opt/sandbox-agent/{mod}\.py", err), err[-2000:]
