@@ -79,7 +79,7 @@ def _keyed_rows(p: Policy) -> list[tuple[str, str, str, str | None]]:
         rows.append(("network", "egress", "only through the host proxy (deny by default); "
                                           "private/loopback/link-local/metadata addresses refused", "egress"))
         for i, r in enumerate(eg.rules):
-            rows.append(("network", "allow", f"{r.host} ports {', '.join(map(str, r.ports))}", f"egress.rules.{i}"))
+            rows.append(("network", "allow", r.describe(eg.credentials), f"egress.rules.{i}"))
         for c in eg.allow_cidrs:
             rows.append(("network", "allow range", f"{c}: private addresses admitted; IP literals in it on any port",
                          "egress.allow_cidrs"))

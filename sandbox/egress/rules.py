@@ -241,6 +241,33 @@ class EgressRule(BaseModel):
                 return i
         return None
 
+    def describe(self, sources: dict[str, CredentialSource] | None = None) -> str:
+        """One line for ``sandbox policy explain``: ports, tunnel or terminated, SNI, the injected
+        credential by NAME (and where the host reads it), method/path rules and body cap."""
+        parts = [f"{self.host} ports {', '.join(map(str, self.ports))}"]
+        tls_ports = ", ".join(map(str, sorted(self.tls_port_set)))
+        if self.terminates:
+            parts.append(f"TLS TERMINATED on {tls_ports} (session CA; upstream verified against the host store"
+                         + (f" + {self.upstream_ca}" if self.upstream_ca else "") + ")")
+            if self.credential is not None:
+                c = self.credential
+                src = (sources or {}).get(c.name)
+                how = f"Basic as {c.basic_user}" if c.basic_user is not None else c.format.replace("{secret}", "<secret>")
+                where = f" from {src.describe()}" if src is not None else ""
+                scope = f" under {c.path_prefix}" if c.path_prefix != "/" else ""
+                parts.append(f"injects credential {c.name}{where} as {c.header}: {how}{scope}; the sandbox's own replaced")
+            if self.http is None:
+                parts.append("any method and path")
+            else:
+                parts.append("only " + "; ".join(f"{' '.join(h.methods)} {' '.join(h.paths)}" for h in self.http))
+            if self.max_body_bytes is not None:
+                parts.append(f"request bodies <= {self.max_body_bytes} bytes")
+        elif tls_ports:
+            sni = {"pin": "SNI must name the host", "allow-missing": "SNI must name the host or be absent",
+                   "off": "SNI NOT checked"}[self.sni]
+            parts.append(f"end-to-end TLS tunnel on {tls_ports}: {sni}" + ("; ECH allowed" if self.allow_ech else ""))
+        return "; ".join(parts)
+
     def matches_host(self, host: str) -> bool:
         """``host`` must already be canonical. ``*.x.y`` matches subdomains of x.y at any
         depth, never ``x.y`` itself (name the apex in its own rule)."""

@@ -100,3 +100,20 @@ def test_path_patterns_match_whole_segments() -> None:
     assert not path_matches("/repos/acme/**", "/repos/acme-evil/x")
     assert path_matches("/repos/*/issues", "/repos/acme/issues") and not path_matches("/repos/*/issues", "/repos/a/b/issues")
     assert path_matches("/**", "/") and path_matches("/user", "/user") and not path_matches("/user", "/user/x")
+
+
+def test_policy_explain_shows_termination_credential_name_and_http_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.explain import explain_rows
+    from sandbox.policy import policy_from_dict
+
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_value_never_shown")
+    p = policy_from_dict({"name": "cred-demo", "egress": {
+        "rules": [{"host": "api.github.com", "ports": [443], "credential": {"name": "github"}, "max_body_bytes": 1024,
+                   "http": [{"methods": ["GET"], "paths": ["/**"]}, {"methods": ["POST"], "paths": ["/repos/acme/**"]}]},
+                  {"host": "pypi.org", "ports": [443]}],
+        "credentials": {"github": {"env": "GITHUB_TOKEN"}}}})
+    allow = [v for area, what, v in explain_rows(p) if area == "network" and what == "allow"]
+    assert "TLS TERMINATED on 443" in allow[0] and "injects credential github from env GITHUB_TOKEN" in allow[0]
+    assert "only GET /**; POST /repos/acme/**" in allow[0] and "<= 1024 bytes" in allow[0]
+    assert "end-to-end TLS tunnel on 443: SNI must name the host" in allow[1]
+    assert "ghp_value_never_shown" not in repr(explain_rows(p))
