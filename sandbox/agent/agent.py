@@ -109,6 +109,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    reaper.reap_now()
 
 
 def op_exec(req: dict) -> None:
@@ -124,11 +125,19 @@ def op_exec(req: dict) -> None:
     stream_q = _stdin_queues.get(rid) if req.get("stdin_stream") else None
     started = time.monotonic()
     try:
-        proc = reaper.spawn(
-            argv, cwd=req.get("cwd") or None, env=_child_env(req.get("env")),
-            stdin=subprocess.PIPE if (stdin_data is not None or stream_q is not None) else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-        )
+        for attempt in range(4):
+            try:
+                proc = reaper.spawn(
+                    argv, cwd=req.get("cwd") or None, env=_child_env(req.get("env")),
+                    stdin=subprocess.PIPE if (stdin_data is not None or stream_q is not None) else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                )
+                break
+            except BlockingIOError:  # EAGAIN: zombies of a killed bomb may still hold the pids budget
+                if attempt == 3:
+                    raise
+                reaper.reap_now()
+                time.sleep(0.05 * (attempt + 1))
     except OSError as e:
         _stdin_queues.pop(rid, None)
         emit({"id": rid, "ev": "exit", "code": 127 if e.errno == 2 else 126, "signal": None,
@@ -356,7 +365,7 @@ def main() -> None:
         if op is op_exec and req.get("stdin_stream"):
             _stdin_queues[req.get("id")] = queue.Queue()
         try:
-            threading.Thread(target=_safe, args=(op, req), daemon=True).start()
+            _start_thread(op, req)
         except RuntimeError:
             # The sandbox's process/thread budget is spent (a fork bomb): answer instead
             # of dying, so the host can still cancel and report.
@@ -367,6 +376,19 @@ def main() -> None:
                 emit({"id": req.get("id"), "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
     # stdin closed: the host let go of this sandbox. Exiting as PID 1 ends everything in it.
     os._exit(0)
+
+
+def _start_thread(op, req: dict) -> None:
+    """A thread per request; when the pids budget is spent, reap what a killed bomb left and retry."""
+    for attempt in range(4):
+        try:
+            threading.Thread(target=_safe, args=(op, req), daemon=True).start()
+            return
+        except RuntimeError:
+            if attempt == 3:
+                raise
+            reaper.reap_now()
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _safe(op, req: dict) -> None:

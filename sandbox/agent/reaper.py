@@ -21,7 +21,7 @@ import weakref
 _lock = threading.Lock()
 _known: dict[int, "weakref.ref[subprocess.Popen[bytes]]"] = {}
 _wake = threading.Event()
-POLL_S = 0.25
+POLL_S = 0.05  # one waitid() per tick when idle
 
 
 def spawn(argv: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
@@ -82,6 +82,14 @@ def _reap_unknown() -> None:
                     except ChildProcessError:
                         pass
         return
+
+
+def reap_now() -> None:
+    """Collect orphans at once (after killing a process group: its zombies hold the pids limit)."""
+    try:
+        _reap_unknown()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _loop() -> None:
