@@ -181,23 +181,17 @@ def op_exec(req: dict) -> None:
             _procs.pop(rid, None)
         emit({"id": rid, "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
         return
+    feed_q = stream_q
     if stdin_data is not None:
+        feed_q = queue.Queue()
+        feed_q.put(stdin_data)
+        feed_q.put(None)
+    if feed_q is not None:
         def feed() -> None:
-            try:
-                proc.stdin.write(stdin_data)
-                proc.stdin.close()
-            except OSError:
-                pass
-        try:
-            threading.Thread(target=feed, daemon=True).start()
-        except RuntimeError:
-            proc.stdin.close()
-    elif stream_q is not None:
-        def feed_stream() -> None:
-            # The host sends at most its window ahead of our acks: memory stays bounded.
+            # A streamed stdin: the host sends at most its window ahead of our acks, so memory stays bounded.
             broken = False
             while True:
-                chunk = stream_q.get()
+                chunk = feed_q.get()
                 if chunk is None:
                     break
                 if not broken:
@@ -206,13 +200,14 @@ def op_exec(req: dict) -> None:
                         proc.stdin.flush()
                     except OSError:
                         broken = True  # the command stopped reading; keep acking so the host never stalls
-                emit({"id": rid, "ev": "stdin_ack", "n": len(chunk)})
+                if feed_q is stream_q:
+                    emit({"id": rid, "ev": "stdin_ack", "n": len(chunk)})
             try:
                 proc.stdin.close()
             except OSError:
                 pass
         try:
-            threading.Thread(target=feed_stream, daemon=True).start()
+            threading.Thread(target=feed, daemon=True).start()
         except RuntimeError:
             proc.stdin.close()
     try:
