@@ -14,6 +14,15 @@ One local target server (its own process), and in one run, interleaved rounds of
 for a large download (plain HTTP and inside a CONNECT tunnel), sequential small requests
 (one connection each), and connection-setup latency (CONNECT until "200 established",
 minus a direct TCP connect). Prints medians and ratios to direct. Nothing leaves loopback.
+
+    python3 bench/bench_egress.py --issue12 [--tls-big-mib 64] [--tls-small 200] [--rounds 3]
+
+Issue 12 instead, in one run: HTTPS to a local TLS server (test CA) direct, through a
+plain CONNECT tunnel (SNI pinned), and terminated by the proxy with a credential injected
+(throughput, requests/s with a fresh TLS connection each, per-request latency); then the
+second session's latency (p50, p99) for requests that each need a DNS lookup, alone and
+while a first session floods CONNECTs to names a local DNS server answers only after 4 s,
+with the per-session DNS cap, and with it lifted (the contrast).
 """
 
 from __future__ import annotations
@@ -136,6 +145,97 @@ def role_forwarder(port: int, sock: str) -> None:
     forwarder.serve(port, sock)
 
 
+# ---------------------------------------------------------------- issue 12 roles
+
+TLS_SECRET = "bench-secret-0123456789"
+
+
+def role_tls_server(port_file: Path, big: int, cert: str, key: str) -> None:
+    """HTTPS/1.1 target: GET /big -> `big` bytes, else a tiny body; one request per connection."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    payload = memoryview(b"x" * (1 << 20))
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((ADDR, 0))
+    lsock.listen(512)
+    port_file.write_text(str(lsock.getsockname()[1]))
+
+    def serve(c: socket.socket) -> None:
+        try:
+            with ctx.wrap_socket(c, server_side=True) as t:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    d = t.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                if buf.startswith(b"GET /big"):
+                    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % big)
+                    left = big
+                    while left:
+                        n = min(left, len(payload))
+                        t.sendall(payload[:n])
+                        left -= n
+                else:
+                    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(SMALL_BODY), SMALL_BODY))
+                t.unwrap()
+        except OSError:
+            pass
+
+    while True:
+        c, _ = lsock.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def role_tls_proxy(port_file: Path, target_port: int, ca_file: str, session_ca_out: Path) -> None:
+    """Two sessions on TCP listeners: 'tunnel' (SNI-pinned end-to-end tunnel) and 'inject'
+    (terminated, credential injected, upstream verified against the bench's CA)."""
+    from sandbox.egress.credentials import SessionMaterial
+    from sandbox.egress.proxy import EgressProxy, StaticResolver
+    from sandbox.egress.rules import EgressPolicy
+
+    base = {"allow_cidrs": [f"{ADDR}/32"], "max_connections": 256}
+    tunnel = EgressPolicy.model_validate({**base, "rules": [{"host": NAME, "ports": [target_port], "tls_ports": [target_port]}]})
+    inject = EgressPolicy.model_validate({**base, "credentials": {"c": {"env": "UNUSED"}}, "rules": [
+        {"host": NAME, "ports": [target_port], "tls_ports": [target_port], "credential": {"name": "c"}, "upstream_ca": ca_file}]})
+    material = SessionMaterial({"c": TLS_SECRET}, {ca_file: Path(ca_file).read_text()})
+
+    async def main() -> None:
+        proxy = EgressProxy(resolver=StaticResolver({NAME: [ADDR]}))
+        _, p1 = await proxy.add_tcp_listener("tunnel", tunnel)
+        _, p2 = await proxy.add_tcp_listener("inject", inject, material=material)
+        session_ca_out.write_bytes(proxy._sessions["inject"].ca.pem)  # type: ignore[union-attr]
+        port_file.write_text(f"{p1} {p2}")
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def role_fair_proxy(port_file: Path, target_port: int, dns_port: int, per_session: int) -> None:
+    """Sessions 'flood' (*.slow.bench) and 'calm' (calm.bench), names resolved by the real
+    resolver against the bench's DNS server."""
+    from sandbox.egress.proxy import EgressProxy
+    from sandbox.egress.resolve import DnsResolver
+    from sandbox.egress.rules import EgressPolicy
+
+    base = {"allow_cidrs": [f"{ADDR}/32"], "max_connections": 1024}
+    flood = EgressPolicy.model_validate({**base, "connect_timeout_s": 2, "rules": [{"host": "*.slow.bench", "ports": [target_port]}]})
+    calm = EgressPolicy.model_validate({**base, "rules": [{"host": "calm.bench", "ports": [target_port]}]})
+
+    async def main() -> None:
+        proxy = EgressProxy(resolver=DnsResolver([ADDR], dns_port, hosts_file="/nonexistent"), dns_per_session=per_session)
+        _, p1 = await proxy.add_tcp_listener("flood", flood)
+        _, p2 = await proxy.add_tcp_listener("calm", calm)
+        port_file.write_text(f"{p1} {p2}")
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- client side
 
 
@@ -216,6 +316,139 @@ def setup_latency(p: Path_, target_port: int) -> float:
     return dt
 
 
+# ---------------------------------------------------------------- issue 12 client side
+
+
+def _https(port: int, ctx: object, path: str, connect: bool, target_port: int, buf: bytearray) -> int:
+    import ssl
+
+    assert isinstance(ctx, ssl.SSLContext)
+    s = _connect(port)
+    if connect:
+        s.sendall(f"CONNECT {NAME}:{target_port} HTTP/1.1\r\nHost: {NAME}:{target_port}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = s.recv(1)
+            if not d:
+                raise ConnectionError("closed before 200")
+            head += d
+        if b" 200" not in head.split(b"\r\n")[0]:
+            raise ConnectionError(head[:120].decode(errors="replace"))
+    with ctx.wrap_socket(s, server_hostname=NAME) as t:
+        t.sendall(f"GET {path} HTTP/1.1\r\nHost: {NAME}:{target_port}\r\nConnection: close\r\n\r\n".encode())
+        head, rest = _read_head(t)  # type: ignore[arg-type]
+        return _body(t, head, rest, buf)  # type: ignore[arg-type]
+
+
+def bench_issue12(a: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    import ssl
+
+    from tests.egress.dns_server import DnsServer  # the tests' loopback DNS server
+    from tests.egress.tls_helpers import TestCA
+
+    ca = TestCA("bench upstream CA")
+    ca_file = ca.write(tmp / "upstream-ca.pem")
+    cert, key = ca.issue([NAME], tmp)
+    big = a.tls_big_mib << 20
+    procs.append(_spawn(["--role", "tls-server", "--port-file", str(tmp / "tls.port"), "--tls-big-mib", str(a.tls_big_mib), "--cert", str(cert), "--key", str(key)]))
+    tport = _wait_file(tmp / "tls.port")
+    procs.append(_spawn(["--role", "tls-proxy", "--port-file", str(tmp / "tlsproxy.port"), "--target-port", str(tport), "--ca", str(ca_file), "--session-ca", str(tmp / "session-ca.pem")]))
+    _wait_file(tmp / "tlsproxy.port")
+    p_tunnel, p_inject = map(int, (tmp / "tlsproxy.port").read_text().split())
+    up_ctx = ssl.create_default_context(cafile=str(ca_file))
+    sess_ctx = ssl.create_default_context(cafile=str(tmp / "session-ca.pem"))
+    modes = {"direct HTTPS": (tport, up_ctx, False), "CONNECT tunnel (SNI pinned)": (p_tunnel, up_ctx, True),
+             "terminated + injected": (p_inject, sess_ctx, True)}
+    buf = bytearray(1 << 20)
+    res: dict[str, dict[str, list[float]]] = {m: {"mbs": [], "rps": [], "lat": []} for m in modes}
+    for m, (port, ctx, conn) in modes.items():
+        _https(port, ctx, "/small", conn, tport, buf)  # warm-up (leaf minted, caches filled)
+    rng = random.Random(2)
+    for r in range(a.rounds):
+        for m in rng.sample(list(modes), len(modes)):
+            port, ctx, conn = modes[m]
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            n = _https(port, ctx, "/big", conn, tport, buf)
+            assert n == big
+            res[m]["mbs"].append(n / (time.perf_counter() - t0) / (1 << 20))
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            for _ in range(a.tls_small):
+                t1 = time.perf_counter()
+                _https(port, ctx, "/small", conn, tport, buf)
+                res[m]["lat"].append(time.perf_counter() - t1)
+            res[m]["rps"].append(a.tls_small / (time.perf_counter() - t0))
+        print(f"TLS round {r + 1}/{a.rounds} done", file=sys.stderr)
+    d_lat = _median(res["direct HTTPS"]["lat"])
+    print(f"\nHTTPS through the egress proxy: {a.tls_big_mib} MiB download, {a.tls_small} requests (fresh TLS connection each) x {a.rounds} rounds; medians")
+    print(f"{'path':30} {'MiB/s':>8} {'req/s':>8} {'ms/req med':>11} {'p99':>8} {'added ms med':>13} {'added p99':>10}")
+    for m, v in res.items():
+        lat = v["lat"]
+        added = [x - d_lat for x in lat]
+        print(f"{m:30} {_median(v['mbs']):8.0f} {_median(v['rps']):8.0f} {_median(lat) * 1000:11.3f} {_p99(lat) * 1000:8.3f} "
+              f"{_median(added) * 1000:13.3f} {_p99(added) * 1000:10.3f}")
+
+    # ------------------------------------------------ fairness under a DNS flood
+    procs.append(_spawn(["--role", "server", "--port-file", str(tmp / "plain.port"), "--big-mib", "1"]))
+    hport = _wait_file(tmp / "plain.port")
+    dns = DnsServer({"calm.bench": [ADDR]}, slow=lambda name: 4.0 if name.endswith(".slow.bench") else None)
+    counter = iter(range(10**9))
+    for i in range(100000):
+        dns.table[f"n{i}.slow.bench"] = [ADDR]
+    print(f"\nSecond session's latency (plain HTTP GET, each with a DNS lookup of its own name) while a first session floods "
+          f"{a.flooders} concurrent CONNECTs to names answered after 4 s; {a.calm} requests per phase")
+    print(f"{'per-session DNS cap':22} {'phase':10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'flood reqs':>11}")
+    try:
+        for per_session in (4, 64):
+            pf = tmp / f"fair{per_session}.port"
+            proc = _spawn(["--role", "fair-proxy", "--port-file", str(pf), "--target-port", str(hport), "--dns-port", str(dns.port), "--per-session", str(per_session)])
+            procs.append(proc)
+            _wait_file(pf)
+            p_flood, p_calm = map(int, pf.read_text().split())
+            calm_path = Path_("calm", p_calm, "calm.bench")
+            stop = threading.Event()
+            flood_count = [0]
+
+            def flooder() -> None:
+                while not stop.is_set():
+                    try:
+                        s = _connect(p_flood)
+                        s.settimeout(10)
+                        s.sendall(f"CONNECT n{next(counter)}.slow.bench:{hport} HTTP/1.1\r\n\r\n".encode())
+                        s.recv(4096)
+                        s.close()
+                        flood_count[0] += 1
+                    except OSError:
+                        pass
+
+            for phase in ("alone", "flooded"):
+                threads = []
+                if phase == "flooded":
+                    threads = [threading.Thread(target=flooder, daemon=True) for _ in range(a.flooders)]
+                    for t in threads:
+                        t.start()
+                    time.sleep(1.0)
+                lat, errors = [], 0
+                for _ in range(a.calm):
+                    t0 = time.perf_counter()
+                    try:
+                        fetch(calm_path, hport, "/small", False, buf)
+                        lat.append(time.perf_counter() - t0)
+                    except (OSError, ConnectionError):
+                        errors += 1
+                stop.set()
+                for t in threads:
+                    t.join(15)
+                stop.clear()
+                label = f"{per_session}" + (" (the fix)" if per_session == 4 else " (= global: no cap)")
+                print(f"{label:22} {phase:10} {_median(lat) * 1000:8.2f} {_p99(lat) * 1000:8.2f} {errors:7d} {flood_count[0] if phase == 'flooded' else 0:11d}")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(5)
+    finally:
+        dns.close()
+
+
 # ---------------------------------------------------------------- orchestration
 
 
@@ -227,7 +460,7 @@ def _wait_file(p: Path, timeout: float = 10) -> int:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if p.exists() and p.read_text().strip():
-            return int(p.read_text())
+            return int(p.read_text().split()[0])
         time.sleep(0.02)
     raise TimeoutError(p)
 
@@ -297,7 +530,18 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=300, help="small requests per mode per round")
     ap.add_argument("--setup", type=int, default=300, help="connection setups per mode per round")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay"])
+    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay", "tls-server", "tls-proxy", "fair-proxy"])
+    ap.add_argument("--issue12", action="store_true", help="HTTPS tunnel vs terminated+injected vs direct, and DNS-flood fairness")
+    ap.add_argument("--tls-big-mib", type=int, default=64)
+    ap.add_argument("--tls-small", type=int, default=200)
+    ap.add_argument("--flooders", type=int, default=96)
+    ap.add_argument("--calm", type=int, default=300)
+    ap.add_argument("--cert")
+    ap.add_argument("--key")
+    ap.add_argument("--ca")
+    ap.add_argument("--session-ca", type=Path)
+    ap.add_argument("--dns-port", type=int)
+    ap.add_argument("--per-session", type=int)
     ap.add_argument("--port-file", type=Path)
     ap.add_argument("--sock-dir", type=Path)
     ap.add_argument("--target-port", type=int)
@@ -314,6 +558,27 @@ def main() -> None:
         return role_forwarder(a.port, a.sock)
     if a.role == "relay":
         return role_relay(a.port_file, a.target_port)
+    if a.role == "tls-server":
+        return role_tls_server(a.port_file, a.tls_big_mib << 20, a.cert, a.key)
+    if a.role == "tls-proxy":
+        return role_tls_proxy(a.port_file, a.target_port, a.ca, a.session_ca)
+    if a.role == "fair-proxy":
+        return role_fair_proxy(a.port_file, a.target_port, a.dns_port, a.per_session)
+    if a.issue12:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-egress12-", dir="/tmp"))
+        procs12: list[subprocess.Popen[bytes]] = []
+        try:
+            bench_issue12(a, tmp, procs12)
+        finally:
+            for p in procs12:
+                p.send_signal(signal.SIGTERM)
+            for p in procs12:
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-egress-", dir="/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
