@@ -133,3 +133,9 @@ print('CA', os.environ.get('SSL_CERT_FILE'), [n for n in ('ca-bundle.pem', 'ca.p
     recs = runtime.egress.records(session=sb.session_id)
     assert any(rec.get("credential") == "gh" and rec.get("path") == "/warm" for rec in recs), recs
     assert SECRET not in repr(recs)
+    # Nor in anything the daemon wrote on the host (its log, audit files, the session dirs).
+    state = runtime.egress.state_dir
+    files = [p for p in state.rglob("*") if p.is_file() and not p.is_socket()]
+    assert any(p.name == "daemon.log" for p in files)
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes(), p
