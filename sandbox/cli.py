@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -281,103 +280,10 @@ def exec_cmd(profile: str, workspace: str | None, timeout: str | None, env_pairs
     except ValueError as e:
         fail(f"exec: {e}")
     env, origin = parse_env(env_pairs, env_files)
-    policy: Any
-    try:
-        if env or timeout is not None or verbose:
-            policy = api.load_profile(profile)
-        else:
-            # The policy cache: the same validation and digest, served without the policy model
-            # while every file it was built from is unchanged (sandbox/policycache.py).
-            policy = api.load_compiled(profile)
-    except api.PolicyError as e:
-        fail(str(e), kind="policy", problems=[list(p) for p in e.problems])
-    if env:
-        try:
-            policy = api.with_overrides(policy, env=env, source="--env")
-        except api.PolicyError as e:
-            reasons = "; ".join(r for _, _, r in e.problems)
-            where = next((w for k, w in origin.items() if repr(k) in reasons), "-e/--env-file")
-            fail(f"{where}: {reasons}", kind="env")
-    if timeout is not None:
-        try:
-            policy = api.with_overrides(policy, timeout=timeout, source="--timeout")
-        except api.PolicyError as e:
-            fail(f"--timeout {timeout}: " + "; ".join(r for _, _, r in e.problems), kind="timeout")
-    if verbose:
-        click.echo(f"sandbox: {describe_line(policy)}", err=True)
+    from sandbox.execcmd import run_exec
 
-    sb: Any = None
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if sb is not None:
-            sb.close()
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        sb = api._create(policy, workspace=workspace, owner_kind="exec")
-    except api.WorkspaceError as e:
-        fail(str(e), EXIT_SANDBOX, "workspace")
-    except api.ImageMissing as e:
-        fail(str(e), EXIT_SANDBOX, "image")
-    except api.EngineUnavailable as e:
-        fail(str(e), EXIT_SANDBOX, "engine")
-    except api.SandboxError as e:
-        fail(str(e), EXIT_SANDBOX, "sandbox")
-    try:
-        if verbose:
-            click.echo(f"sandbox: started {sb.id[:12]} (session {sb.session_id}, uid {sb.uid}:{sb.gid})", err=True)
-        for w in sb.warnings:
-            click.echo(f"sandbox: warning: {w}", err=True)
-        stdin = sys.stdin.buffer if interactive else None
-        if as_json:
-            res = sb.exec(argv, stdin=stdin)
-        else:
-            out, err = sys.stdout.buffer, sys.stderr.buffer
-
-            def stream(fd: int, data: bytes) -> None:
-                w = err if fd == 2 else out
-                w.write(data)
-                w.flush()
-
-            res = sb.exec(argv, stdin=stdin, on_output=stream)
-    except api.SandboxStopped as e:
-        sb.close()
-        fail(str(e), EXIT_SANDBOX, "stopped")
-    except BaseException:
-        sb.close()
-        raise
-    # This process is about to exit: order the teardown (kill sent, stdin closed) without
-    # waiting for the engine to finish it.
-    sb.close(wait=False)
-    if as_json:
-        doc = res.to_json()
-        doc.update(profile=policy.name, session=sb.session_id, sandbox=sb.id, uid=sb.uid,
-                   warnings=sb.warnings)
-        emit_json(doc)
-    else:
-        if res.error:
-            click.echo(f"sandbox: {res.error}", err=True)
-        if res.limit:
-            click.echo(f"sandbox: limit hit: {res.limit}: {res.limit_message}", err=True)
-    _exit_now(res.status)
-
-
-def _exit_now(status: int) -> NoReturn:
-    """Exit without the interpreter's teardown (a final garbage collection of every module's
-    objects) when this is the real process; under a test runner's captured streams, sys.exit."""
-    if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        logging_shutdown = sys.modules.get("logging")
-        if logging_shutdown is not None:
-            logging_shutdown.shutdown()
-        os._exit(status)
-    sys.exit(status)
+    run_exec(profile=profile, workspace=workspace, timeout=timeout, env=env, origin=origin,
+             interactive=interactive, as_json=as_json, verbose=verbose, argv=argv)
 
 
 def describe_line(policy: Any) -> str:
@@ -591,20 +497,25 @@ def images_list(as_json: bool) -> None:
 @click.option("--no-canaries", is_flag=True, help="Skip the attack canaries (no sandbox is started).")
 def doctor(as_json: bool, profile: str, no_canaries: bool) -> None:
     """Check the host (engine, cgroups, seccomp, runtimes, images), then run attack canaries in a sandbox."""
-    from sandbox.doctor import run_checks
+    from sandbox.doctor import report, run_checks
 
-    checks = run_checks(profile, canaries=not no_canaries)
+    try:
+        checks = run_checks(profile, canaries=not no_canaries)
+    except Exception as e:  # noqa: BLE001 - a doctor that crashes helps nobody: say it in words
+        fail(f"doctor could not run its checks: {type(e).__name__}: {e}", EXIT_SANDBOX, "doctor")
     if as_json:
-        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+        emit_json(report(checks))
     else:
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title="sandbox doctor")
         for col in ("check", "status", "detail", "fix"):
             t.add_column(col)
         for c in checks:
-            t.add_row(c.name, {"ok": "[green]ok", "warn": "[yellow]warn", "fail": "[red]FAIL"}[c.status],
-                      c.detail, c.fix or "")
+            # details quote engines, files and versions: never rich markup
+            t.add_row(escape(c.name), {"ok": "[green]ok", "warn": "[yellow]warn", "fail": "[red]FAIL"}[c.status],
+                      escape(c.detail), escape(c.fix or ""))
         _console().print(t)
     sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
 

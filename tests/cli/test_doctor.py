@@ -52,7 +52,8 @@ def test_doctor_json_is_one_document_with_every_row(docker_client) -> None:
 
     res = CliRunner().invoke(main, ["doctor", "--json", "--no-canaries"])
     doc = json.loads(res.stdout)
-    rows = doc if isinstance(doc, list) else doc["checks"]
+    assert doc["ok"] is (res.exit_code == 0) and doc["version"]
+    rows = doc["checks"]
     names = {r["name"] for r in rows}
     assert {"engine", "runc", "state dir", "orphans", "package"} <= names
     assert all(set(r) >= {"name", "status", "detail", "fix"} for r in rows)
