@@ -1,0 +1,103 @@
+"""deploy/kubernetes: every manifest validates strictly; the key reaches the worker pod only, as a
+file; the worker's permissions are namespaced and least-privilege; the shipped backend
+configuration compiles the worker's cluster policy and refuses what it does not accept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sandbox.kube import compiler as kc
+from sandbox.kube import degradations as dg
+from sandbox.kube.config import config_from_dict
+from sandbox.policy import load_policy
+from tests.kube.k8s_schema import validate
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+FILES = sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+
+
+def _all() -> list[dict]:
+    return [d for f in FILES for d in _docs(f)]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_deploy_manifests_validate_strictly(name):
+    for d in _docs(name):
+        validate(d)
+
+
+def test_kustomization_names_existing_files():
+    k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert all((DEPLOY / r).is_file() for r in k["resources"])
+    assert "proxy.yaml" not in k["resources"]  # not runnable yet (README)
+
+
+def test_environment_key_reaches_the_worker_pod_only_as_a_file():
+    users = []
+    for d in _all():
+        if d["kind"] != "Deployment":
+            continue
+        spec = d["spec"]["template"]["spec"]
+        for v in spec.get("volumes", []):
+            if v.get("secret"):
+                users.append(d["metadata"]["name"])
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                assert "valueFrom" not in e or "secretKeyRef" not in e["valueFrom"], "no secret in an env var"
+                assert not e["name"].startswith("ANTHROPIC"), e
+            assert not any("secretRef" in f for f in c.get("envFrom", []))
+    assert users == ["sandbox-worker"]
+    # and the compiled sandbox templates never mount a secret or carry a token
+    cfg = config_from_dict(yaml.safe_load(_docs("backend-config.yaml")[0]["data"]["kube.yaml"]))
+    tpl = kc.sandbox_template(load_policy("gvisor"), cfg)["spec"]["podTemplate"]["spec"]
+    assert tpl["automountServiceAccountToken"] is False and not any("secret" in v for v in tpl["volumes"])
+
+
+def test_worker_rbac_is_namespaced_and_least_privilege():
+    docs = _docs("rbac.yaml")
+    kinds = [d["kind"] for d in docs]
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "sandboxes"
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert ("extensions.agents.x-k8s.io", "sandboxclaims", "create") in granted
+    assert ("", "pods/exec", "create") in granted
+    assert not {r for _, r, _ in granted} & {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings",
+                                             "sandboxtemplates/status", "pods/ephemeralcontainers"}
+    assert not any(v in ("*", "escalate", "bind", "impersonate") or r == "*" for _, r, v in granted)
+    assert ("", "pods", "create") not in granted and ("", "pods", "delete") not in granted
+    # the doctor's extra rights are read-only and by name
+    for rule in next(d for d in _docs("rbac-doctor.yaml") if d["kind"] == "ClusterRole")["rules"]:
+        assert rule["verbs"] == ["get"] and rule["resourceNames"]
+
+
+def test_shipped_backend_configuration_compiles_the_worker_cluster_policy(tmp_path):
+    data = _docs("backend-config.yaml")[0]["data"]
+    cfg = config_from_dict(yaml.safe_load(data["kube.yaml"]), source="deploy/kubernetes/backend-config.yaml")
+    prof = tmp_path / "worker-gvisor.yaml"
+    prof.write_text(data["worker-gvisor.yaml"])
+    pol = load_policy(str(prof))
+    for d in kc.compile_manifests(pol, cfg):
+        validate(d)
+    # the same configuration refuses the runc worker profile: its per-uid limits would be shared
+    with pytest.raises(dg.KubeRefused) as e:
+        kc.compile_manifests(load_policy("worker"), cfg)
+    assert sorted(k for k, _ in e.value.problems) == ["identity.shared_uid", "proc.masked_paths"]
+
+
+def test_proxy_service_address_matches_the_backend_configuration():
+    data = _docs("backend-config.yaml")[0]["data"]
+    cfg = config_from_dict(yaml.safe_load(data["kube.yaml"]))
+    svc = next(d for d in _docs("proxy.yaml") if d["kind"] == "Service")
+    dep = next(d for d in _docs("proxy.yaml") if d["kind"] == "Deployment")
+    assert svc["spec"]["clusterIP"] == cfg.egress_proxy.cluster_ip
+    assert svc["metadata"]["namespace"] == cfg.egress_proxy.namespace
+    assert dep["spec"]["template"]["metadata"]["labels"] == cfg.egress_proxy.pod_labels
+    assert cfg.egress_proxy.port in {p["targetPort"] for p in svc["spec"]["ports"]}
