@@ -268,3 +268,61 @@ def test_the_session_material_never_prints_its_values() -> None:
 def test_a_proxy_session_without_the_credential_value_is_refused(harness: Harness, upstream: TlsTarget) -> None:
     with pytest.raises(ValueError, match="no value given for credential"):
         harness.add_session("s1", policy(upstream, None))
+
+
+def test_a_client_hello_sent_with_the_connect_in_one_write_still_terminates(harness: Harness, session, upstream: TlsTarget) -> None:
+    # The asyncio-streams pitfall: bytes already read behind the CONNECT head must reach the TLS layer.
+    from sandbox.egress.unixsock import connect_unix
+
+    sock = session()
+    ctx = ssl.create_default_context(cafile=str(sock.parent / "ca.pem"))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="allowed.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    with connect_unix(sock, timeout=5) as s:
+        s.sendall(f"CONNECT allowed.test:{upstream.port} HTTP/1.1\r\n\r\n".encode() + out.read())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(1)
+        assert buf.startswith(b"HTTP/1.1 200")
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    s.sendall(out.read())
+                inc.write(s.recv(65536))
+        s.sendall(out.read())
+        obj.write(req("GET", "/early", upstream.port))
+        s.sendall(out.read())
+        data = b""
+        while True:
+            try:
+                piece = obj.read(65536)
+                if not piece:
+                    break
+                data += piece
+            except ssl.SSLWantReadError:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                inc.write(chunk)
+            except ssl.SSLZeroReturnError:
+                break
+    assert parse_response(data).body == b"ok:/early"
+    assert upstream.requests[0].header("authorization") == [f"Bearer {SECRET}"]
+
+
+def test_an_http2_client_is_refused_not_misparsed(harness: Harness, session, upstream: TlsTarget) -> None:
+    sock = session()
+    s, _ = connect_tunnel(sock, f"allowed.test:{upstream.port}")
+    ctx = ssl.create_default_context(cafile=str(sock.parent / "ca.pem"))
+    ctx.set_alpn_protocols(["h2"])
+    with ctx.wrap_socket(s, server_hostname="allowed.test") as t:
+        assert t.selected_alpn_protocol() is None  # we offer http/1.1 only
+        t.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        r = parse_response(recv_all(t))
+    assert r.status == 505 and upstream.requests == []
+    assert wait_until(lambda: harness.records("s1") and harness.records("s1")[-1]["code"] == "h2-refused")
