@@ -61,6 +61,11 @@ class FakeCluster:
         self.drop_exec_after: int | None = None
         self.forge_after_ready = False
         self.ready_delay = 0.1
+        # for the doctor: what the cluster has installed and what the worker may do
+        self.crds: dict[str, dict[str, Any]] = {}
+        self.runtime_classes: set[str] = set()
+        self.namespace_labels: dict[str, str] = {}
+        self.allowed: set[tuple[str, str, str]] = set()
         self._rv = itertools.count(1)
         self._watchers: list[tuple[str, Any]] = []
         self.cond = threading.Condition()
@@ -181,6 +186,26 @@ class FakeCluster:
                 u = urlparse(self.path)
                 q = parse_qs(u.query)
                 cluster.log.append((method, u.path))
+                m = re.fullmatch(r"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/([^/]+)", u.path)
+                if m:
+                    crd = cluster.crds.get(m.group(1))
+                    return self._json(200, crd) if crd else self._status(404, "NotFound")
+                m = re.fullmatch(r"/apis/node.k8s.io/v1/runtimeclasses/([^/]+)", u.path)
+                if m:
+                    if m.group(1) not in cluster.runtime_classes:
+                        return self._status(404, "NotFound")
+                    return self._json(200, {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                                            "metadata": {"name": m.group(1)}, "handler": "runsc"})
+                m = re.fullmatch(r"/api/v1/namespaces/([^/]+)", u.path)
+                if m:
+                    return self._json(200, {"apiVersion": "v1", "kind": "Namespace",
+                                            "metadata": {"name": m.group(1), "labels": cluster.namespace_labels}})
+                if u.path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" and method == "POST":
+                    body = self._body()
+                    a = body["spec"]["resourceAttributes"]
+                    key = (a.get("verb"), a.get("resource"), a.get("subresource") or "")
+                    body["status"] = {"allowed": key in cluster.allowed}
+                    return self._json(201, body)
                 m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/exec", u.path)
                 if m:
                     return self._exec(m.group(2), q)

@@ -246,3 +246,35 @@ def test_the_kubernetes_package_is_only_imported_when_used():
             "print(any(m == 'kubernetes' or m.startswith('kubernetes.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env={**os.environ})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def _crd(name: str, version: str) -> dict:
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": name},
+            "spec": {"group": name.split(".", 1)[1], "scope": "Namespaced",
+                     "names": {"plural": name.split(".")[0], "kind": "X"},
+                     "versions": [{"name": version, "served": True, "storage": True}]}}
+
+
+def test_doctor_reports_what_the_cluster_lacks_and_what_it_cannot_see(cluster, backend):
+    from sandbox.kube.doctor import CRDS, PERMISSIONS
+
+    b = backend()
+    by = {c.name: c for c in b.doctor()}
+    assert all(by[f"crd {n}"].status == "fail" for n in CRDS)
+    assert by["runtimeclass gvisor"].status == "fail" and "gVisor" in by["runtimeclass gvisor"].fix
+    assert by["namespace sandboxes pod security"].status == "warn"
+    assert all(c.status == "fail" for n, c in by.items() if n.startswith("rbac "))
+    # now a cluster with everything in place
+    for n, v in CRDS.items():
+        cluster.crds[n] = _crd(n, v)
+    cluster.crds["sandboxclaims.extensions.agents.x-k8s.io"] = _crd("sandboxclaims.extensions.agents.x-k8s.io", "v1alpha1")
+    cluster.runtime_classes.add("gvisor")
+    cluster.namespace_labels["pod-security.kubernetes.io/enforce"] = "restricted"
+    cluster.allowed |= {(v, r, s) for v, _, r, s in PERMISSIONS}
+    by = {c.name: c for c in b.doctor()}
+    assert by["crd sandboxclaims.extensions.agents.x-k8s.io"].status == "fail"  # only v1alpha1 served
+    others = [c for n, c in by.items() if n != "crd sandboxclaims.extensions.agents.x-k8s.io"
+              and n != "networkpolicy enforcement"]
+    assert all(c.status == "ok" for c in others), [c for c in others if c.status != "ok"]
+    # NetworkPolicy enforcement is never reported ok from the API alone
+    assert by["networkpolicy enforcement"].status == "warn" and "canary" in by["networkpolicy enforcement"].fix
