@@ -256,6 +256,8 @@ class KubeBackend:
 
         if workspace is not None or ro_mounts:
             raise SandboxError("a cluster sandbox cannot mount host paths (workspace, ro_mounts)")
+        if _.get("identity") is not None:
+            raise SandboxError("a cluster sandbox runs as its template's uid/gid; it cannot take a host uid lease")
         if policy.egress.enabled and self.egress is None:
             raise SandboxError(f"policy {policy.name} has egress, and this backend has no egress proxy registry")
         session_id = session_id or f"sess_{secrets.token_hex(8)}"

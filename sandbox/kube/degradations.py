@@ -49,7 +49,7 @@ def _pids(p: Policy, c: KubeConfig) -> Degradation | None:
         "one node-wide setting; a per-pod field is only a proposal)",
         f"the agent's launcher sets a hard RLIMIT_NPROC={p.rlimits.nproc} before the agent or any workload "
         "process exists; run sandboxes on a dedicated node pool (node_selector/tolerations) whose kubelet sets "
-        f"podPidsLimit to at most {p.limits.pids}, and check it with the start-up fork canary")
+        f"podPidsLimit to at most {p.limits.pids} (checked by hand: deploy/kubernetes/README.md)")
 
 
 def _rlimits(p: Policy, c: KubeConfig) -> Degradation | None:
@@ -137,7 +137,8 @@ def _cni(p: Policy, c: KubeConfig) -> Degradation | None:
         "no network interface at all (Docker NetworkDisabled): every pod has one",
         "a NetworkPolicy denying all ingress and all egress except TCP to the egress proxy pods (and nothing when "
         "the policy has no egress), set both as the template's networkPolicy and as a standalone object; it "
-        "holds only where the network plugin enforces NetworkPolicy, which the doctor and the start-up canary check")
+        "holds only where the network plugin enforces NetworkPolicy, which only a canary pod proves (by hand, "
+        "deploy/kubernetes/README.md; the doctor warns)")
 
 
 def _dns(p: Policy, c: KubeConfig) -> Degradation | None:
