@@ -208,7 +208,7 @@ def role_tls_proxy(port_file: Path, target_port: int, ca_file: str, session_ca_o
         proxy = EgressProxy(resolver=StaticResolver({NAME: [ADDR]}))
         _, p1 = await proxy.add_tcp_listener("tunnel", tunnel)
         _, p2 = await proxy.add_tcp_listener("inject", inject, material=material)
-        session_ca_out.write_bytes(proxy._sessions["inject"].ca.pem)  # type: ignore[union-attr]
+        session_ca_out.write_bytes(proxy.session_ca_pem("inject") or b"")
         port_file.write_text(f"{p1} {p2}")
         await asyncio.Event().wait()
 

@@ -67,8 +67,15 @@ def proxy_cmd(rules_file: Path, listen: str, state_dir: Path | None) -> None:
 
     from sandbox.egress.proxy import EgressProxy
 
+    from sandbox.egress.credentials import CredentialError
+    from sandbox.egress.credentials import resolve as resolve_material
+
     policy = load_rules(rules_file)
     host, port = _parse_listen(listen)
+    try:
+        material = resolve_material(policy)  # credentials from this shell's environment, files, commands
+    except CredentialError as e:
+        raise click.ClickException(f"egress credentials: {e}") from None
     state = (state_dir or default_state_dir())
     state.mkdir(parents=True, exist_ok=True)
     audit = AuditLog(state / "audit.jsonl")
@@ -81,9 +88,14 @@ def proxy_cmd(rules_file: Path, listen: str, state_dir: Path | None) -> None:
     async def run() -> None:
         proxy = EgressProxy(audit=audit)
         proxy.on_record = show
-        bound = await proxy.add_tcp_listener(CLI_SESSION, policy, host, port)
+        bound = await proxy.add_tcp_listener(CLI_SESSION, policy, host, port, material=material)
         n = len(policy.rules)
         console.print(f"egress proxy on http://{bound[0]}:{bound[1]} ({n} rule(s), {len(policy.allow_cidrs)} CIDR(s)); audit: {audit.path}; Ctrl-C stops")
+        ca = proxy.session_ca_pem(CLI_SESSION)
+        if ca is not None:
+            ca_path = state / "proxy-cli-ca.pem"
+            ca_path.write_bytes(ca)
+            console.print(f"terminated hosts are served with a session CA: trust {ca_path} (e.g. curl --cacert)")
         try:
             await asyncio.Event().wait()
         finally:

@@ -384,6 +384,11 @@ class EgressProxy:
         cas = sorted({r.upstream_ca for r in policy.rules if r.upstream_ca is not None} - set(m.upstream_cas))
         if cas:
             raise ValueError(f"upstream CA file(s) not provided: {', '.join(cas)}")
+        for path, pem in m.upstream_cas.items():
+            try:
+                ssl.create_default_context(cadata=pem)
+            except (ssl.SSLError, ValueError):
+                raise ValueError(f"upstream CA {path} holds no usable certificate") from None
 
     def _setup_tls(self, sess: _Session, material: SessionMaterial | None, socket_dir: Path | None) -> None:
         sess.material = material or SessionMaterial()
@@ -452,6 +457,11 @@ class EgressProxy:
                     os.unlink(sess.socket_path.parent / name)
             with contextlib.suppress(OSError):
                 sess.socket_path.parent.rmdir()
+
+    def session_ca_pem(self, session_id: str) -> bytes | None:
+        """The session CA certificate (public), or None when the session terminates nothing."""
+        ca = self._sessions[session_id].ca
+        return None if ca is None else ca.pem
 
     def sessions(self) -> list[str]:
         return sorted(self._sessions)

@@ -160,8 +160,9 @@ class CredentialSource(BaseModel):
 class EgressRule(BaseModel):
     """One allowed destination: a host (exact or ``*.suffix``) and its ports.
 
-    On its TLS ports (``tls_ports``, default 443 when allowed) a tunnel must start with a TLS
-    ClientHello naming the host (``sni``: ``pin``, ``allow-missing``, ``off``). A rule with a
+    On its TLS ports (``tls_ports``, default 443 when allowed; ``[]`` for none, e.g. SSH on 443)
+    a tunnel must start with a TLS ClientHello naming the host (``sni``: ``pin``,
+    ``allow-missing``, ``off``; an encrypted ClientHello only with ``allow_ech``). A rule with a
     ``credential`` or ``http`` rules (or ``terminate: true``) is terminated by the proxy: it
     sees each request, applies the method/path rules and the body cap, and injects the
     credential; every other host stays an end-to-end tunnel."""

@@ -109,3 +109,17 @@ def test_cli_reads_the_audit_log_where_the_runtime_puts_it(monkeypatch: pytest.M
     assert default_state_dir() == runtime_state_dir() / "egress"
     monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path))
     assert default_state_dir() == runtime_state_dir() / "egress" == tmp_path / "egress"
+
+
+def test_proxy_command_names_a_missing_credential_without_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from sandbox.egress.cli import proxy_cmd
+
+    monkeypatch.delenv("EGRESS_CLI_TOKEN", raising=False)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {host: api.example.com, ports: [443], credential: {name: gh}}\n"
+                     "credentials:\n  gh: {env: EGRESS_CLI_TOKEN}\n")
+    r = CliRunner().invoke(proxy_cmd, ["--profile-rules", str(rules), "--state-dir", str(tmp_path / "st")])
+    assert r.exit_code == 1 and "credential 'gh' (env EGRESS_CLI_TOKEN)" in r.output and "not set" in r.output
+    assert "Traceback" not in r.output
