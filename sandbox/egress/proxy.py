@@ -6,10 +6,20 @@ sandbox holds a secret. Every rule is enforced here, on the host side:
 
 1. parse the request head (bounded size, bounded time);
 2. :func:`acl.precheck` the canonical name and port BEFORE any DNS lookup;
-3. resolve it ourselves, :func:`acl.decide` on every answer, connect to the exact
-   address checked (no second lookup, so no rebinding window);
-4. relay with idle/total timeouts and the session's byte budget;
-5. write one audit record.
+3. resolve it ourselves (:mod:`resolve`: dnspython on the loop, a deadline that cancels
+   the lookup, a per-session cap inside a global one, so no session starves another),
+   :func:`acl.decide` on every answer, connect to the exact address checked (no second
+   lookup, so no rebinding window);
+4. on a rule's TLS ports (443 by default) read the ClientHello (:mod:`tls`): it must be TLS
+   and name the CONNECT host (no SNI fronting), then either
+   - tunnel it end to end (the usual case), or
+   - for rules with a credential or method/path rules, TERMINATE it: serve a leaf from the
+     session's CA (:mod:`mitm`), check the one request (Host, method/path rules, body cap,
+     no TRACE, no upgrade), verify the upstream against the host's trust store, strip what
+     the sandbox sent as credentials, inject the rule's credential (:mod:`credentials`:
+     values read by the sandbox's owner, kept in memory here) and relay the response;
+5. relay with idle/total timeouts and the session's byte budget;
+6. write one audit record, into the session's own capped file (a flood evicts only its own).
 
 Plain HTTP is one request per client connection: the proxy forwards exactly the
 framed body and nothing after it, so a pipelined second request can never ride
