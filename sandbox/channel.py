@@ -191,6 +191,13 @@ class AgentChannel:
             q.put(None)
         self.ready.put({"ev": "closed"})
 
+    def close_stdin(self) -> None:
+        """End the agent's stdin (it then exits); events keep arriving until it has."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         self._close("closed by host")
         try:

@@ -16,10 +16,8 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,6 +61,7 @@ READY_TIMEOUT_S = 60.0
 # BEAT_S and the agent exits when it has heard nothing authentic for WATCHDOG_S.
 BEAT_S = 1.0
 WATCHDOG_S = 5.0
+EOF_TEARDOWN_S = 2.0  # how long destroy() waits for the agent to exit on stdin EOF before it kills
 STDIN_CHUNK = 64 << 10
 STDIN_WINDOW = 1 << 20  # streamed stdin in flight (sent, not yet written into the command)
 
@@ -184,6 +183,8 @@ class CgroupCounters:
 
 def make_disk_workspace(root: Path, session: str, size_mb: int, uid: int, gid: int) -> Path:
     """A size-capped ext4 filesystem in a sparse file, loop-mounted: writes past the cap get ENOSPC."""
+    import shutil
+    import subprocess  # here, not at the top: the cold `sandbox exec` path never needs them
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     img, mnt = root / f"{session}.img", root / session
     mnt.mkdir(mode=0o700)
@@ -198,6 +199,9 @@ def make_disk_workspace(root: Path, session: str, size_mb: int, uid: int, gid: i
 
 
 def remove_disk_workspace(root: Path, session: str) -> None:
+    import shutil
+    import subprocess
+
     mnt, img = root / session, root / f"{session}.img"
     if os.path.ismount(mnt):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -225,6 +229,7 @@ class Sandbox:
         self.counters = counters
         self.workspace_dir = workspace_dir
         self.egress = egress
+        self.host_workspace = False  # a host directory is mounted as the workspace (set by create)
         self.created = time.monotonic()
         self._destroyed = False
         self._lock = threading.Lock()
@@ -604,9 +609,11 @@ class Runtime:
                 raise SandboxError(f"sandbox agent did not start: {channel.close_reason}; {diag}")
             t.join(timeout=30)
             pid = inspected.get("State", {}).get("Pid") or api.inspect(cid)["State"]["Pid"]
-            return Sandbox(self, cp, session_id, cid, channel, CgroupCounters(pid),
-                           ws_dir if managed_ws else None, egress_dir is not None,
-                           identity=identity, owns_identity=owns_identity)
+            sb = Sandbox(self, cp, session_id, cid, channel, CgroupCounters(pid),
+                         ws_dir if managed_ws else None, egress_dir is not None,
+                         identity=identity, owns_identity=owns_identity)
+            sb.host_workspace = workspace is not None
+            return sb
         except BaseException as e:
             if cid:
                 self._remove_container(cid)
@@ -646,7 +653,11 @@ class Runtime:
                 log.warning("could not remove sandbox %s: %s", cid[:12], e.explanation)
 
     def _teardown(self, sb: Sandbox, wait: bool = True) -> None:
-        if not wait and sb.workspace_dir is None and not sb.egress:
+        # Nothing of a sandbox without a host workspace, disk workspace or egress registration is
+        # visible from the host once its processes are killed; such a sandbox can end through its
+        # agent: stdin's EOF makes it exit, and as PID 1 its exit kills every process left.
+        private = sb.workspace_dir is None and not sb.egress and not sb.host_workspace
+        if private and not wait:
             try:
                 self.engine.kill_nowait(sb.id)
             except OSError as e:
@@ -655,6 +666,16 @@ class Runtime:
             if sb._owns_identity and sb.identity is not None:
                 sb.identity.release()
             return
+        if private and sb.compiled.runtime == "runc" and not sb.channel.closed.is_set():
+            # The agent's end of the stream closes when it has exited; measured faster than the
+            # engine's kill, which also waits for the container's state to settle. Under gVisor a
+            # workload could hold the agent's stdin open: there (and on no EOF) the kill does it.
+            sb.channel.close_stdin()
+            if sb.channel.closed.wait(EOF_TEARDOWN_S) and sb.channel.close_reason == "agent exited":
+                sb.channel.close()
+                if sb._owns_identity and sb.identity is not None:
+                    sb.identity.release()
+                return
         sb.channel.close()
         self._remove_container(sb.id)
         if sb._owns_identity and sb.identity is not None:

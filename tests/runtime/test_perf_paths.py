@@ -222,3 +222,35 @@ def test_the_agent_modules_load_from_bytecode_in_the_image_that_matches_their_so
     for mod in ("tools", "reaper", "forwarder"):
         assert f"code object from '/opt/sandbox-agent/__pycache__/{mod}." in err, err[-2000:]
         assert re.search(rf"__pycache__/{mod}\.[\w-]+\.pyc matches /opt/sandbox-agent/{mod}\.py", err), err[-2000:]
+
+
+def _procs_of_uid(uid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                for line in (p / "status").read_text().splitlines():
+                    if line.startswith("Uid:") and int(line.split()[1]) == uid:
+                        out.append(int(p.name))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("wait", [True, False], ids=["destroy", "destroy-nowait"])
+def test_destroy_through_the_agent_still_ends_every_process_of_the_sandbox(runtime, docker_client, wait: bool) -> None:
+    """destroy() ends a private sandbox through its agent (stdin EOF; PID 1's exit kills the rest),
+    with the engine's kill as the fallback: a detached background process must not survive it."""
+    sb = runtime.create(load_policy("default"))
+    uid = sb.uid
+    try:
+        r = sb.exec(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo started"])
+        assert r.stdout == b"started\n"
+        assert len(_procs_of_uid(uid)) >= 1
+    finally:
+        sb.destroy(wait=wait)
+    deadline = time.monotonic() + 20
+    while _procs_of_uid(uid) or docker_client.api.containers(all=True, filters={"id": sb.id}):
+        assert time.monotonic() < deadline, f"processes of uid {uid} or the container outlived destroy()"
+        time.sleep(0.05)
