@@ -254,3 +254,35 @@ def test_destroy_through_the_agent_still_ends_every_process_of_the_sandbox(runti
     while _procs_of_uid(uid) or docker_client.api.containers(all=True, filters={"id": sb.id}):
         assert time.monotonic() < deadline, f"processes of uid {uid} or the container outlived destroy()"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("args, plan", [
+    (["exec", "--", "ls", "-l"], ("default", False, ["ls", "-l"])),
+    (["exec", "ls", "-l"], ("default", False, ["ls", "-l"])),
+    (["exec", "-p", "worker", "--json", "grep", "-h", "x"], ("worker", True, ["grep", "-h", "x"])),
+    (["exec", "--profile=gvisor", "--", "--json"], ("gvisor", False, ["--json"])),
+    (["exec", "-e", "A=1", "--", "env"], None),          # any other option: the click command line
+    (["exec", "-w", "/tmp", "ls"], None),
+    (["exec", "--help"], None),
+    (["exec", "-p", "--json", "ls"], None),               # an option value that looks like an option
+    (["exec"], None),
+    (["exec", "--"], None),
+    (["ps"], None),
+    (["--json", "exec", "ls"], None),
+])
+def test_the_click_free_front_door_takes_only_the_plainest_exec(args: list[str], plan: object) -> None:
+    from sandbox.execcmd import _plain_exec
+
+    assert _plain_exec(args) == plan
+
+
+def test_a_bad_profile_fails_the_same_through_the_front_door_and_through_click(env: Path) -> None:
+    def run(*extra: str) -> tuple[int, dict, str]:
+        r = subprocess.run([sys.executable, "-m", "sandbox", "exec", "--json", "-p", "nope", *extra, "--", "true"],
+                           capture_output=True, text=True, timeout=60, env=os.environ)
+        return r.returncode, json.loads(r.stdout), r.stderr
+
+    fast, slow = run(), run("-e", "A=1")  # -e: parsed by click
+    assert fast[0] == slow[0] == 2
+    assert fast[1] == slow[1] and fast[1]["error"]["kind"] == "policy"
+    assert fast[2] == slow[2]
