@@ -139,3 +139,35 @@ print('CA', os.environ.get('SSL_CERT_FILE'), [n for n in ('ca-bundle.pem', 'ca.p
     assert any(p.name == "daemon.log" for p in files)
     for p in files:
         assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_a_tunnel_refuses_a_foreign_sni_and_plaintext_from_inside_a_sandbox(make_sandbox, upstream) -> None:
+    """Not terminated: an end-to-end tunnel whose ClientHello must name the CONNECT host."""
+    t, _ = upstream
+    sb = make_sandbox({"name": f"sni-{t.port}", "egress": {"rules": [{"host": "localhost", "ports": [t.port], "tls_ports": [t.port]}],
+                                                         "allow_cidrs": ["127.0.0.0/8"]},
+                       "unsafe": {"egress.allow_cidrs.127.0.0.0/8": "test upstream listens on loopback"}})
+    script = f"""
+import socket, ssl
+def tunnel():
+    s = socket.create_connection(('127.0.0.1', 3128), timeout=10)
+    s.sendall(b'CONNECT localhost:{t.port} HTTP/1.1\\r\\n\\r\\n')
+    head = b''
+    while not head.endswith(b'\\r\\n\\r\\n'):
+        head += s.recv(1)
+    assert head.startswith(b'HTTP/1.1 200'), head
+    return s
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+for name in ('localhost', 'fronted.example'):
+    try:
+        with ctx.wrap_socket(tunnel(), server_hostname=name) as tls:
+            print(name, 'HANDSHAKE-OK')
+    except ssl.SSLError as e:
+        print(name, 'REFUSED', e.reason)
+s = tunnel(); s.sendall(b'GET / HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n')
+print('PLAIN', s.recv(200).split(b'\\r\\n')[0])
+"""
+    r = sb.exec(["python3", "-c", script], timeout=60)
+    assert r.exit_code == 0, r
+    out = r.stdout.decode()
+    assert "localhost HANDSHAKE-OK" in out and "fronted.example REFUSED" in out and "PLAIN b'HTTP/1.1 403 Forbidden'" in out, out
