@@ -1,0 +1,77 @@
+"""A neighbour's bomb while another session works: B's commands run *during* A's bomb and succeed.
+
+Each bomb (tests/bombs.py) runs in sandbox A; while it runs, sandbox B runs its job
+several times; every run must succeed with the right output. Then the storm: one
+sandbox per bomb, all at once, while a fresh sandbox starts and answers. How much B
+slows down is measured by bench/bench_neighbours.py (no timing is asserted here).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.bombs import JOB, Bomb, bombs
+
+pytestmark = pytest.mark.docker
+
+BOMB_S = 4.0
+
+
+def _start_bomb(sb, bomb: Bomb, seconds: float) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        out["res"] = sb.exec(bomb.argv, timeout=seconds + 2)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _job_ok(b) -> None:
+    res = b.exec(JOB, timeout=60)
+    assert res.exit_code == 0, res
+    assert float(res.stdout) > 0, res
+
+
+@pytest.mark.parametrize("bomb", bombs(BOMB_S), ids=lambda b: b.name)
+def test_bystander_works_during_a_neighbours_bomb(make_sandbox, bomb: Bomb) -> None:
+    a = make_sandbox(bomb.profile)
+    b = make_sandbox()
+    t, out = _start_bomb(a, bomb, BOMB_S)
+    time.sleep(0.3)  # the bomb is under way
+    runs = 0
+    while t.is_alive() and runs < 6:
+        _job_ok(b)
+        assert b.exec(["sh", "-c", "echo during > /workspace/x && cat /workspace/x"], timeout=60).stdout == b"during\n"
+        runs += 1
+    assert runs >= 1, "the bomb ended before B ran anything during it"
+    t.join(60)
+    assert not t.is_alive()
+    # A hit its own limits (or ran out its time); the host and B did not notice anything but load.
+    assert out["res"].exit_code is not None
+    _job_ok(b)
+
+
+def test_host_stays_responsive_during_a_storm_of_every_bomb(make_sandbox, runtime) -> None:
+    """Every bomb at once, each in its own sandbox (16 in all): a fresh sandbox still starts and answers,
+    and a live one still runs its commands."""
+    from sandbox.policy import load_policy
+
+    kinds = bombs(10.0)
+    storm = [make_sandbox(k.profile) for k in (kinds * 2)[:16]]
+    bystander = make_sandbox()
+    threads = [_start_bomb(sb, k, 10.0)[0] for sb, k in zip(storm, (kinds * 2)[:16])]
+    time.sleep(2.0)
+    fresh = runtime.create(load_policy("default"), session_id="storm-17th")
+    try:
+        assert fresh.exec(["true"], timeout=60).exit_code == 0
+    finally:
+        fresh.destroy()
+    _job_ok(bystander)
+    for t in threads:
+        t.join(60)
+    _job_ok(bystander)
