@@ -55,6 +55,7 @@ MAX_CONTROL_LINE = 1 << 20
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_DUMPABLE = 4
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -103,6 +104,9 @@ def drop_privileges(uid: int, gid: int) -> None:
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)  # from root to non-root clears permitted/effective caps
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    # Not dumpable: the daemon holds credential values and session CA keys in memory; another
+    # process of the same uid must not read them through /proc/<pid>/mem, environ or ptrace.
+    _prctl(_PR_SET_DUMPABLE, 0)
     status = Path("/proc/self/status").read_text()
     for field in ("CapEff", "CapPrm", "CapAmb"):
         m = re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.MULTILINE)

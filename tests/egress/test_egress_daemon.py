@@ -116,6 +116,9 @@ def test_daemon_started_as_root_runs_as_nobody_without_capabilities(mgr: EgressM
     # the daemon's environment carries nothing of ours (API keys live in the runtime's)
     env = Path(f"/proc/{st['pid']}/environ").read_bytes().split(b"\0")
     assert {e.split(b"=")[0] for e in env if e} <= {b"PATH", b"PYTHONPATH", b"LANG"}
+    # not dumpable: it holds credential values and CA keys, and another process of its uid
+    # (nobody) must not read its memory: /proc/<pid>/mem stays root's
+    assert Path(f"/proc/{st['pid']}/mem").stat().st_uid == 0
 
 
 def test_session_socket_enforces_policy_and_audits_per_session(mgr: EgressManager, target: Target) -> None:
