@@ -255,7 +255,8 @@ def workspace_digest(workspace: Path) -> str:
 def _copy(src: str, dst: Path) -> str:
     """Copy a regular file's bytes without following a symlink at `src`; return its sha256."""
     h = hashlib.sha256()
-    fd = os.open(src, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a path swapped for a fifo after the walk's lstat must not hang the worker.
+    fd = os.open(src, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointError(f"{src} is not a regular file")

@@ -45,7 +45,7 @@ def default_session_store() -> Path:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Worker state (outbox, sandbox runtime). Default: <sandbox state dir>/worker.")
+              help="Worker state (lock, sandbox runtime, SDK work dir). Default: <sandbox state dir>/worker.")
 @click.option("--max-idle", type=float, default=60.0, show_default=True,
               help="Seconds a session's run continues after its turn ended before its sandbox is removed.")
 @click.option("--lease-ttl", type=click.IntRange(10, 600), default=30, show_default=True,

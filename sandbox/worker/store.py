@@ -363,6 +363,21 @@ class SessionStore:
         return out
 
 
+def unmount_under(root: Path) -> list[str]:
+    """Lazily unmount every mount below `root` (workspaces, skills): before deleting a throwaway store."""
+    prefix = str(Path(root).resolve()) + "/"
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1].replace("\\040", " ") for line in f]
+    except OSError:
+        return []
+    done = []
+    for mnt in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        done.append(mnt)
+    return done
+
+
 def chown_tree(root: Path, uid: int, gid: int) -> int:
     """Give `root` and everything under it to uid:gid (never following symlinks); returns entries changed.
 

@@ -25,7 +25,9 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def t(ws: Path) -> ModuleType:
+def t(ws: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    # In the sandbox the agent's directory is on sys.path (tools.py imports its sibling `reaper`).
+    monkeypatch.syspath_prepend(str(TOOLS_PATH.parent))
     spec = importlib.util.spec_from_file_location("sandbox_agent_tools_under_test", TOOLS_PATH)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
