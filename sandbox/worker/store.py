@@ -251,8 +251,13 @@ class SessionStore:
     # ------------------------------------------------------------------ workspaces
 
     def new_workspace(self, size_mb: int) -> str:
-        """A fresh size-capped workspace (sparse ext4 image, loop-mounted); returns its id."""
+        """A fresh size-capped workspace (sparse ext4 image, loop-mounted); returns its id.
+
+        Until a session adopts it, it is marked with its creator (`<ws>.owner`), so the warm
+        workspaces of a worker that died can be told from those of a live one."""
         ws = f"ws_{secrets.token_hex(8)}"
+        if self.owner is not None:
+            (self.root / "workspaces" / f"{ws}.owner").write_text(self.owner)
         make_ext4_workspace(self.root / "workspaces", ws, size_mb)
         return ws
 
@@ -352,13 +357,21 @@ class SessionStore:
             return 0
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
-    def orphan_workspaces(self, older_than_s: float = 3600.0) -> list[str]:
-        """Workspaces no session adopted (warm sandboxes of a crashed worker)."""
+    def orphan_workspaces(self, older_than_s: float = 60.0) -> list[str]:
+        """Workspaces no session adopted and whose creating worker is gone (its warm sandboxes)."""
         used = {m.workspace for m in self.sessions()}
         out = []
         for img in (self.root / "workspaces").glob("*.img"):
             ws = img.name[:-4]
-            if ws not in used and time.time() - img.stat().st_mtime > older_than_s:
+            try:
+                if ws in used or time.time() - img.stat().st_mtime < older_than_s:
+                    continue
+                owner = (self.root / "workspaces" / f"{ws}.owner").read_text().strip()
+            except FileNotFoundError:
+                owner = ""
+            if ws in {m.workspace for m in self.sessions()}:  # adopted meanwhile
+                continue
+            if not owner or not self.owner_alive(owner):
                 out.append(ws)
         return out
 
@@ -418,6 +431,7 @@ def make_ext4_workspace(root: Path, ws: str, size_mb: int) -> Path:
 
 def remove_ext4_workspace(root: Path, ws: str) -> None:
     mnt, img = root / ws, root / f"{ws}.img"
+    (root / f"{ws}.owner").unlink(missing_ok=True)
     if os.path.ismount(mnt):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
     if mnt.exists() and not os.path.ismount(mnt):

@@ -761,6 +761,10 @@ class Worker:
             if removed:
                 log_event(log, logging.INFO, "session_removed", f"{reason}: workspace removed", session_id=sid,
                           reason=reason)
+        for ws in await anyio.to_thread.run_sync(store.orphan_workspaces):
+            await anyio.to_thread.run_sync(store.remove_workspace, ws)
+            log_event(log, logging.INFO, "workspace_removed", "removed a warm workspace of a worker that is gone",
+                      workspace=ws)
 
     async def _refresh_stats(self) -> None:
         """Queue depth for the metrics; while the circuit is open this is also its probe."""

@@ -71,3 +71,18 @@ def test_session_ids_never_name_another_directory(tmp_path: Path) -> None:
     assert safe_id("a/b") == "a_b"
     with pytest.raises(StoreError):
         safe_id("..")
+
+
+def test_warm_workspaces_of_a_dead_worker_are_orphans_those_of_a_live_one_are_not(tmp_path: Path) -> None:
+    live, dead = SessionStore(tmp_path), SessionStore(tmp_path)
+    live.register_owner("live")
+    dead.register_owner("dead")
+    mine, theirs = live.new_workspace(8), dead.new_workspace(8)
+    adopted = dead.new_workspace(8)
+    live.open_session("sess_a", 8, adopt=adopted)
+    dead.close()
+    assert live.orphan_workspaces(older_than_s=0) == [theirs]
+    for ws in (mine, theirs):
+        live.remove_workspace(ws)
+    assert live.remove_session("sess_a")
+    assert not list((tmp_path / "workspaces").iterdir())
