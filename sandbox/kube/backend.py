@@ -88,16 +88,13 @@ class ExecBridge:
     exec stream's stdin channel; the stream's stdout and stderr channels come back re-framed as
     Docker's multiplexed stream (stderr is the agent's diagnostics, as on Docker). When the
     stream ends - the agent exited, the pod went away, the connection dropped - the channel sees
-    EOF and ``on_lost`` runs once."""
+    EOF (the backend then deletes the claim)."""
 
-    def __init__(self, ws: Any, on_lost: Callable[[], None] | None = None) -> None:
+    def __init__(self, ws: Any) -> None:
         self.ws = ws
-        self.on_lost = on_lost
         self.host, self._inner = socket.socketpair()
         self.status: str | None = None  # the exec stream's status channel (3), if it said anything
         self._closed = threading.Event()
-        self._lost_once = threading.Lock()
-        self._lost = False
         threading.Thread(target=self._from_pod, name="kube-exec-read", daemon=True).start()
         threading.Thread(target=self._to_pod, name="kube-exec-write", daemon=True).start()
 
@@ -124,7 +121,8 @@ class ExecBridge:
                 self._inner.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._fire_lost()
+            self.close()
+            self._inner.close()
 
     def _to_pod(self) -> None:
         try:
@@ -139,17 +137,6 @@ class ExecBridge:
         finally:
             self.close()
 
-    def _fire_lost(self) -> None:
-        with self._lost_once:
-            if self._lost:
-                return
-            self._lost = True
-        if self.on_lost is not None and not self._closed.is_set():
-            try:
-                self.on_lost()
-            except Exception as e:  # noqa: BLE001
-                log.warning("cleanup after a lost exec stream failed: %s", e)
-
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -158,11 +145,10 @@ class ExecBridge:
             self.ws.close()
         except Exception:  # noqa: BLE001
             pass
-        for s in (self._inner,):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        try:
+            self._inner.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _now() -> _dt.datetime:
