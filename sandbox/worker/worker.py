@@ -470,22 +470,25 @@ class Worker:
             in_doubt = view is not None and not self._draining and self._lease_in_doubt(view)
             park: bool | float = True if in_doubt else (self.config.keep_idle if not self._draining else 0.0)
             self.middleware.forget(work_id)
-            with anyio.CancelScope(shield=True):
-                ended = None if in_doubt else await self._session_ended(session_id)
-                if ended:
-                    park = 0.0
-                parked = await anyio.to_thread.run_sync(
-                    lambda: self.sandboxes.release(session_id, park=park, run_lock=run_lock))  # type: ignore[union-attr]
+            parked, ended = False, None
+            try:
+                with anyio.CancelScope(shield=True):
+                    ended = None if in_doubt else await self._session_ended(session_id)
+                    if ended:
+                        park = 0.0
+                    parked = await anyio.to_thread.run_sync(
+                        lambda: self.sandboxes.release(session_id, park=park, run_lock=run_lock))  # type: ignore[union-attr]
+                    if not parked:
+                        await anyio.to_thread.run_sync(self.store.release_skills_dir, session_id)  # type: ignore[union-attr]
+                    await anyio.to_thread.run_sync(lambda: self._after_run(slot, run_lock, parked, ended))
+                self._close_trail(slot, "sandbox_parked" if parked else "sandbox_stopped", clean,
+                                  session_ended=ended)
+            finally:
                 if not parked:
-                    await anyio.to_thread.run_sync(self.store.release_skills_dir, session_id)  # type: ignore[union-attr]
-                await anyio.to_thread.run_sync(lambda: self._after_run(slot, run_lock, parked, ended))
-            self._close_trail(slot, "sandbox_parked" if parked else "sandbox_stopped", clean,
-                              session_ended=ended)
-            if not parked:
-                run_lock.release()
-            self._serving.pop(session_id, None)
-            serving.done.set()
-            self._update_gauges()
+                    run_lock.release()  # whatever failed above, the session can be served again
+                self._serving.pop(session_id, None)
+                serving.done.set()
+                self._update_gauges()
             log_event(log, logging.INFO, "work_done", "session run ended", work_id=work_id, session_id=session_id,
                       seconds=round(time.monotonic() - started, 3), calls=slot.calls,
                       outcome="ok" if clean else "failed", sandbox="parked" if parked else "stopped",
