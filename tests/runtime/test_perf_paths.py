@@ -286,3 +286,28 @@ def test_a_bad_profile_fails_the_same_through_the_front_door_and_through_click(e
     assert fast[0] == slow[0] == 2
     assert fast[1] == slow[1] and fast[1]["error"]["kind"] == "policy"
     assert fast[2] == slow[2]
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("path", ["agent", "engine-kill"])
+def test_destroy_ends_the_sandbox_by_either_path(runtime, docker_client, monkeypatch: pytest.MonkeyPatch,
+                                                 path: str) -> None:
+    """Through the agent (stdin EOF, PID 1's pidfd as proof) the engine's kill is never needed;
+    without a usable pidfd the kill does it. Either way nothing of the sandbox is left."""
+    sb = runtime.create(load_policy("default"))
+    uid = sb.uid
+    sb.exec(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &"])
+    if path == "agent":
+        def no_kill(cid: str) -> None:
+            raise AssertionError("the engine's kill was used although the agent path was available")
+        monkeypatch.setattr(runtime.engine, "kill", no_kill)
+    else:
+        sb.agent_pid = (sb.agent_pid[0], sb.agent_pid[1] + 1)  # as if the pid had been reused
+    sb.destroy()
+    monkeypatch.undo()
+    if path == "agent":
+        assert not _procs_of_uid(uid), "destroy() returned before every process of the sandbox was gone"
+    deadline = time.monotonic() + 20
+    while _procs_of_uid(uid) or docker_client.api.containers(all=True, filters={"id": sb.id}):
+        assert time.monotonic() < deadline, f"processes of uid {uid} or the container outlived destroy()"
+        time.sleep(0.05)
