@@ -144,6 +144,10 @@ def _table(records: list[dict[str, Any]]) -> None:
         colour = {"allow": "green", "deny": "red"}.get(str(r.get("decision")), "yellow")
         dest = f"{r.get('host') or '-'}:{r.get('port') or '-'}{r.get('path') or ''}"
         why = r.get("rule") if r.get("decision") == "allow" else f"{r.get('code')}: {r.get('reason')}"
+        extra = [x for x in (r.get("tls"), r.get("status") and f"HTTP {r.get('status')}",
+                             r.get("credential") and f"credential {r.get('credential')}") if x]
+        if extra:
+            why = f"{why or ''} [{', '.join(str(x) for x in extra)}]"
         t.add_row(
             str(r.get("ts", ""))[11:23], str(r.get("session")), f"[{colour}]{r.get('decision')}[/]", str(r.get("method") or "-"),
             dest, str(r.get("addr") or "-"), str(why or ""), str(r.get("bytes_up", 0)), str(r.get("bytes_down", 0)), str(r.get("duration_ms", "")),
