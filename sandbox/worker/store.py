@@ -261,6 +261,17 @@ class SessionStore:
         make_ext4_workspace(self.root / "workspaces", ws, size_mb)
         return ws
 
+    def self_check(self) -> None:
+        """Make and remove a tiny workspace: a store that cannot cap workspaces serves nothing."""
+        ws = self.new_workspace(8)
+        try:
+            probe = self.workspace_dir(ws) / ".probe"
+            probe.write_bytes(b"ok")
+            if not os.path.ismount(self.workspace_dir(ws)):
+                raise StoreError(f"{self.workspace_dir(ws)} is not a mount point after mounting it")
+        finally:
+            self.remove_workspace(ws)
+
     def ensure_mounted(self, ws: str) -> Path:
         """The workspace's mount point, mounting its image again if needed (e.g. after a host reboot)."""
         mnt = self.workspace_dir(ws)

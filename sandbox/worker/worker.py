@@ -57,7 +57,7 @@ from .metrics import HealthServer, WorkerMetrics
 from .middleware import CircuitBreaker, WorkerMiddleware
 from .outbox import Outbox
 from .pool import SessionSandboxes, WarmPool, count_egress_denials
-from .store import DEFAULT_RETENTION_S, RunLock, SessionStore
+from .store import DEFAULT_RETENTION_S, RunLock, SessionStore, StoreError
 from .toolctx import open_telemetry_option
 from .tools import SessionSlot, SessionToolbox
 
@@ -212,6 +212,10 @@ class Worker:
         owner = f"{owner_token(OWNER_KIND)}:{uuid.uuid4().hex[:8]}"
         store = self.store = SessionStore(cfg.store_dir or cfg.state_dir / "sessions", retention_s=cfg.retention_s)
         store.register_owner(owner)
+        try:
+            store.self_check()  # size-capped workspaces need loop mounts (root, e2fsprogs): fail closed
+        except (StoreError, OSError) as e:
+            raise WorkerError(f"the session store at {store.root} cannot make size-capped workspaces: {e}") from None
         self.outbox = Outbox(store.journal_path(), owner=owner, synchronous=cfg.outbox_sync, alive=store.owner_alive)
         recovered = self.outbox.recover()
         if recovered:

@@ -86,3 +86,21 @@ def test_warm_workspaces_of_a_dead_worker_are_orphans_those_of_a_live_one_are_no
         live.remove_workspace(ws)
     assert live.remove_session("sess_a")
     assert not list((tmp_path / "workspaces").iterdir())
+
+
+def test_a_worker_whose_store_cannot_cap_workspaces_refuses_to_start(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.worker import EnvironmentKey, Worker, WorkerConfig, WorkerError
+
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no mkfs.ext4, no mount
+    worker = Worker(WorkerConfig(base_url="http://127.0.0.1:9", environment_id="env_x", state_dir=tmp_path / "w",
+                                 selftest=False), EnvironmentKey("sk-ant-oat01-test-not-a-key", "test"))
+    try:
+        with pytest.raises(WorkerError, match="cannot make size-capped workspaces.*mkfs.ext4 is not installed"):
+            worker._setup()
+    finally:
+        if worker.store is not None:
+            worker.store.close()
+        if worker._lock_file is not None:
+            worker._lock_file.close()
