@@ -754,14 +754,16 @@ class Worker:
     async def _sweep_store(self) -> None:
         """Remove store entries of sessions that ended while no run served them, or past retention."""
         store = self.store
-        if store is None or (self.middleware is not None and self.middleware.breaker.open):
+        if store is None:
             return
+        # Retention needs no control plane; asking whether a session ended does.
+        reachable = not (self.middleware is not None and self.middleware.breaker.open)
         for meta in await anyio.to_thread.run_sync(store.sessions):
             sid = meta.session_id
             if sid in self._serving:
                 continue
             expired = time.time() - meta.last_activity > store.retention_s
-            reason = "retention expired" if expired else await self._session_ended(sid)
+            reason = "retention expired" if expired else (await self._session_ended(sid) if reachable else None)
             if not reason:
                 continue
             removed = await anyio.to_thread.run_sync(store.remove_session, sid)
