@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import itertools
 import json
-import logging
 import queue
 import secrets
 import socket
@@ -32,7 +31,9 @@ import struct
 import threading
 from typing import Any
 
-log = logging.getLogger(__name__)
+from sandbox import lazylog
+
+log = lazylog.get(__name__)  # logging is imported when something is logged
 
 MAX_LINE = 16 << 20  # one event; a 256 KiB file read is well under this after base64
 MAX_DIAG = 64 << 10  # agent stderr kept for diagnostics

@@ -140,9 +140,9 @@ def run_exec(*, profile: str, workspace: str | None, timeout: str | None, env: d
     except BaseException:
         sb.close()
         raise
-    # This process is about to exit: order the teardown (kill sent, stdin closed) without
-    # waiting for the engine to finish it.
-    sb.close(wait=False)
+    # Ends through the agent and waits for proof that every process of the sandbox is gone
+    # (PID 1's pidfd; ~5 ms), the engine's kill as the fallback: see Runtime._teardown.
+    sb.close()
     if as_json:
         doc = res.to_json()
         doc.update(profile=policy.name, session=sb.session_id, sandbox=sb.id, uid=sb.uid,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import threading
@@ -44,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox import paths
+from sandbox import lazylog, paths
 
 if TYPE_CHECKING:
     from sandbox.policy import Policy
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)  # logging is imported when something is logged
 
 CACHE_VERSION = 1
 MAX_ENTRY = 4 << 20

@@ -12,7 +12,6 @@ across sessions.
 from __future__ import annotations
 
 import base64
-import logging
 import os
 import re
 import secrets
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Protocol, Union
 
+from sandbox import lazylog
 from sandbox import spec as specmod
 from sandbox.channel import AgentChannel, ChannelClosed
 from sandbox.engine import Engine, EngineError, NotFound, engine_socket_path
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # sandbox is made from sandbox.spec.policy_facts() by sandbox.spec.body_from_facts().
 PolicyLike = Union["Policy", CompiledPolicy]
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)  # logging is imported when something is logged
 
 # Distinct exit statuses of `sandbox exec` when a limit stopped the command.
 LIMIT_EXIT_CODES: dict[str, int] = {
