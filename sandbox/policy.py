@@ -287,7 +287,9 @@ def find_weakenings(p: Policy) -> list[Weakening]:
     The baseline: the shipped seccomp allowlist and its argument checks, default action errno
     (or kill_process), no dangerous syscall in any form (:mod:`sandbox.seccomp` has the
     details), and the egress proxy refusing every non-public address. Ids:
-    ``seccomp.allow.<syscall>``, ``seccomp.default_action.<action>``, ``egress.allow_cidrs.<cidr>``.
+    ``seccomp.allow.<syscall>``, ``seccomp.default_action.<action>``, ``egress.allow_cidrs.<cidr>``,
+    and per egress rule ``egress.sni_off.<host>``, ``egress.sni_missing.<host>``,
+    ``egress.allow_ech.<host>``, ``egress.upstream_ca.<host>``.
     """
     out = list(_seccomp.weakenings(p.seccomp))
     for c in p.egress.allow_cidrs:
@@ -295,6 +297,21 @@ def find_weakenings(p: Policy) -> list[Weakening]:
                              f"non-public addresses in {c} (private, loopback, link-local, cloud metadata) "
                              "reachable through the proxy, IP literals in it on any port",
                              "policy", "egress.allow_cidrs"))
+    for i, r in enumerate(p.egress.rules):
+        key = f"egress.rules.{i}"
+        if r.sni == "off":
+            out.append(Weakening(f"egress.sni_off.{r.host}", f"tunnels to {r.host} carry any TLS server name or "
+                                 "none (domain fronting through it)", "policy", f"{key}.sni"))
+        elif r.sni == "allow-missing":
+            out.append(Weakening(f"egress.sni_missing.{r.host}", f"tunnels to {r.host} may omit the TLS server name",
+                                 "policy", f"{key}.sni"))
+        if r.allow_ech:
+            out.append(Weakening(f"egress.allow_ech.{r.host}", f"tunnels to {r.host} may hide their server name "
+                                 "(Encrypted ClientHello)", "policy", f"{key}.allow_ech"))
+        if r.upstream_ca is not None:
+            out.append(Weakening(f"egress.upstream_ca.{r.host}", f"the proxy trusts {r.upstream_ca} besides the "
+                                 f"host's trust store for {r.host}, and sends it the credential", "policy",
+                                 f"{key}.upstream_ca"))
     return out
 
 
