@@ -362,7 +362,10 @@ def session_list(store_dir: Path | None, as_json: bool) -> None:
     rows = []
     for m in store.sessions():
         cps = Checkpoints(store.session_dir(m.session_id)).list()
-        rows.append({"session_id": m.session_id, "state": "running" if store.run_active(m.session_id) else m.state,
+        # The run lock is the truth (a crashed worker's "running" is stale); parked sandboxes hold it too.
+        state = (m.state if m.state in ("running", "parked") else "running") if store.run_active(m.session_id) \
+            else "idle"
+        rows.append({"session_id": m.session_id, "state": state,
                      "workspace_bytes": store.workspace_bytes(m.workspace), "workspace_cap_mb": m.size_mb,
                      "checkpoints": len(cps), "last_activity": m.last_activity, "runs": m.runs, "worker": m.worker})
     if as_json:

@@ -75,7 +75,7 @@ class SessionMeta:
     size_mb: int
     created_at: float
     last_activity: float
-    state: str = "idle"  # idle | running
+    state: str = "idle"  # idle | running | parked (its sandbox kept); trust it only while the run lock is held
     worker: str | None = None
     runs: int = 0
     calls_since_checkpoint: int = 0
@@ -299,6 +299,7 @@ class SessionStore:
                                    last_activity=now)
             meta.last_activity = now
             meta.worker = worker
+            meta.state = "running"
             self._write_meta(meta)
         self.ensure_mounted(meta.workspace)
         return meta, created
