@@ -37,7 +37,8 @@ def cred_policy(t: TlsTarget, ca_file: Path) -> dict:
             "allow_cidrs": ["127.0.0.0/8"],
             "credentials": {"gh": {"env": "SANDBOX_TEST_GH_TOKEN"}},
         },
-        "unsafe": {"egress.allow_cidrs.127.0.0.0/8": "test upstream listens on loopback"},
+        "unsafe": {"egress.allow_cidrs.127.0.0.0/8": "test upstream listens on loopback",
+                   "egress.upstream_ca.localhost": "the test upstream has a test CA"},
     }
 
 
