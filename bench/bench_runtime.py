@@ -157,6 +157,29 @@ def _mem_available_kib() -> int:
     return 0
 
 
+def _daemons_rss_kib() -> int:
+    """RSS of dockerd and containerd together (their per-container state grows with sandboxes)."""
+    total = 0
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "comm").read_text().strip() in ("dockerd", "containerd"):
+                    total += _pss_kib(int(p.name))[0]
+            except OSError:
+                pass
+    return total
+
+
+def _cgroup_kmem(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if "memory" in ctrls.split(","):
+            p = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.kmem.usage_in_bytes"
+            if p.exists():
+                return int(p.read_text())
+    return 0
+
+
 def _cgroup_usage(pid: int) -> int:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, ctrls, path = line.split(":", 2)
@@ -175,6 +198,7 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
     subprocess.run(["sync"], check=False)
     time.sleep(2)
     before = _mem_available_kib()
+    daemons_before = _daemons_rss_kib()
     t0 = time.perf_counter()
     boxes: list[Any] = []
     lock = threading.Lock()
@@ -190,6 +214,7 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
         wall = time.perf_counter() - t0
         time.sleep(3)  # let the engine settle
         after = _mem_available_kib()
+        daemons = (_daemons_rss_kib() - daemons_before) / 1024 / count
         pids = [rt.engine.inspect(s.id)["State"]["Pid"] for s in boxes]
         agent = [_pss_kib(p) for p in pids]
         shims = []
@@ -200,6 +225,7 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
             except (OSError, ValueError):
                 pass
         cg = [_cgroup_usage(p) for p in pids]
+        kmem = [_cgroup_kmem(p) for p in pids]
         total_mib = (before - after) / 1024
         each = total_mib / count
         print(f"{count} idle sandboxes started in {wall:.1f} s ({wall / count * 1000:.0f} ms each, 4 threads)")
@@ -210,7 +236,13 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
         if shims:
             print(f"  containerd-shim per sandbox     RSS {med(s[0] for s in shims) / 1024:6.2f}  "
                   f"PSS {med(s[1] for s in shims) / 1024:6.2f} MiB (median)")
-        print(f"  memory cgroup usage             {med(cg) / 2**20:6.2f} MiB (median; page cache and tmpfs included)")
+        print(f"  memory cgroup usage             {med(cg) / 2**20:6.2f} MiB (median; page cache and tmpfs included), "
+              f"kernel memory in it {med(kmem) / 2**20:.2f} MiB")
+        print(f"  dockerd + containerd RSS growth {daemons:6.2f} MiB per sandbox")
+        parts = (med(a[1] for a in agent) + (med(s[1] for s in shims) if shims else 0)) / 1024 \
+            + med(kmem) / 2**20 + max(daemons, 0)
+        print(f"  sum of parts (agent PSS + shim PSS + kernel memory + daemons) {parts:6.2f} MiB per sandbox "
+              "(MemAvailable on a shared host moves with everyone else's work)")
         host_kib = _mem_available_kib()
         print(f"  at {each:.2f} MiB each, MemAvailable now ({host_kib / 2**20:.1f} GiB) holds "
               f"{int(host_kib / 1024 / max(each, 0.01))} more; aim >= 500")
@@ -219,6 +251,42 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
     finally:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda s: s.destroy(), boxes))
+    _idle_floor(count, rt, cp, total_mib / count)
+
+
+def _idle_floor(count: int, rt: Runtime, cp: Any, ours_each: float) -> None:
+    """The same create body with `sleep` as PID 1 instead of the agent: what the engine, the
+    shim and the kernel cost per container, whatever runs inside."""
+    from sandbox import spec as specmod
+
+    time.sleep(3)
+    before = _mem_available_kib()
+    ids, leases = [], []
+    try:
+        for i in range(count):
+            ident = rt.lease_identity(cp)
+            leases.append(ident)
+            body = specmod.body_from_facts(cp.facts, f"bench-floor-{i}", owner=rt.owner,
+                                           ids=specmod.Ids(ident.uid, ident.gid)).body
+            body.update(Cmd=["sleep", "3600"], OpenStdin=False, StdinOnce=False, AttachStdin=False)
+            cid = rt.engine.create(body, name=f"sandbox-bench-floor-{os.getpid()}-{i}")
+            ids.append(cid)
+            rt.engine.start(cid)
+        time.sleep(3)
+        after = _mem_available_kib()
+        pids = [rt.engine.inspect(c)["State"]["Pid"] for c in ids]
+        sleeps = [_pss_kib(p) for p in pids]
+        each = (before - after) / 1024 / count
+        print(f"  floor: the same body with `sleep` as PID 1: {each:6.2f} MiB per container "
+              f"(sleep PSS {med(x[1] for x in sleeps) / 1024:.2f} MiB); the agent adds {ours_each - each:.2f} MiB")
+    finally:
+        for c in ids:
+            try:
+                rt.engine.kill(c)
+            except Exception:  # noqa: BLE001 - AutoRemove; already gone
+                pass
+        for ident in leases:
+            ident.release()
 
 
 def bench_gvisor(n: int, rt: Runtime, cp: Any) -> None:

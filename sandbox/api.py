@@ -357,9 +357,9 @@ class Sandbox:
         return _create(profile, workspace=workspace, session_id=session_id, timeout=timeout, env=env)
 
     def close(self, *, wait: bool = True) -> None:
-        """Destroy the sandbox (idempotent). ``wait=False`` (for a process about to exit) sends
-        the kill without waiting for the engine's answer; the sandbox's stdin closes as well, so
-        its agent ends it even if the kill were lost."""
+        """Destroy the sandbox (idempotent); returns once every process of it is gone. ``wait=False``
+        (for a process about to exit): where the engine's kill is needed (gVisor), send it without
+        waiting for the answer; the sandbox's stdin closes as well, so its agent ends it too."""
         self._closed = True
         self._sb.destroy(wait=wait)
 

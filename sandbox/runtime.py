@@ -446,12 +446,13 @@ class Sandbox:
             self.channel.finish_request(rid)
 
     def destroy(self, wait: bool = True) -> None:
-        """Kill the sandbox (AutoRemove deletes it) and release what it held.
+        """End the sandbox (AutoRemove deletes it) and release what it held.
 
-        ``wait=False``, for a process about to exit: the kill is sent without waiting for the
-        engine's answer and the channel closed (its stdin's EOF makes the agent, PID 1, exit
-        too: two independent ways the sandbox ends). Sandboxes with a disk workspace or an
-        egress registration are torn down in full either way."""
+        A runc sandbox is ended through its agent (stdin EOF) and this returns once the
+        kernel shows every process of it gone (PID 1's pidfd); otherwise (gVisor, no pidfd,
+        no sign within EOF_TEARDOWN_S) through the engine's kill. ``wait=False``, for a
+        process about to exit: where the kill is needed, it is sent without waiting for the
+        engine's answer (not for a sandbox with a host or disk workspace or egress)."""
         with self._lock:
             if self._destroyed:
                 return
