@@ -91,9 +91,32 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
     script = Path(sysconfig.get_path("scripts")) / "sandbox"  # not a version-manager shim (pyenv adds ~0.3 s)
     cli = [str(script if script.exists() else shutil.which("sandbox")), "exec", "--", *PRINT1]
 
+    phases: dict[str, list[float]] = {}
+    eng = api._runtime("api").engine
+    for name in ("create", "attach", "start", "containers"):  # the engine's share of the API row, call by call
+        def wrap(orig: Callable[..., Any], name: str = name) -> Callable[..., Any]:
+            def f(*a: Any, **k: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return orig(*a, **k)
+                finally:
+                    phases.setdefault(name, []).append(time.perf_counter() - t)
+            return f
+        setattr(eng, name, wrap(getattr(eng, name)))
+
     def api_once() -> None:
-        with api.open(cp) as sb:
+        t0 = time.perf_counter()
+        sb = api.open(cp)
+        t1 = time.perf_counter()
+        try:
             assert sb.exec(PRINT1).stdout == b"1\n"
+        finally:
+            t2 = time.perf_counter()
+            sb.close()
+            t3 = time.perf_counter()
+        phases.setdefault("open", []).append(t1 - t0)
+        phases.setdefault("exec", []).append(t2 - t1)
+        phases.setdefault("close", []).append(t3 - t2)
 
     def cli_once() -> None:
         out = subprocess.run(cli, check=True, capture_output=True).stdout
@@ -119,6 +142,15 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
     if "api" in samples:
         row("API in-process create -> first result -> destroy vs docker run", samples["api"],
             samples["docker run"], "aim <= 0.5")
+        base = med(samples["docker run"])
+        engine = sum(med(phases[k]) for k in ("create", "attach", "start"))
+        listing = med(phases["containers"])
+        rest = med(phases["open"]) - engine - listing
+        print(f"  of which: engine create+attach+start {engine * 1000:.1f} ms ({engine / base:.2f}x of docker run), "
+              f"uid lease's container listing {listing * 1000:.1f} ({listing / base:.2f}x), "
+              f"agent start and host {rest * 1000:.1f} ({rest / base:.2f}x), first exec "
+              f"{med(phases['exec']) * 1000:.1f} ({med(phases['exec']) / base:.2f}x), destroy "
+              f"{med(phases['close']) * 1000:.1f} ({med(phases['close']) / base:.2f}x)")
 
 
 def bench_live(n: int, rt: Runtime, cp: Any) -> None:
@@ -248,6 +280,11 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
               f"{int(host_kib / 1024 / max(each, 0.01))} more; aim >= 500")
         uids = {s.uid for s in boxes}
         print(f"  distinct uids: {len(uids)} of {count}")
+        lst = [timed(rt._ids_in_use) for _ in range(5)]
+        print(f"  listing the uids in use (every create does, sandbox/identity.py): {med(lst) * 1000:.1f} ms "
+              f"with {count} live")
+        one = [timed(lambda: boxes[0].exec(["true"])) for _ in range(5)]
+        print(f"  `true` in one of them with {count} live: {med(one) * 1000:.1f} ms")
     finally:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda s: s.destroy(), boxes))
