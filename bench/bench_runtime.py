@@ -139,6 +139,13 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
     if "cli" in samples:
         row("cold `sandbox exec -- python3 -c 'print(1)'` vs docker run --rm", samples["cli"],
             samples["docker run"], "aim <= 0.8")
+        py = [sys.executable]
+        floors = {"interpreter start, site included (the venv's .pth hooks)": py + ["-c", "pass"],
+                  "interpreter start without site": py + ["-S", "-c", "pass"],
+                  "  + the exec path's imports and the cached policy": py + [
+                      "-c", "import sandbox.execcmd, sandbox.api; sandbox.api.load_compiled('default')"]}
+        for label, cmd in floors.items():
+            row(f"  {label}", [timed(lambda: run_quiet(cmd)) for _ in range(max(5, n // 2))], None)
     if "api" in samples:
         row("API in-process create -> first result -> destroy vs docker run", samples["api"],
             samples["docker run"], "aim <= 0.5")
