@@ -341,11 +341,23 @@ def _build(profile: str) -> tuple[CompiledPolicy, list[str]]:
             policy = pol.load_policy(profile)
         finally:
             pol._read_yaml = real_read  # type: ignore[assignment]
+    if not read:
+        # The loader no longer reads through the hook: the chain's files are unknown, so an entry
+        # could not be invalidated by editing them. Serve this load, cache nothing.
+        raise CacheUnusable("the profile loader's file reads could not be recorded")
     read.append(str(sc.find_allowlist(policy.seccomp.profile)))
     read.append(str(sc.BASELINE_ALLOWLIST.resolve()))
     cp = CompiledPolicy.from_policy(policy)
     object.__setattr__(cp, "source", read[0])
     return cp, read
+
+
+def _uncached(profile: str) -> CompiledPolicy:
+    from sandbox.policy import load_policy, resolve_profile
+
+    cp = CompiledPolicy.from_policy(load_policy(profile))
+    object.__setattr__(cp, "source", str(resolve_profile(profile)))
+    return cp
 
 
 def load(profile: str) -> CompiledPolicy:
@@ -361,8 +373,7 @@ def load(profile: str) -> CompiledPolicy:
         key = _key(d, create=True)
     except (OSError, CacheUnusable) as e:
         log.warning("policy cache unusable (%s); loading %s without it", e, profile)
-        cp, _ = _build(profile)
-        return cp
+        return _uncached(profile)
     path = d / f"{name}.json"
     try:
         entry = _read_entry(path, key)
@@ -376,7 +387,11 @@ def load(profile: str) -> CompiledPolicy:
                                 sources=tuple(entry["sources"]))
             _memo[name] = (fp, cp)
             return cp
-    cp, sources = _build(profile)
+    try:
+        cp, sources = _build(profile)
+    except CacheUnusable as e:
+        log.warning("policy cache: %s; %s loaded without it", e, profile)
+        return _uncached(profile)
     fp = fingerprint(sources)
     try:
         _write_entry(path, key, {"v": CACHE_VERSION, "fingerprint": fp, "sources": sources, "source": cp.source,

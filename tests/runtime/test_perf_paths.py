@@ -311,3 +311,24 @@ def test_destroy_ends_the_sandbox_by_either_path(runtime, docker_client, monkeyp
     while _procs_of_uid(uid) or docker_client.api.containers(all=True, filters={"id": sb.id}):
         assert time.monotonic() < deadline, f"processes of uid {uid} or the container outlived destroy()"
         time.sleep(0.05)
+
+
+def test_when_the_loader_reads_are_not_recorded_nothing_is_cached(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the policy loader stopped reading through the hook, the chain's files would be unknown:
+    then the profile is loaded every time and no entry is written."""
+    from sandbox import policy as pol
+
+    real_load, direct_read = pol.load_policy, pol._read_yaml
+
+    def load_reading_around_the_hook(name: str):  # as if the loader read its files another way
+        hooked = pol._read_yaml
+        pol._read_yaml = direct_read
+        try:
+            return real_load(name)
+        finally:
+            pol._read_yaml = hooked
+
+    monkeypatch.setattr(pol, "load_policy", load_reading_around_the_hook)
+    cp = policycache.load("child")
+    assert not cp.cached and cp.facts == _fresh("child")
+    assert not list(policycache.cache_dir().glob("*.json"))
