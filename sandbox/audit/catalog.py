@@ -89,6 +89,17 @@ _DEFS: tuple[CheckDef, ...] = (
              "no route; connect fails at once with ENETUNREACH (no packet sent)", None),
     CheckDef("inside.env_secrets", "Environment free of secrets", "inside", "high",
              "no variable named like KEY/TOKEN/SECRET/PASSWORD; no value like sk-ant-", None),
+    # ---- inside: egress L7 (credentials the proxy injects, its session CA, SNI pinning)
+    CheckDef("inside.egress_secrets", "No configured egress secret readable in the sandbox", "inside", "critical",
+             "no credential the policy injects (nor its header or Basic form) in any process environment or "
+             "command line, or in files under the writable paths and /run/sandbox-egress", None),
+    CheckDef("inside.egress_trust_store", "Trust store: host roots plus the name-constrained session CA only",
+             "inside", "high",
+             "the CA bundle(s) the sandbox is pointed at hold only the host's roots and the session CA; the CA "
+             "is name-constrained to exactly the terminated hosts; its private key is nowhere inside", None),
+    CheckDef("inside.egress_sni", "A tunnel naming another host in its ClientHello is refused", "inside", "high",
+             "every TLS-port rule pins the SNI; a ClientHello naming another host than the CONNECT target gets the "
+             "proxy's refusal (its own audit record says sni-mismatch), never the upstream", None),
     # ---- inside: the host-agent channel (PID 1) and host facts
     CheckDef("inside.agent_channel", "Host-agent channel unreachable from the workload", "inside", "critical",
              "opening /proc/1/fd/0 (requests) and /proc/1/fd/1 (results), or any /proc/1/fd/*, fails", None),

@@ -49,6 +49,9 @@ class Expectations:
     cpu_quota_us: int | None = None
     workspace: str | None = None
     notes: list[str] = field(default_factory=list)
+    # The egress rows' host-side facts (sandbox.audit.egress.EgressExpect), None without egress.
+    egress: Any = None
+    no_egress_reason: str = "the policy allows no egress"
 
     def with_ids(self, uid: int | None, gid: int | None) -> Expectations:
         """The uid/gid the runtime actually gave this sandbox (Config.User, as the host set it)."""
@@ -637,6 +640,12 @@ def _host_facts(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
     return [result("inside.host_facts", "fail" if leaks else "pass", obs)]
 
 
+def _egress(p: dict[str, Any], exp: Expectations) -> list[CheckResult]:
+    from sandbox.audit.egress import evaluate
+
+    return evaluate(p.get("egress"), exp.egress, no_egress_reason=exp.no_egress_reason)
+
+
 # probe section -> (rule, check ids it produces)
 RULES: tuple[tuple[str, Callable[[dict[str, Any], Expectations], list[CheckResult]], tuple[str, ...]], ...] = (
     ("identity", _user, ("inside.user", "inside.groups")),
@@ -663,6 +672,7 @@ RULES: tuple[tuple[str, Callable[[dict[str, Any], Expectations], list[CheckResul
     ("agent", _agent, ("inside.agent_channel", "inside.agent_memory")),
     ("signals", _signals, ("inside.agent_signals",)),
     ("host_facts", _host_facts, ("inside.host_facts",)),
+    ("egress", _egress, ("inside.egress_secrets", "inside.egress_trust_store", "inside.egress_sni")),
 )
 
 

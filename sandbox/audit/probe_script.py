@@ -26,14 +26,18 @@ walrus, no dataclasses.
 # (Unannotated on purpose: it is shipped as source into foreign containers whose python3 may be
 # old; the host-side code that judges its output is typed and checks every field it reads.)
 
+import base64
+import binascii
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
 import resource
 import signal
 import socket
+import ssl
 import stat
 import sys
 import time
@@ -1066,6 +1070,245 @@ def probe_env(cfg):
     return {"hits": hits[:LIST_CAP], "checked": checked[:70]}
 
 
+# ----------------------------------------------------------------- egress (L7)
+# The host never sends a secret in: this probe reports salted, truncated digests of what the
+# sandbox can read (environment values, command lines, file lines and tokens), and the host
+# compares them with the same digests of each configured secret and its header forms.
+
+_TOKEN_SPLIT = re.compile(b"[^\x21-\x7e]+")  # whitespace and binary
+_PUNCT_SPLIT = re.compile(b"[^\x21-\x7e]+|[\"'`=:,;<>()\\[\\]{}@/&?#|\\\\]+")  # also URL parts: user:SECRET@host, ?t=SECRET&
+TOKEN_MIN, TOKEN_MAX = 4, 16384
+_PEM_CERT = re.compile(b"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _tokens(data):
+    """Every candidate a secret could be, as bytes: whole lines, values after '=' or ':',
+    whitespace tokens and punctuation-split tokens."""
+    out = set()
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if len(line) < TOKEN_MIN:
+            continue
+        out.add(line)
+        for sep in (b"=", b":"):
+            _, found, value = line.partition(sep)
+            if found:
+                out.add(value.strip().strip(b"\"'"))
+        out.update(_TOKEN_SPLIT.split(line))
+        out.update(_PUNCT_SPLIT.split(line))
+    return set(t for t in out if TOKEN_MIN <= len(t) <= TOKEN_MAX)
+
+
+class _Digests(object):
+    def __init__(self, salt, max_tokens):
+        self.salt, self.left, self.sources, self.truncated = salt, max_tokens, [], False
+
+    def add(self, where, tokens):
+        if not tokens:
+            return
+        if self.left <= 0:
+            self.truncated = True
+            return
+        tokens = sorted(tokens)[:self.left]
+        self.left -= len(tokens)
+        blob = b"".join(hashlib.sha256(self.salt + t).digest()[:8] for t in tokens)
+        self.sources.append({"where": where[:200], "d": base64.b64encode(blob).decode("ascii")})
+
+
+def _scan_processes(dig):
+    unreadable = []
+    pids = sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int)[:128]
+    for pid in pids:
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                env = f.read(1 << 20)
+        except OSError as e:
+            unreadable.append("%s:%s" % (pid, _err(e)))
+            env = None
+        for entry in (env or b"").split(b"\0"):
+            name, eq, value = entry.partition(b"=")
+            if not eq:
+                continue
+            toks = _tokens(value)
+            toks.update(t for t in (entry, value) if TOKEN_MIN <= len(t) <= TOKEN_MAX)
+            dig.add("pid %s environ %s" % (pid, name[:60].decode("ascii", "replace")), toks)
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read(1 << 20)
+        except OSError:
+            continue
+        toks = set()
+        for arg in cmd.split(b"\0"):
+            toks.update(_tokens(arg))
+            if TOKEN_MIN <= len(arg) <= TOKEN_MAX:
+                toks.add(arg)
+        dig.add("pid %s cmdline" % pid, toks)
+    return len(pids), unreadable
+
+
+def _key_matches_ca(path, ca_file):
+    """Load the private key found at ``path`` with the session CA's certificate: only the CA's
+    own key loads (OpenSSL checks the pair). Nothing is written."""
+    if not ca_file or not os.path.isfile(ca_file) or os.path.getsize(ca_file) == 0:
+        return "no session CA to compare with"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(ca_file, keyfile=path, password=lambda: b"not-the-password")
+        return "MATCHES"
+    except ssl.SSLError as e:
+        return "no match: %s" % (getattr(e, "reason", None) or str(e)[:60])
+    except (OSError, ValueError) as e:
+        return "no match: %s" % _err(e)
+
+
+def _scan_files(dig, cfg):
+    roots = [r for r in cfg.get("scan_roots", []) if isinstance(r, str)]
+    max_files, max_bytes = int(cfg.get("max_files", 3000)), int(cfg.get("max_file_bytes", 1 << 20))
+    files, big, keys, seen = 0, [], [], set()
+    truncated = False
+    stack = list(roots)
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if stat.S_ISREG(st.st_mode):
+            entries = [d]
+        elif stat.S_ISDIR(st.st_mode):
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            entries = []
+            for n in names:
+                p = os.path.join(d, n)
+                try:
+                    m = os.lstat(p).st_mode
+                except OSError:
+                    continue
+                if stat.S_ISDIR(m):
+                    stack.append(p)
+                elif stat.S_ISREG(m):
+                    entries.append(p)
+        else:
+            continue
+        for p in entries:
+            if files >= max_files:
+                truncated = True
+                break
+            try:
+                with open(p, "rb") as f:
+                    data = f.read(max_bytes + 1)
+            except OSError:
+                continue
+            files += 1
+            if len(data) > max_bytes:
+                big.append(p)
+                data = data[:max_bytes]
+            dig.add(p, _tokens(data))
+            if b"PRIVATE KEY-----" in data and len(keys) < 20:
+                keys.append({"path": p[:200], "ca": _key_matches_ca(p, cfg.get("ca_file"))})
+    return {"files": files, "files_truncated": truncated, "read_partly": big[:LIST_CAP], "private_keys": keys}
+
+
+def _cert_digests(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8 << 20)
+    except OSError as e:
+        return {"error": _err(e)}
+    certs, bad = [], 0
+    for m in _PEM_CERT.finditer(data):
+        try:
+            certs.append(hashlib.sha256(binascii.a2b_base64(m.group(1))).hexdigest())
+        except (binascii.Error, ValueError):
+            bad += 1
+    other = len(re.findall(b"-----BEGIN (?!CERTIFICATE-----)[A-Z0-9 ]+-----", data))
+    return {"certs": certs, "unparsable": bad, "other_blocks": other, "bytes": len(data)}
+
+
+def _trust_store(cfg):
+    env = dict((v, os.environ.get(v)) for v in cfg.get("ca_vars", []))
+    paths = [p for p in cfg.get("bundle_paths", [])]
+    paths += [v for v in env.values() if v and v not in paths]
+    return {"env": env, "files": dict((p[:200], _cert_digests(p)) for p in paths[:12])}
+
+
+def _sni_try(proxy, host, port, name, timeout):
+    target = ("[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)).encode("ascii")
+    try:
+        s = socket.create_connection((proxy[0], int(proxy[1])), timeout=timeout)
+    except OSError as e:
+        return {"proxy": _err(e)}
+    try:
+        s.settimeout(timeout)
+        s.sendall(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            chunk = s.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        status = head.split(b"\r\n", 1)[0].decode("ascii", "replace")[:120]
+        if not status.startswith("HTTP/1.1 200"):
+            return {"connect": status or "closed"}
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(inc, out, server_hostname=name)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        s.sendall(out.read())
+        data = b""
+        try:
+            while len(data) < 7:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            return {"connect": status, "answer": "timeout", "bytes": len(data)}
+        if not data:
+            return {"connect": status, "answer": "closed"}
+        if data[0] == 0x15:
+            return {"connect": status, "answer": "alert", "alert": data[6] if len(data) >= 7 else None}
+        if data[0] == 0x16:
+            return {"connect": status, "answer": "handshake"}
+        return {"connect": status, "answer": "other", "first": data[:12].decode("ascii", "replace")}
+    except OSError as e:
+        return {"error": _err(e)}
+    finally:
+        s.close()
+
+
+def probe_egress(cfg):
+    e = cfg.get("egress")
+    if not isinstance(e, dict):
+        return {"configured": False}
+    salt = binascii.unhexlify(e.get("salt", ""))
+    dig = _Digests(salt, int(e.get("max_tokens", 200000)))
+    procs, unreadable = _scan_processes(dig)
+    files = _scan_files(dig, e)
+    out = {"configured": True, "processes": procs, "environ_unreadable": unreadable[:LIST_CAP],
+           "sources": dig.sources, "tokens_truncated": dig.truncated, "trust": _trust_store(e), "sni": []}
+    out.update(files)
+    proxy = e.get("proxy") or ["127.0.0.1", 3128]
+    for t in e.get("sni", [])[:4]:
+        host, port = t.get("host"), int(t.get("port"))
+        res = {"host": host, "port": port,
+               "wrong": _sni_try(proxy, host, port, e.get("wrong_sni", "sni-audit.invalid"), float(e.get("timeout", 10))),
+               "right": _sni_try(proxy, host, port, host, float(e.get("timeout", 10)))}
+        out["sni"].append(res)
+    return out
+
+
 PROBES = {
     "identity": probe_identity, "caps": probe_caps, "nnp": probe_nnp, "seccomp": probe_seccomp,
     "syscalls": probe_syscalls, "rootfs": probe_rootfs, "walk": probe_walk, "devices": probe_devices,
@@ -1073,7 +1316,7 @@ PROBES = {
     "release_agent": probe_release_agent, "keyring": probe_keyring, "ptrace": probe_ptrace,
     "userns": probe_userns, "pidns": probe_pidns, "limits": probe_limits, "fork": probe_fork,
     "network": probe_network, "env": probe_env, "agent": probe_agent, "signals": probe_signals,
-    "host_facts": probe_host_facts, "forge": probe_forge,
+    "host_facts": probe_host_facts, "forge": probe_forge, "egress": probe_egress,
 }
 
 

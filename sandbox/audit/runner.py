@@ -12,11 +12,13 @@ import json
 import socket
 import threading
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sandbox.audit import checks as chk
 from sandbox.audit.catalog import INSIDE_IDS, skipped
+from sandbox.audit.egress import prepare as egress_prepare
 from sandbox.audit.hostfacts import package_version, runtime_version
 from sandbox.audit.model import AuditReport, CheckResult
 from sandbox.audit.outside import evaluate_engine, evaluate_outside
@@ -40,10 +42,12 @@ class AuditError(RuntimeError):
 
 
 def probe_config(probes: tuple[str, ...] | list[str], scratch: list[str] | None = None,
-                 fork_cap: int = 512, masked: list[str] | None = None) -> dict[str, Any]:
-    """``masked``: the container's MaskedPaths, each checked from inside to be unreadable or empty."""
+                 fork_cap: int = 512, masked: list[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``masked``: the container's MaskedPaths, each checked from inside to be unreadable or empty.
+    ``extra``: more sections (e.g. ``egress``: the salt and paths of the egress scan)."""
     return {"probes": list(probes), "syscalls": sample_table(), "nr": numbers(), "scratch": scratch or ["/tmp"],
-            "fork_cap": fork_cap, "masked": [str(m) for m in masked or []]}
+            "fork_cap": fork_cap, "masked": [str(m) for m in masked or []], **(extra or {})}
 
 
 def probe_argv(config: dict[str, Any], python: str = "python3", isolated: bool = True) -> list[str]:
@@ -233,11 +237,39 @@ def _spec_body(policy: Any, session_id: str, attrs: dict[str, Any] | None = None
 
 
 def run_in_sandbox(sb: Any, probes: tuple[str, ...] | list[str], timeout: float = PROBE_TIMEOUT_S,
-                   masked: list[str] | None = None) -> tuple[dict[str, Any] | None, Any]:
+                   masked: list[str] | None = None,
+                   extra: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, Any]:
     scratch = [sb.policy.workspace.path] + [t.path for t in sb.policy.tmpfs]
-    res = sb.exec(probe_argv(probe_config(probes, scratch, masked=masked)), timeout=timeout,
+    res = sb.exec(probe_argv(probe_config(probes, scratch, masked=masked, extra=extra)), timeout=timeout,
                   max_output=MAX_PROBE_OUTPUT)
     return parse_probe_output(res.stdout), res
+
+
+def _egress_extra(exp: Any, writable: Any) -> dict[str, Any]:
+    from sandbox.audit.egress import probe_section
+
+    return {} if exp is None else {"egress": probe_section(exp, sorted(writable or []))}
+
+
+def _egress_in_sandbox(sb: Any, exp: Any, writable: Any) -> dict[str, Any]:
+    """The egress scan alone (its own output budget): digests, trust store, SNI tries."""
+    data, res = run_in_sandbox(sb, ["egress"], timeout=120, extra=_egress_extra(exp, writable))
+    section = (data or {}).get("egress")
+    if exp is not None:
+        exp.load_records()  # after the probe: the proxy wrote its SNI decisions when the tunnels closed
+    if isinstance(section, dict):
+        return section
+    return {"probe_error": f"the egress probe gave no result ({res.error or f'exit {res.exit_code}'})"[:200]}
+
+
+def audit_egress(sb: Any, client: Any) -> list[CheckResult]:
+    """Only the three egress rows, for a sandbox that already runs (its policy known)."""
+    attrs = client.api.inspect_container(sb.id)
+    exp = chk.Expectations.from_policy(sb.policy)
+    exp = replace(exp, egress=egress_prepare(sb.policy, attrs, sb.session_id))
+    probe = {"egress": _egress_in_sandbox(sb, exp.egress, exp.writable)}
+    return chk.evaluate_inside(probe, exp, only=("inside.egress_secrets", "inside.egress_trust_store",
+                                                 "inside.egress_sni"))
 
 
 def _signals_in_sandbox(sb: Any) -> dict[str, Any]:
@@ -364,6 +396,9 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
             report.notes.append(f"probe gave no result (exit {res.exit_code}, {res.error or 'no marker'}): "
                                 "every inside check fails")
             probe = {}
+        egress_exp = egress_prepare(policy, attrs, session_id)
+        if probe and sb.alive:
+            probe["egress"] = _egress_in_sandbox(sb, egress_exp, chk.Expectations.from_policy(policy).writable)
         if fork_test and sb.alive:
             probe["fork"] = _fork_in_sandbox(sb)
         if signals is None and sb.alive:  # no second sandbox (a pinned uid): the audited one, last
@@ -374,7 +409,7 @@ def audit_policy(policy: Any, runtime: Any = None, *, fork_test: bool = True,
             probe["agent"]["forge"] = forge
     finally:
         sb.destroy()
-    exp = chk.Expectations.from_policy(policy).with_ids(*container_ids(attrs))
+    exp = replace(chk.Expectations.from_policy(policy).with_ids(*container_ids(attrs)), egress=egress_exp)
     inside = chk.evaluate_inside(probe, exp, missing_reason="the probe did not report it")
     if not fork_test:
         inside = [skipped(r.id, "fork test disabled") if r.id == "inside.fork_bounded" else r for r in inside]
@@ -436,6 +471,10 @@ def audit_container(client: Any, container_id: str, *, probe: bool = False, forc
     exp = chk.Expectations.from_policy(policy) if policy is not None else chk.Expectations(runtime=runtime)
     if policy is not None:
         exp = exp.with_ids(*container_ids(attrs))
+        exp = replace(exp, egress=egress_prepare(policy, attrs, labels.get("org.sandbox.session")))
+    else:
+        exp = replace(exp, no_egress_reason="no policy known for this container (not a managed sandbox, or its "
+                      "profile does not load here with the digest on its label)")
     report = AuditReport(target=f"container {attrs.get('Name', '').lstrip('/') or container_id[:12]}")
     running = bool((attrs.get("State") or {}).get("Running"))
     data: dict[str, Any] | None = None
@@ -452,6 +491,8 @@ def audit_container(client: Any, container_id: str, *, probe: bool = False, forc
     else:
         masked = [str(m) for m in hc.get("MaskedPaths") or []]
         data, how, unavailable = _probe_container(client, container_id, runtime, force_shell, fork_test, masked)
+        if data is not None and how == "python3":
+            data["egress"] = _egress_in_container(client, container_id, exp)
         unavailable.setdefault("inside.agent_signals", SIGNALS_NOT_OWNED)
         if data is None:
             inside = [skipped(i, how) for i in INSIDE_IDS]
@@ -477,6 +518,17 @@ def audit_container(client: Any, container_id: str, *, probe: bool = False, forc
         report.notes.append(f"{len(unavailable)} inside checks could not run: {how}")
     report.checks = inside + outside + engine_rows
     return report
+
+
+def _egress_in_container(client: Any, cid: str, exp: Any) -> dict[str, Any]:
+    _, out, err = _exec(client, cid, probe_argv(probe_config(["egress"], extra=_egress_extra(exp.egress, exp.writable)),
+                                                isolated=False))
+    if exp.egress is not None:
+        exp.egress.load_records()
+    section = (parse_probe_output(out) or {}).get("egress")
+    if isinstance(section, dict):
+        return section
+    return {"probe_error": f"the egress probe gave no result: {err.decode('utf-8', 'replace')[-160:]}"}
 
 
 def _probe_container(client: Any, cid: str, runtime: str, force_shell: bool, fork_test: bool,

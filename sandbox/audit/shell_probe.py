@@ -103,7 +103,8 @@ SH_UNAVAILABLE: dict[str, str] = {
     i: "needs python3 in the container (only the sh subset ran)" for i in (
         "inside.seccomp_blocked", "inside.writable_paths", "inside.fd_leaks", "inside.runtime_exe",
         "inside.release_agent", "inside.keyring", "inside.ptrace", "inside.userns", "inside.fork_bounded",
-        "inside.raw_sockets", "inside.dns", "inside.metadata")
+        "inside.raw_sockets", "inside.dns", "inside.metadata", "inside.egress_secrets", "inside.egress_trust_store",
+        "inside.egress_sni")
 }
 
 
