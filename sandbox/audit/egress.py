@@ -46,6 +46,7 @@ EGRESS_IDS = ("inside.egress_secrets", "inside.egress_trust_store", "inside.egre
 WRONG_SNI = "sni-audit.invalid"  # .invalid (RFC 6761): never a real host
 MAX_SNI_TARGETS = 4
 DIGEST_BYTES = 8
+TOKEN_MIN, TOKEN_MAX = 4, 16384  # probe_script.TOKEN_MIN/MAX: shorter or longer candidates are not reported
 
 
 def digest(salt: bytes, token: bytes) -> bytes:
@@ -86,6 +87,7 @@ class EgressExpect:
     forms: dict[bytes, tuple[str, str]] = field(default_factory=dict)  # digest -> (credential, form)
     credentials: list[str] = field(default_factory=list)
     unread: dict[str, str] = field(default_factory=dict)  # credential -> why the host could not read it
+    short: list[str] = field(default_factory=list)  # forms outside the probe's token lengths: not searched
     host_dir: str | None = None
     ca_pem: bytes | None = None
     ca_error: str | None = None
@@ -172,7 +174,10 @@ def prepare(policy: Any, attrs: dict[str, Any], session: str | None, env: Any = 
             exp.unread[name] = str(e)  # names the credential and its source, never a value
             continue
         for label, text in secret_forms(eg, name, secret).items():
-            exp.forms.setdefault(digest(exp.salt, text.encode()), (name, label))
+            if TOKEN_MIN <= len(text) <= TOKEN_MAX:
+                exp.forms.setdefault(digest(exp.salt, text.encode()), (name, label))
+            else:
+                exp.short.append(f"{name} ({label})")
         del secret
     exp.roots = frozenset(_cert_digests(host_roots()))
     exp.terminated = frozenset(r.host for r in eg.rules if r.terminates)
@@ -212,7 +217,7 @@ def probe_section(exp: EgressExpect, scan_roots: list[str]) -> dict[str, Any]:
     # The session dir is mode 0711 (the sandbox cannot list it): its known files are named.
     known = [f"{EGRESS_MOUNT}/{BUNDLE_FILE}", f"{EGRESS_MOUNT}/{CA_FILE}"]
     return {"salt": exp.salt.hex(), "scan_roots": sorted(set(scan_roots) | {EGRESS_MOUNT, *known}),
-            "max_files": 3000, "max_file_bytes": 1 << 20, "max_tokens": 150000,
+            "max_files": 3000, "max_file_bytes": 1 << 20, "max_total_bytes": 64 << 20, "max_tokens": 150000,
             "ca_vars": list(CA_ENV_VARS), "bundle_paths": [f"{EGRESS_MOUNT}/{BUNDLE_FILE}", f"{EGRESS_MOUNT}/{CA_FILE}"],
             "ca_file": f"{EGRESS_MOUNT}/{CA_FILE}", "proxy": ["127.0.0.1", 3128], "wrong_sni": WRONG_SNI,
             "sni": [{"host": h, "port": p} for h, p, _ in exp.sni_targets], "timeout": 10}
@@ -267,7 +272,9 @@ def _secrets_row(p: dict[str, Any], exp: EgressExpect) -> CheckResult:
                               (f"{len(_l(p.get('read_partly')))} files read in part", _l(p.get("read_partly"))))
               if on]
     if limits:
-        scope += "; bounded by " + ", ".join(limits)
+        scope += "; the scan stopped at its bounds: " + ", ".join(limits)
+    if exp.short:
+        scope += f"; not searchable (under {TOKEN_MIN} characters): {_few(exp.short, 3)}"
     unreadable = _l(p.get("environ_unreadable"))
     if unreadable:
         scope += f"; {len(unreadable)} environments unreadable to the sandbox ({_few([str(u) for u in unreadable], 3)})"
@@ -280,7 +287,8 @@ def _secrets_row(p: dict[str, Any], exp: EgressExpect) -> CheckResult:
                       f"were not found ({scope})")
     if not isinstance(files, int) or not isinstance(procs, int) or procs < 1:
         return result(rid, "fail", "the probe scanned nothing")
-    return result(rid, "pass", f"{len(exp.credentials)} credential(s) ({_few(exp.credentials)}) in none of their "
+    return result(rid, "warn" if limits or exp.short else "pass",
+                  f"{len(exp.credentials)} credential(s) ({_few(exp.credentials)}) in none of their "
                   f"forms (secret, header value and line, base64) in {scope}")
 
 

@@ -17,6 +17,9 @@ containers on the auditor's own machine:
     (which sends nothing); TCP connects and DNS lookups are attempted only
     where no route exists, so they fail before any packet is built.
   * The fork test is bounded by the limit it measures and by a hard cap.
+  * The egress scan reads (bounded) and reports only salted 8-byte digests of what it read;
+    its SNI tries go through the sandbox's own proxy, only to targets the host chose because
+    they are on this machine.
 
 Compatible with python3 >= 3.6 (foreign containers), no f-string ``=``, no
 walrus, no dataclasses.
@@ -1109,6 +1112,8 @@ class _Digests(object):
         if self.left <= 0:
             self.truncated = True
             return
+        if len(tokens) > self.left:
+            self.truncated = True
         tokens = sorted(tokens)[:self.left]
         self.left -= len(tokens)
         blob = b"".join(hashlib.sha256(self.salt + t).digest()[:8] for t in tokens)
@@ -1164,6 +1169,7 @@ def _key_matches_ca(path, ca_file):
 def _scan_files(dig, cfg):
     roots = [r for r in cfg.get("scan_roots", []) if isinstance(r, str)]
     max_files, max_bytes = int(cfg.get("max_files", 3000)), int(cfg.get("max_file_bytes", 1 << 20))
+    budget = int(cfg.get("max_total_bytes", 64 << 20))
     files, big, keys, seen = 0, [], [], set()
     truncated = False
     stack = list(roots)
@@ -1197,15 +1203,16 @@ def _scan_files(dig, cfg):
         else:
             continue
         for p in entries:
-            if files >= max_files:
+            if files >= max_files or budget <= 0 or dig.left <= 0:
                 truncated = True
                 break
             try:
                 with open(p, "rb") as f:
-                    data = f.read(max_bytes + 1)
+                    data = f.read(min(max_bytes, budget) + 1)
             except OSError:
                 continue
             files += 1
+            budget -= len(data)
             if len(data) > max_bytes:
                 big.append(p)
                 data = data[:max_bytes]

@@ -107,6 +107,11 @@ def test_without_egress_the_rows_are_info_not_pass_and_a_missing_scan_never_pass
     for section in (None, {}, {"configured": False}, {"configured": True, "sources": "junk"}):
         rows = egress.evaluate(section, exp)
         assert all(r.status != "pass" for r in rows), (section, rows)
+    # A scan that stopped at its bounds says so and does not pass.
+    row = egress.evaluate({"configured": True, "sources": [], "files": 3000, "processes": 2,
+                           "files_truncated": True}, exp)[0]
+    assert row.status == "warn" and "stopped at its bounds" in row.observed
+    assert (probe.TOKEN_MIN, probe.TOKEN_MAX) == (egress.TOKEN_MIN, egress.TOKEN_MAX)
 
 
 # ---------------------------------------------------------------- real sandboxes
