@@ -203,7 +203,8 @@ def test_a_ca_whose_key_is_inside_and_unconstrained_fails_egress_trust_store(cre
 
 @pytest.mark.docker
 @pytest.mark.timeout(180)
-def test_sni_off_fails_egress_sni_and_the_probe_sees_the_upstream_answer(make_sandbox, upstream, docker_client) -> None:
+def test_sni_off_fails_egress_sni_and_the_probe_sees_the_upstream_answer(make_sandbox, upstream, docker_client,
+                                                                         runtime) -> None:
     t, _ = upstream
     sb = make_sandbox({"name": f"audit-sni-off-{t.port}",
                        "egress": {"rules": [{"host": "localhost", "ports": [t.port], "tls_ports": [t.port], "sni": "off"}],
@@ -212,13 +213,19 @@ def test_sni_off_fails_egress_sni_and_the_probe_sees_the_upstream_answer(make_sa
     row = rows_of(sb, docker_client)["inside.egress_sni"]
     assert row.status == "fail", row
     assert "sni off" in row.observed and "got a TLS handshake through the tunnel" in row.observed, row
-    # Pinned, the same tunnel passes: the refusal is seen live and in the proxy's own record.
+    # Pinned, the same tunnel passes: the refusal is seen live and in the proxy's own record. A host
+    # off this machine is never tried (the proxy would connect to it before reading the hello).
     pinned = make_sandbox({"name": f"audit-sni-pin-{t.port}",
-                           "egress": {"rules": [{"host": "localhost", "ports": [t.port], "tls_ports": [t.port]}],
+                           "egress": {"rules": [{"host": "localhost", "ports": [t.port], "tls_ports": [t.port]},
+                                                {"host": "example.com", "ports": [443]}],
                                       "allow_cidrs": ["127.0.0.0/8"]},
                            "unsafe": LOOPBACK})
     rows = rows_of(pinned, docker_client)
     assert rows["inside.egress_sni"].status == "pass", rows["inside.egress_sni"]
+    assert "not probed live" in rows["inside.egress_sni"].observed and "example.com:443" in rows["inside.egress_sni"].observed
+    recs = runtime.egress.records(session=pinned.session_id, limit=1000)
+    assert {r.get("sni") for r in recs if r.get("host") == "localhost"} == {egress.WRONG_SNI, "localhost"}
+    assert not [r for r in recs if r.get("host") == "example.com"], "the audit tried a host off this machine"
     assert rows["inside.egress_secrets"].status == "info" and rows["inside.egress_trust_store"].status == "pass"
     assert "session CA no" in rows["inside.egress_trust_store"].observed  # nothing terminated: roots only
 
