@@ -51,11 +51,12 @@ def exit_now(status: int) -> NoReturn:
     """Exit without the interpreter's teardown (a final garbage collection of every module's
     objects) when this is the real process; under a test runner's captured streams, sys.exit."""
     if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
         logging = sys.modules.get("logging")
         if logging is not None:
             logging.shutdown()

@@ -336,11 +336,11 @@ def _build(profile: str) -> tuple[CompiledPolicy, list[str]]:
         return real_read(path)
 
     with _lock:  # the hook is module-wide: one recording load at a time
-        pol._read_yaml = recording  # type: ignore[assignment]
+        pol._read_yaml = recording
         try:
             policy = pol.load_policy(profile)
         finally:
-            pol._read_yaml = real_read  # type: ignore[assignment]
+            pol._read_yaml = real_read
     if not read:
         # The loader no longer reads through the hook: the chain's files are unknown, so an entry
         # could not be invalidated by editing them. Serve this load, cache nothing.
