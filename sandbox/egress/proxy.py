@@ -618,15 +618,22 @@ class EgressProxy:
         if fwd is not None and rule is not None and rule.terminates:
             raise _Refuse(403, "plaintext-terminated-host", f"{host} is reached over TLS only: its rule {rule.label()} "
                           "injects a credential or checks requests (use https://)")
-        conn.upstream = await self._connect(decision, port, pol.connect_timeout_s)
-        rec.decision, rec.code, rec.reason = "allow", "allowed", decision.reason
-        rec.addr = conn.upstream.getpeername()[0]
+        tls_checked = fwd is None and (rule.tls_port_set if rule is not None else port == 443)
+        if not tls_checked:
+            await self._open_upstream(conn, decision, port)
 
         if fwd is None:
             await self._send(conn.client, b"HTTP/1.1 200 Connection Established\r\n\r\n", conn)
-            if rule.tls_port_set if rule is not None else port == 443:
+            if tls_checked:
+                # The ClientHello is read and checked before any connection upstream: a refused
+                # server name never costs the allowed host a handshake.
                 hello = await self._client_hello(conn, reader)
                 self._check_sni(conn, hello, host, rule)
+                try:
+                    await self._open_upstream(conn, decision, port)
+                except _Refuse as e:  # past our 200 the client speaks TLS: answer with an alert
+                    raise _Refuse(e.status, e.code, e.reason, verdict=e.verdict, header=e.header,
+                                  raw=tls.alert(tls.ALERT_HANDSHAKE_FAILURE)) from None
                 if rule is not None and rule.terminates:
                     await self._terminate(conn, reader, rule, host, port)
                     return
@@ -640,6 +647,12 @@ class EgressProxy:
                 await self._response(conn)  # no body to forward: skip the second task
             else:
                 await _both(self._request_body(conn, reader, framing), self._response(conn), b_ends_all=True)
+
+    async def _open_upstream(self, conn: _Conn, decision: acl.Decision, port: int) -> None:
+        conn.upstream = await self._connect(decision, port, conn.session.policy.connect_timeout_s)
+        rec = conn.record
+        rec.decision, rec.code, rec.reason = "allow", "allowed", decision.reason
+        rec.addr = conn.upstream.getpeername()[0]
 
     async def _client_hello(self, conn: _Conn, reader: _Buffered) -> tls.Hello:
         """The tunnel's first bytes as a ClientHello (they stay in ``reader`` to be forwarded).
