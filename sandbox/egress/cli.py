@@ -116,7 +116,7 @@ def egress_group() -> None:
 
 @egress_group.command("log")
 @click.option("--session", default=None, help="Only this session's decisions.")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of records) instead of a table.")
 @click.option("-n", "limit", default=50, show_default=True, type=click.IntRange(1, 100000), help="How many recent records.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def log_cmd(session: str | None, as_json: bool, limit: int, state_dir: Path | None) -> None:
@@ -124,8 +124,7 @@ def log_cmd(session: str | None, as_json: bool, limit: int, state_dir: Path | No
     path = (state_dir or default_state_dir()) / "audit.jsonl"
     records = read_records(path, session=session, limit=limit)
     if as_json:
-        for r in records:
-            click.echo(json.dumps(r, separators=(",", ":")))
+        click.echo(json.dumps(records, indent=2))  # one document, as `--json` is on every command
         return
     if not records:
         click.echo(f"no egress decisions recorded{' for ' + session if session else ''} ({path})")
@@ -134,8 +133,10 @@ def log_cmd(session: str | None, as_json: bool, limit: int, state_dir: Path | No
 
 
 def _table(records: list[dict[str, Any]]) -> None:
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from sandbox.cli import _console
 
     t = Table(title="egress decisions")
     for col in ("time", "session", "decision", "method", "destination", "address", "rule / reason", "up", "down", "ms"):
@@ -148,11 +149,13 @@ def _table(records: list[dict[str, Any]]) -> None:
                              r.get("credential") and f"credential {r.get('credential')}") if x]
         if extra:
             why = f"{why or ''} [{', '.join(str(x) for x in extra)}]"
+        # Every field but the colour comes from a request a sandbox made: never read it as markup.
         t.add_row(
-            str(r.get("ts", ""))[11:23], str(r.get("session")), f"[{colour}]{r.get('decision')}[/]", str(r.get("method") or "-"),
-            dest, str(r.get("addr") or "-"), str(why or ""), str(r.get("bytes_up", 0)), str(r.get("bytes_down", 0)), str(r.get("duration_ms", "")),
+            escape(str(r.get("ts", ""))[11:23]), escape(str(r.get("session"))), f"[{colour}]{escape(str(r.get('decision')))}[/]",
+            escape(str(r.get("method") or "-")), escape(dest), escape(str(r.get("addr") or "-")), escape(str(why or "")),
+            str(r.get("bytes_up", 0)), str(r.get("bytes_down", 0)), str(r.get("duration_ms", "")),
         )  # fmt: skip
-    Console().print(t)
+    _console().print(t)
 
 
 @egress_group.command("status")

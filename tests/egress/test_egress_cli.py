@@ -27,16 +27,27 @@ def _write_audit(state: Path) -> None:
     log.close()
 
 
-def test_egress_log_as_json_lines_and_table(tmp_path: Path) -> None:
+def test_egress_log_as_one_json_document_and_table(tmp_path: Path) -> None:
     _write_audit(tmp_path)
     r = CliRunner().invoke(egress_group, ["log", "--json", "--state-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    lines = [json.loads(x) for x in r.output.splitlines()]
-    assert [x["session"] for x in lines] == ["a", "b"]
+    assert [x["session"] for x in json.loads(r.output)] == ["a", "b"]
     r = CliRunner().invoke(egress_group, ["log", "--json", "--session", "b", "-n", "5", "--state-dir", str(tmp_path)])
-    assert [json.loads(x)["host"] for x in r.output.splitlines()] == ["evil.test"]
-    r = CliRunner().invoke(egress_group, ["log", "--state-dir", str(tmp_path)], env={"COLUMNS": "250"})
+    assert [x["host"] for x in json.loads(r.output)] == ["evil.test"]
+    r = CliRunner().invoke(egress_group, ["log", "--state-dir", str(tmp_path)])
     assert r.exit_code == 0 and "evil.test" in r.output and "no-matching-rule" in r.output
+    # redirected: never cut, whatever the width; hostile text is printed, not read as markup
+    assert "no egress rule allows host evil.test" in r.output
+
+
+def test_egress_log_prints_markup_in_records_literally(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.write(AuditRecord(session="s", method="GET", host="x.test", port=80, path="/[bold]x[/bold]", decision="deny",
+                          reason="no rule for [red]x[/red]", code="no-matching-rule"))
+    log.close()
+    r = CliRunner().invoke(egress_group, ["log", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "/[bold]x[/bold]" in r.output and "[red]x[/red]" in r.output
 
 
 def test_egress_status_when_no_daemon_runs(tmp_path: Path) -> None:
