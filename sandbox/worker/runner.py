@@ -32,6 +32,9 @@ class BackgroundWorker(AbstractContextManager["BackgroundWorker"]):
 
         try:
             self._portal.call(started)
+            if self.worker.startup_error is not None:
+                self._future.result(timeout=self._start_timeout)  # its teardown, then its own startup error
+                raise self.worker.startup_error
             if self._future.done():
                 self._future.result()  # surface the worker's own startup error
         except BaseException:

@@ -141,6 +141,7 @@ class Worker:
         self._last_admission: str = ""
         self._outbox_pending = 0
         self.fatal_error: str | None = None
+        self.startup_error: BaseException | None = None  # why run() could not start serving
         self._poll_restart = anyio.Event()
 
     # ------------------------------------------------------------------ public
@@ -152,7 +153,8 @@ class Worker:
     async def run(self) -> None:
         try:
             self._setup()
-        except BaseException:
+        except BaseException as e:
+            self.startup_error = e
             self.started.set()  # wake whoever waits for startup; the exception says why
             with anyio.CancelScope(shield=True):
                 await self._teardown()

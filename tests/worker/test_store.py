@@ -104,3 +104,16 @@ def test_a_worker_whose_store_cannot_cap_workspaces_refuses_to_start(tmp_path: P
             worker.store.close()
         if worker._lock_file is not None:
             worker._lock_file.close()
+
+
+def test_a_background_worker_that_cannot_start_says_why_instead_of_seeming_to_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.worker import EnvironmentKey, Worker, WorkerConfig, WorkerError
+    from sandbox.worker.runner import BackgroundWorker
+
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    worker = Worker(WorkerConfig(base_url="http://127.0.0.1:9", environment_id="env_x", state_dir=tmp_path / "w",
+                                 selftest=False), EnvironmentKey("sk-ant-oat01-test-not-a-key", "test"))
+    with pytest.raises(WorkerError, match="cannot make size-capped workspaces"):
+        BackgroundWorker(worker).start()
