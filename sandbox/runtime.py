@@ -606,7 +606,12 @@ class Runtime:
             for m in cp.facts["read_only_mounts"]:
                 check_host_path(m["source"])
             if cp.egress:
-                egress_dir = self.egress.register(session_id, cp.policy().egress)
+                try:
+                    egress_dir = self.egress.register(session_id, cp.policy().egress)
+                except (ConnectionError, FileNotFoundError, TimeoutError) as e:
+                    # not the engine: the proxy daemon's control socket
+                    raise SandboxError(f"cannot reach the egress proxy daemon: {e}; "
+                                       "see `sandbox egress status` and its daemon.log") from None
             extra_ro = tuple((check_host_path(str(Path(src).resolve())), str(target))
                              for src, target in (ro_mounts or []))
             binds = specmod.Binds(workspace_dir=str(ws_dir) if ws_dir else None,
