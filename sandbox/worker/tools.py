@@ -95,6 +95,7 @@ class SessionSlot:
     calls: int = 0
     trail: Any = None  # the session's AuditTrail (sandbox.audit.trail), when one could be opened
     skills_dir: Any = None  # host dir of this run's skills (mounted read-only in the sandbox)
+    egress_tails: list[Any] = field(default_factory=list)  # EgressTail per sandbox of this run (egress_trail.py)
 
     def __post_init__(self) -> None:
         self.idle.set()

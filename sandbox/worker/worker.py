@@ -602,9 +602,8 @@ class Worker:
         if trail is None or self._runtime is None:
             return
         try:
-            if self.policy is not None and self.policy.egress.enabled:
-                for rec in self._runtime.egress.records(session=slot.session_id, limit=10000):
-                    trail.egress(rec)
+            for tail in slot.egress_tails:
+                tail.stop()  # a last read: every decision of the run is in before the close
             trail.lifecycle(event, calls=slot.calls, outcome="ok" if clean else "failed", **details)
             trail.close("work_done", work_id=slot.work_id)
             # The head, logged outside the file, is what lets `sandbox audit verify --head` see truncation.
@@ -643,8 +642,35 @@ class Worker:
             sandboxes.release(slot.session_id, park=False)
             return sandboxes.acquire(slot.session_id, ro_mounts=mounts, use_pool=False).sandbox
 
-        slot.replace = replace
+        def replace_and_follow() -> Any:
+            sb = replace()
+            self._follow_egress(slot, sb)
+            return sb
+
+        slot.replace = replace_and_follow
         slot.set_sandbox(a.sandbox)
+        self._follow_egress(slot, a.sandbox)
+
+    def _follow_egress(self, slot: SessionSlot, sb: Any) -> None:
+        """The sandbox's egress decisions reach the session's trail as they happen (egress_trail.py)."""
+        if slot.trail is None or not getattr(sb, "egress", False) or self._runtime is None or self.store is None:
+            return
+        try:
+            from sandbox.egress.audit import session_file
+
+            from .egress_trail import EgressTail
+            from .store import safe_id
+
+            audit = session_file(self._runtime.egress.audit_path, sb.session_id)  # type: ignore[attr-defined]
+            cursor = self.store.session_dir(slot.session_id) / f"egress-{safe_id(sb.session_id)}.cursor"
+            cursor.parent.mkdir(parents=True, exist_ok=True)
+            trail = slot.trail
+            tail = EgressTail(audit, cursor, trail.egress,
+                              lost=lambda why: trail.lifecycle("egress_records_lost", reason=why)).start()
+            slot.egress_tails.append(tail)
+        except Exception as e:  # noqa: BLE001 - said loudly; the session is still served
+            log_event(log, logging.ERROR, "trail_failed", f"cannot follow the session's egress decisions: {e}",
+                      session_id=slot.session_id)
 
     async def _has_skills(self, session_id: str) -> bool:
         assert self.client is not None
