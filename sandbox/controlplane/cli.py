@@ -31,8 +31,11 @@ def _state_dir_option(f: F) -> F:
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
-    click.echo(f"sandbox: {msg}", err=True)
-    sys.exit(code)
+    """The CLI's one failure path: the message on stderr, and a JSON error object on stdout
+    when the command was given --json (as on every command)."""
+    from sandbox.cli import fail
+
+    fail(msg, code)
 
 
 @click.command("control-plane")
@@ -298,13 +301,17 @@ def session_events(state_dir: Path | None, session_id: str, as_json: bool) -> No
         if as_json:
             click.echo(json.dumps(evs, indent=2))
             return
-        from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from sandbox.cli import _console
 
         table = Table("processed_at", "type", "id", "summary", box=None)
         for ev in evs:
-            table.add_row(str(ev.get("processed_at")), str(ev.get("type")), str(ev.get("id")), _summary(ev, 100))
-        Console(highlight=False).print(table)
+            # summaries quote tool output (text made in a sandbox): Text, never markup
+            table.add_row(Text(str(ev.get("processed_at"))), Text(str(ev.get("type"))), Text(str(ev.get("id"))),
+                          Text(_summary(ev, 100)))
+        _console().print(table)
 
     _guard(admin, run)
 
@@ -371,14 +378,16 @@ def session_list(store_dir: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from sandbox.cli import _console
 
     table = Table("session", "state", "workspace", "checkpoints", "runs", "last activity", "worker", box=None)
     for r in rows:
-        table.add_row(r["session_id"], r["state"], f"{r['workspace_bytes'] / 2**20:.1f}/{r['workspace_cap_mb']} MiB",
-                      str(r["checkpoints"]), str(r["runs"]), _ago(r["last_activity"]), str(r["worker"] or "-"))
-    Console(highlight=False).print(table)
+        table.add_row(Text(r["session_id"]), r["state"], f"{r['workspace_bytes'] / 2**20:.1f}/{r['workspace_cap_mb']} MiB",
+                      str(r["checkpoints"]), str(r["runs"]), _ago(r["last_activity"]), Text(str(r["worker"] or "-")))
+    _console().print(table)
 
 
 @session_group.command("checkpoints")

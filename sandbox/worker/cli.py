@@ -12,8 +12,11 @@ import click
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
-    click.echo(f"sandbox: {msg}", err=True)
-    sys.exit(code)
+    """The CLI's one failure path: the message on stderr, and a JSON error object on stdout
+    when the command was given --json (as on every command)."""
+    from sandbox.cli import fail
+
+    fail(msg, code)
 
 
 def _default_worker_state_dir() -> Path:
