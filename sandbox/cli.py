@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -452,7 +453,10 @@ def images_build(force: bool) -> None:
 
             def step(msg: str, task: Any = task, name: str = r.name) -> None:
                 prog.update(task, description=f"{name}: {msg}")
-                prog.console.log(f"{name}: {msg}")
+                if prog.console.is_terminal:
+                    prog.console.log(f"{name}: {msg}")
+                else:  # a log file: one plain line, not padded to the (unbounded) width
+                    click.echo(f"{time.strftime('%H:%M:%S')} {name}: {msg}", err=True)
 
             try:
                 tag = im.build(client, r, step, force=force)

@@ -640,7 +640,9 @@ class EgressProxy:
             early = reader.take()  # e.g. a TLS ClientHello sent without waiting for our 200
             if early:
                 await self._send_up(conn, early)
-            await _both(self._relay(conn, conn.client, conn.upstream, "up"), self._relay(conn, conn.upstream, conn.client, "down"))
+            upstream = conn.upstream
+            assert upstream is not None  # opened above, before or after the hello was checked
+            await _both(self._relay(conn, conn.client, upstream, "up"), self._relay(conn, upstream, conn.client, "down"))
         else:
             await self._send_up(conn, http1.upstream_head(req, fwd, framing))
             if framing == 0:
