@@ -31,7 +31,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -119,22 +118,54 @@ class LimitExceeded(CommandFailed):
 
 # ------------------------------------------------------------------ result
 
-@dataclass(frozen=True)
 class Result:
     """What one command did. ``limit`` names the limit that stopped it first (or None);
     ``exit_code`` is the command's own status (a killed command: 128 + signal, or 240
-    when the sandbox could not run it)."""
+    when the sandbox could not run it). Immutable; equal when every field is."""
 
+    # A plain immutable class rather than a frozen dataclass: `dataclasses` imports `inspect`,
+    # ~8 ms of a cold `sandbox exec` (bench/bench_runtime.py).
+    __slots__ = ("exit_code", "stdout", "stderr", "limit", "limits", "signal", "truncated", "duration", "error",
+                 "argv")
     exit_code: int
-    stdout: bytes = b""
-    stderr: bytes = b""
-    limit: str | None = None
-    limits: tuple[str, ...] = ()
-    signal: int | None = None
-    truncated: bool = False
-    duration: float = 0.0
-    error: str | None = None
-    argv: tuple[str, ...] = field(default=(), repr=False)
+    stdout: bytes
+    stderr: bytes
+    limit: str | None
+    limits: tuple[str, ...]
+    signal: int | None
+    truncated: bool
+    duration: float
+    error: str | None
+    argv: tuple[str, ...]
+
+    def __init__(self, exit_code: int, stdout: bytes = b"", stderr: bytes = b"", limit: str | None = None,
+                 limits: tuple[str, ...] = (), signal: int | None = None, truncated: bool = False,
+                 duration: float = 0.0, error: str | None = None, argv: tuple[str, ...] = ()):
+        for k, v in (("exit_code", exit_code), ("stdout", stdout), ("stderr", stderr), ("limit", limit),
+                     ("limits", limits), ("signal", signal), ("truncated", truncated), ("duration", duration),
+                     ("error", error), ("argv", argv)):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: a Result is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: a Result is immutable")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle
+        return (type(self), self._values())
+
+    def __repr__(self) -> str:
+        return "Result(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "argv") + ")"
 
     @property
     def ok(self) -> bool:

@@ -39,7 +39,6 @@ import json
 import os
 import secrets
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,18 +66,22 @@ class CacheUnusable(Exception):
     """The cache directory cannot be trusted (owner or mode); profiles are loaded directly."""
 
 
-@dataclass(frozen=True)
 class CompiledPolicy:
     """A validated policy reduced to what the runtime needs (:func:`sandbox.spec.policy_facts`).
 
     ``policy()`` gives the full :class:`~sandbox.policy.Policy` (loaded on first use when the
     facts came from the cache; refused if the profile changed since)."""
 
-    facts: dict[str, Any]
-    source: str | None = None  # the profile file it was loaded from (None: built from a Policy object)
-    cached: bool = False       # served from the cache (for tests and benchmarks)
-    sources: tuple[str, ...] = ()  # every file it was built from (cache fingerprint)
-    _policy: list[Any] = field(default_factory=list, repr=False, compare=False)
+    def __init__(self, facts: dict[str, Any], source: str | None = None, cached: bool = False,
+                 sources: tuple[str, ...] = ()):
+        self.facts = facts
+        self.source = source      # the profile file it was loaded from (None: built from a Policy object)
+        self.cached = cached      # served from the cache (for tests and benchmarks)
+        self.sources = sources    # every file it was built from (cache fingerprint)
+        self._policy: list[Any] = []
+
+    def __repr__(self) -> str:
+        return f"CompiledPolicy(name={self.name!r}, digest={self.digest!r}, source={self.source!r}, cached={self.cached})"
 
     @classmethod
     def from_policy(cls, policy: Policy) -> CompiledPolicy:
@@ -348,7 +351,7 @@ def _build(profile: str) -> tuple[CompiledPolicy, list[str]]:
     read.append(str(sc.find_allowlist(policy.seccomp.profile)))
     read.append(str(sc.BASELINE_ALLOWLIST.resolve()))
     cp = CompiledPolicy.from_policy(policy)
-    object.__setattr__(cp, "source", read[0])
+    cp.source = read[0]
     return cp, read
 
 
@@ -356,7 +359,7 @@ def _uncached(profile: str) -> CompiledPolicy:
     from sandbox.policy import load_policy, resolve_profile
 
     cp = CompiledPolicy.from_policy(load_policy(profile))
-    object.__setattr__(cp, "source", str(resolve_profile(profile)))
+    cp.source = str(resolve_profile(profile))
     return cp
 
 
@@ -398,7 +401,7 @@ def load(profile: str) -> CompiledPolicy:
                                  "profile": profile, "facts": cp.facts})
     except OSError as e:
         log.warning("policy cache: cannot write %s: %s", path, e)
-    object.__setattr__(cp, "sources", tuple(sources))
+    cp.sources = tuple(sources)
     _memo[name] = (fp, cp)
     return cp
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from sandbox.policy import Policy
@@ -58,8 +57,9 @@ _ULIMITS = (("nofile", "nofile", 1), ("nproc", "nproc", 1), ("fsize", "fsize_mb"
             ("core", "core", 1), ("cpu", "cpu_s", 1), ("stack", "stack_mb", 1 << 20))
 
 
-@dataclass(frozen=True)
-class Binds:
+# Records are NamedTuples, not dataclasses: `dataclasses` imports `inspect`, ~8 ms of a cold
+# `sandbox exec` (measured by bench/bench_runtime.py).
+class Binds(NamedTuple):
     """Host paths the runtime prepared for one sandbox (not part of the policy itself)."""
 
     workspace_dir: str | None = None  # host dir for a disk-backed or user-given workspace
@@ -67,8 +67,7 @@ class Binds:
     ro_mounts: tuple[tuple[str, str], ...] = ()  # (host path, container path), e.g. a session's skills
 
 
-@dataclass(frozen=True)
-class Ids:
+class Ids(NamedTuple):
     """The uid/gid this sandbox runs as: leased by the runtime, never shared by two live sandboxes."""
 
     uid: int
@@ -85,10 +84,12 @@ def _pinned_ids(uid: Any, gid: Any) -> Ids:
     return Ids(uid, gid) if isinstance(uid, int) and isinstance(gid, int) else Ids(65534, 65534)
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
+class ContainerSpec(NamedTuple):
     body: dict[str, Any]
-    seccomp_profile: dict[str, Any] = field(repr=False)
+    seccomp_profile: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"ContainerSpec(body={self.body!r})"
 
     @property
     def host_config(self) -> dict[str, Any]:
