@@ -295,16 +295,14 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
     finally:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda s: s.destroy(), boxes))
-    _idle_floor(count, rt, cp, total_mib / count)
+    _idle_floor(min(count, 50), rt, cp)
 
 
-def _idle_floor(count: int, rt: Runtime, cp: Any, ours_each: float) -> None:
+def _idle_floor(count: int, rt: Runtime, cp: Any) -> None:
     """The same create body with `sleep` as PID 1 instead of the agent: what the engine, the
     shim and the kernel cost per container, whatever runs inside."""
     from sandbox import spec as specmod
 
-    time.sleep(3)
-    before = _mem_available_kib()
     ids, leases = [], []
     try:
         for i in range(count):
@@ -317,12 +315,19 @@ def _idle_floor(count: int, rt: Runtime, cp: Any, ours_each: float) -> None:
             ids.append(cid)
             rt.engine.start(cid)
         time.sleep(3)
-        after = _mem_available_kib()
         pids = [rt.engine.inspect(c)["State"]["Pid"] for c in ids]
-        sleeps = [_pss_kib(p) for p in pids]
-        each = (before - after) / 1024 / count
-        print(f"  floor: the same body with `sleep` as PID 1: {each:6.2f} MiB per container "
-              f"(sleep PSS {med(x[1] for x in sleeps) / 1024:.2f} MiB); the agent adds {ours_each - each:.2f} MiB")
+        sleeps = [_pss_kib(p)[1] for p in pids]
+        shims = []
+        for p in pids:
+            try:
+                shims.append(_pss_kib(int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]))[1])
+            except (OSError, ValueError):
+                pass
+        kmem = [_cgroup_kmem(p) for p in pids]
+        floor = (med(sleeps) + (med(shims) if shims else 0)) / 1024 + med(kmem) / 2**20
+        print(f"  floor: the same body with `sleep` as PID 1: {floor:6.2f} MiB per container by parts (sleep PSS "
+              f"{med(sleeps) / 1024:.2f}, shim PSS {med(shims) / 1024 if shims else 0:.2f}, kernel "
+              f"{med(kmem) / 2**20:.2f}; daemons as above): the agent is the rest")
     finally:
         for c in ids:
             try:
