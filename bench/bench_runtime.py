@@ -283,8 +283,9 @@ def bench_idle(count: int, rt: Runtime, cp: Any) -> None:
         print(f"  sum of parts (agent PSS + shim PSS + kernel memory + daemons) {parts:6.2f} MiB per sandbox "
               "(MemAvailable on a shared host moves with everyone else's work)")
         host_kib = _mem_available_kib()
-        print(f"  at {each:.2f} MiB each, MemAvailable now ({host_kib / 2**20:.1f} GiB) holds "
-              f"{int(host_kib / 1024 / max(each, 0.01))} more; aim >= 500")
+        print(f"  at {parts:.2f} MiB each (by parts), MemAvailable now ({host_kib / 2**20:.1f} GiB) holds "
+              f"{int(host_kib / 1024 / max(parts, 0.01))} more; at {each:.2f} (MemAvailable drop) "
+              f"{int(host_kib / 1024 / max(each, 0.01))}; aim >= 500")
         uids = {s.uid for s in boxes}
         print(f"  distinct uids: {len(uids)} of {count}")
         lst = [timed(rt._ids_in_use) for _ in range(5)]
