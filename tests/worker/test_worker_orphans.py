@@ -24,8 +24,9 @@ pytestmark = pytest.mark.docker
 
 
 def _owned(docker_client: Any, pid: int) -> list[Any]:
-    return [c for c in docker_client.containers.list(all=True, filters={"label": "org.sandbox.managed=true"})
-            if c.labels.get("org.sandbox.owner", "").split(":")[1:2] == [str(pid)]]
+    # the low-level list: no per-container inspect that races AutoRemove (404 mid-list)
+    rows = docker_client.api.containers(all=True, filters={"label": "org.sandbox.managed=true"})
+    return [c["Id"] for c in rows if (c.get("Labels") or {}).get("org.sandbox.owner", "").split(":")[1:2] == [str(pid)]]
 
 
 def _tool_started(log: Path, tool_use_id: str) -> bool:
@@ -67,5 +68,8 @@ def test_kill_9_of_a_worker_mid_call_leaves_no_sandbox(cp: ControlPlane, admin: 
     finally:
         if proc.poll() is None:
             proc.kill()
-        for c in _owned(docker_client, proc.pid):
-            c.kill()
+        for cid in _owned(docker_client, proc.pid):
+            try:
+                docker_client.api.kill(cid)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
