@@ -202,6 +202,16 @@ class CgroupCounters:
             return None
         return None
 
+    def empty(self) -> bool:
+        """No task left in the sandbox's pids cgroup (or the cgroup is gone, or unknown)."""
+        pids = self.paths.get("pids")
+        if pids is None:
+            return True
+        try:
+            return not (pids / "cgroup.procs").read_text().strip()
+        except OSError:
+            return True
+
     def snapshot(self) -> dict[str, int | None]:
         mem, pids = self.paths.get("memory"), self.paths.get("pids")
         oom = None
@@ -707,6 +717,14 @@ class Runtime:
             try:
                 sb.channel.close_stdin()
                 ended = bool(select.select([pidfd], [], [], EOF_TEARDOWN_S)[0])
+                # and the host's own view: no task left in the sandbox's cgroup (a straggler
+                # still exiting must not share the uid with the lease's next holder)
+                deadline = time.monotonic() + EOF_TEARDOWN_S
+                while ended and not sb.counters.empty():
+                    if time.monotonic() > deadline:
+                        ended = False  # the engine's kill settles it
+                        break
+                    time.sleep(0.002)
             except (OSError, ValueError):
                 ended = False
             finally:
