@@ -15,7 +15,7 @@ import pytest
 
 from tests.bombs import JOB, Bomb, bombs
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.neighbours]
 
 BOMB_S = 4.0
 
