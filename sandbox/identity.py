@@ -95,13 +95,20 @@ class Identity:
 
 
 class IdentityAllocator:
-    """Hands out :class:`Identity` leases. ``in_use`` lists numbers live containers carry."""
+    """Hands out :class:`Identity` leases. ``in_use`` lists numbers live containers carry;
+    ``carried(n)`` says whether one does carry ``n`` (asked only for a number just locked, so
+    its cost stays constant however many sandboxes live)."""
 
     def __init__(self, lease_dir: Path | None = None, id_range: tuple[int, int] | None = None,
-                 in_use: Callable[[], Iterable[int]] | None = None):
+                 in_use: Callable[[], Iterable[int]] | None = None,
+                 carried: Callable[[int], bool] | None = None):
         self.lease_dir = Path(lease_dir or default_lease_dir())
         self.range = id_range or configured_range()
         self._in_use = in_use
+        self._carried = carried
+
+    def _carried_any(self, numbers: Iterable[int]) -> bool:
+        return self._carried is not None and any(self._carried(n) for n in numbers)
 
     def _lock_one(self, n: int) -> int | None:
         """An fd holding the lease on n, or None when another process holds it."""
@@ -143,6 +150,10 @@ class IdentityAllocator:
                         os.close(f)
                     raise IdentityError(f"uid/gid {uid}:{gid} is held by another live sandbox on this host")
                 fds.append(fd)
+            if self._carried_any(numbers):
+                for f in fds:
+                    os.close(f)
+                raise IdentityError(f"uid/gid {uid}:{gid} is held by another live sandbox on this host")
             return Identity(uid, gid, fds)
         lo, hi = self.range
         size = hi - lo + 1
@@ -152,7 +163,11 @@ class IdentityAllocator:
             if n in busy:
                 continue
             fd = self._lock_one(n)
-            if fd is not None:
-                return Identity(n, n, [fd])
+            if fd is None:
+                continue
+            if self._carried_any((n,)):  # a sandbox whose owner just died may still be going
+                os.close(fd)
+                continue
+            return Identity(n, n, [fd])
         raise IdentityError(f"no free uid in {lo}-{hi}: {size} live sandboxes hold them all "
                             f"(widen {RANGE_ENV})")

@@ -547,19 +547,13 @@ class Runtime:
         self._egress = egress
         self._events: list[tuple[float, str, str]] = []
         self.event_hook: Callable[[str, Sandbox], None] | None = None
-        self.identities = IdentityAllocator(in_use=self._ids_in_use)
+        self.identities = IdentityAllocator(carried=self._id_carried)
 
-    def _ids_in_use(self) -> set[int]:
-        """uids/gids that containers the engine still lists carry (any owner, any state dir)."""
-        used: set[int] = set()
-        for c in self.list_managed():
-            lab = c.get("Labels") or {}
-            for key in (specmod.LABEL_UID, specmod.LABEL_GID):
-                try:
-                    used.add(int(lab[key]))
-                except (KeyError, ValueError):
-                    pass
-        return used
+    def _id_carried(self, n: int) -> bool:
+        """Does a container the engine still lists (any owner, any state dir, any host label)
+        carry ``n`` as its uid or gid? Two filtered queries, whatever the number of sandboxes."""
+        return any(self.engine.containers([f"{specmod.LABEL_MANAGED}=true", f"{key}={n}"])
+                   for key in (specmod.LABEL_UID, specmod.LABEL_GID))
 
     def lease_identity(self, policy: PolicyLike) -> Identity:
         """The uid/gid a sandbox of this policy will run as: pinned by the policy, or any free one."""

@@ -90,3 +90,31 @@ def test_lease_dir_owned_by_someone_else_or_world_writable_is_refused(tmp_path: 
 def test_bad_ranges_are_refused_with_the_variable_named(text: str) -> None:
     with pytest.raises(IdentityError, match="SANDBOX_UID_RANGE"):
         parse_range(text)
+
+
+def test_a_number_found_carried_after_locking_is_skipped_and_a_pinned_one_refused(tmp_path: Path) -> None:
+    asked: list[int] = []
+
+    def carried(n: int) -> bool:
+        asked.append(n)
+        return n == 6000
+
+    alloc = IdentityAllocator(tmp_path, (6000, 6001), carried=carried)
+    assert alloc.acquire().uid == 6001
+    assert set(asked) <= {6000, 6001}  # only numbers it had just locked were asked about
+    with pytest.raises(IdentityError, match="held by another live sandbox"):
+        IdentityAllocator(tmp_path / "other", (1, 2), carried=carried).acquire(6000)
+    assert not any(p.name == "6000.lock" and _locked(p) for p in tmp_path.iterdir())
+
+
+def _locked(path: Path) -> bool:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
