@@ -5,8 +5,10 @@ State (``state_dir()``; ``SANDBOX_STATE_DIR`` moves all of it)::
     /var/lib/sandbox                    root; others: $XDG_STATE_HOME/sandbox (~/.local/state/sandbox)
       workspaces/                       disk-backed workspaces (runtime)
       egress/                           egress proxy daemon: control socket, per-session sockets, audit.jsonl
-      worker/                           environment worker: outbox, lock, SDK work dir
-      sessions/                         the worker's session store: workspaces, call journal, audit trails
+      worker/                           environment worker: lock, SDK work dir
+      sessions/                         the worker's session store: workspaces, checkpoints, call journal,
+                                        audit trails, egress cursors
+      policies/                         compiled-policy cache (0700; HMAC'd entries, .key) for a fast exec
       controlplane/                     embedded control plane: database, keys, endpoint.json
       cache/rootfs/                     only when SANDBOX_STATE_DIR is set (see ``rootfs_cache_dir``)
 
