@@ -124,13 +124,87 @@ def op_exec(req: dict) -> None:
     stdin_data = base64.b64decode(req["stdin"]) if req.get("stdin") else None
     stream_q = _stdin_queues.get(rid) if req.get("stdin_stream") else None
     started = time.monotonic()
+    # Pipes and the threads that serve them exist before the command does: a command that forks
+    # at once (a fork bomb) must not be able to spend the thread budget its own pumps need.
+    feed_q = stream_q
+    if stdin_data is not None:
+        feed_q = queue.Queue()
+        feed_q.put(stdin_data)
+        feed_q.put(None)
+    pipes = [os.pipe(), os.pipe()] + ([os.pipe()] if feed_q is not None else [])
+    box: list = [None]  # the Popen, once it exists
+    sent = [0]
+    limit: list[str | None] = [None]
+    lock = threading.Lock()
+
+    def kill() -> None:
+        if box[0] is not None:
+            _kill_group(box[0])
+
+    def pump(fd_in: int, fd: int) -> None:
+        with os.fdopen(fd_in, "rb", buffering=0) as stream:
+            while True:
+                chunk = stream.read(CHUNK)
+                if not chunk:
+                    return
+                with lock:
+                    room = max_output - sent[0]
+                    if room <= 0:
+                        if limit[0] is None:
+                            limit[0] = "output"
+                            kill()
+                        continue
+                    part = chunk[:room]
+                    sent[0] += len(part)
+                    if len(part) < len(chunk) and limit[0] is None:
+                        limit[0] = "output"
+                        kill()
+                emit({"id": rid, "ev": "out", "fd": fd, "data": base64.b64encode(part).decode()})
+
+    def feed(fd_out: int) -> None:
+        broken = False
+        with os.fdopen(fd_out, "wb", buffering=0) as sink:
+            while True:
+                chunk = feed_q.get()
+                if chunk is None:
+                    break
+                if not broken:
+                    try:
+                        sink.write(chunk)
+                    except OSError:
+                        broken = True  # the command stopped reading; keep acking so the host never stalls
+                if feed_q is stream_q:
+                    emit({"id": rid, "ev": "stdin_ack", "n": len(chunk)})
+
+    threads = [threading.Thread(target=pump, args=(pipes[0][0], 1), daemon=True),
+               threading.Thread(target=pump, args=(pipes[1][0], 2), daemon=True)]
+    if feed_q is not None:
+        threads.append(threading.Thread(target=feed, args=(pipes[2][1],), daemon=True))
+    started_threads = 0
+    try:
+        for t in threads:
+            t.start()
+            started_threads += 1
+    except RuntimeError:
+        pass
+    child_ends = [pipes[0][1], pipes[1][1]] + ([pipes[2][0]] if feed_q is not None else [])
+    if started_threads < len(threads):
+        for fd in child_ends:
+            os.close(fd)
+        for i in range(started_threads, len(threads)):  # ends no thread will close
+            os.close(pipes[i][0] if i < 2 else pipes[2][1])
+        _stdin_queues.pop(rid, None)
+        if feed_q is not None:
+            feed_q.put(None)
+        emit({"id": rid, "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
+        return
     try:
         for attempt in range(4):
             try:
                 proc = reaper.spawn(
                     argv, cwd=req.get("cwd") or None, env=_child_env(req.get("env")),
-                    stdin=subprocess.PIPE if (stdin_data is not None or stream_q is not None) else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                    stdin=pipes[2][0] if feed_q is not None else subprocess.DEVNULL,
+                    stdout=pipes[0][1], stderr=pipes[1][1], start_new_session=True, close_fds=True,
                 )
                 break
             except BlockingIOError:  # EAGAIN: zombies of a killed bomb may still hold the pids budget
@@ -139,77 +213,23 @@ def op_exec(req: dict) -> None:
                 reaper.reap_now()
                 time.sleep(0.05 * (attempt + 1))
     except OSError as e:
+        for fd in child_ends:
+            os.close(fd)
         _stdin_queues.pop(rid, None)
+        if feed_q is not None:
+            feed_q.put(None)
         emit({"id": rid, "ev": "exit", "code": 127 if e.errno == 2 else 126, "signal": None,
               "error": f"{argv[0]}: {e.strerror}", "limit": None, "truncated": False,
               "duration": time.monotonic() - started})
         return
+    for fd in child_ends:
+        os.close(fd)  # the command holds its own copies
+    box[0] = proc
+    if limit[0] == "output":
+        kill()  # the cap was hit before the Popen was known
     with _procs_lock:
         _procs[rid] = proc
-    sent = [0]
-    limit: list[str | None] = [None]
-    lock = threading.Lock()
-
-    def pump(stream, fd: int) -> None:
-        while True:
-            chunk = stream.read1(CHUNK) if hasattr(stream, "read1") else stream.read(CHUNK)
-            if not chunk:
-                return
-            with lock:
-                room = max_output - sent[0]
-                if room <= 0:
-                    if limit[0] is None:
-                        limit[0] = "output"
-                        _kill_group(proc)
-                    continue
-                part = chunk[:room]
-                sent[0] += len(part)
-                if len(part) < len(chunk) and limit[0] is None:
-                    limit[0] = "output"
-                    _kill_group(proc)
-            emit({"id": rid, "ev": "out", "fd": fd, "data": base64.b64encode(part).decode()})
-
-    pumps = [threading.Thread(target=pump, args=(proc.stdout, 1), daemon=True),
-             threading.Thread(target=pump, args=(proc.stderr, 2), daemon=True)]
-    try:
-        for t in pumps:
-            t.start()
-    except RuntimeError:
-        _kill_group(proc)
-        proc.wait()
-        with _procs_lock:
-            _procs.pop(rid, None)
-        emit({"id": rid, "ev": "error", "message": "cannot start: the sandbox reached its process limit"})
-        return
-    feed_q = stream_q
-    if stdin_data is not None:
-        feed_q = queue.Queue()
-        feed_q.put(stdin_data)
-        feed_q.put(None)
-    if feed_q is not None:
-        def feed() -> None:
-            # A streamed stdin: the host sends at most its window ahead of our acks, so memory stays bounded.
-            broken = False
-            while True:
-                chunk = feed_q.get()
-                if chunk is None:
-                    break
-                if not broken:
-                    try:
-                        proc.stdin.write(chunk)
-                        proc.stdin.flush()
-                    except OSError:
-                        broken = True  # the command stopped reading; keep acking so the host never stalls
-                if feed_q is stream_q:
-                    emit({"id": rid, "ev": "stdin_ack", "n": len(chunk)})
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-        try:
-            threading.Thread(target=feed, daemon=True).start()
-        except RuntimeError:
-            proc.stdin.close()
+    pumps = threads[:2]
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
