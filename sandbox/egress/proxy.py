@@ -107,6 +107,20 @@ class _Refuse(Exception):
         self.raw = raw  # sent instead of an HTTP response (inside a tunnel: a TLS alert, or nothing)
 
 
+async def _response_head(reader: _Buffered | _TLSReader) -> tuple[bytes, int]:
+    """An upstream response head and its status, or a 502 refusal naming what was wrong."""
+    try:
+        head = await reader.until(b"\r\n\r\n", _MAX_RESPONSE_HEAD)
+    except OverflowError:
+        head = None
+    if head is None:
+        raise _Refuse(502, "bad-upstream-response", "upstream sent no valid response head", verdict="error", header=ERROR_HEADER)
+    status = http1.response_status(head)
+    if status == 0:
+        raise _Refuse(502, "bad-upstream-response", "upstream response is not HTTP/1.x", verdict="error", header=ERROR_HEADER)
+    return head, status
+
+
 class _BudgetSpent(Exception):
     pass
 
@@ -881,15 +895,7 @@ class EgressProxy:
         rec = conn.record
         ureader = _TLSReader(up, conn)
         while True:
-            try:
-                head = await ureader.until(b"\r\n\r\n", _MAX_RESPONSE_HEAD)
-            except OverflowError:
-                head = None
-            if head is None:
-                raise _Refuse(502, "bad-upstream-response", "upstream sent no valid response head", verdict="error", header=ERROR_HEADER)
-            status = http1.response_status(head)
-            if status == 0:
-                raise _Refuse(502, "bad-upstream-response", "upstream response is not HTTP/1.x", verdict="error", header=ERROR_HEADER)
+            head, status = await _response_head(ureader)
             if guard.hit(head):
                 raise _Refuse(502, "leak-blocked", "the upstream's response repeated the injected credential", verdict="error", header=ERROR_HEADER)
             if 100 <= status < 200 and status != 101:
@@ -1100,15 +1106,7 @@ class EgressProxy:
         assert conn.upstream is not None
         up = _Buffered(conn.upstream, conn)
         while True:
-            try:
-                head = await up.until(b"\r\n\r\n", _MAX_RESPONSE_HEAD)
-            except OverflowError:
-                head = None
-            if head is None:
-                raise _Refuse(502, "bad-upstream-response", "upstream sent no valid response head", verdict="error", header=ERROR_HEADER)
-            status = http1.response_status(head)
-            if status == 0:
-                raise _Refuse(502, "bad-upstream-response", "upstream response is not HTTP/1.x", verdict="error", header=ERROR_HEADER)
+            head, status = await _response_head(up)
             if 100 <= status < 200 and status != 101:
                 await self._send_down(conn, head)  # 100 Continue etc.: pass on, wait for the real one
                 continue
