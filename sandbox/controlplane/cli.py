@@ -40,7 +40,9 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
 
 @click.command("control-plane")
 @_state_dir_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep it loopback).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs TLS (--tls or --tls-cert/--tls-key): workers "
+                   "on other hosts send their environment key to it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
               help="Port to listen on (0: any free port). Default: the port this state directory's control plane "
                    "used before (recorded in <state-dir>/port), else 7787, else any free port; so it comes back "
@@ -48,13 +50,37 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
 @click.option("--skill", "skills", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="A skill archive (zip or tar.*) to serve; sessions created with `session new --skill ID` list "
                    "it. Repeatable. Its id is printed.")
-def control_plane_cmd(state_dir: Path | None, host: str, port: int | None, skills: tuple[Path, ...]) -> None:
+@click.option("--tls", "tls_generated", is_flag=True,
+              help="Serve HTTPS with a CA and certificate generated under <state-dir>/tls/ (kept; renewed as "
+                   "needed). Give workers the printed CA file (`sandbox worker --ca-file`).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Serve HTTPS with this PEM certificate (chain); with --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The PEM private key of --tls-cert; must be readable by its owner only (mode 0600).")
+@click.option("--advertise-url", default=None,
+              help="The URL workers on other hosts use, https://HOST:PORT (put in each work secret as its "
+                   "api_base_url; the generated certificate names HOST). Default: https://<--host or this "
+                   "host's name>:<port> when not on loopback.")
+def control_plane_cmd(state_dir: Path | None, host: str, port: int | None, skills: tuple[Path, ...],
+                      tls_generated: bool, tls_cert: Path | None, tls_key: Path | None,
+                      advertise_url: str | None) -> None:
     """Run the local control plane (Environments Work API + Sessions API) until Ctrl-C."""
     from .endpoint import resolve_state_dir
     from .server import ControlPlane, ControlPlaneError
+    from .tls import ServerTls, TlsError
 
     sd = resolve_state_dir(state_dir)
-    cp = ControlPlane(sd, host=host, port=port, skills=list(skills))
+    tls = None
+    try:
+        if tls_cert is not None or tls_key is not None:
+            if tls_generated:
+                _fail("--tls makes its own certificate; do not combine it with --tls-cert/--tls-key")
+            tls = ServerTls(tls_cert, tls_key)
+        elif tls_generated:
+            tls = ServerTls()
+    except TlsError as e:
+        _fail(str(e))
+    cp = ControlPlane(sd, host=host, port=port, skills=list(skills), tls=tls, advertise_url=advertise_url)
     try:
         cp.start()
     except (ControlPlaneError, OSError) as e:
@@ -67,6 +93,10 @@ def control_plane_cmd(state_dir: Path | None, host: str, port: int | None, skill
         click.echo(f"state dir       {sd}")
         click.echo(f"environment key {cp.environment_key_path()}  (for workers: Authorization: Bearer)")
         click.echo(f"admin key       {cp.admin_key_path}  (for `sandbox session`; never give it to a worker)")
+        if cp.advertise_url != cp.base_url:
+            click.echo(f"advertised      {cp.advertise_url}  (workers on other hosts: --base-url)")
+        if cp.ca_file is not None:
+            click.echo(f"CA certificate  {cp.ca_file}  (workers: --ca-file; public, copy it to them)")
         for path, skill_id in cp.skill_ids.items():
             click.echo(f"skill           {skill_id}  ({path})")
         click.echo("Ctrl-C to stop.", err=True)
@@ -87,15 +117,17 @@ def _admin(state_dir: Path | None) -> tuple[Any, Any]:
     from .endpoint import EndpointError, read_admin_key, read_endpoint, resolve_state_dir
     from .keys import KeyFileError
 
+    from .tls import TlsError
+
     sd = resolve_state_dir(state_dir)
     try:
         endpoint = read_endpoint(sd)
         key = read_admin_key(sd)
-    except (EndpointError, KeyFileError) as e:
+        return LocalAdmin(endpoint.base_url, key, ca_file=endpoint.ca_file), endpoint
+    except (EndpointError, KeyFileError, TlsError) as e:
         _fail(str(e))
     except FileNotFoundError:
         _fail(f"no admin key in {sd} (start the control plane with `sandbox control-plane`)")
-    return LocalAdmin(endpoint.base_url, key), endpoint
 
 
 def _guard(admin: Any, fn: Callable[[], None]) -> None:

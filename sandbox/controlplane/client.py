@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx2 as httpx  # anthropic ships httpx2 (same API); httpx is not a dependency
 
 from .keys import fingerprint
+from .tls import sync_http_client
 
 ANTHROPIC_VERSION = "2023-06-01"
 MANAGED_AGENTS_BETA = "managed-agents-2026-04-01"
@@ -34,9 +36,11 @@ class LocalAdminError(Exception):
 
 class LocalAdmin:
     def __init__(
-        self, base_url: str, admin_key: str, *, timeout: float = 30.0, http_client: httpx.Client | None = None
+        self, base_url: str, admin_key: str, *, timeout: float = 30.0, http_client: httpx.Client | None = None,
+        ca_file: Path | None = None,
     ) -> None:
-        """`http_client`: share one (building an httpx client costs ~0.1 s); it is not closed by `close()`."""
+        """`http_client`: share one (building an httpx client costs ~0.1 s); it is not closed by `close()`.
+        `ca_file`: trust this CA bundle (an https control plane's generated CA) instead of the system's."""
         self.base_url = base_url.rstrip("/")
         self._key_fp = fingerprint(admin_key)
         self._timeout = timeout
@@ -47,7 +51,7 @@ class LocalAdmin:
             "anthropic-beta": MANAGED_AGENTS_BETA,
         }
         self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client(timeout=timeout)
+        self._http = http_client if http_client is not None else sync_http_client(ca_file, timeout)
 
     def __repr__(self) -> str:
         return f"LocalAdmin(base_url={self.base_url!r}, admin_key={self._key_fp})"

@@ -2,7 +2,7 @@
 
 The state directory (`<state dir>/controlplane`, see sandbox/paths.py: /var/lib/sandbox
 for root, else ~/.local/state/sandbox; `$SANDBOX_STATE_DIR` moves it) holds the database, the key files and
-`endpoint.json` (`{"base_url", "environment_id"}`, no secrets), which the CLI
+`endpoint.json` (`{"base_url", "environment_id"[, "advertise_url", "ca_file"]}`, no secrets), which the CLI
 reads to talk to the control plane another process started.
 """
 
@@ -28,8 +28,10 @@ class EndpointError(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    base_url: str
+    base_url: str  # for clients on this host (loopback when bound to all addresses)
     environment_id: str
+    advertise_url: str | None = None  # for workers on other hosts (the work secret's api_base_url)
+    ca_file: Path | None = None  # the generated CA's certificate, when the control plane serves TLS with one
 
 
 def default_state_dir() -> Path:
@@ -44,7 +46,12 @@ def resolve_state_dir(explicit: str | os.PathLike[str] | None) -> Path:
 
 def write_endpoint(state_dir: Path, endpoint: Endpoint) -> None:
     tmp = state_dir / f".{ENDPOINT_FILE}.tmp"
-    tmp.write_text(json.dumps({"base_url": endpoint.base_url, "environment_id": endpoint.environment_id}, indent=2) + "\n")
+    doc: dict[str, str] = {"base_url": endpoint.base_url, "environment_id": endpoint.environment_id}
+    if endpoint.advertise_url:
+        doc["advertise_url"] = endpoint.advertise_url
+    if endpoint.ca_file is not None:
+        doc["ca_file"] = str(endpoint.ca_file)
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, state_dir / ENDPOINT_FILE)
 
 
@@ -59,10 +66,13 @@ def read_endpoint(state_dir: Path) -> Endpoint:
     path = state_dir / ENDPOINT_FILE
     try:
         data = json.loads(path.read_text())
-        return Endpoint(base_url=str(data["base_url"]), environment_id=str(data["environment_id"]))
+        ca = data.get("ca_file")
+        return Endpoint(base_url=str(data["base_url"]), environment_id=str(data["environment_id"]),
+                        advertise_url=str(data["advertise_url"]) if data.get("advertise_url") else None,
+                        ca_file=Path(ca) if isinstance(ca, str) and ca else None)
     except FileNotFoundError:
         raise EndpointError(f"no control plane endpoint at {path} (start one with `sandbox control-plane`)") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise EndpointError(f"{path} is not a valid endpoint file") from None
 
 

@@ -15,6 +15,7 @@ import logging
 import secrets
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from http import HTTPStatus
@@ -33,6 +34,14 @@ IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may sit idle
 
 
 LOOPBACK_HOST_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has to send its ClientHello and finish the handshake
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _host_name(host_header: str) -> str:
@@ -49,10 +58,13 @@ class ControlPlaneHTTPServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(
-        self, address: tuple[str, int], api: Api | None, max_body: int, allowed_hosts: frozenset[str] | None = None
+        self, address: tuple[str, int], api: Api | None, max_body: int, allowed_hosts: frozenset[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.api = api
         self.max_body = max_body
+        # TLS: each connection's handshake runs in its own thread (a slow client never holds up accept()).
+        self.ssl_context = ssl_context
         # On loopback, only loopback Host headers: a web page that DNS-rebinds its
         # own name to 127.0.0.1 then cannot talk to us even without the keys.
         self.allowed_hosts = allowed_hosts
@@ -80,15 +92,64 @@ class ControlPlaneHTTPServer(ThreadingHTTPServer):
         t.start()
 
     def _serve_connection(self, request: Any, client_address: Any) -> None:
+        conn: Any = request
         try:
-            self.finish_request(request, client_address)
+            if self.ssl_context is not None:
+                conn = self._tls_accept(request)  # None: it was closed (no TLS, failed handshake)
+            if conn is not None:
+                self.finish_request(conn, client_address)
         except Exception:  # noqa: BLE001 - a broken connection must not take the server down
             log.debug("connection error", exc_info=True)
         finally:
-            self.shutdown_request(request)
+            if conn is not None:
+                self.shutdown_request(conn)
             with self._conn_lock:
-                self._conns.discard(request)
+                self._conns.discard(conn)
                 self._conn_threads.discard(threading.current_thread())
+
+    def _tls_accept(self, raw: socket.socket) -> ssl.SSLSocket | None:
+        """The TLS side of a new connection, or None (closed) when there is none to have.
+
+        A client speaking plain HTTP to the TLS port gets a plain-text 400 saying so, rather than a
+        reset it cannot explain."""
+        assert self.ssl_context is not None
+        raw.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        first = raw.recv(1, socket.MSG_PEEK)
+        if not first:
+            self._close_raw(raw)
+            return None
+        if first[0] != 0x16:  # not a TLS handshake record
+            body = b"this control plane speaks HTTPS only: use https:// and the CA it printed\n"
+            try:
+                raw.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self._close_raw(raw)
+            return None
+        peer = _peer(raw)
+        with self._conn_lock:
+            tls = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            self._conns.discard(raw)  # wrap_socket took its descriptor
+            self._conns.add(tls)
+        try:
+            tls.do_handshake()
+        except (ssl.SSLError, OSError) as e:
+            log.debug("TLS handshake from %s failed: %s", peer, getattr(e, "reason", None) or e)
+            with self._conn_lock:
+                self._conns.discard(tls)
+            tls.close()
+            return None
+        return tls
+
+    def _close_raw(self, raw: socket.socket) -> None:
+        with self._conn_lock:
+            self._conns.discard(raw)
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raw.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection error", exc_info=True)
@@ -98,7 +159,8 @@ class ControlPlaneHTTPServer(ThreadingHTTPServer):
             conns, threads = list(self._conns), list(self._conn_threads)
         for conn in conns:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                # socket.socket's own shutdown: SSLSocket's would drop its TLS state under the thread reading it.
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 pass
         deadline = time.monotonic() + join_timeout

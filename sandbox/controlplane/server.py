@@ -16,11 +16,14 @@ import fcntl
 import ipaddress
 import logging
 import os
+import socket
+import ssl
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+from urllib.parse import urlsplit
 
 from . import keys
 from .api import Api
@@ -42,6 +45,16 @@ from .environments import Environments
 from .http import DEFAULT_MAX_BODY, LOOPBACK_HOST_NAMES, ControlPlaneHTTPServer
 from .sessions import Sessions
 from .skills import SkillError, Skills
+from .tls import (
+    LOOPBACK_NAMES,
+    ServerTls,
+    TlsError,
+    ensure_generated,
+    is_wildcard_host,
+    server_context,
+    url_host,
+    validate_advertise_url,
+)
 from .work import WorkQueue
 
 log = logging.getLogger("sandbox.controlplane")
@@ -83,7 +96,16 @@ class ControlPlane:
         max_body_bytes: int = DEFAULT_MAX_BODY,
         clock: Clock | None = None,
         skills: list[Path] | None = None,
+        tls: ServerTls | None = None,
+        advertise_url: str | None = None,
     ) -> None:
+        """`tls`: serve HTTPS (required for a non-loopback `host`): `ServerTls()` for a CA and certificate made
+        under `<state_dir>/tls/`, `ServerTls(cert, key)` for the operator's. `advertise_url`: the URL workers on
+        other hosts use (https://HOST:PORT); it goes into each work secret as `api_base_url`."""
+        self._tls = tls
+        self._advertise_arg = advertise_url
+        self._advertise_url: str | None = None
+        self._ca_file: Path | None = None
         self._skill_files = [Path(p) for p in (skills or [])]
         self.skill_ids: dict[str, str] = {}  # archive path -> skill id, for the skills given here
         self.state_dir = Path(state_dir).expanduser()
@@ -107,6 +129,16 @@ class ControlPlane:
     def start(self) -> None:
         if self._server is not None:
             raise ControlPlaneError("control plane already started")
+        if self._tls is None and not _is_loopback(self.host):
+            raise ControlPlaneError(
+                f"refusing to listen on {self.host} without TLS: environment keys and sessions tokens would cross "
+                "the network in clear. Serve TLS (`--tls` for a generated CA, or `--tls-cert/--tls-key`), or keep "
+                "--host on loopback")
+        try:
+            advertise = validate_advertise_url(self._advertise_arg, tls=self._tls is not None) \
+                if self._advertise_arg else None
+        except TlsError as e:
+            raise ControlPlaneError(str(e)) from None
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
         try:
@@ -121,23 +153,33 @@ class ControlPlane:
             skills = Skills(self.state_dir)
             for path in self._skill_files:
                 self.skill_ids[str(path)] = skills.add(path)
-            allowed_hosts = LOOPBACK_HOST_NAMES | {self.host.lower()} if _is_loopback(self.host) else None
-            server = self._bind(allowed_hosts)
+            ssl_context = self._ssl_context(advertise)
+            allowed_hosts = None
+            if _is_loopback(self.host):
+                allowed_hosts = LOOPBACK_HOST_NAMES | {self.host.lower()}
+                if advertise:  # e.g. a TLS-terminating proxy on this host forwards the advertised name
+                    allowed_hosts |= {str(urlsplit(advertise).hostname).lower()}
+            server = self._bind(allowed_hosts, ssl_context)
             bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
-            url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-            self._base_url = f"http://{url_host}:{bound_port}"
+            if is_wildcard_host(bound_host):  # this host's own clients (CLI, a local worker) use loopback
+                bound_host = "::1" if ":" in bound_host else "127.0.0.1"
+            scheme = "https" if ssl_context is not None else "http"
+            self._base_url = f"{scheme}://{url_host(bound_host)}:{bound_port}"
+            if advertise is None and not _is_loopback(self.host):
+                advertise = f"https://{url_host(self._default_advertise_host())}:{bound_port}"
+            self._advertise_url = advertise or self._base_url
             server.api = Api(
                 db=db,
                 work=work,
                 sessions=sessions,
                 environments=environments,
                 auth=Authenticator(self._admin_key, environments, work),
-                base_url=self._base_url,
+                base_url=self._advertise_url,  # the api_base_url of each work secret
                 sse_ping_interval=self._ping,
                 skills=skills,
             )
             self._server = server
-        except (keys.KeyFileError, SkillError) as e:
+        except (keys.KeyFileError, SkillError, TlsError) as e:
             self._teardown()
             raise ControlPlaneError(str(e)) from None
         except BaseException:
@@ -148,22 +190,43 @@ class ControlPlane:
         )
         self._thread.start()
         write_port(self.state_dir, bound_port)
-        write_endpoint(self.state_dir, Endpoint(self._base_url, self._environment_id))
+        write_endpoint(self.state_dir, Endpoint(self._base_url, self._environment_id,
+                                                advertise_url=self._advertise_url, ca_file=self._ca_file))
         if not _is_loopback(self.host):
-            log.warning("control plane listening on non-loopback address %s; anyone who can reach it can try keys", self.host)
+            log.warning("control plane listening on non-loopback address %s (TLS); anyone who can reach it can "
+                        "try keys", self.host)
         log.info(
-            "control plane listening on %s environment_id=%s environment_key=%s admin_key=%s",
+            "control plane listening on %s advertised as %s environment_id=%s environment_key=%s admin_key=%s",
             self._base_url,
+            self._advertise_url,
             self._environment_id,
             keys.fingerprint(self._environment_key),
             keys.fingerprint(self._admin_key),
         )
 
-    def _bind(self, allowed_hosts: frozenset[str] | None) -> ControlPlaneHTTPServer:
+    def _default_advertise_host(self) -> str:
+        return socket.gethostname() if is_wildcard_host(self.host) else self.host
+
+    def _ssl_context(self, advertise: str | None) -> ssl.SSLContext | None:
+        """The server's TLS context (None: plain HTTP, loopback only); makes or renews the generated certificate."""
+        tls = self._tls
+        if tls is None:
+            return None
+        adv_host = urlsplit(advertise).hostname if advertise else None
+        if tls.cert_file is None or tls.key_file is None:
+            hosts = [h for h in (adv_host, *LOOPBACK_NAMES) if h]
+            if not _is_loopback(self.host):
+                hosts.append(self._default_advertise_host())
+            cert, key, self._ca_file = ensure_generated(self.state_dir, hosts)
+            return server_context(cert, key)
+        return server_context(tls.cert_file, tls.key_file, must_cover=[adv_host] if adv_host else [])
+
+    def _bind(self, allowed_hosts: frozenset[str] | None,
+              ssl_context: ssl.SSLContext | None = None) -> ControlPlaneHTTPServer:
         """`port=None`: come back where this state directory's control plane was (its `port` file), so
         workers and CLIs find it again after a restart; else the default port; else any free port."""
         if self.port is not None:
-            return ControlPlaneHTTPServer((self.host, self.port), None, self._max_body, allowed_hosts)
+            return ControlPlaneHTTPServer((self.host, self.port), None, self._max_body, allowed_hosts, ssl_context)
         recorded = read_port(self.state_dir)
         candidates = [p for p in (recorded, DEFAULT_PORT) if p] + [0]
         last: OSError | None = None
@@ -172,7 +235,7 @@ class ControlPlane:
             tries = 20 if port == recorded else 1
             for _ in range(tries):
                 try:
-                    return ControlPlaneHTTPServer((self.host, port), None, self._max_body, allowed_hosts)
+                    return ControlPlaneHTTPServer((self.host, port), None, self._max_body, allowed_hosts, ssl_context)
                 except OSError as e:
                     last = e
                     if tries > 1:
@@ -243,6 +306,16 @@ class ControlPlane:
     @property
     def base_url(self) -> str:
         return self._require(self._base_url, "base_url")
+
+    @property
+    def advertise_url(self) -> str:
+        """The URL workers on other hosts use (the work secret's `api_base_url`); `base_url` if none was given."""
+        return self._require(self._advertise_url, "advertise_url")
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The generated CA's certificate (give it to workers: `--ca-file`); None without a generated CA."""
+        return self._ca_file
 
     @property
     def environment_id(self) -> str:

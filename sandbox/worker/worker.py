@@ -96,6 +96,7 @@ class WorkerConfig:
     # The embedded control plane's state dir: while it is unreachable, re-read its endpoint.json and follow
     # it if it came back elsewhere.
     endpoint_dir: Path | None = None
+    ca_file: Path | None = None  # trust this CA bundle (PEM) for an https control plane, instead of the system's
     skills_mb: int = 64  # a run's skills (extracted archives) live in a tmpfs this big ...
     skills_inodes: int = 4096  # ... with at most this many files and directories
     checkpoints: int = 5  # checkpoints kept per session when a run goes idle (0: none)
@@ -246,8 +247,11 @@ class Worker:
         self.middleware = WorkerMiddleware(self.outbox, breaker, self.metrics, lease_ttl=cfg.lease_ttl)
         # The root client only carries configuration: the SDK derives Bearer-only sub-clients from it
         # (environment key for polling, the per-item sessions token for the item's calls).
+        from sandbox.controlplane.tls import sdk_http_client  # verification stays on; only the trusted CA changes
+
         self.client = AsyncAnthropic(
             base_url=cfg.base_url, auth_token=self._key.value, api_key=None, max_retries=2,
+            http_client=sdk_http_client(cfg.ca_file),
             middleware=[self.middleware], open_telemetry=open_telemetry_option(),  # type: ignore[arg-type]
         )
         workdir = cfg.state_dir / "sdk-workdir"
