@@ -49,14 +49,15 @@ from sandbox.policy import Policy, load_policy
 from sandbox.runtime import Runtime, owner_token
 
 from . import logs
-from .admission import Admission, psutil_probe
+from .admission import Admission
 from .checkpoints import Checkpoints
 from .credentials import EnvironmentKey
 from .logs import log_event
 from .metrics import HealthServer, WorkerMetrics
 from .middleware import CircuitBreaker, WorkerMiddleware
 from .outbox import Outbox
-from .pool import SessionSandboxes, WarmPool, count_egress_denials
+from .pool import (SessionSandboxes, WarmPool, admission_for, count_egress_denials, open_runtime,
+                   uses_host_workspaces)
 from .store import DEFAULT_RETENTION_S, RunLock, SessionStore, StoreError
 from .toolctx import open_telemetry_option
 from .tools import SessionSlot, SessionToolbox
@@ -102,6 +103,8 @@ class WorkerConfig:
     checkpoints: int = 5  # checkpoints kept per session when a run goes idle (0: none)
     checkpoint_bytes: int = 1 << 30  # distinct bytes of checkpoint data per session
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where sandboxes come from: docker | kubernetes (None: $SANDBOX_BACKEND, else docker); see pool.open_runtime.
+    backend: str | None = None
 
 
 @dataclass
@@ -213,7 +216,8 @@ class Worker:
             raise WorkerError(f"cannot load policy {cfg.profile!r}: {e}") from None
         # Unique per worker instance (two workers may share a process in tests and benches).
         owner = f"{owner_token(OWNER_KIND)}:{uuid.uuid4().hex[:8]}"
-        store = self.store = SessionStore(cfg.store_dir or cfg.state_dir / "sessions", retention_s=cfg.retention_s)
+        store = self.store = SessionStore(cfg.store_dir or cfg.state_dir / "sessions", retention_s=cfg.retention_s,
+                                          host_workspaces=uses_host_workspaces(self._runtime, cfg.backend))
         store.register_owner(owner)
         try:
             store.self_check()  # size-capped workspaces need loop mounts (root, e2fsprogs): fail closed
@@ -226,7 +230,7 @@ class Worker:
                       f"{recovered} tool call(s) were running when the previous worker stopped; "
                       "they will be answered as interrupted, not run again", count=recovered)
         if self._runtime is None:
-            self._runtime = Runtime(state_dir=cfg.state_dir / "runtime", owner_kind=OWNER_KIND)
+            self._runtime = open_runtime(cfg.backend, state_dir=cfg.state_dir / "runtime", owner_kind=OWNER_KIND)
         reaped = self._runtime.gc(owner_kind=OWNER_KIND)
         if reaped:
             log_event(log, logging.WARNING, "reaped", f"removed {len(reaped)} sandbox(es) left by a crashed worker",
@@ -264,7 +268,7 @@ class Worker:
         )
         self._sdk_worker = EnvironmentWorker(**self._sdk_kwargs)
         if self.config.admission is None:
-            self.config.admission = Admission(self.policy, psutil_probe(cfg.state_dir))
+            self.config.admission = admission_for(self._runtime, self.policy, cfg.state_dir)
         if cfg.metrics_port is not None:
             self._health = HealthServer(self.metrics, self.health, cfg.metrics_port)
             self._health.start()
@@ -566,8 +570,8 @@ class Worker:
     def _checkpoint(self, slot: SessionSlot, calls: int) -> None:
         """The run went idle and its sandbox is stopped: record the workspace (checkpoints.py)."""
         assert self.store is not None
-        if self.config.checkpoints <= 0:
-            return
+        if self.config.checkpoints <= 0 or not self.store.host_workspaces:
+            return  # (a cluster session's workspace is an archive, not a mounted tree: no checkpoints yet)
         meta = self.store.meta(slot.session_id)
         if meta is None:
             return
