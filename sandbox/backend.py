@@ -13,17 +13,30 @@ cluster (doctor). Both backends hand back a :class:`sandbox.runtime.Sandbox`: th
   carried over the pod exec stream (``backend: kubernetes``).
 
 :func:`open_backend` picks one by name (``SANDBOX_BACKEND`` or the caller's setting).
+
+The contract between a :class:`sandbox.runtime.Sandbox` and whoever made it is
+:class:`SandboxOwner`: a sandbox reports what happened to it (``log_event``) and hands its end
+to its maker (``_teardown``). ``Runtime`` and ``KubeBackend`` both implement it; a new backend
+must too, or its sandboxes cannot report a violation or be destroyed.
+
+A backend also says whether its sandboxes can mount host paths (``mounts_host_paths``): the
+worker's session store keeps mounted workspaces for Docker, and archives the sandbox writes
+itself for a cluster (``sandbox/worker/store.py``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from sandbox.policy import Policy
 
+if TYPE_CHECKING:
+    from sandbox.runtime import Sandbox
+
 BACKEND_ENV = "SANDBOX_BACKEND"
+BACKENDS = ("docker", "kubernetes")
 
 
 @dataclass(frozen=True)
@@ -49,8 +62,27 @@ class Prepared:
 
 
 @runtime_checkable
+class SandboxOwner(Protocol):
+    """What a :class:`sandbox.runtime.Sandbox` calls on the object it was made by (its ``runtime``).
+
+    - ``log_event(what, sb)``: something happened to the sandbox that an operator must see (the
+      session limit reached, a host-side timeout, a frame that failed authentication). Called from
+      the sandbox's own threads; must not raise and must not block for long.
+    - ``_teardown(sb, wait=True)``: called exactly once, by ``Sandbox.destroy()``, after the sandbox
+      marked itself destroyed: close the channel, end whatever runs it (container, claim), and
+      release what it held (uid lease, workspace, egress registration). ``wait=False``: the caller
+      is a process about to exit; the owner may send the end without waiting for the answer where
+      that loses nothing. Must not raise for a sandbox that is already gone."""
+
+    def log_event(self, what: str, sb: "Sandbox") -> None: ...
+
+    def _teardown(self, sb: "Sandbox", wait: bool = True) -> None: ...
+
+
+@runtime_checkable
 class Backend(Protocol):
     name: str
+    mounts_host_paths: bool  # can create() take a host workspace and ro_mounts
 
     def prepare(self, policy: Policy) -> Prepared:
         """Check that this backend can enforce ``policy`` as it stands (image built; on a cluster:
@@ -84,6 +116,7 @@ class DockerBackend:
     """The local Docker engine through :class:`sandbox.runtime.Runtime` (no change to it)."""
 
     name = "docker"
+    mounts_host_paths = True
 
     def __init__(self, runtime: Any = None, **runtime_kw: Any) -> None:
         if runtime is None:
@@ -145,13 +178,21 @@ class DockerBackend:
         return run_checks(canaries=False)
 
 
+def backend_name(name: str | None = None) -> str:
+    """The backend setting, normalised: ``name``, else ``$SANDBOX_BACKEND``, else ``docker``."""
+    raw = name or os.environ.get(BACKEND_ENV) or "docker"
+    norm = {"k8s": "kubernetes"}.get(raw.strip().lower(), raw.strip().lower())
+    if norm not in BACKENDS:
+        src = f"${BACKEND_ENV}" if not name else "backend"
+        raise ValueError(f"unknown backend {raw!r} ({src}): docker or kubernetes")
+    return norm
+
+
 def open_backend(name: str | None = None, **kw: Any) -> Backend:
     """``docker`` (default) or ``kubernetes``; ``name`` None reads ``$SANDBOX_BACKEND``."""
-    name = name or os.environ.get(BACKEND_ENV) or "docker"
+    name = backend_name(name)
     if name == "docker":
         return DockerBackend(**kw)
-    if name in ("kubernetes", "k8s"):
-        from sandbox.kube.backend import KubeBackend
+    from sandbox.kube.backend import KubeBackend
 
-        return KubeBackend(**kw)
-    raise ValueError(f"unknown backend {name!r}: docker or kubernetes")
+    return KubeBackend(**kw)

@@ -172,11 +172,18 @@ class KubeBackend:
     table; without one, a policy with egress is refused."""
 
     name = "kubernetes"
+    mounts_host_paths = False  # a pod takes no host path: the worker keeps workspaces as archives
 
     def __init__(self, config: KubeConfig | None = None, api_client: Any = None, egress: PodEgress | None = None,
                  ready_timeout: float = 120.0, owner_kind: str = "worker") -> None:
         self.config = config or load_config(os.environ.get(CONFIG_ENV) or None)
         self._api_client = api_client
+        if egress is None and self.config.egress_proxy.admin_token_file:
+            # The cluster proxy's admin endpoint (sandbox/egress/cluster.py), with the token mounted
+            # into this worker's pod only.
+            from sandbox.egress.cluster import ClusterEgressClient
+
+            egress = ClusterEgressClient.from_config(self.config.egress_proxy)
         self.egress = egress
         self.ready_timeout = ready_timeout
         self.owner = kc.k8s_name(owner_kind, socket.gethostname(), str(os.getpid()))
@@ -351,6 +358,10 @@ class KubeBackend:
         from sandbox.kube.doctor import run_checks
 
         return run_checks(self)
+
+    def gc(self, owner_kind: str | None = None) -> list[str]:
+        """What the worker calls at start (Runtime.gc's name): :meth:`reap`."""
+        return self.reap()
 
     # -- what Sandbox calls back (the "runtime" it was made by)
     def log_event(self, what: str, sb: Sandbox) -> None:

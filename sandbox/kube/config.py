@@ -46,6 +46,22 @@ class EgressProxy(_Strict):
     port: int = Field(3128, ge=1, le=65535)
     cluster_ip: str | None = None
     pod_labels: dict[str, str] = {"app.kubernetes.io/name": "sandbox-egress"}
+    # The proxy's admin endpoint (sandbox/egress/cluster.py), where the backend registers each pod's
+    # address: its own port on the Service (sandbox pods' NetworkPolicy never allows it), and the
+    # token file mounted into the worker only (a Secret). Without a token file the backend has no
+    # egress registry and refuses policies with egress.
+    admin_port: int = Field(3129, ge=1, le=65535)
+    admin_url: str | None = None  # default http://<service>.<namespace>.svc:<admin_port>
+    admin_token_file: str | None = None
+
+    @model_validator(mode="after")
+    def _ports(self) -> "EgressProxy":
+        if self.admin_port == self.port:
+            raise ValueError("admin_port must differ from port (sandbox pods may reach only the proxy port)")
+        return self
+
+    def admin_base_url(self) -> str:
+        return (self.admin_url or f"http://{self.service}.{self.namespace}.svc:{self.admin_port}").rstrip("/")
 
 
 class Toleration(_Strict):

@@ -18,23 +18,35 @@ logged when it is made. A sandbox created on demand is labelled with its
 session directly.
 
 All methods block (they talk to Docker); the worker calls them from threads.
+
+Where sandboxes come from is the worker's backend setting (:func:`open_runtime`, through
+:func:`sandbox.backend.open_backend`): ``docker`` hands the worker the same
+:class:`sandbox.runtime.Runtime` as ever (host workspaces bind-mounted, as above);
+``kubernetes`` hands it a :class:`sandbox.kube.backend.KubeBackend`, whose sandboxes are pods
+that cannot mount a host path. There a session's workspace is the pod's own volume while its
+sandbox lives; when the sandbox is stopped, the sandbox itself writes its workspace as a tar
+stream (`tar` runs inside, under the policy) that the store keeps as opaque, size-capped bytes,
+and the session's next sandbox unpacks it, again inside (:func:`save_workspace`,
+:func:`restore_workspace`). The worker never parses what a sandbox wrote.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sandbox.policy import Policy
 from sandbox.runtime import Runtime, Sandbox, SandboxError
 from sandbox.spec import LABEL_POOL
 
+from .admission import Admission, psutil_probe
 from .logs import log_event
 from .store import RunLock, SessionStore, chown_tree
 
@@ -161,7 +173,21 @@ class WarmPool:
 def start_over(runtime: Runtime, policy: Policy, store: SessionStore, label: str, ws: str,
                extra_labels: dict[str, str] | None = None,
                ro_mounts: list[tuple[Path, str]] | None = None) -> Sandbox:
-    """A sandbox over the store's workspace `ws`, which is then owned by the sandbox's uid."""
+    """A sandbox over the store's workspace `ws`, which is then owned by the sandbox's uid.
+
+    On a backend without host workspaces (a cluster), the workspace's archive, if the session has
+    one, is unpacked inside the new sandbox instead (`ro_mounts` cannot reach a pod: skipped, said)."""
+    if not store.host_workspaces:
+        if ro_mounts:
+            log_event(log, logging.WARNING, "mounts_skipped", "host paths cannot be mounted into a cluster "
+                      "sandbox; served without them", sandbox_label=label, targets=[t for _, t in ro_mounts])
+        sb = runtime.create(policy, session_id=label)
+        try:
+            restore_workspace(sb, store, ws)
+        except BaseException:
+            sb.destroy()
+            raise
+        return sb
     mnt = store.ensure_mounted(ws)
     sb = runtime.create(policy, session_id=label, workspace=mnt, extra_labels=extra_labels,
                         ro_mounts=list(ro_mounts or []))
@@ -172,6 +198,57 @@ def start_over(runtime: Runtime, policy: Policy, store: SessionStore, label: str
         sb.destroy()
         raise
     return sb
+
+
+# The workspace of a cluster sandbox, written and read by the sandbox itself: `tar` of $HOME, the
+# workspace root of the agent's tools, under the policy's limits. Exit 1 of GNU tar (a file changed
+# while it was read) still leaves a complete archive; anything else is a failure.
+_SAVE_ARGV = ["/bin/sh", "-c", 'cd "$HOME" && exec tar --numeric-owner -cf - .']
+_RESTORE_ARGV = ["/bin/sh", "-c", 'cd "$HOME" && exec tar --no-same-owner --no-same-permissions -xf -']
+_ARCHIVE_SLACK = 1.1  # tar's headers and padding over the workspace's own bytes
+
+
+def save_workspace(sb: Sandbox, store: SessionStore, ws: str, policy: Policy) -> int:
+    """The sandbox's workspace, as it writes it, into the store's archive for `ws` (replaced only when
+    complete and within the size cap). Returns its size in bytes; raises SandboxError otherwise."""
+    dest = store.workspace_archive(ws)
+    cap = int(policy.workspace.size_mb * (1 << 20) * _ARCHIVE_SLACK) + (1 << 20)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    size = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            def write(stream: int, data: bytes) -> None:
+                nonlocal size
+                if stream == 1:
+                    f.write(data)
+                    size += len(data)
+
+            res = sb.exec(_SAVE_ARGV, max_output=cap, on_output=write)
+            if res.truncated or res.exit_code not in (0, 1) or res.error:
+                why = "over the workspace's size cap" if res.truncated else (res.error or f"tar exit {res.exit_code}")
+                raise SandboxError(f"could not save the workspace of sandbox {sb.id[:12]}: {why}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        return size
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def restore_workspace(sb: Sandbox, store: SessionStore, ws: str) -> bool:
+    """Unpack the session's saved workspace inside `sb` (False: it has none yet)."""
+    src = store.workspace_archive(ws)
+    try:
+        f = open(src, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False
+    with f:
+        res = sb.exec(_RESTORE_ARGV, stdin=f)
+    if res.exit_code != 0 or res.error:
+        raise SandboxError(f"could not restore workspace {ws} into sandbox {sb.id[:12]}: "
+                           f"{res.error or res.stderr.decode('utf-8', 'replace')[-300:] or res.exit_code}")
+    return True
 
 
 def sandbox_ids(sb: Sandbox, policy: Policy) -> tuple[int, int]:
@@ -266,7 +343,7 @@ class SessionSandboxes:
                 return True
             self._by_session.pop(session_id, None)
         died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
-        a.sandbox.destroy()
+        self._stop(a)
         log_event(log, logging.INFO if died is None else logging.WARNING, "sandbox_destroyed",
                   "session sandbox destroyed" if died is None else f"session sandbox had died: {died}",
                   session_id=session_id, container=a.sandbox.id[:12])
@@ -292,7 +369,7 @@ class SessionSandboxes:
                 self._by_session.pop(a.session_id, None)
         for a in expired:
             died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
-            a.sandbox.destroy()
+            self._stop(a)
             if a.run_lock is not None:
                 a.run_lock.release()
                 a.run_lock = None
@@ -319,10 +396,62 @@ class SessionSandboxes:
         with self._lock:
             all_, self._by_session = list(self._by_session.values()), {}
         for a in all_:
-            a.sandbox.destroy()
+            self._stop(a)
             if a.run_lock is not None:
                 a.run_lock.release()
         self._on_change()
+
+    def _stop(self, a: Assignment) -> None:
+        """Destroy the session's sandbox; on a cluster, first have it save its workspace in the store
+        (a sandbox that already died keeps the archive its previous sandbox left)."""
+        if not self.store.host_workspaces and a.workspace is not None and a.sandbox.alive:
+            try:
+                size = save_workspace(a.sandbox, self.store, a.workspace, self.policy)
+                log_event(log, logging.INFO, "workspace_saved", "the session's workspace is kept for its next sandbox",
+                          session_id=a.session_id, workspace=a.workspace, bytes=size)
+            except Exception as e:  # noqa: BLE001 - said loudly; the previous archive stays
+                log_event(log, logging.ERROR, "workspace_save_failed", f"{e}", session_id=a.session_id,
+                          workspace=a.workspace)
+        a.sandbox.destroy()
+
+
+def uses_host_workspaces(runtime: Any = None, backend: str | None = None) -> bool:
+    """Whether the worker's sandboxes mount the store's workspaces (Docker) or keep their own (a cluster).
+    ``runtime``: one the worker was handed; else the backend setting (``$SANDBOX_BACKEND``, docker)."""
+    if runtime is not None:
+        return bool(getattr(runtime, "mounts_host_paths", True))
+    from sandbox.backend import backend_name
+
+    return backend_name(backend) == "docker"
+
+
+def open_runtime(backend: str | None, *, state_dir: Path, owner_kind: str) -> Any:
+    """The worker's source of sandboxes, by its backend setting, through :func:`sandbox.backend.open_backend`:
+    Docker's :class:`Runtime` itself (unchanged: the same object and calls as before the seam), or the
+    Kubernetes backend (its configuration from ``$SANDBOX_KUBE_CONFIG``; the egress proxy's admin
+    endpoint and token from there too)."""
+    from sandbox.backend import backend_name, open_backend
+
+    name = backend_name(backend)
+    if name == "docker":
+        return open_backend(name, state_dir=state_dir, owner_kind=owner_kind).runtime  # type: ignore[attr-defined]
+    return open_backend(name, owner_kind=owner_kind)
+
+
+def admission_for(runtime: Any, policy: Policy, state_dir: Path) -> Admission:
+    """The worker's admission control for its backend. Docker: the host must hold one more sandbox
+    (:class:`sandbox.worker.admission.Admission`, unchanged). A cluster: the sandboxes run on its
+    nodes (their room is the warm pool and the namespace's quota, seen as a claim that does not
+    become ready), so only what the worker itself keeps counts: room in the store for one more
+    workspace archive, and the host's memory reserve. The worker host's load does not gate it."""
+    if uses_host_workspaces(runtime):
+        return Admission(policy, psutil_probe(state_dir))
+    return ClusterAdmission(policy, psutil_probe(state_dir), load_per_cpu=float("inf"))
+
+
+class ClusterAdmission(Admission):
+    def needs(self) -> tuple[int, int, float]:
+        return 0, int(self.policy.workspace.size_mb * (1 << 20) * _ARCHIVE_SLACK), 0.0
 
 
 def count_egress_denials(runtime: Runtime, a: Assignment) -> int:

@@ -27,6 +27,14 @@ retention period (default 24 h). Workers sharing the store may be several
 processes on one host, or hosts sharing the path (flock works across NFSv4
 through the kernel's lock emulation); SQLite's own locking protects the journal
 on a local filesystem.
+
+On a cluster (``host_workspaces=False``, the Kubernetes backend) a sandbox cannot mount a host
+path: the workspace is the pod's own size-limited volume for the sandbox's life, and between
+the sandboxes of one session the store keeps it as an archive the sandbox itself wrote
+(``workspaces/<ws>.tar``, see ``sandbox.worker.pool``): opaque bytes, capped in size, never
+unpacked or parsed on the worker's side, fed back into the session's next sandbox. Nothing is
+mounted then (no root, no loop device in the worker's pod); checkpoints and skills mounts are
+not available in that mode.
 """
 
 from __future__ import annotations
@@ -118,9 +126,12 @@ class RunLock:
 
 
 class SessionStore:
-    def __init__(self, root: Path, *, retention_s: float = DEFAULT_RETENTION_S) -> None:
+    def __init__(self, root: Path, *, retention_s: float = DEFAULT_RETENTION_S, host_workspaces: bool = True) -> None:
         self.root = Path(root)
         self.retention_s = retention_s
+        # False: sandboxes run elsewhere (a cluster) and keep their workspace in a volume of their own;
+        # the store keeps archives, not mounted filesystems (module docstring).
+        self.host_workspaces = host_workspaces
         for d in (self.root, self.root / "owners", self.root / "audit", self.root / "workspaces",
                   self.root / "sessions"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -258,11 +269,24 @@ class SessionStore:
         ws = f"ws_{secrets.token_hex(8)}"
         if self.owner is not None:
             (self.root / "workspaces" / f"{ws}.owner").write_text(self.owner)
-        make_ext4_workspace(self.root / "workspaces", ws, size_mb)
+        if self.host_workspaces:
+            make_ext4_workspace(self.root / "workspaces", ws, size_mb)
         return ws
+
+    def workspace_archive(self, ws: str) -> Path:
+        """Where a cluster session's workspace is kept between its sandboxes (``host_workspaces=False``)."""
+        return self.root / "workspaces" / f"{safe_id(ws)}.tar"
 
     def self_check(self) -> None:
         """Make and remove a tiny workspace: a store that cannot cap workspaces serves nothing."""
+        if not self.host_workspaces:
+            # Nothing is mounted: the store must only hold files (archives, journal, trails, locks).
+            probe = self.root / "workspaces" / f".probe-{secrets.token_hex(4)}"
+            try:
+                probe.write_bytes(b"ok")
+            finally:
+                probe.unlink(missing_ok=True)
+            return
         ws = self.new_workspace(8)
         try:
             probe = self.workspace_dir(ws) / ".probe"
@@ -274,6 +298,8 @@ class SessionStore:
 
     def ensure_mounted(self, ws: str) -> Path:
         """The workspace's mount point, mounting its image again if needed (e.g. after a host reboot)."""
+        if not self.host_workspaces:
+            raise StoreError(f"workspace {ws} is kept as an archive for cluster sandboxes; it has no host mount")
         mnt = self.workspace_dir(ws)
         img = self.root / "workspaces" / f"{safe_id(ws)}.img"
         if os.path.ismount(mnt):
@@ -301,13 +327,17 @@ class SessionStore:
             meta.worker = worker
             meta.state = "running"
             self._write_meta(meta)
-        self.ensure_mounted(meta.workspace)
+        if self.host_workspaces:
+            self.ensure_mounted(meta.workspace)
         return meta, created
 
     def skills_dir(self, session_id: str, *, size_mb: int, inodes: int) -> Path:
         """`sessions/<s>/run/skills`: where the SDK puts this run's skills, a small tmpfs (size and inode
         capped, nosuid, nodev) that the sandbox mounts read-only. A bomb of an archive fills it and fails;
         the host is untouched. Kept if already mounted (a parked sandbox still has it)."""
+        if not self.host_workspaces:
+            raise StoreError("skills cannot be mounted into cluster sandboxes (no host path reaches a pod); "
+                             "the session is served without them")
         run = self.session_dir(session_id) / "run"
         d = run / "skills"
         if os.path.ismount(d):
@@ -324,6 +354,7 @@ class SessionStore:
 
     def remove_workspace(self, ws: str) -> None:
         remove_ext4_workspace(self.root / "workspaces", safe_id(ws))
+        self.workspace_archive(ws).unlink(missing_ok=True)
 
     def remove_session(self, session_id: str, *, lock: RunLock | None = None) -> bool:
         """Delete the session's workspace, checkpoints and metadata (not its audit trail).
@@ -362,7 +393,12 @@ class SessionStore:
         return [m for m in self.sessions() if now - m.last_activity > self.retention_s]
 
     def workspace_bytes(self, ws: str) -> int:
-        """Bytes in use inside the workspace's filesystem."""
+        """Bytes in use inside the workspace's filesystem (a cluster session's: its archive's size)."""
+        if not self.host_workspaces:
+            try:
+                return self.workspace_archive(ws).stat().st_size
+            except OSError:
+                return 0
         try:
             st = os.statvfs(self.workspace_dir(ws))
         except OSError:
@@ -373,8 +409,10 @@ class SessionStore:
         """Workspaces no session adopted and whose creating worker is gone (its warm sandboxes)."""
         used = {m.workspace for m in self.sessions()}
         out = []
-        for img in (self.root / "workspaces").glob("*.img"):
-            ws = img.name[:-4]
+        # Host workspaces are images; a cluster store has only owner markers until a workspace is saved.
+        pattern = "*.img" if self.host_workspaces else "*.owner"
+        for img in (self.root / "workspaces").glob(pattern):
+            ws = img.name.rsplit(".", 1)[0]
             try:
                 if ws in used or time.time() - img.stat().st_mtime < older_than_s:
                     continue

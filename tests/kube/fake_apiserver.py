@@ -320,8 +320,14 @@ class FakeCluster:
                 conn = self.connection
                 argv = [sys.executable if a == "/usr/bin/python3" else a.replace(IN_IMAGE_AGENT, str(AGENT))
                         for a in command]
+                # The pod's environment is the template's, never the server's (no key or token of this
+                # process reaches the "pod"); HOME is the pod's own workspace volume.
+                home = cluster.workdir / "pods" / pod
+                home.mkdir(parents=True, exist_ok=True)
+                env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+                       "TMPDIR": str(home.parent), "PYTHONDONTWRITEBYTECODE": "1"}
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        cwd=cluster.workdir)
+                                        cwd=home, env=env)
                 with cluster.cond:
                     cluster._execs.setdefault(pod, []).append((conn, proc))
                 wlock = threading.Lock()

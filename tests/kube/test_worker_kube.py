@@ -1,0 +1,169 @@
+"""The worker on the backend seam: the same worker, tools, journal and audit trail, with its sandboxes
+claimed from a cluster (the Kubernetes backend against the local fake API server, the real agent
+behind the pod exec stream) instead of Docker.
+
+What this shows and what it does not: the worker's code path on `backend: kubernetes` (claim,
+watch, exec stream with the HMAC agent protocol, delete; the workspace carried between the
+sandboxes of a session) runs end to end here. Nothing ran against a real cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.audit.trail import verify
+from sandbox.controlplane import ControlPlane, LocalAdmin
+from sandbox.kube.backend import KubeBackend
+from sandbox.kube.config import config_from_dict
+from sandbox.kube.degradations import KNOWN_IDS
+from sandbox.worker import EnvironmentKey, Worker, WorkerConfig
+from sandbox.worker.logs import setup_logging
+from sandbox.worker.pool import open_runtime, uses_host_workspaces
+from sandbox.worker.runner import BackgroundWorker
+from sandbox.worker.store import SessionStore
+from tests.kube.fake_apiserver import FakeCluster, api_client
+from tests.worker.helpers import LogCapture, call, free_port, wait_for
+
+ACCEPT = {"accept": {k: "accepted in this test on purpose" for k in KNOWN_IDS}}
+CLAIMS = "/apis/extensions.agents.x-k8s.io/v1beta1/namespaces/sandboxes/sandboxclaims"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_ENVIRONMENT_KEY",
+                "ANTHROPIC_ENVIRONMENT_KEY_FILE", "SANDBOX_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[FakeCluster]:
+    c = FakeCluster(tmp_path / "cluster")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ControlPlane]:
+    with ControlPlane(tmp_path / "cp", port=free_port(), sse_ping_interval=0.5) as plane:
+        yield plane
+
+
+@pytest.fixture
+def admin(cp: ControlPlane) -> Iterator[LocalAdmin]:
+    with LocalAdmin(cp.base_url, cp.admin_key) as a:
+        yield a
+
+
+@pytest.fixture
+def worker_logs() -> Iterator[LogCapture]:
+    cap = LogCapture()
+    handler = setup_logging(logging.INFO, stream=cap.stream)
+    yield cap
+    logging.getLogger().removeHandler(handler)
+
+
+@pytest.fixture
+def kube_worker(cp: ControlPlane, cluster: FakeCluster, tmp_path: Path,
+                worker_logs: LogCapture) -> Iterator[Callable[..., Worker]]:
+    running: list[BackgroundWorker] = []
+
+    def start(**overrides: Any) -> Worker:
+        backend = KubeBackend(config_from_dict(ACCEPT), api_client=api_client(cluster.url), ready_timeout=30)
+        cfg: dict[str, Any] = dict(base_url=cp.base_url, environment_id=cp.environment_id,
+                                   state_dir=tmp_path / f"worker{len(running)}", store_dir=tmp_path / "sessions",
+                                   max_sessions=2, warm=0, lease_ttl=10, max_idle=30.0, park_grace=60.0,
+                                   selftest=False, backend="kubernetes")
+        cfg.update(overrides)
+        worker = Worker(WorkerConfig(**cfg), EnvironmentKey(cp.environment_key, "test"), runtime=backend)  # type: ignore[arg-type]
+        running.append(BackgroundWorker(worker).start())
+        return worker
+
+    yield start
+    for bw in reversed(running):
+        bw.stop(timeout=90)
+
+
+def test_the_worker_serves_tool_calls_from_cluster_sandboxes_and_carries_the_workspace_between_them(
+        cp: ControlPlane, admin: LocalAdmin, cluster: FakeCluster, kube_worker: Callable[..., Worker],
+        worker_logs: LogCapture, tmp_path: Path) -> None:
+    worker = kube_worker(max_idle=1.0)
+    assert worker.store is not None and worker.store.host_workspaces is False
+    sid = admin.create_session(cp.environment_id)
+    # The SDK's tools, unchanged, run inside the claimed sandbox through the exec stream.
+    assert call(admin, sid, "write", {"file_path": "proj/hello.txt", "content": "hello cluster\n"}, timeout=60)[:2] == \
+        (False, "wrote 14 bytes to proj/hello.txt")
+    assert call(admin, sid, "read", {"file_path": "proj/hello.txt"})[:2] == (False, "hello cluster\n")
+    err, text, _ = call(admin, sid, "bash", {"command": "cat proj/hello.txt; env | grep -c ANTHROPIC_ || true"})
+    assert (err, text) == (False, "hello cluster\n0"), text
+    (first,) = cluster.claims.values()
+    assert first["spec"]["warmPoolRef"] == {"name": "sandbox-worker"} and "env" not in first["spec"]
+    assert len(cluster.exec_commands) == 1  # one agent per sandbox: the tools are channel requests
+    # The run goes idle: the sandbox saves its workspace (as it writes it) and its claim is deleted.
+    admin.send_idle(sid)
+    wait_for(lambda: worker_logs.events("work_done"), timeout=60, what="the idle run to end")
+    wait_for(lambda: first["metadata"]["name"] in cluster.deleted_by_client, what="the claim's deletion")
+    (saved,) = worker_logs.events("workspace_saved")
+    store = SessionStore(tmp_path / "sessions", host_workspaces=False)
+    meta = store.meta(sid)
+    assert meta is not None and saved["workspace"] == meta.workspace and saved["bytes"] > 0
+    assert store.workspace_archive(meta.workspace).stat().st_mode & 0o777 == 0o600
+    assert not list((tmp_path / "sessions" / "workspaces").glob("*.img")), "nothing is mounted on the worker"
+    # Work arrives again: a new claim, a new pod, the session's files unpacked into it.
+    err, text, _ = call(admin, sid, "bash", {"command": "cat proj/hello.txt; pwd"}, timeout=60)
+    assert not err and text.splitlines()[0] == "hello cluster", text
+    second = [n for n in cluster.claims if n != first["metadata"]["name"]]
+    assert len(second) == 1 and text.splitlines()[1].endswith(cluster.claims[second[0]]["_pod"])
+    assigned = worker_logs.events("sandbox_assigned")
+    assert [r["source"] for r in assigned] == ["fresh", "resumed"]
+    assert assigned[0]["workspace"] == assigned[1]["workspace"] == meta.workspace
+    # The session ends: its claim, its archive and its entry go; the trail stays, one chain over both runs.
+    admin.terminate(sid)
+    wait_for(lambda: worker_logs.events("session_removed"), timeout=60, what="the session's removal")
+    wait_for(lambda: not cluster.claims, what="every claim deleted")
+    assert store.meta(sid) is None and not store.workspace_archive(meta.workspace).exists()
+    res = verify(store.trail_path(sid))
+    assert res.ok and res.runs == 2, res
+    assert worker.metrics.results_posted._value.get() == 4
+    # Every call the worker made to the cluster: claims created and deleted, nothing else written.
+    writes = {(m, p.rsplit("/", 1)[0] if m == "DELETE" else p) for m, p in cluster.log if m in ("POST", "PATCH", "DELETE")
+              and "/exec" not in p}
+    assert writes == {("POST", CLAIMS), ("DELETE", CLAIMS)}
+
+
+def test_the_start_up_canaries_run_in_a_cluster_sandbox_and_a_failing_one_refuses_service(
+        cp: ControlPlane, cluster: FakeCluster, kube_worker: Callable[..., Worker]) -> None:
+    # The fake "pod" is a process on this host as root: no seccomp, all capabilities. The canaries must
+    # see that through the exec stream and the worker must refuse to serve.
+    with pytest.raises(Exception, match="refusing to serve: sandbox self-test failed.*inside.user"):
+        kube_worker(selftest=True)
+    assert len(cluster.exec_commands) == 1 and cluster.deleted_by_client, "one canary sandbox, claimed and deleted"
+    assert not cluster.claims
+
+
+def test_the_backend_setting_picks_the_source_of_sandboxes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert uses_host_workspaces(backend="docker") and not uses_host_workspaces(backend="kubernetes")
+    monkeypatch.setenv("SANDBOX_BACKEND", "kubernetes")
+    assert not uses_host_workspaces()
+    kb = open_runtime(None, state_dir=tmp_path, owner_kind="worker")
+    assert isinstance(kb, KubeBackend) and not uses_host_workspaces(kb)
+    monkeypatch.setenv("SANDBOX_BACKEND", "nomad")
+    with pytest.raises(ValueError, match=r"unknown backend 'nomad' \(\$SANDBOX_BACKEND\)"):
+        uses_host_workspaces()
+
+
+def test_the_docker_path_hands_the_worker_the_runtime_itself() -> None:
+    # Docker stays as it was: the worker gets a sandbox.runtime.Runtime (no wrapper on its hot path).
+    code = ("from pathlib import Path; from sandbox.worker.pool import open_runtime; "
+            "from sandbox.runtime import Runtime; "
+            "r = open_runtime('docker', state_dir=Path('/nonexistent-state'), owner_kind='worker'); "
+            "print(type(r) is Runtime, r.state_dir, r.owner.startswith('worker'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["True", "/nonexistent-state", "True"], out.stderr
