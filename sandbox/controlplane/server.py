@@ -214,9 +214,7 @@ class ControlPlane:
             return None
         adv_host = urlsplit(advertise).hostname if advertise else None
         if tls.cert_file is None or tls.key_file is None:
-            hosts = [h for h in (adv_host, *LOOPBACK_NAMES) if h]
-            if not _is_loopback(self.host):
-                hosts.append(self._default_advertise_host())
+            hosts = [h for h in (adv_host, *LOOPBACK_NAMES, self._default_advertise_host()) if h]
             cert, key, self._ca_file = ensure_generated(self.state_dir, hosts)
             return server_context(cert, key)
         return server_context(tls.cert_file, tls.key_file, must_cover=[adv_host] if adv_host else [])

@@ -6,9 +6,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from .credentials import EnvironmentKey
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
@@ -40,6 +43,10 @@ def default_session_store() -> Path:
                    "embedded control plane's key file.")
 @click.option("--control-plane-state-dir", type=click.Path(file_okay=False, path_type=Path),
               help="State directory of the embedded control plane to use (default: its standard location).")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Trust this CA bundle (PEM) for an https control plane instead of the system's: the CA file "
+                   "`sandbox control-plane --tls` prints. Verification is never turned off. Default: the embedded "
+                   "control plane's own CA (from its endpoint.json) when it has one.")
 @click.option("--profile", default="worker", show_default=True, help="Policy profile (name or path) for sandboxes.")
 @click.option("--max-sessions", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Sessions served at once.")
@@ -56,8 +63,9 @@ def default_session_store() -> Path:
 @click.option("--drain-timeout", type=float, default=20.0, show_default=True,
               help="On SIGTERM, how long in-flight tool calls may take before they are interrupted.")
 @click.option("--session-store", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where sessions' workspaces, the call journal and audit trails live; share it between the "
-                   "workers of one environment. Default: <sandbox state dir>/sessions.")
+              help="Where sessions' workspaces, the call journal and audit trails live. Every worker of one "
+                   "environment must be given the same path (workers with their own state dirs too): a session's "
+                   "next run may land on any of them. Default: <sandbox state dir>/sessions.")
 @click.option("--retention", type=click.FloatRange(min=60), default=24 * 3600.0, show_default=True,
               help="Seconds a session's workspace is kept after its last activity.")
 @click.option("--keep-idle", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -65,7 +73,7 @@ def default_session_store() -> Path:
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def worker_cmd(base_url: str | None, environment_id: str | None, environment_key_file: Path | None,
-               control_plane_state_dir: Path | None, profile: str, max_sessions: int, warm: int,
+               control_plane_state_dir: Path | None, ca_file: Path | None, profile: str, max_sessions: int, warm: int,
                metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
                drain_timeout: float, session_store: Path | None, retention: float, keep_idle: float,
                log_format: str, verbose: bool) -> None:
@@ -89,11 +97,13 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
             from sandbox.controlplane.endpoint import resolve_state_dir
 
             endpoint_dir = resolve_state_dir(control_plane_state_dir)
-            base_url, environment_id, key = _embedded_endpoint(control_plane_state_dir, environment_key_file,
-                                                               environment_id)
+            base_url, environment_id, key, embedded_ca = _embedded_endpoint(control_plane_state_dir,
+                                                                            environment_key_file, environment_id)
+            ca_file = ca_file or embedded_ca
     except CredentialError as e:
         _fail(str(e))
     scrub_environment()
+    _check_transport(base_url, ca_file)
 
     import anyio
 
@@ -103,7 +113,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
         base_url=base_url, environment_id=environment_id, state_dir=state_dir or _default_worker_state_dir(),
         profile=profile, max_sessions=max_sessions, warm=warm, metrics_port=metrics_port, max_idle=max_idle,
         lease_ttl=lease_ttl, drain_timeout=drain_timeout, store_dir=session_store or default_session_store(),
-        retention_s=retention, keep_idle=keep_idle, endpoint_dir=endpoint_dir,
+        retention_s=retention, keep_idle=keep_idle, endpoint_dir=endpoint_dir, ca_file=ca_file,
     )
     worker = Worker(config, key)
 
@@ -130,9 +140,39 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
         _fail(worker.fatal_error, code=1)
 
 
+def _check_transport(base_url: str, ca_file: Path | None) -> None:
+    """Refuse to send the environment key in clear off this host, or to a server whose certificate does
+    not verify: one handshake now, so a wrong CA stops the start with the URL and the reason."""
+    from urllib.parse import urlsplit
+
+    from sandbox.controlplane.tls import TlsError, client_context, is_loopback_host, preflight
+
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as e:
+        _fail(f"--base-url {base_url!r} is not a valid URL: {e}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(f"--base-url {base_url!r}: expected https://HOST[:PORT]")
+    if parts.scheme == "http":
+        if not is_loopback_host(parts.hostname):
+            _fail(f"refusing to send the environment key in clear to {base_url}: a control plane on another host "
+                  "is reached over https (`sandbox control-plane --tls`, then --ca-file here)")
+        if ca_file is not None:
+            _fail(f"--ca-file {ca_file} is for an https control plane, but the base URL is {base_url}")
+        return
+    try:
+        ctx = client_context(ca_file) if ca_file is not None else None
+        note = preflight(base_url, ctx, ca_file=ca_file)
+    except TlsError as e:
+        _fail(str(e))
+    if note:
+        logging.getLogger("sandbox.worker").warning("%s", note)
+
+
 def _embedded_endpoint(cp_state_dir: Path | None, key_file: Path | None,
-                       environment_id: str | None) -> tuple[str, str, object]:
-    """The embedded control plane's URL, environment and key file (same convention as its CLI)."""
+                       environment_id: str | None) -> tuple[str, str, EnvironmentKey, Path | None]:
+    """The embedded control plane's URL, environment, key and CA file (same convention as its CLI)."""
     import os
 
     from sandbox.controlplane.endpoint import ENV_KEY_FILE, EndpointError, read_endpoint, resolve_state_dir
@@ -146,9 +186,9 @@ def _embedded_endpoint(cp_state_dir: Path | None, key_file: Path | None,
         _fail(f"{e}; or pass --base-url and --environment-id")
     env_id = environment_id or ep.environment_id
     if key_file is not None or os.environ.get(ENV_KEY_VAR) or os.environ.get(ENV_KEY_FILE_VAR):
-        return ep.base_url, env_id, load_environment_key(key_file)
+        return ep.base_url, env_id, load_environment_key(key_file), ep.ca_file
     path = sd / ENV_KEY_FILE
-    return ep.base_url, env_id, EnvironmentKey(read_key_file(path), f"file:{path}")
+    return ep.base_url, env_id, EnvironmentKey(read_key_file(path), f"file:{path}"), ep.ca_file
 
 
 @click.command("demo")
