@@ -173,33 +173,72 @@ def _safe_name(session_id: str) -> str:
 # ----------------------------------------------------------------- cgroups
 
 class StartupBoost:
-    """A new sandbox's CPU weight, raised while its agent starts and put back once it is ready.
+    """A new sandbox's CPU weight, raised while it starts and put back once its agent is ready.
 
-    Sandboxes share the host's CPUs by weight: with many neighbours busy, a new sandbox's agent
-    start (interpreter and imports, in the sandbox's own cgroup) got 1/N of the CPU and a create
-    took 7-11x longer (bench/bench_neighbours.py --storm). The host raises the weight of the new
-    cgroup from outside before the workload exists and restores the engine's own value when the
-    agent says ready, so no workload ever runs with it. Best effort: no cgroup file, no boost."""
+    Sandboxes share the host's CPUs by weight: with many neighbours busy, a new sandbox's start
+    (runc's init setting up the container, then the agent's interpreter and imports, all in the
+    sandbox's own cgroup) got 1/N of the CPU and a create took 7-11x longer
+    (bench/bench_neighbours.py --storm). The host raises the weight of the new cgroup from outside
+    before the workload exists and restores the value a new cgroup has (what the engine leaves
+    when the policy sets no weight) when the agent says ready, so no workload ever runs with it.
+
+    ``before_start(cid)`` makes the container's CPU cgroup itself, boosted, between the engine's
+    create and start (the engine's cgroupfs driver then uses it as it finds it, so runc's init
+    runs boosted too); ``StartupBoost(pid)`` boosts a started container's cgroup (any driver, but
+    runc's init has already run by then). Best effort: no cgroup file, no boost."""
 
     FACTOR = 16
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int | None = None):
         self.file: Path | None = None
         self.original = ""
+        self.made: Path | None = None  # a cgroup directory before_start() created
+        if pid is None:
+            return
+        for base in self._cpu_dirs(pid):
+            self._apply(base / ("cpu.weight" if _CGROUP_V2 else "cpu.shares"))
+
+    @staticmethod
+    def _cpu_dirs(pid: int) -> list[Path]:
         try:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         except OSError:
-            return
-        unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+            return []
+        out = []
         for line in lines:
             _, controllers, path = line.split(":", 2)
-            if unified and controllers == "":
-                self._apply(Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.weight", 10000)
-            elif not unified and "cpu" in controllers.split(","):
-                base = Path("/sys/fs/cgroup") / controllers / path.lstrip("/")
-                self._apply(base / "cpu.shares", 262144)
+            if _CGROUP_V2 and controllers == "":
+                out.append(Path("/sys/fs/cgroup") / path.lstrip("/"))
+            elif not _CGROUP_V2 and "cpu" in controllers.split(","):
+                out.append(Path("/sys/fs/cgroup") / controllers / path.lstrip("/"))
+        return out
 
-    def _apply(self, file: Path, cap: int) -> None:
+    @classmethod
+    def before_start(cls, cid: str, parent: str = "docker") -> "StartupBoost":
+        """The cgroup the engine's cgroupfs driver will put container ``cid`` in, made now and boosted."""
+        b = cls()
+        if not re.fullmatch(r"[0-9a-f]{64}", cid):
+            return b
+        root = Path("/sys/fs/cgroup") if _CGROUP_V2 else Path("/sys/fs/cgroup/cpu")
+        d = root / parent / cid
+        if not d.parent.is_dir():
+            return b  # not the cgroupfs driver's layout (systemd driver, another parent)
+        try:
+            d.mkdir()
+        except OSError:
+            return b
+        b.made = d
+        b._apply(d / ("cpu.weight" if _CGROUP_V2 else "cpu.shares"))
+        if b.file is None:
+            b.discard()
+        return b
+
+    def confirm(self, pid: int) -> bool:
+        """True if the started container really runs in the cgroup before_start() made."""
+        return self.made is not None and self.made in self._cpu_dirs(pid)
+
+    def _apply(self, file: Path) -> None:
+        cap = 10000 if file.name == "cpu.weight" else 262144
         try:
             self.original = file.read_text().strip()
             file.write_text(str(min(cap, int(self.original) * self.FACTOR)))
@@ -214,6 +253,19 @@ class StartupBoost:
             except OSError:
                 log.warning("could not restore the CPU weight in %s", self.file)
             self.file = None
+
+    def discard(self) -> None:
+        """Undo before_start() for a container that did not start in it (the directory is empty)."""
+        self.end()
+        if self.made is not None:
+            try:
+                self.made.rmdir()
+            except OSError:
+                pass
+            self.made = None
+
+
+_CGROUP_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
 
 
 class CgroupCounters:
@@ -648,6 +700,7 @@ class Runtime:
         managed_ws = False
         egress_dir: Path | None = None
         cid: str | None = None
+        boost: list[StartupBoost] = []
         owns_identity = identity is None
         try:
             cp = _compiled(policy)
@@ -682,19 +735,23 @@ class Runtime:
                                            ids=ids)
             api = self.engine
             cid = api.create(spec.body, name=name)
+            # A head start over busy neighbours for runc's init and the agent (StartupBoost).
+            early = StartupBoost.before_start(cid) if cp.runtime != "runsc" else StartupBoost()
+            boost.append(early)
             channel = AgentChannel(api.attach(cid))
             api.start(cid)
             channel.hello(cp.session_s, WATCHDOG_S if cp.runtime == "runsc" else None)
             inspected: dict[str, Any] = {}
-            boost: list[StartupBoost] = []
 
             def look_up() -> None:
                 # The cgroup lookup needs the container's pid; fetch it while the agent starts,
-                # and give the starting agent a head start over busy neighbours (StartupBoost).
+                # and boost a cgroup that before_start() could not make.
                 inspected.update(api.inspect(cid))
                 pid = inspected.get("State", {}).get("Pid")
-                if pid and not channel.ready.qsize():
-                    boost.append(StartupBoost(int(pid)))
+                if pid and not early.confirm(int(pid)):
+                    early.discard()
+                    if not channel.ready.qsize():
+                        boost.append(StartupBoost(int(pid)))
 
             t = threading.Thread(target=look_up, daemon=True)
             t.start()
@@ -720,6 +777,8 @@ class Runtime:
         except BaseException as e:
             if cid:
                 self._remove_container(cid)
+                for b in boost:
+                    b.discard()
             if owns_identity and identity is not None:
                 identity.release()
             if managed_ws:
