@@ -224,6 +224,15 @@ def test_middleware_fails_fast_while_the_circuit_is_open(tmp_path: Path) -> None
 
 # ------------------------------------------------------------------ admission
 
+def test_a_bomb_counts_as_one_busy_sandbox_however_many_tasks_it_runs() -> None:
+    from sandbox.worker.admission import BusySandboxes
+
+    readings = iter([{"a": 0, "b": 0, "c": 0}, {"a": 10**12, "b": 10**3, "c": 10**12}])
+    busy = BusySandboxes(lambda: next(readings))
+    assert busy() == 0  # nothing to compare with yet
+    assert busy() == 2  # a and c used more than half a core since; b did not
+
+
 def test_admission_leaves_work_queued_without_headroom() -> None:
     policy = load_policy("worker")  # 1 GiB memory, 2 CPUs
     stats = HostStats(available_memory=8 << 30, free_disk=50 << 30, load1=0.5, cpus=4)
@@ -232,8 +241,17 @@ def test_admission_leaves_work_queued_without_headroom() -> None:
     adm.probe = lambda: HostStats(900 << 20, 50 << 30, 0.5, 4)
     d = adm.check()
     assert not d.ok and d.resource == "memory" and "1024 MiB" in d.reason
-    adm.probe = lambda: HostStats(8 << 30, 50 << 30, 15.0, 4)
-    assert adm.check().resource == "load"
+    # A load average alone (one tenant's fork bomb drives it into the hundreds) refuses nothing by default ...
+    adm.probe = lambda: HostStats(8 << 30, 50 << 30, 400.0, 4)
+    assert adm.check().ok
+    # ... only an operator's explicit load gate does.
+    assert Admission(policy, lambda: HostStats(8 << 30, 50 << 30, 15.0, 4), load_per_cpu=4.0).check().resource == "load"
+    # CPU: one more sandbox among the busy ones would get too small a share of the cores.
+    adm.probe = lambda: HostStats(8 << 30, 50 << 30, 0.5, 4, busy_sandboxes=16)
+    assert adm.check().ok  # 4/17 of a core
+    adm.probe = lambda: HostStats(8 << 30, 50 << 30, 0.5, 4, busy_sandboxes=80)
+    d = adm.check()
+    assert not d.ok and d.resource == "cpu" and "80 busy sandboxes" in d.reason
     disk_policy = load_policy("disk-workspace")
     adm = Admission(disk_policy, lambda: HostStats(8 << 30, 100 << 20, 0.1, 4))
     assert adm.check().resource == "disk"
