@@ -113,6 +113,27 @@ def self_test_check(profile: str = "default") -> Check:
                  "(non-root, no caps, no_new_privs, seccomp, read-only root, no network)")
 
 
+def neighbour_check(cgroup_version: str, driver: str) -> Check:
+    """What this host can and cannot do to keep one session's bombs off its neighbours (issue 14)."""
+    missing = []
+    if cgroup_version != "2":
+        missing += ["memory.high (cgroup v2: reclaim throttled inside a sandbox before its OOM, so a memory "
+                    "bomb's reclaim does not stall neighbours)",
+                    "io.max on buffered writes (cgroup v1's blkio throttles only direct I/O: a disk flood's "
+                    "writeback is shared)",
+                    "per-cgroup pressure (PSI)"]
+    if driver != "cgroupfs":
+        missing.append(f"the startup boost before runc's init (driver {driver}: the boost starts once the "
+                       "container runs)")
+    if not missing:
+        return Check("neighbours", "ok", "cgroup v2 with the cgroupfs driver: CPU weight and quota, pids, "
+                                         "memory.max with memory.high at 90% (written by the host at create), "
+                                         "a startup boost for every new sandbox; io.max is not set (not built)")
+    return Check("neighbours", "warn", "CPU weight, quota, pids and memory limits hold; missing here: "
+                 + "; ".join(missing), "boot the host with cgroup v2 (systemd.unified_cgroup_hierarchy=1) "
+                 "and Docker's cgroupfs driver")
+
+
 def run_checks(profile: str = "default", canaries: bool = True) -> list[Check]:
     out: list[Check] = [package_check(), state_check()]
     try:
@@ -128,6 +149,7 @@ def run_checks(profile: str = "default", canaries: bool = True) -> list[Check]:
     out.append(runc_check(info))
     cg = info.get("CgroupVersion", "?")
     out.append(Check("cgroups", "ok", f"cgroup v{cg}, driver {info.get('CgroupDriver')}"))
+    out.append(neighbour_check(str(cg), str(info.get("CgroupDriver"))))
     sec = " ".join(info.get("SecurityOptions") or [])
     out.append(Check("seccomp", "ok" if "seccomp" in sec else "fail", sec or "no security options reported",
                      "" if "seccomp" in sec else "use an engine built with seccomp support (Debian's docker.io is)"))

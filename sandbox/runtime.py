@@ -267,6 +267,22 @@ class StartupBoost:
 
 _CGROUP_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
 
+MEMORY_HIGH_FRACTION = 0.9
+
+
+def set_memory_high(cgroup_dir: Path, memory_max: int) -> bool:
+    """cgroup v2: throttle a sandbox's reclaim inside its own cgroup before its OOM limit.
+
+    With only memory.max, an allocate-until-OOM loop drives direct reclaim that stalls the
+    whole host; with memory.high below it, the kernel throttles and reclaims in the offending
+    cgroup first. The engine has no setting for it, so the host writes it into the cgroup
+    before_start() made (runc then sets memory.max and leaves memory.high alone)."""
+    try:
+        (cgroup_dir / "memory.high").write_text(str(int(memory_max * MEMORY_HIGH_FRACTION)))
+        return True
+    except OSError:
+        return False
+
 
 class CgroupCounters:
     """Reads the container's limit counters from the host (the agent is not trusted to report them)."""
@@ -738,6 +754,8 @@ class Runtime:
             # A head start over busy neighbours for runc's init and the agent (StartupBoost).
             early = StartupBoost.before_start(cid) if cp.runtime != "runsc" else StartupBoost()
             boost.append(early)
+            if _CGROUP_V2 and early.made is not None:
+                set_memory_high(early.made, cp.facts["limits"]["memory_mb"] << 20)
             channel = AgentChannel(api.attach(cid))
             api.start(cid)
             channel.hello(cp.session_s, WATCHDOG_S if cp.runtime == "runsc" else None)

@@ -105,3 +105,44 @@ def test_the_startup_boost_never_outlives_the_agents_start(make_sandbox, runtime
     boost.end()
     assert int(f.read_text()) == before
     assert sb.exec(["true"]).exit_code == 0
+
+
+def test_runc_init_starts_in_the_boosted_cgroup_and_the_workload_never_sees_it(runtime, monkeypatch) -> None:
+    """The host makes the container's CPU cgroup (boosted) between the engine's create and start;
+    the container really runs in it, and its weight is back to a new cgroup's value before
+    create() returns."""
+    from sandbox import runtime as rtmod
+    from sandbox.policy import load_policy
+
+    made: list = []
+    real = rtmod.StartupBoost.before_start.__func__
+
+    def spy(cls, cid, parent="docker"):
+        b = real(cls, cid, parent)
+        made.append((b, b.made, b.file.read_text().strip() if b.file else None, b.original))
+        return b
+
+    monkeypatch.setattr(rtmod.StartupBoost, "before_start", classmethod(spy))
+    sb = runtime.create(load_policy("default"), session_id="boost-early")
+    try:
+        (b, d, boosted, original), = made
+        assert d is not None, "the cgroupfs driver's cgroup was not made before start"
+        pid = runtime.engine.inspect(sb.id)["State"]["Pid"]
+        assert _cpu_weight_file(pid).parent == d  # the engine adopted it
+        assert int(boosted) == int(original) * rtmod.StartupBoost.FACTOR
+        assert _cpu_weight_file(pid).read_text().strip() == original  # restored before create() returned
+        assert sb.exec(["true"]).exit_code == 0
+    finally:
+        sb.destroy()
+    deadline = time.monotonic() + 20
+    while d.exists() and time.monotonic() < deadline:  # the engine removes it with the container
+        time.sleep(0.1)
+    assert not d.exists(), "the cgroup the host made outlived its container"
+
+
+def test_memory_high_sits_below_the_limit(tmp_path) -> None:
+    from sandbox.runtime import set_memory_high
+
+    assert set_memory_high(tmp_path, 512 << 20)
+    assert int((tmp_path / "memory.high").read_text()) == int((512 << 20) * 0.9)
+    assert not set_memory_high(tmp_path / "gone", 1 << 20)
