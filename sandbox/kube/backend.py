@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from sandbox.backend import Prepared, SandboxInfo
+from sandbox import spec as specmod
 from sandbox.channel import AgentChannel
 from sandbox.egress.rules import EgressPolicy
 from sandbox.kube import compiler as kc
@@ -56,9 +57,11 @@ _FRAME = struct.Struct(">BxxxI")  # Docker's multiplexed-stream header, what Age
 
 
 class PodEgress(Protocol):
-    """The egress proxy's session table on a cluster: a session is known by its pod's address."""
+    """The egress proxy's session table on a cluster: a session is known by its pod's address
+    (:class:`sandbox.egress.cluster.ClusterEgressClient`). ``register`` returns the trust bundle
+    (PEM) the pod must use, or None; ``ttl_s`` bounds the registration (the session limit)."""
 
-    def register(self, session_id: str, pod_ip: str, policy: EgressPolicy) -> None: ...
+    def register(self, session_id: str, pod_ip: str, policy: EgressPolicy, ttl_s: float) -> bytes | None: ...
 
     def unregister(self, session_id: str) -> None: ...
 
@@ -260,6 +263,7 @@ class KubeBackend:
                         rfc3339(_now() + _dt.timedelta(seconds=math.ceil(policy.timeouts.session_s) + 1)))
         body["metadata"]["labels"][LABEL_OWNER] = self.owner
         registered = False
+        bundle: bytes | None = None
         bridge: ExecBridge | None = None
         try:
             try:
@@ -273,7 +277,11 @@ class KubeBackend:
                 if not pod_ip:
                     raise SandboxError(f"pod {pod_name} has no IP to register with the egress proxy")
                 assert self.egress is not None
-                self.egress.register(session_id, pod_ip, policy.egress)
+                try:
+                    bundle = self.egress.register(session_id, pod_ip, policy.egress,
+                                                  float(math.ceil(policy.timeouts.session_s) + 1))
+                except Exception as e:  # noqa: BLE001 - ClusterEgressError and friends: no egress, no sandbox
+                    raise SandboxError(f"the egress proxy refused pod {pod_name} of session {session_id}: {e}") from None
                 registered = True
             ws = self._exec(pod_name, kc.agent_command(policy))
             bridge = ExecBridge(ws)
@@ -294,6 +302,8 @@ class KubeBackend:
                 self._bridges[name] = bridge
             sb = Sandbox(self, policy, session_id, name, channel, _NoCounters(), None, registered,
                          identity=_PodIdentity(uid, gid), owns_identity=False)
+            if bundle:
+                self._install_bundle(sb, bundle)
             # The channel's end, whatever caused it (the stream dropped, the pod went away, the agent
             # exited or expired, a frame failed authentication), is the sandbox's end: the claim goes.
             threading.Thread(target=self._watch_channel, args=(sb,), name=f"kube-channel-{name}", daemon=True).start()
@@ -381,6 +391,19 @@ class KubeBackend:
             self._unregister(sb.session_id)
 
     # -- helpers
+    def _install_bundle(self, sb: Sandbox, bundle: bytes) -> None:
+        """The trust bundle of the session (the proxy's roots plus the session CA when a host is
+        terminated) into the pod's egress volume, where the CA variables the template sets point
+        (the same names and path as on Docker: sandbox.spec.egress_env). Written through the agent,
+        before the sandbox is handed out; the bundle is public (certificates only)."""
+        argv = ["/bin/sh", "-c", f'd="${{SANDBOX_EGRESS_DIR:-{specmod.EGRESS_MOUNT}}}" && '
+                'cat > "$d/.ca-bundle.pem.tmp" && mv -f "$d/.ca-bundle.pem.tmp" "$d/ca-bundle.pem"']
+        res = sb.exec(argv, stdin=bundle, timeout=30)
+        if res.exit_code != 0:
+            sb.destroy()
+            raise SandboxError(f"could not install the egress trust bundle in sandbox {sb.id}: "
+                               f"{res.error or res.stderr.decode('utf-8', 'replace')[-300:] or res.exit_code}")
+
     def _watch_channel(self, sb: Sandbox) -> None:
         sb.channel.closed.wait()
         if sb._destroyed:

@@ -169,11 +169,17 @@ def pod_spec(policy: Policy, config: KubeConfig) -> dict[str, Any]:
         mounts.append({"name": f"tmpfs-{i}", "mountPath": t.path})
     volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity_mi(specmod.SHM_SIZE_MB)}})
     mounts.append({"name": "shm", "mountPath": "/dev/shm"})
-    env = specmod.sandbox_env(policy, egress=False)
+    env = specmod.sandbox_env(policy, egress=policy.egress.enabled)
     if policy.egress.enabled:
+        # The same variables as on Docker (sandbox.spec.egress_env): the proxy URLs point at the proxy
+        # Service instead of the in-sandbox forwarder, and the CA variables at the same bundle path, a
+        # small memory volume the backend fills at claim time (the session's trust bundle).
         url = f"http://{config.proxy_address()}"
-        env.update({"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url, "ALL_PROXY": url,
-                    "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"})
+        for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+            env[k] = url
+        env.update(dict(policy.env))  # the policy's own env still wins, as on Docker
+        volumes.append({"name": "egress", "emptyDir": {"medium": "Memory", "sizeLimit": "4Mi"}})
+        mounts.append({"name": "egress", "mountPath": specmod.EGRESS_MOUNT})
     resources = {"cpu": _cpu(policy.limits.cpus), "memory": _quantity_mi(policy.limits.memory_mb)}
     container = {
         "name": CONTAINER,

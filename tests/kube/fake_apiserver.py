@@ -7,7 +7,9 @@ a channel). A small "controller" thread marks claims Ready and creates their pod
 the claim's uid, as agent-sandbox does), and deletes claims at their ``lifecycle.shutdownTime``.
 
 Exec runs the command the backend sent, with one substitution: the in-image agent path becomes
-this repository's sandbox/agent/agent.py. So the launcher (hard rlimits) and the real agent run,
+this repository's sandbox/agent/agent.py; its environment is a pod's (HOME is the pod's own
+workspace directory under ``workdir/pods/``, ``SANDBOX_EGRESS_DIR`` its egress volume), never the
+test process's. So the launcher (hard rlimits) and the real agent run,
 and the HMAC channel protocol is exercised end to end. Loopback only.
 
 Scenarios: ``never_ready`` (the claim never becomes Ready), ``drop_exec_after`` (the server cuts
@@ -324,8 +326,11 @@ class FakeCluster:
                 # process reaches the "pod"); HOME is the pod's own workspace volume.
                 home = cluster.workdir / "pods" / pod
                 home.mkdir(parents=True, exist_ok=True)
+                egress_dir = cluster.workdir / "pods" / f"{pod}.egress"  # the pod's egress volume
+                egress_dir.mkdir(exist_ok=True)
                 env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-                       "TMPDIR": str(home.parent), "PYTHONDONTWRITEBYTECODE": "1"}
+                       "TMPDIR": str(home.parent), "PYTHONDONTWRITEBYTECODE": "1",
+                       "SANDBOX_EGRESS_DIR": str(egress_dir)}
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         cwd=home, env=env)
                 with cluster.cond:

@@ -45,11 +45,13 @@ def _policy(session_s: float = 600, **over):
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, bundle: bytes | None = None) -> None:
         self.calls: list[tuple] = []
+        self.bundle = bundle
 
-    def register(self, session_id, pod_ip, policy):
-        self.calls.append(("register", session_id, pod_ip, tuple(r.host for r in policy.rules)))
+    def register(self, session_id, pod_ip, policy, ttl_s):
+        self.calls.append(("register", session_id, pod_ip, tuple(r.host for r in policy.rules), ttl_s))
+        return self.bundle
 
     def unregister(self, session_id):
         self.calls.append(("unregister", session_id))
@@ -178,13 +180,19 @@ os.kill(os.getpid(), 9)
     assert cluster.deleted_by_client == [] and not cluster.claims and not cluster.pods
 
 
-def test_egress_registers_the_pod_address_and_unregisters_at_the_end(cluster, backend):
-    reg = Registry()
+def test_egress_registers_the_pod_address_installs_the_trust_bundle_and_unregisters_at_the_end(cluster, backend):
+    bundle = b"-----BEGIN CERTIFICATE-----\nMIIB-session-ca\n-----END CERTIFICATE-----\n"
+    reg = Registry(bundle)
     b = backend(egress=reg, egress_proxy={"cluster_ip": "10.96.0.53"})
     pol = load_policy("python-packages")
     sb = b.create(pol, session_id="sess_net")
     try:
-        assert reg.calls == [("register", "sess_net", "10.4.0.7", ("pypi.org", "files.pythonhosted.org"))]
+        # registered for the session's limit (the claim's shutdownTime), so a dead worker's entry expires
+        assert reg.calls == [("register", "sess_net", "10.4.0.7", ("pypi.org", "files.pythonhosted.org"),
+                              float(pol.timeouts.session_s + 1))]
+        # the bundle sits where the template's CA variables point, before the sandbox is handed out
+        r = sb.exec(["sh", "-c", 'cat "$SANDBOX_EGRESS_DIR/ca-bundle.pem"'])
+        assert r.exit_code == 0 and r.stdout == bundle
     finally:
         sb.destroy()
     assert reg.calls[-1] == ("unregister", "sess_net")

@@ -247,3 +247,29 @@ def test_cli_explain_lists_degradations_with_workarounds(tmp_path):
     assert {"limits.pids", "rlimits", "network.dns"} <= set(by_id)
     assert by_id["rlimits"]["accepted"] == "the launcher sets them" and by_id["limits.pids"]["accepted"] == ""
     assert all(d["workaround"] and d["lost"] for d in doc["degradations"])
+
+
+def test_a_pod_with_egress_gets_the_same_proxy_and_ca_variables_as_a_docker_sandbox():
+    from sandbox import spec as specmod
+    from sandbox.egress.manager import CA_ENV_VARS
+
+    cfg = config_from_dict({"accept": ACCEPT_ALL, "egress_proxy": {"cluster_ip": "10.96.0.53"}})
+    pol = load_policy("python-packages")
+    spec = kc.pod_spec(pol, cfg)
+    (c,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    docker = specmod.sandbox_env(pol, egress=True)
+    assert set(env) == set(docker), set(env) ^ set(docker)
+    bundle = f"{specmod.EGRESS_MOUNT}/ca-bundle.pem"
+    assert CA_ENV_VARS and all(env[k] == docker[k] == bundle for k in CA_ENV_VARS)
+    assert all(env[k] == "http://10.96.0.53:3128" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+                                                             "ALL_PROXY"))
+    # the bundle's directory is a small memory volume of the pod (the root filesystem is read-only)
+    (mnt,) = [m for m in c["volumeMounts"] if m["mountPath"] == specmod.EGRESS_MOUNT]
+    (vol,) = [v for v in spec["volumes"] if v["name"] == mnt["name"]]
+    assert vol["emptyDir"]["medium"] == "Memory" and c["securityContext"]["readOnlyRootFilesystem"] is True
+    # without egress: no proxy, no CA variables, no egress volume
+    bare = kc.pod_spec(load_policy("default"), cfg)
+    bare_env = {e["name"] for e in bare["containers"][0]["env"]}
+    assert not bare_env & (set(CA_ENV_VARS) | {"HTTP_PROXY", "HTTPS_PROXY"})
+    assert all(m["mountPath"] != specmod.EGRESS_MOUNT for m in bare["containers"][0]["volumeMounts"])

@@ -1,0 +1,483 @@
+"""The egress proxy in cluster mode: one TCP listener for every sandbox pod, sessions told apart by
+the connection's source address, and an authenticated admin endpoint where the Kubernetes backend
+registers each pod's address.
+
+On one host each sandbox reaches the proxy over its own Unix socket (``daemon.py``), so the
+socket *is* the session. A pod cannot be given a socket; it reaches the proxy Deployment through
+a Service, and the only thing the proxy can tie a connection to is the pod's IP. So:
+
+- the backend, once a claim is ready and its pod has an IP, registers ``(session, pod IP,
+  egress policy, expiry)`` at ``PUT /v1/sessions/<session>`` on the admin port, with the admin
+  token (a Secret mounted into the worker and the proxy only, never into a sandbox pod), and
+  removes it at ``DELETE /v1/sessions/<session>`` when the claim goes;
+- a connection to the proxy port from an address no live registration names gets nothing: it is
+  closed before one byte is read or written (counted, and logged once a minute per address);
+- a registered connection is served by the very same proxy code as on a host
+  (:class:`sandbox.egress.proxy.EgressProxy`): same ACL, same per-session limits and byte
+  budget, one audit record per decision in the session's own capped log.
+
+Why the source address can be trusted: sandbox pods run with every capability dropped (no
+``NET_RAW``: no forged packets), the NetworkPolicy lets them reach only this port, and a
+registration expires at the session's limit (the claim's ``shutdownTime``), so a pod IP reused
+after a worker died without unregistering cannot inherit a policy for longer than the session
+it belonged to could have had it. Registering an address again replaces the previous session
+on it (the backend only registers a pod it just saw become ready): that session's connections
+are closed. Pod-to-Service traffic must reach the proxy without source NAT (the default for
+ClusterIP Services reached from pods; not with kube-proxy's ``masqueradeAll``).
+
+Credential injection (rules with ``credential:``) is refused in cluster mode: the values would
+have to travel to the proxy pod, which is not built. TLS termination without credentials works;
+the registration's reply carries the trust bundle the pod must use (the host's roots plus the
+session CA), which the backend writes into the pod through the agent.
+
+    python -m sandbox.egress.cluster --listen 0.0.0.0:3128 --admin-listen 0.0.0.0:3129 \\
+        --token-file /var/run/sandbox-egress-admin/token --state-dir /var/lib/sandbox-egress
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlparse
+
+from sandbox.egress.audit import SessionAuditLogs, read_records
+from sandbox.egress.daemon import SESSION_ID
+from sandbox.egress.mitm import host_roots
+from sandbox.egress.proxy import EgressProxy, _Conn
+from sandbox.egress.rules import EgressPolicy
+
+log = logging.getLogger("sandbox.egress.cluster")
+
+AUDIT = "audit.jsonl"
+MIN_TOKEN_CHARS = 32
+MAX_ADMIN_BODY = 256 * 1024
+MAX_ADMIN_HEAD = 16 * 1024
+ADMIN_TIMEOUT_S = 10.0
+MAX_TTL_S = 7 * 24 * 3600.0
+_UNREGISTERED_LOG_EVERY_S = 60.0
+
+
+class ClusterEgressError(RuntimeError):
+    """A registration the proxy refused, or an admin endpoint that cannot be reached. Never carries the token."""
+
+
+def pod_address(value: str) -> str:
+    """A pod IP in canonical form (an IPv4-mapped IPv6 address as IPv4); ValueError if it is none."""
+    ip = ipaddress.ip_address(value.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError(f"{value!r} cannot be a pod's address")
+    return str(ip)
+
+
+def read_token(path: str | Path) -> str:
+    """The admin token from its file (a mounted Secret). Errors name the file, never the content."""
+    p = Path(path)
+    try:
+        token = p.read_text().strip()
+    except OSError as e:
+        raise ClusterEgressError(f"cannot read the egress admin token file {p}: {e.strerror or e}") from None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ClusterEgressError(f"the egress admin token in {p} must be one word of at least {MIN_TOKEN_CHARS} "
+                                 "characters (e.g. `openssl rand -hex 32`)")
+    return token
+
+
+class ClusterEgressProxy(EgressProxy):
+    """:class:`EgressProxy` with one shared TCP listener whose connections are attributed by source
+    address (module docstring). All methods run on the proxy's event loop."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._by_addr: dict[str, str] = {}      # pod address -> session id
+        self._addr_of: dict[str, str] = {}      # session id -> pod address
+        self._expires: dict[str, float] = {}    # session id -> monotonic expiry
+        self._listeners: list[socket.socket] = []
+        self._expiry_task: asyncio.Task[None] | None = None
+        self.unregistered = 0                   # connections refused for want of a registration
+        self._unregistered_logged: dict[str, float] = {}
+
+    # ------------------------------------------------------------ registry
+
+    async def register(self, session_id: str, pod_ip: str, policy: EgressPolicy, ttl_s: float) -> bytes:
+        """Attribute connections from ``pod_ip`` to ``session_id`` under ``policy`` for ``ttl_s``
+        seconds (or until :meth:`unregister`). Returns the trust bundle for the pod (PEM)."""
+        if not SESSION_ID.match(session_id):
+            raise ValueError("invalid session id (letters, digits, '_.-', at most 64)")
+        addr = pod_address(pod_ip)
+        if not policy.enabled:
+            raise ValueError("the policy allows no egress: register nothing")
+        if any(r.credential is not None for r in policy.rules):
+            raise ValueError("credential injection is not available in cluster mode (the values would have to "
+                             "reach the proxy pod); use a policy without `credential:` rules on Kubernetes")
+        if not 0 < ttl_s <= MAX_TTL_S:
+            raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S:.0f}]")
+        self._check_material(policy, None)
+        previous = self._by_addr.get(addr)
+        if previous is not None and previous != session_id:
+            log.warning("pod address %s re-registered: session %s replaces %s", addr, session_id, previous)
+            await self.unregister(previous)
+        old_addr = self._addr_of.get(session_id)
+        if old_addr is not None and old_addr != addr:
+            self._by_addr.pop(old_addr, None)
+        sess = self._sessions.get(session_id)
+        if sess is None:
+            sess = self._new_session(session_id, policy)
+            self._sessions[session_id] = sess
+        sess.policy = policy
+        self._setup_tls(sess, None, None)
+        self._by_addr[addr] = session_id
+        self._addr_of[session_id] = addr
+        self._expires[session_id] = time.monotonic() + ttl_s
+        self._start_tasks()
+        if self._roots is None:
+            self._roots = host_roots()
+        ca = sess.ca.pem if sess.ca else b""
+        return (self._roots.rstrip(b"\n") + b"\n" + ca) if self._roots else ca
+
+    async def unregister(self, session_id: str) -> bool:
+        addr = self._addr_of.pop(session_id, None)
+        if addr is not None and self._by_addr.get(addr) == session_id:
+            del self._by_addr[addr]
+        self._expires.pop(session_id, None)
+        known = session_id in self._sessions
+        await self.remove_session(session_id)
+        return known or addr is not None
+
+    def session_for(self, addr: str) -> str | None:
+        try:
+            return self._by_addr.get(pod_address(addr))
+        except ValueError:
+            return None
+
+    def registrations(self) -> dict[str, str]:
+        return dict(self._addr_of)
+
+    def _start_tasks(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = loop.create_task(self._sweep())
+        if self._expiry_task is None or self._expiry_task.done():
+            self._expiry_task = loop.create_task(self._expire_loop())
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for sid in [s for s, t in self._expires.items() if t <= now]:
+                log.info("registration of session %s expired; its pod address gets nothing now", sid)
+                await self.unregister(sid)
+
+    # ------------------------------------------------------------ the shared listener
+
+    def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_pod_connection, sock)
+        self._start_tasks()
+        bound = sock.getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def _on_pod_connection(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            try:
+                sock, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    loop.remove_reader(lsock.fileno())
+                    loop.call_later(0.1, self._rewatch, lsock)
+                return
+            sid = self.session_for(str(peer[0]))
+            sess = self._sessions.get(sid) if sid is not None else None
+            if sess is None or sess.closed:
+                self._refuse_unregistered(sock, str(peer[0]))
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sess, sock)
+            conn.task = loop.create_task(self._serve(conn))
+
+    def _rewatch(self, lsock: socket.socket) -> None:
+        if lsock.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(lsock.fileno(), self._on_pod_connection, lsock)
+
+    def _refuse_unregistered(self, sock: socket.socket, addr: str) -> None:
+        """Nothing for an address no registration names: no byte read, none written (an RST)."""
+        self.unregistered += 1
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        now = time.monotonic()
+        if now - self._unregistered_logged.get(addr, -1e9) >= _UNREGISTERED_LOG_EVERY_S:
+            self._unregistered_logged[addr] = now
+            if len(self._unregistered_logged) > 4096:
+                self._unregistered_logged.clear()
+            log.warning("refused a connection from %s: no sandbox session is registered for that address", addr)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for s in self._listeners:
+            if s.fileno() >= 0:
+                loop.remove_reader(s.fileno())
+            s.close()
+        self._listeners.clear()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+        for sid in list(self._addr_of):
+            await self.unregister(sid)
+        await super().close()
+
+
+class AdminServer:
+    """The registration endpoint: HTTP/1.1 on its own port, bearer token, JSON bodies.
+
+    ``GET /healthz`` (no token), ``PUT /v1/sessions/<id>`` {pod_ip, policy, ttl_s} -> {ca_bundle},
+    ``DELETE /v1/sessions/<id>``, ``GET /v1/sessions/<id>/records?limit=N`` (the session's audit
+    records, for the worker's trail). Anything else, or a wrong token: an error, and nothing changes."""
+
+    def __init__(self, proxy: ClusterEgressProxy, token: str, audit_path: Path | None) -> None:
+        self.proxy = proxy
+        self._token_digest = hashlib.sha256(token.encode()).digest()
+        self.audit_path = audit_path
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_ADMIN_HEAD)
+        bound = self._server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return False
+        return hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self._token_digest)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ADMIN_TIMEOUT_S)
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, _, rest = lines[0].partition(" ")
+                target = rest.rpartition(" ")[0]
+                headers = {}
+                for line in lines[1:]:
+                    k, sep, v = line.partition(":")
+                    if sep:
+                        headers[k.strip().lower()] = v.strip()
+                if "transfer-encoding" in headers:
+                    await self._reply(writer, 411, {"error": "a Content-Length body is required"}, close=True)
+                    return
+                try:
+                    n = int(headers.get("content-length") or 0)
+                except ValueError:
+                    n = -1
+                if not 0 <= n <= MAX_ADMIN_BODY:
+                    await self._reply(writer, 413, {"error": f"body must be 0..{MAX_ADMIN_BODY} bytes"}, close=True)
+                    return
+                try:
+                    body = await asyncio.wait_for(reader.readexactly(n), ADMIN_TIMEOUT_S) if n else b""
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                try:
+                    code, reply = await self._route(method, target, headers, body)
+                except Exception as e:  # noqa: BLE001 - a bad request must not take the endpoint down
+                    code, reply = 400, {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                await self._reply(writer, code, reply, close=headers.get("connection", "").lower() == "close")
+                if headers.get("connection", "").lower() == "close":
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, code: int, obj: dict[str, Any], close: bool = False) -> None:
+        data = json.dumps(obj).encode()
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                  411: "Length Required", 413: "Payload Too Large"}.get(code, "Error")
+        writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                     f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode() + data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        u = urlparse(target)
+        if u.path == "/healthz" and method == "GET":
+            return 200, {"ok": True, "sessions": len(self.proxy.registrations())}
+        if not self._authorised(headers):
+            return 401, {"error": "a valid admin token is required"}
+        parts = u.path.strip("/").split("/")
+        if len(parts) < 3 or parts[:2] != ["v1", "sessions"] or not SESSION_ID.match(parts[2]):
+            return 404, {"error": "no such endpoint"}
+        sid = parts[2]
+        if len(parts) == 4 and parts[3] == "records" and method == "GET":
+            if self.audit_path is None:
+                return 200, {"records": []}
+            limit = min(10_000, max(1, int((parse_qs(u.query).get("limit") or ["100"])[0] or 100)))
+            records = await asyncio.to_thread(read_records, self.audit_path, sid, limit)
+            return 200, {"records": records}
+        if len(parts) != 3:
+            return 404, {"error": "no such endpoint"}
+        if method == "DELETE":
+            known = await self.proxy.unregister(sid)
+            return 200, {"ok": True, "known": known}
+        if method != "PUT":
+            return 405, {"error": "PUT or DELETE"}
+        try:
+            msg = json.loads(body)
+            if not isinstance(msg, dict):
+                raise ValueError("the body must be a JSON object")
+            policy = EgressPolicy.model_validate(msg["policy"])
+            pod_ip = msg["pod_ip"]
+            if not isinstance(pod_ip, str):
+                raise ValueError("pod_ip must be a string")
+            ttl = float(msg["ttl_s"])
+            bundle = await self.proxy.register(sid, pod_ip, policy, ttl)
+        except KeyError as e:
+            return 400, {"error": f"missing field {e.args[0]!r}"}
+        except (ValueError, TypeError) as e:
+            return 400, {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        return 200, {"ok": True, "ca_bundle": bundle.decode("ascii", "replace")}
+
+
+# ---------------------------------------------------------------- the backend's side
+
+
+class ClusterEgressClient:
+    """The Kubernetes backend's handle on the proxy's session table (``sandbox.kube.backend.PodEgress``)."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = ADMIN_TIMEOUT_S) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.timeout = timeout
+        self.ttl_s: float = 3600.0  # the session limit, set by the backend per registration
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ClusterEgressClient":
+        """From the backend configuration's ``egress_proxy`` (admin URL, token file)."""
+        return cls(cfg.admin_base_url(), read_token(cfg.admin_token_file))
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self._token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:  # noqa: S310 - our own admin URL
+                return dict(json.loads(r.read() or b"{}"))
+        except urllib.error.HTTPError as e:
+            try:
+                why = json.loads(e.read() or b"{}").get("error", "")
+            except ValueError:
+                why = ""
+            raise ClusterEgressError(f"the egress proxy at {self.base_url} refused {method} {path}: {e.code} {why}"[:800]) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ClusterEgressError(f"cannot reach the egress proxy's admin endpoint {self.base_url}: {reason}") from None
+
+    def register(self, session_id: str, pod_ip: str, policy: EgressPolicy, ttl_s: float | None = None) -> bytes:
+        """Register the pod's address for the session; returns the trust bundle (PEM) for the pod."""
+        reply = self._call("PUT", f"/v1/sessions/{quote(session_id, safe='')}",
+                           {"pod_ip": pod_ip, "policy": policy.model_dump(mode="json"), "ttl_s": ttl_s or self.ttl_s})
+        return str(reply.get("ca_bundle", "")).encode()
+
+    def unregister(self, session_id: str) -> None:
+        self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}")
+
+    def records(self, session: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if not session:
+            return []
+        return list(self._call("GET", f"/v1/sessions/{quote(session, safe='')}/records?limit={int(limit)}")
+                    .get("records") or [])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, state_dir: Path,
+                started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    audit_path = state_dir / AUDIT
+    audit = SessionAuditLogs(audit_path)
+    proxy = ClusterEgressProxy(audit=audit)
+    admin_srv = AdminServer(proxy, token, audit_path)
+    stop = stop or asyncio.Event()
+    try:
+        ph, pp = proxy.listen_tcp(*listen)
+        ah, ap = await admin_srv.start(*admin)
+        log.info("egress proxy (cluster mode) on %s:%d, admin endpoint on %s:%d", ph, pp, ah, ap)
+        if started is not None:
+            started.set()
+        await stop.wait()
+    finally:
+        await admin_srv.close()
+        await proxy.close()
+        audit.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sandbox.egress.cluster", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--listen", default="0.0.0.0:3128", help="where sandbox pods connect (the Service's target port)")
+    ap.add_argument("--admin-listen", default="0.0.0.0:3129", help="the registration endpoint (worker only)")
+    ap.add_argument("--token-file", required=True, help="the admin token (a mounted Secret)")
+    ap.add_argument("--state-dir", default="/var/lib/sandbox-egress", help="audit logs, one per session")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = read_token(args.token_file)
+        listen, admin = _hostport(args.listen), _hostport(args.admin_listen)
+    except (ClusterEgressError, ValueError) as e:
+        print(f"egress proxy: {e}", file=sys.stderr)
+        return 2
+    if listen[1] == admin[1]:
+        print("egress proxy: --listen and --admin-listen need different ports", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(listen, admin, token, Path(args.state_dir), stop=stop)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
