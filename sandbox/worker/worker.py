@@ -43,7 +43,7 @@ from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
 from anthropic.lib.tools.agent_toolset import AgentToolContext
 
-from sandbox.audit.selftest import SelfTestFailed, require_canaries
+from sandbox.audit.selftest import SelfTestFailed
 from sandbox.audit.trail import AuditTrail
 from sandbox.policy import Policy, load_policy
 from sandbox.runtime import Runtime, owner_token
@@ -57,7 +57,7 @@ from .metrics import HealthServer, WorkerMetrics
 from .middleware import CircuitBreaker, WorkerMiddleware
 from .outbox import Outbox
 from .pool import (SessionSandboxes, WarmPool, admission_for, count_egress_denials, open_runtime,
-                   uses_host_workspaces)
+                   startup_canaries, uses_host_workspaces)
 from .store import DEFAULT_RETENTION_S, RunLock, SessionStore, StoreError
 from .toolctx import open_telemetry_option
 from .tools import SessionSlot, SessionToolbox
@@ -238,7 +238,7 @@ class Worker:
         if cfg.selftest:
             # Fail closed: a host that looks right but lets a canary attack through serves nothing.
             try:
-                rows = require_canaries(self._runtime, self.policy)
+                rows = startup_canaries(self._runtime, self.policy)
             except SelfTestFailed as e:
                 raise WorkerError(f"refusing to serve: {e}") from None
             log_event(log, logging.INFO, "selftest_passed", f"{len(rows)} attack canaries held", profile=cfg.profile)
