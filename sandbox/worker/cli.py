@@ -72,11 +72,14 @@ def default_session_store() -> Path:
               help="Seconds a session's sandbox is kept after its run went idle (0: stop it; files stay).")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--backend", type=click.Choice(["docker", "kubernetes"]), default=None,  # (CLUSTER)
+              help="Where sandboxes run: this host's Docker engine, or a cluster's agent-sandbox warm pools "
+                   "(configuration: $SANDBOX_KUBE_CONFIG). Default: $SANDBOX_BACKEND, else docker.")
 def worker_cmd(base_url: str | None, environment_id: str | None, environment_key_file: Path | None,
                control_plane_state_dir: Path | None, ca_file: Path | None, profile: str, max_sessions: int, warm: int,
                metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
                drain_timeout: float, session_store: Path | None, retention: float, keep_idle: float,
-               log_format: str, verbose: bool) -> None:
+               log_format: str, verbose: bool, backend: str | None = None) -> None:
     """Claim work from a control plane and run each session's tool calls in its own sandbox."""
     from .credentials import CredentialError, check_no_org_key, load_environment_key, scrub_environment
     from .logs import setup_logging
@@ -115,6 +118,12 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
         lease_ttl=lease_ttl, drain_timeout=drain_timeout, store_dir=session_store or default_session_store(),
         retention_s=retention, keep_idle=keep_idle, endpoint_dir=endpoint_dir, ca_file=ca_file,
     )
+    try:  # (CLUSTER) the backend setting, checked before anything starts
+        from sandbox.backend import backend_name
+
+        config.backend = backend_name(backend)
+    except ValueError as e:
+        _fail(str(e))
     worker = Worker(config, key)
 
     async def main() -> None:
