@@ -27,6 +27,7 @@ from sandbox import lazylog
 from sandbox import spec as specmod
 from sandbox.channel import AgentChannel, ChannelClosed
 from sandbox.engine import Engine, EngineError, NotFound, engine_socket_path
+from sandbox.hogs import HogDemoter
 from sandbox.identity import Identity, IdentityAllocator, IdentityError
 from sandbox.policycache import CompiledPolicy
 
@@ -660,6 +661,7 @@ class Runtime:
         self._events: list[tuple[float, str, str]] = []
         self.event_hook: Callable[[str, Sandbox], None] | None = None
         self.identities = IdentityAllocator(carried=self._id_carried)
+        self.hogs = HogDemoter()  # this owner's sandboxes that exceed their CPU quota yield (sandbox/hogs.py)
 
     def _id_carried(self, n: int) -> bool:
         """Does a container the engine still lists (any owner, any state dir, any host label)
@@ -791,6 +793,7 @@ class Runtime:
                 sb.agent_pid = (int(pid), _start_ticks(pid))
             except (OSError, ValueError, IndexError):
                 pass  # destroy() then uses the engine's kill
+            self.hogs.watch(cid, int(pid))
             return sb
         except BaseException as e:
             if cid:
@@ -833,6 +836,7 @@ class Runtime:
                 log.warning("could not remove sandbox %s: %s", cid[:12], e.explanation)
 
     def _teardown(self, sb: Sandbox, wait: bool = True) -> None:
+        self.hogs.unwatch(sb.id)
         ended = False
         pidfd = _agent_pidfd(sb) if sb.compiled.runtime == "runc" and not sb.channel.closed.is_set() else None
         if pidfd is not None:

@@ -1,0 +1,146 @@
+"""CPU hogs yield to their neighbours: a sandbox that keeps running into its CPU quota gets a lower weight.
+
+Sandboxes share the cores by weight and each is capped by its quota (``limits.cpus``).
+A quota alone does not keep a bomb off a neighbour's core: a sandbox capped at one CPU
+of two, running many spinners, spreads them over both cores, and on the neighbour's core
+the two share by weight until the quota runs out. Measured (bench/bench_neighbours.py):
+B's job took 1.33-1.36x as long beside such a sandbox, which is what the arithmetic
+gives (A runs 75 ms of every 100 ms period, B gets 2/3 of its core meanwhile). With
+16 busy neighbours, a new sandbox's first command got 1/17 of the CPU.
+
+So the owner of some sandboxes watches them (one thread per :class:`HogDemoter`, every
+``interval`` seconds, two small cgroup files per sandbox): a sandbox throttled in at least
+half of its quota periods wants more CPU than it may have, and its CPU weight is divided
+by ``factor``. It keeps its whole quota whenever the cores are free (weight only matters
+under contention), and it gets its weight back once it goes quiet (under a tenth of a core
+for an interval). A sandbox that never exceeds its quota is never touched. Best effort:
+no cgroup file, no demotion; nothing here makes any limit weaker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("sandbox.hogs")
+
+_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+def cpu_cgroup(pid: int) -> Path | None:
+    """The CPU cgroup directory of process ``pid``, as the host sees it."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if _V2 and controllers == "":
+            return Path("/sys/fs/cgroup") / path.lstrip("/")
+        if not _V2 and "cpu" in controllers.split(","):
+            return Path("/sys/fs/cgroup") / controllers / path.lstrip("/")
+    return None
+
+
+def read_cpu_stat(d: Path) -> tuple[int, int, int] | None:
+    """(periods, throttled periods, usage ns) of a cgroup, or None."""
+    try:
+        stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines() if line.count(" ") == 1)
+        if _V2:
+            usage = int(stat["usage_usec"]) * 1000
+        else:
+            acct = Path(str(d).replace("/cpu/", "/cpuacct/", 1)) if "/cpu/" in str(d) else d
+            usage = int((acct / "cpuacct.usage").read_text())
+        return int(stat["nr_periods"]), int(stat["nr_throttled"]), usage
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@dataclass
+class _Watch:
+    dir: Path
+    weight_file: Path
+    original: str
+    last: tuple[int, int, int] | None = None
+    demoted: bool = False
+
+
+class HogDemoter:
+    def __init__(self, interval: float = 0.5, factor: int = 8, hog_fraction: float = 0.5,
+                 quiet_cores: float = 0.1):
+        self.interval = interval
+        self.factor = factor
+        self.hog_fraction = hog_fraction
+        self.quiet_cores = quiet_cores
+        self._watched: dict[str, _Watch] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last_tick = time.monotonic()
+
+    def watch(self, key: str, pid: int) -> bool:
+        d = cpu_cgroup(pid)
+        if d is None:
+            return False
+        wf = d / ("cpu.weight" if _V2 else "cpu.shares")
+        try:
+            original = wf.read_text().strip()
+        except OSError:
+            return False
+        with self._lock:
+            self._watched[key] = _Watch(d, wf, original, read_cpu_stat(d))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sandbox-hogs", daemon=True)
+                self._thread.start()
+        return True
+
+    def unwatch(self, key: str) -> None:
+        with self._lock:
+            self._watched.pop(key, None)
+
+    def demoted(self, key: str) -> bool:
+        w = self._watched.get(key)
+        return bool(w and w.demoted)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                if not self._watched:
+                    self._thread = None
+                    return
+                watched = list(self._watched.values())
+            self.tick(watched)
+
+    def tick(self, watched: list[_Watch] | None = None) -> None:
+        now = time.monotonic()
+        span_ns = max(now - self._last_tick, 1e-3) * 1e9
+        self._last_tick = now
+        if watched is None:
+            with self._lock:
+                watched = list(self._watched.values())
+        for w in watched:
+            cur = read_cpu_stat(w.dir)
+            if cur is None:
+                continue
+            last, w.last = w.last, cur
+            if last is None:
+                continue
+            periods, throttled, used = (cur[0] - last[0], cur[1] - last[1], cur[2] - last[2])
+            hog = periods > 0 and throttled >= self.hog_fraction * periods
+            quiet = used < self.quiet_cores * span_ns
+            if hog and not w.demoted:
+                self._set(w, str(max(2 if not _V2 else 1, int(w.original) // self.factor)))
+                w.demoted = True
+            elif w.demoted and quiet:
+                self._set(w, w.original)
+                w.demoted = False
+
+    @staticmethod
+    def _set(w: _Watch, value: str) -> None:
+        try:
+            w.weight_file.write_text(value)
+        except OSError as e:
+            log.debug("could not set %s: %s", w.weight_file, e)

@@ -1,0 +1,93 @@
+"""A sandbox that keeps exceeding its CPU quota yields its weight to its neighbours (sandbox/hogs.py).
+
+The attack: many spinners in a sandbox capped at one CPU of two spread over both cores
+and share the neighbour's core by weight until their quota runs out each period. The
+owner lowers such a sandbox's weight (not its quota) and gives it back once it is quiet;
+a sandbox that stays inside its quota (one busy thread) is never touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import hogs
+from sandbox.hogs import HogDemoter, _Watch
+
+
+def _fake_cgroup(tmp_path: Path, weight: str = "1024") -> Path:
+    d = tmp_path / "cg"
+    d.mkdir()
+    (d / ("cpu.weight" if hogs._V2 else "cpu.shares")).write_text(weight)
+    return d
+
+
+def _stat(d: Path, periods: int, throttled: int, usage_ns: int) -> None:
+    if hogs._V2:
+        (d / "cpu.stat").write_text(f"usage_usec {usage_ns // 1000}\nnr_periods {periods}\nnr_throttled {throttled}\n")
+    else:
+        (d / "cpu.stat").write_text(f"nr_periods {periods}\nnr_throttled {throttled}\nthrottled_time 0\n")
+        (d / "cpuacct.usage").write_text(str(usage_ns))
+
+
+def test_a_sandbox_throttled_in_most_periods_is_demoted_and_restored_when_quiet(tmp_path: Path) -> None:
+    d = _fake_cgroup(tmp_path)
+    wf = d / ("cpu.weight" if hogs._V2 else "cpu.shares")
+    h = HogDemoter(factor=8)
+    _stat(d, 0, 0, 0)
+    w = _Watch(d, wf, "1024", hogs.read_cpu_stat(d))
+    _stat(d, 10, 2, 10**9)  # busy but within its quota in 8 of 10 periods: left alone
+    h.tick([w])
+    assert not w.demoted and wf.read_text() == "1024"
+    _stat(d, 20, 9, 2 * 10**9)  # throttled in 7 of the last 10 periods: a hog
+    h.tick([w])
+    assert w.demoted and wf.read_text() == "128"
+    _stat(d, 30, 10, 3 * 10**9)  # no longer throttled (it gets less under contention) but still busy
+    h.tick([w])
+    assert w.demoted and wf.read_text() == "128"  # sticky: a bomb that is merely starved stays demoted
+    h._last_tick -= 1.0
+    _stat(d, 30, 10, 3 * 10**9 + 1000)  # quiet
+    h.tick([w])
+    assert not w.demoted and wf.read_text() == "1024"
+
+
+def test_a_vanished_cgroup_is_ignored(tmp_path: Path) -> None:
+    d = _fake_cgroup(tmp_path)
+    _stat(d, 0, 0, 0)
+    w = _Watch(d, d / "cpu.shares", "1024", hogs.read_cpu_stat(d))
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    HogDemoter().tick([w])  # no exception, nothing written
+    assert not d.exists()
+
+
+@pytest.mark.docker
+def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_does_not(make_sandbox, runtime) -> None:
+    hog = make_sandbox()
+    busy = make_sandbox()
+    spin = ["python3", "-c", "import os,time\nend=time.time()+6\nfor _ in range(16):\n"
+            "    if os.fork()==0:\n        break\nwhile time.time()<end: pass\n"]
+    one = ["python3", "-c", "import time\nend=time.time()+6\nwhile time.time()<end: pass\n"]
+    threads = [threading.Thread(target=sb.exec, args=(argv,), kwargs={"timeout": 30}, daemon=True)
+               for sb, argv in ((hog, spin), (busy, one))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while not runtime.hogs.demoted(hog.id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.hogs.demoted(hog.id), "a sandbox over its quota kept its full weight"
+    assert not runtime.hogs.demoted(busy.id), "a sandbox inside its quota was demoted"
+    w = runtime.hogs._watched[hog.id]
+    assert int(w.weight_file.read_text()) < int(w.original)
+    for t in threads:
+        t.join(30)
+    deadline = time.monotonic() + 5
+    while runtime.hogs.demoted(hog.id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not runtime.hogs.demoted(hog.id) and w.weight_file.read_text().strip() == w.original
+    # limits untouched: the quota is what the engine set
+    assert hog.exec(["true"]).exit_code == 0
