@@ -10,8 +10,10 @@ gives (A runs 75 ms of every 100 ms period, B gets 2/3 of its core meanwhile). W
 
 So the owner of some sandboxes watches them (one thread per :class:`HogDemoter`, every
 ``interval`` seconds, two small cgroup files per sandbox): a sandbox throttled in at least
-half of its quota periods wants more CPU than it may have, and its CPU weight is divided
-by ``factor``. It keeps its whole quota whenever the cores are free (weight only matters
+half of its quota periods wants more CPU than it may have, and so does one that took its
+whole fair share of a saturated host (more busy sandboxes than cores) for two intervals
+running: its CPU weight is divided by ``factor``, so a sandbox that only now has work (a
+new session's start, a bystander's command) is not held to 1/N of the CPU behind N bombs. It keeps its whole quota whenever the cores are free (weight only matters
 under contention), and it gets its weight back once it goes quiet (under a tenth of a core
 for an interval). A sandbox that never exceeds its quota is never touched. Best effort:
 no cgroup file, no demotion; nothing here makes any limit weaker.
@@ -20,6 +22,7 @@ no cgroup file, no demotion; nothing here makes any limit weaker.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -66,6 +69,7 @@ class _Watch:
     original: str
     last: tuple[int, int, int] | None = None
     demoted: bool = False
+    busy_ticks: int = 0
 
 
 class HogDemoter:
@@ -75,6 +79,7 @@ class HogDemoter:
         self.factor = factor
         self.hog_fraction = hog_fraction
         self.quiet_cores = quiet_cores
+        self.cpus = os.cpu_count() or 1
         self._watched: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -121,20 +126,27 @@ class HogDemoter:
         if watched is None:
             with self._lock:
                 watched = list(self._watched.values())
+        deltas: list[tuple[_Watch, int, int, int]] = []
         for w in watched:
             cur = read_cpu_stat(w.dir)
             if cur is None:
                 continue
             last, w.last = w.last, cur
-            if last is None:
-                continue
-            periods, throttled, used = (cur[0] - last[0], cur[1] - last[1], cur[2] - last[2])
-            hog = periods > 0 and throttled >= self.hog_fraction * periods
-            quiet = used < self.quiet_cores * span_ns
-            if hog and not w.demoted:
+            if last is not None:
+                deltas.append((w, cur[0] - last[0], cur[1] - last[1], cur[2] - last[2]))
+        # The host is saturated when its sandboxes used (nearly) every core: then a sandbox that
+        # took its whole fair share for two intervals running is batch work, not interactive.
+        active = [d for d in deltas if d[3] > self.quiet_cores * span_ns]
+        saturated = sum(d[3] for d in deltas) >= 0.9 * self.cpus * span_ns
+        fair_ns = self.cpus * span_ns / max(len(active), 1)
+        for w, periods, throttled, used in deltas:
+            over_quota = periods > 0 and throttled >= self.hog_fraction * periods
+            full_share = saturated and len(active) > self.cpus and used >= 0.8 * fair_ns
+            w.busy_ticks = w.busy_ticks + 1 if full_share else 0
+            if (over_quota or w.busy_ticks >= 2) and not w.demoted:
                 self._set(w, str(max(2 if not _V2 else 1, int(w.original) // self.factor)))
                 w.demoted = True
-            elif w.demoted and quiet:
+            elif w.demoted and used < self.quiet_cores * span_ns:
                 self._set(w, w.original)
                 w.demoted = False
 

@@ -67,7 +67,8 @@ def test_a_vanished_cgroup_is_ignored(tmp_path: Path) -> None:
 
 @pytest.mark.docker
 def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_does_not(make_sandbox, runtime) -> None:
-    hog = make_sandbox()
+    # a quarter of a core: over its quota even when the shared host gives it little
+    hog = make_sandbox({"name": "quarter", "limits": {"memory_mb": 512, "cpus": 0.25, "pids": 64}})
     busy = make_sandbox()
     spin = ["python3", "-c", "import os,time\nend=time.time()+6\nfor _ in range(16):\n"
             "    if os.fork()==0:\n        break\nwhile time.time()<end: pass\n"]
@@ -91,3 +92,30 @@ def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_doe
     assert not runtime.hogs.demoted(hog.id) and w.weight_file.read_text().strip() == w.original
     # limits untouched: the quota is what the engine set
     assert hog.exec(["true"]).exit_code == 0
+
+
+def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_a_newcomer(tmp_path: Path) -> None:
+    h = HogDemoter(factor=8)
+    h.cpus = 2
+    ws = []
+    for i in range(5):
+        d = tmp_path / f"cg{i}"
+        d.mkdir()
+        wf = d / ("cpu.weight" if hogs._V2 else "cpu.shares")
+        wf.write_text("1024")
+        _stat(d, 0, 0, 0)
+        ws.append(_Watch(d, wf, "1024", hogs.read_cpu_stat(d)))
+    bombs_, newcomer = ws[:4], ws[4]
+
+    def second(k: int) -> None:
+        h._last_tick = time.monotonic() - 1.0
+        for w in bombs_:  # four sandboxes, each getting half a core of two, never over quota
+            _stat(w.dir, 10 * k, 0, k * 480_000_000)
+        _stat(newcomer.dir, 10 * k, 0, k * 30_000_000)  # a little work: not its whole share
+        h.tick(ws)
+
+    second(1)
+    assert not any(w.demoted for w in ws)  # one interval is not a pattern
+    second(2)
+    assert all(w.demoted for w in bombs_) and not newcomer.demoted
+    assert bombs_[0].weight_file.read_text() == "128" and newcomer.weight_file.read_text() == "1024"
