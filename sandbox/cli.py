@@ -499,12 +499,33 @@ def images_list(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--profile", "-p", default="default", show_default=True, help="Policy the self-test canaries run under.")
 @click.option("--no-canaries", is_flag=True, help="Skip the attack canaries (no sandbox is started).")
-def doctor(as_json: bool, profile: str, no_canaries: bool) -> None:
-    """Check the host (engine, cgroups, seccomp, runtimes, images), then run attack canaries in a sandbox."""
+# --- backend selection (CLUSTER) ---
+@click.option("--backend", type=click.Choice(["docker", "kubernetes"]), default=None,
+              help="What to check: this host's Docker engine, or the cluster of the Kubernetes backend "
+                   "(default: $SANDBOX_BACKEND, else docker).")
+@click.option("--config", "kube_config", type=click.Path(dir_okay=False), default=None,
+              help="The Kubernetes backend configuration (default: $SANDBOX_KUBE_CONFIG).")
+def doctor(as_json: bool, profile: str, no_canaries: bool, backend: str | None, kube_config: str | None) -> None:
+    """Check the host (engine, cgroups, seccomp, runtimes, images), then run attack canaries in a sandbox.
+
+    With --backend kubernetes: the cluster (CRDs, RuntimeClass, Pod Security, RBAC), then the canaries
+    in a sandbox pod claimed from the policy's warm pool (NetworkPolicy enforcement among them)."""
+    from sandbox.backend import backend_name
     from sandbox.doctor import report, run_checks
 
     try:
-        checks = run_checks(profile, canaries=not no_canaries)
+        backend = backend_name(backend)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE, "usage")
+    try:
+        if backend == "kubernetes":
+            from sandbox.kube.backend import KubeBackend
+            from sandbox.kube.cli import config_for
+
+            checks = KubeBackend(config_for(kube_config, None)).doctor(None if no_canaries else profile)
+        else:
+            checks = run_checks(profile, canaries=not no_canaries)
+    # --- end backend selection ---
     except Exception as e:  # noqa: BLE001 - a doctor that crashes helps nobody: say it in words
         fail(f"doctor could not run its checks: {type(e).__name__}: {e}", EXIT_SANDBOX, "doctor")
     if as_json:

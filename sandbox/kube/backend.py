@@ -203,7 +203,8 @@ class KubeBackend:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
-                config.load_kube_config()
+                # $KUBECONFIG as it is now (the client reads it once, at import)
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
             self._api_client = client.ApiClient()
         return self._api_client
 
@@ -364,10 +365,17 @@ class KubeBackend:
                                                           "sandboxwarmpools", name)
         return int((scale.get("spec") or {}).get("replicas") or 0)
 
-    def doctor(self) -> list[Any]:
+    def doctor(self, profile: str | None = None) -> list[Any]:
+        """The API checks; with ``profile``, then the canaries in a sandbox claimed here."""
         from sandbox.kube.doctor import run_checks
 
-        return run_checks(self)
+        return run_checks(self, profile)
+
+    def require_canaries(self, policy: Policy) -> list[Any]:
+        """The worker's start-up self-test, in a cluster sandbox (sandbox.kube.doctor)."""
+        from sandbox.kube.doctor import require_cluster_canaries
+
+        return require_cluster_canaries(self, policy)
 
     def gc(self, owner_kind: str | None = None) -> list[str]:
         """What the worker calls at start (Runtime.gc's name): :meth:`reap`."""

@@ -85,6 +85,25 @@ class KubeConfig(_Strict):
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
     accept: dict[str, str] = {}
+    # Where the start-up canary tries to connect from inside a sandbox pod (IP:port, no DNS): every
+    # attempt must fail, or NetworkPolicy is not enforced. Add the API server's Service address.
+    canary_targets: list[str] = ["1.1.1.1:443", "169.254.169.254:80"]
+
+    @field_validator("canary_targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for t in v:
+            host, sep, port = t.rpartition(":")
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+                ok = bool(sep) and 1 <= int(port) <= 65535
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{t!r} is not IP:port (an address literal: the pod has no DNS)")
+        return v
 
     @field_validator("namespace", "runtime_class")
     @classmethod

@@ -454,6 +454,18 @@ class ClusterAdmission(Admission):
         return 0, int(self.policy.workspace.size_mb * (1 << 20) * _ARCHIVE_SLACK), 0.0
 
 
+def startup_canaries(runtime: Any, policy: Policy) -> list[Any]:
+    """The attack canaries in a sandbox from the worker's own backend before it serves (fail closed):
+    :func:`sandbox.audit.selftest.require_canaries` on Docker; the backend's own where it has one
+    (a cluster: the same probes in a claimed pod, plus the NetworkPolicy connection canary)."""
+    own = getattr(runtime, "require_canaries", None)
+    if own is not None:
+        return list(own(policy))
+    from sandbox.audit.selftest import require_canaries
+
+    return require_canaries(runtime, policy)
+
+
 def count_egress_denials(runtime: Runtime, a: Assignment) -> int:
     """New proxy denials for this sandbox since the last call (read from the egress audit log)."""
     if not a.sandbox.egress:

@@ -31,7 +31,8 @@ from sandbox.worker.store import SessionStore
 from tests.kube.fake_apiserver import FakeCluster, api_client
 from tests.worker.helpers import LogCapture, call, free_port, wait_for
 
-ACCEPT = {"accept": {k: "accepted in this test on purpose" for k in KNOWN_IDS}}
+# The connection canary's targets stay on this machine: a closed loopback port (nothing is sent elsewhere).
+ACCEPT = {"accept": {k: "accepted in this test on purpose" for k in KNOWN_IDS}, "canary_targets": ["127.0.0.9:9"]}
 CLAIMS = "/apis/extensions.agents.x-k8s.io/v1beta1/namespaces/sandboxes/sandboxclaims"
 
 
@@ -141,8 +142,9 @@ def test_the_start_up_canaries_run_in_a_cluster_sandbox_and_a_failing_one_refuse
         cp: ControlPlane, cluster: FakeCluster, kube_worker: Callable[..., Worker]) -> None:
     # The fake "pod" is a process on this host as root: no seccomp, all capabilities. The canaries must
     # see that through the exec stream and the worker must refuse to serve.
-    with pytest.raises(Exception, match="refusing to serve: sandbox self-test failed.*inside.user"):
+    with pytest.raises(Exception, match="refusing to serve: sandbox self-test failed.*inside.user") as e:
         kube_worker(selftest=True)
+    assert "inside.no_route" not in str(e.value), "a pod has a route by construction: not a canary there"
     assert len(cluster.exec_commands) == 1 and cluster.deleted_by_client, "one canary sandbox, claimed and deleted"
     assert not cluster.claims
 
