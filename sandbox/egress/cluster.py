@@ -450,13 +450,17 @@ async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, sta
         audit.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sandbox.egress.cluster", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sandbox.egress.cluster", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--listen", default="0.0.0.0:3128", help="where sandbox pods connect (the Service's target port)")
     ap.add_argument("--admin-listen", default="0.0.0.0:3129", help="the registration endpoint (worker only)")
     ap.add_argument("--token-file", required=True, help="the admin token (a mounted Secret)")
     ap.add_argument("--state-dir", default="/var/lib/sandbox-egress", help="audit logs, one per session")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = read_token(args.token_file)

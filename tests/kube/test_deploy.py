@@ -36,28 +36,42 @@ def test_deploy_manifests_validate_strictly(name):
 def test_kustomization_names_existing_files():
     k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     assert all((DEPLOY / r).is_file() for r in k["resources"])
-    assert "proxy.yaml" not in k["resources"]  # not runnable yet (README)
+    assert set(k["resources"]) == set(FILES) - {"rbac-doctor.yaml"}  # the proxy's cluster mode included
 
 
-def test_environment_key_reaches_the_worker_pod_only_as_a_file():
-    users = []
+def test_environment_key_reaches_the_worker_pod_only_and_the_admin_token_the_worker_and_proxy_only():
+    users: dict[str, set[str]] = {}
     for d in _all():
         if d["kind"] != "Deployment":
             continue
         spec = d["spec"]["template"]["spec"]
         for v in spec.get("volumes", []):
             if v.get("secret"):
-                users.append(d["metadata"]["name"])
+                users.setdefault(v["secret"]["secretName"], set()).add(d["metadata"]["name"])
+                # mounted read-only wherever it is mounted, never world-readable
+                assert v["secret"]["defaultMode"] & 0o007 == 0
+                for c in spec.get("containers", []) + spec.get("initContainers", []):
+                    for m in c.get("volumeMounts", []):
+                        if m["name"] == v["name"]:
+                            assert m.get("readOnly") is True, (d["metadata"]["name"], m)
+        # no Secret at all in the sandboxes' namespace: it lives next to the worker
+        assert d["metadata"]["namespace"] == "sandbox-system"
         for c in spec.get("containers", []) + spec.get("initContainers", []):
             for e in c.get("env", []):
                 assert "valueFrom" not in e or "secretKeyRef" not in e["valueFrom"], "no secret in an env var"
                 assert not e["name"].startswith("ANTHROPIC"), e
             assert not any("secretRef" in f for f in c.get("envFrom", []))
-    assert users == ["sandbox-worker"]
-    # and the compiled sandbox templates never mount a secret or carry a token
+    assert users == {"sandbox-environment-key": {"sandbox-worker"},
+                     "sandbox-egress-admin": {"sandbox-worker", "sandbox-egress"}}
+    # and the compiled sandbox templates never mount a secret or carry a token, and reach only the
+    # proxy port (never the admin port where addresses are registered)
     cfg = config_from_dict(yaml.safe_load(_docs("backend-config.yaml")[0]["data"]["kube.yaml"]))
-    tpl = kc.sandbox_template(load_policy("gvisor"), cfg)["spec"]["podTemplate"]["spec"]
-    assert tpl["automountServiceAccountToken"] is False and not any("secret" in v for v in tpl["volumes"])
+    for prof in ("gvisor", "python-packages"):
+        pol = load_policy(prof)
+        tpl = kc.sandbox_template(pol, cfg)["spec"]["podTemplate"]["spec"]
+        assert tpl["automountServiceAccountToken"] is False and not any("secret" in v for v in tpl["volumes"])
+        ports = {p["port"] for r in kc.network_rules(pol, cfg)["egress"] for p in r["ports"]}
+        assert cfg.egress_proxy.admin_port not in ports and ports <= {cfg.egress_proxy.port}
 
 
 def test_worker_rbac_is_namespaced_and_least_privilege():
@@ -101,3 +115,23 @@ def test_proxy_service_address_matches_the_backend_configuration():
     assert svc["metadata"]["namespace"] == cfg.egress_proxy.namespace
     assert dep["spec"]["template"]["metadata"]["labels"] == cfg.egress_proxy.pod_labels
     assert cfg.egress_proxy.port in {p["targetPort"] for p in svc["spec"]["ports"]}
+    assert cfg.egress_proxy.admin_port in {p["targetPort"] for p in svc["spec"]["ports"]}
+    assert cfg.egress_proxy.admin_base_url() == f"http://{svc['spec']['clusterIP']}:{cfg.egress_proxy.admin_port}"
+
+
+def test_the_proxy_deployment_runs_the_cluster_mode_with_the_token_the_worker_uses(tmp_path):
+    from sandbox.egress.cluster import parser
+
+    data = _docs("backend-config.yaml")[0]["data"]
+    cfg = config_from_dict(yaml.safe_load(data["kube.yaml"]))
+    dep = next(d for d in _docs("proxy.yaml") if d["kind"] == "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:3] == ["/opt/sandbox/bin/python", "-m", "sandbox.egress.cluster"]
+    args = parser().parse_args(c["command"][3:])  # the flags the module takes
+    assert args.listen.endswith(f":{cfg.egress_proxy.port}") and args.admin_listen.endswith(f":{cfg.egress_proxy.admin_port}")
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert str(Path(args.token_file).parent) in mounts
+    worker = next(d for d in _docs("worker.yaml") if d["kind"] == "Deployment")
+    wmounts = {m["mountPath"] for m in worker["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert str(Path(cfg.egress_proxy.admin_token_file).parent) in wmounts
+    assert c["readinessProbe"]["httpGet"]["port"] == cfg.egress_proxy.admin_port
