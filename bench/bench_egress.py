@@ -89,7 +89,8 @@ def role_server(port_file: Path, big: int) -> None:
         threading.Thread(target=serve, args=(c,), daemon=True).start()
 
 
-def role_proxy(port_file: Path, sock_dir: Path, target_port: int, audit: Path) -> None:
+def role_proxy(port_file: Path, sock_dir: Path, target_port: int, audit: Path, loop: str) -> None:
+    from sandbox.egress import evloop
     from sandbox.egress.audit import AuditLog
     from sandbox.egress.proxy import EgressProxy, StaticResolver
     from sandbox.egress.rules import EgressPolicy
@@ -103,7 +104,7 @@ def role_proxy(port_file: Path, sock_dir: Path, target_port: int, audit: Path) -
         port_file.write_text(str(port))
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    evloop.run(main(), loop)  # what the daemon runs on (uvloop), or the stdlib loop to compare
 
 
 def role_relay(port_file: Path, target_port: int) -> None:
@@ -513,6 +514,14 @@ def start_tinyproxy(tmp: Path, target_port: int) -> tuple[subprocess.Popen[bytes
     return proc, port
 
 
+def _cpu_s(pid: int | None) -> float:
+    """user+system CPU seconds of a process (all its threads; tinyproxy's children are not counted)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -548,12 +557,13 @@ def main() -> None:
     ap.add_argument("--audit", type=Path)
     ap.add_argument("--port", type=int)
     ap.add_argument("--sock")
+    ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     a = ap.parse_args()
     big = a.big_mib << 20
     if a.role == "server":
         return role_server(a.port_file, big)
     if a.role == "proxy":
-        return role_proxy(a.port_file, a.sock_dir, a.target_port, a.audit)
+        return role_proxy(a.port_file, a.sock_dir, a.target_port, a.audit, a.loop)
     if a.role == "forwarder":
         return role_forwarder(a.port, a.sock)
     if a.role == "relay":
@@ -587,19 +597,25 @@ def main() -> None:
         tport = _wait_file(tmp / "server.port")
         procs.append(_spawn(["--role", "proxy", "--port-file", str(tmp / "proxy.port"), "--sock-dir", str(tmp / "sess"), "--target-port", str(tport), "--audit", str(tmp / "audit.jsonl")]))
         pport = _wait_file(tmp / "proxy.port")
+        procs.append(_spawn(["--role", "proxy", "--loop", "asyncio", "--port-file", str(tmp / "proxy-aio.port"), "--sock-dir", str(tmp / "sess-aio"), "--target-port", str(tport), "--audit", str(tmp / "audit-aio.jsonl")]))
+        aport = _wait_file(tmp / "proxy-aio.port")
+        pids = {"sandbox proxy": procs[1].pid, "sandbox proxy, stdlib loop": procs[2].pid}
         fport = _free_port()
         procs.append(_spawn(["--role", "forwarder", "--port", str(fport), "--sock", str(tmp / "sess" / "proxy.sock")]))
         _wait_port(fport)
         procs.append(_spawn(["--role", "relay", "--port-file", str(tmp / "relay.port"), "--target-port", str(tport)]))
         rport = _wait_file(tmp / "relay.port")
+        pids["bare splice relay (1 hop)"] = procs[-1].pid
         tiny, tiny_port = start_tinyproxy(tmp, tport)
         if tiny:
             procs.append(tiny)
+            pids["tinyproxy"] = tiny.pid
 
         modes = [
             Path_("direct", None, ADDR),
             Path_("bare splice relay (1 hop)", None, ADDR, relay_port=rport),
             Path_("sandbox proxy", pport, NAME),
+            Path_("sandbox proxy, stdlib loop", aport, NAME),
             Path_("sandbox proxy+forwarder", fport, NAME),
         ]
         if tiny:
@@ -608,7 +624,8 @@ def main() -> None:
             print("tinyproxy not installed: skipped", file=sys.stderr)
 
         buf = bytearray(1 << 20)
-        results: dict[str, dict[str, list[float]]] = {m.name: {k: [] for k in ("http_mbs", "tunnel_mbs", "rps_http", "rps_tunnel", "setup")} for m in modes}
+        results: dict[str, dict[str, list[float]]] = {m.name: {k: [] for k in ("http_mbs", "tunnel_mbs", "rps_http", "rps_tunnel", "setup", "cpu")} for m in modes}
+        loads: list[float] = []
 
         def timed(fn: Callable[[], int]) -> float:
             t0 = time.perf_counter()
@@ -629,18 +646,24 @@ def main() -> None:
                 time.sleep(0.3)
                 res["tunnel_mbs"].append(timed(lambda m=m: fetch(m, tport, "/big", m.proxy_port is not None, buf)))
                 time.sleep(0.3)
+                pid = pids.get(m.name)
+                c0 = _cpu_s(pid)
                 for tunnel, key in ((False, "rps_http"), (True, "rps_tunnel")):
                     t0 = time.perf_counter()
                     for _ in range(a.small):
                         fetch(m, tport, "/small", tunnel and m.proxy_port is not None, buf)
                     res[key].append(a.small / (time.perf_counter() - t0))
+                if pid is not None:  # the proxy process's own CPU (user+sys) per small request
+                    res["cpu"].append((_cpu_s(pid) - c0) / (2 * a.small))
                 time.sleep(0.3)
                 if m.relay_port is not None:
                     continue  # a bare relay has no CONNECT step to time
                 res["setup"] += [setup_latency(m, tport) for _ in range(a.setup)]
+            loads.append(os.getloadavg()[0])
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
         report(results, a)
+        print(f"load average (1 min) after each round: {' '.join(f'{x:.1f}' for x in loads)}; {os.cpu_count()} CPUs")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -656,7 +679,7 @@ def report(results: dict[str, dict[str, list[float]]], a: argparse.Namespace) ->
     direct = results["direct"]
     d = {k: _median(v) for k, v in direct.items()}
     print(f"\negress proxy benchmark: {a.big_mib} MiB download, {a.small} small requests x {a.rounds} rounds, {a.setup} setups x {a.rounds}; medians; ratio = vs direct")
-    print(f"{'path':28} {'HTTP MiB/s':>11} {'ratio':>6} {'tunnel MiB/s':>13} {'ratio':>6} {'HTTP req/s':>11} {'ratio':>6} {'tunnel req/s':>13} {'ratio':>6} {'setup +ms med':>14} {'+ms p99':>8}")
+    print(f"{'path':28} {'HTTP MiB/s':>11} {'ratio':>6} {'tunnel MiB/s':>13} {'ratio':>6} {'HTTP req/s':>11} {'ratio':>6} {'tunnel req/s':>13} {'ratio':>6} {'setup +ms med':>14} {'+ms p99':>8} {'CPU us/req':>11}")
     direct_setup = _median(direct["setup"])
     for name, res in results.items():
         m = {k: _median(v) for k, v in res.items()}
@@ -665,9 +688,10 @@ def report(results: dict[str, dict[str, list[float]]], a: argparse.Namespace) ->
         print(
             f"{name:28} {m['http_mbs']:11.0f} {m['http_mbs'] / d['http_mbs']:6.2f} {m['tunnel_mbs']:13.0f} {m['tunnel_mbs'] / d['tunnel_mbs']:6.2f} "
             f"{m['rps_http']:11.0f} {m['rps_http'] / d['rps_http']:6.2f} {m['rps_tunnel']:13.0f} {m['rps_tunnel'] / d['rps_tunnel']:6.2f} "
-            f"{setup}"
+            f"{setup} {_median(res['cpu']) * 1e6 if res['cpu'] else float('nan'):11.0f}"
         )
-    print("(rows without a proxy do plain HTTP in both columns; setup = CONNECT until 200, minus a direct TCP connect)")
+    print("(rows without a proxy do plain HTTP in both columns; setup = CONNECT until 200, minus a direct TCP connect;\n"
+          " CPU us/req = the proxy process's user+sys CPU per small request, HTTP and tunnel alike, clock-tick resolution)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from sandbox.egress import evloop
 from sandbox.egress.audit import AuditLog, AuditRecord, read_records
 from sandbox.egress.manager import EgressManager, default_state_dir
 from sandbox.egress.rules import EgressPolicy
@@ -102,7 +103,7 @@ def proxy_cmd(rules_file: Path, listen: str, state_dir: Path | None) -> None:
             await proxy.close()
 
     try:
-        asyncio.run(run())
+        evloop.run(run())
     except KeyboardInterrupt:
         pass
     finally:

@@ -40,6 +40,7 @@ from typing import Any
 
 from sandbox.egress.audit import SESSIONS_DIR as AUDIT_DIR
 from sandbox.egress.audit import SessionAuditLogs
+from sandbox.egress import evloop
 from sandbox.egress.credentials import SessionMaterial
 from sandbox.egress.proxy import EgressProxy
 from sandbox.egress.rules import EgressPolicy
@@ -85,6 +86,8 @@ def _preload_lazy_modules() -> None:
 
     for mod in PRELOAD:
         importlib.import_module(mod)
+    if evloop.kind() == "uvloop":
+        importlib.import_module("uvloop")  # a C extension: loaded now, while its file is readable
     "warm.example".encode("idna")
     with contextlib.suppress(OSError):
         socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
@@ -218,6 +221,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
             "uid": os.getuid(),
             "gid": os.getgid(),
             "state_dir": str(self.state_dir),
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(PID_FILE).write_text(f"{os.getpid()}\n")
     drop_privileges(uid, gid)
     daemon = Daemon(state, args.idle_exit, manager_lock, daemon_lock, control)
-    asyncio.run(daemon.run())
+    evloop.run(daemon.run())  # uvloop unless SANDBOX_EGRESS_LOOP=asyncio
     return 0
 
 

@@ -15,6 +15,7 @@ from sandbox.egress.acl import HostError, parse_authority
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHOD = re.compile(r"^[A-Z][A-Z-]{0,19}$")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB
 
 # Never forwarded upstream: connection-scoped, or proxy credentials that belong to us.
 _HOP_BY_HOP = frozenset(
@@ -83,8 +84,9 @@ def parse_head(head: bytes) -> Request:
         raise ProtocolError(400, "bad-request", "non-ASCII bytes in request head") from None
     if not text.endswith("\r\n\r\n"):
         raise ProtocolError(400, "bad-request", "request head not terminated by CRLF CRLF")
-    lines = text[:-4].split("\r\n")
-    if any("\r" in ln or "\n" in ln or "\x00" in ln for ln in lines):
+    body = text[:-4]
+    lines = body.split("\r\n")
+    if "\x00" in body or body.count("\r") != len(lines) - 1 or body.count("\n") != len(lines) - 1:
         raise ProtocolError(400, "bad-request", "bare CR, LF or NUL in request head")
     parts = lines[0].split(" ")
     if len(parts) != 3:
@@ -102,7 +104,7 @@ def parse_head(head: bytes) -> Request:
         if not sep or not _TOKEN.match(name):
             raise ProtocolError(400, "bad-request", "malformed header line")
         value = value.strip(" \t")
-        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
+        if _CTL.search(value):
             raise ProtocolError(400, "bad-request", "control character in header value")
         headers.append((name, value))
     return Request(method, target, version, headers)

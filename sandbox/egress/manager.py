@@ -178,6 +178,8 @@ class EgressManager:
         pkg_parent = str(Path(sandbox.__file__).resolve().parent.parent)
         # A minimal environment: the runtime's may hold API keys the proxy has no use for.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": pkg_parent, "LANG": "C.UTF-8"}
+        if os.environ.get("SANDBOX_EGRESS_LOOP"):  # the event loop choice (evloop.py), never a secret
+            env["SANDBOX_EGRESS_LOOP"] = os.environ["SANDBOX_EGRESS_LOOP"]
         log_path = self.state_dir / "daemon.log"
         cmd = [
             self.python, "-m", "sandbox.egress.daemon",

@@ -68,6 +68,8 @@ _PIPE_SIZE = 1024 * 1024
 _MAX_RESPONSE_HEAD = 64 * 1024
 _MAX_CHUNK_LINE = 4096
 _SWEEP_S = 0.2
+_BUSY_TURNS = 16  # splice turns (up to _CHUNK each) before a bulk relay lets the loop run others
+_MEMO_MAX = 512  # ACL results kept per session (see _Session.decisions)
 _USE_SPLICE = hasattr(os, "splice")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -138,6 +140,18 @@ class _Session:
     material: SessionMaterial = field(default_factory=SessionMaterial)
     ca: SessionCA | None = None  # only when the policy terminates some host
     upstream_ctx: dict[str | None, ssl.SSLContext] = field(default_factory=dict)
+    # acl results for the policy object they were computed under (see decisions())
+    _memo: dict[tuple[object, ...], object] = field(default_factory=dict)
+    _memo_policy: EgressPolicy | None = None
+
+    def decisions(self) -> dict[tuple[object, ...], object]:
+        """Memo of pure ACL results (precheck, decide on a given answer, rule_for) for the
+        CURRENT policy: replacing the policy empties it, so no decision outlives the policy
+        it came from. Bounded: a session asking for many names just refills it."""
+        if self._memo_policy is not self.policy or len(self._memo) >= _MEMO_MAX:
+            self._memo = {}
+            self._memo_policy = self.policy
+        return self._memo
 
     @property
     def budget_left(self) -> int | None:
@@ -186,8 +200,9 @@ class _Conn:
             self.task.cancel()
 
 
-async def _wait_any(read_fd: int | None, write_fd: int | None) -> None:
-    """Until read_fd is readable or write_fd is writable (either may be None)."""
+async def _wait_any(read_fd: int | None, write_fd: int | None, deadline: float | None = None) -> None:
+    """Until read_fd is readable or write_fd is writable (either may be None); TimeoutError
+    once the loop's clock passes ``deadline`` (one timer, no asyncio.timeout context)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
 
@@ -195,10 +210,15 @@ async def _wait_any(read_fd: int | None, write_fd: int | None) -> None:
         if not fut.done():
             fut.set_result(None)
 
+    def expired() -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+
     if read_fd is not None:
         loop.add_reader(read_fd, ready)
     if write_fd is not None:
         loop.add_writer(write_fd, ready)
+    timer = None if deadline is None else loop.call_at(deadline, expired)
     try:
         await fut
     finally:
@@ -206,6 +226,36 @@ async def _wait_any(read_fd: int | None, write_fd: int | None) -> None:
             loop.remove_reader(read_fd)
         if write_fd is not None:
             loop.remove_writer(write_fd)
+        if timer is not None:
+            timer.cancel()
+
+
+async def _recv(sock: socket.socket, n: int) -> bytes:
+    """``loop.sock_recv``, but reading at once when data is there: uvloop's version always
+    waits for a poll first (one more loop turn per read; most reads find data waiting)."""
+    while True:
+        try:
+            return sock.recv(n)
+        except (BlockingIOError, InterruptedError):
+            await _wait_any(sock.fileno(), None)
+
+
+async def _recv_into(sock: socket.socket, view: memoryview) -> int:
+    while True:
+        try:
+            return sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            await _wait_any(sock.fileno(), None)
+
+
+async def _sendall(sock: socket.socket, data: bytes | memoryview) -> None:
+    """``loop.sock_sendall`` without its per-call future when the socket takes it all at once."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (BlockingIOError, InterruptedError):
+            await _wait_any(None, sock.fileno())
 
 
 class _Buffered:
@@ -216,7 +266,7 @@ class _Buffered:
         self.sock, self.conn, self.buf = sock, conn, bytearray()
 
     async def _fill(self) -> bool:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        data = await _recv(self.sock, 65536)
         if data:
             self.buf += data
             self.conn.touch()
@@ -269,11 +319,11 @@ class _TLS:
     async def _flush(self) -> None:
         data = self.out.read()
         if data:
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            await _sendall(self.sock, data)
             self.conn.touch()
 
     async def _fill(self) -> None:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        data = await _recv(self.sock, 65536)
         if data:
             self.inc.write(data)
             self.conn.touch()
@@ -628,7 +678,7 @@ class EgressProxy:
         rec.rule, rec.addr = decision.rule, decision.addr
         if not decision.allowed:
             raise _Refuse(403, decision.code, decision.reason)
-        rule = None if (decision.rule or "").startswith("cidr:") else acl.rule_for(pol, host, port)
+        rule = None if (decision.rule or "").startswith("cidr:") else self._rule_for(sess, host, port)
         if fwd is not None and rule is not None and rule.terminates:
             raise _Refuse(403, "plaintext-terminated-host", f"{host} is reached over TLS only: its rule {rule.label()} "
                           "injects a credential or checks requests (use https://)")
@@ -713,11 +763,36 @@ class EgressProxy:
                           raw=tls.alert(tls.ALERT_UNRECOGNIZED_NAME))
 
     async def _decide(self, sess: _Session, host: str, port: int) -> acl.Decision:
-        pol = sess.policy
-        pre = acl.precheck(pol, host, port)
-        if not pre.allowed or acl.is_ip_literal(host):
-            return acl.decide(pol, host, port, ())
-        return acl.decide(pol, host, port, await self._resolve(sess, host, port))
+        """precheck (before any lookup), our own resolution, then decide on exactly that
+        answer. The ACL functions are pure, so their results are memoised per session and
+        policy, keyed by everything they read (the answer included); the lookup itself
+        happens for every request."""
+        pol, memo = sess.policy, sess.decisions()
+        pre = memo.get(("pre", host, port))
+        if pre is None:
+            pre = memo[("pre", host, port)] = acl.precheck(pol, host, port)
+        assert isinstance(pre, acl.Decision)
+        addrs: tuple[str, ...] = ()
+        if pre.allowed and not acl.is_ip_literal(host):
+            addrs = tuple(await self._resolve(sess, host, port))
+            if sess.policy is not pol:  # replaced during the lookup: decided under the request's own policy
+                return acl.decide(pol, host, port, addrs)
+            memo = sess.decisions()
+        got = memo.get(("dec", host, port, addrs))
+        if got is None:
+            got = memo[("dec", host, port, addrs)] = acl.decide(pol, host, port, addrs)
+        assert isinstance(got, acl.Decision)
+        return got
+
+    @staticmethod
+    def _rule_for(sess: _Session, host: str, port: int) -> EgressRule | None:
+        memo = sess.decisions()
+        key = ("rule", host, port)
+        if key not in memo:
+            memo[key] = acl.rule_for(sess.policy, host, port)
+        rule = memo[key]
+        assert rule is None or isinstance(rule, EgressRule)
+        return rule
 
     async def _resolve(self, sess: _Session, host: str, port: int) -> Sequence[str]:
         """Resolve under the session's deadline, in one of the session's own slots first and
@@ -732,17 +807,23 @@ class EgressProxy:
             raise _Refuse(502, "dns-failure", f"could not resolve {host}", verdict="error", header=ERROR_HEADER) from None
 
     async def _connect(self, decision: acl.Decision, port: int, timeout: float) -> socket.socket:
-        """Connect to the checked addresses only, in order. Never a name: no second lookup."""
+        """Connect to the checked addresses only, in order. Never a name: no second lookup
+        (a non-blocking connect of our own: the loop's sock_connect may pass even a numeric
+        address through getaddrinfo)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last: str = "no address"
         for addr in decision.addrs or ((decision.addr,) if decision.addr else ()):
-            ip = ipaddress.ip_address(addr)
+            ip = ipaddress.ip_address(addr)  # the checked address, as text: a literal, never a name
             sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                async with asyncio.timeout_at(deadline):
-                    await loop.sock_connect(sock, (str(ip), port))
+                err = sock.connect_ex((str(ip), port))
+                if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+                    await _wait_any(None, sock.fileno(), deadline)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
             except (OSError, TimeoutError) as e:
                 sock.close()
                 last = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
@@ -929,7 +1010,7 @@ class EgressProxy:
         return ok
 
     async def _send(self, sock: socket.socket, data: bytes, conn: _Conn) -> None:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
+        await _sendall(sock, data)
         conn.touch()
 
     async def _send_up(self, conn: _Conn, data: bytes) -> None:
@@ -980,6 +1061,7 @@ class EgressProxy:
         # A pipe counts slots, not bytes: small fragments can fill it below cap. Then splice-in
         # says EAGAIN while src stays readable; waiting on src would spin, so wait on dst.
         full = False
+        busy = 0  # turns in a row without waiting: yield now and then so other connections run
         try:
             while True:
                 progressed = False
@@ -1015,8 +1097,14 @@ class EgressProxy:
                     if limit is not None and taken >= limit:
                         return
                 if not progressed:
+                    busy = 0
                     can_read = not eof and not spent and not full and (cap - pending) > 0
                     await _wait_any(s if can_read else None, d if pending else None)
+                else:
+                    busy += 1
+                    if busy >= _BUSY_TURNS:
+                        busy = 0
+                        await asyncio.sleep(0)
         finally:
             os.close(rfd)
             os.close(wfd)
@@ -1024,18 +1112,17 @@ class EgressProxy:
     async def _relay_copy(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None, upgrade: bool) -> int | None:
         """Copy loop. Returns None when finished, or (with ``upgrade``) the bytes moved so far
         as soon as a read fills the buffer, so the caller can switch to splice."""
-        loop = asyncio.get_running_loop()
         view = memoryview(bytearray(_COPY_CHUNK))
         done = 0
         while limit is None or done < limit:
             want = _COPY_CHUNK if limit is None else min(_COPY_CHUNK, limit - done)
-            n = await loop.sock_recv_into(src, view[:want])
+            n = await _recv_into(src, view[:want])
             if n == 0:
                 if limit is not None:
                     raise EOFError
                 return None
             ok = self._account(conn, n, direction)
-            await loop.sock_sendall(dst, view[:ok])
+            await _sendall(dst, view[:ok])
             done += ok
             if ok < n:
                 raise _BudgetSpent

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox.egress import evloop
 from sandbox.egress.audit import SESSIONS_DIR, SessionAuditLogs, read_records
 from sandbox.egress.proxy import EgressProxy, StaticResolver
 from sandbox.egress.rules import EgressPolicy
@@ -126,7 +127,7 @@ class Harness:
     def __init__(self, tmp: Path, mapping: dict[str, list[str]], resolver: Any = None, audit_max_bytes: int | None = None, **proxy_kw: Any) -> None:
         self.tmp = tmp
         self.audit_path = tmp / "audit.jsonl"
-        self.loop = asyncio.new_event_loop()
+        self.loop = evloop.new_event_loop()  # the daemon's loop (uvloop unless SANDBOX_EGRESS_LOOP=asyncio)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.resolver = resolver or StaticResolver(mapping)

@@ -115,7 +115,7 @@ def test_daemon_started_as_root_runs_as_nobody_without_capabilities(mgr: EgressM
     assert ctl.stat().st_uid == 0 and ctl.stat().st_mode & 0o777 == 0o600
     # the daemon's environment carries nothing of ours (API keys live in the runtime's)
     env = Path(f"/proc/{st['pid']}/environ").read_bytes().split(b"\0")
-    assert {e.split(b"=")[0] for e in env if e} <= {b"PATH", b"PYTHONPATH", b"LANG"}
+    assert {e.split(b"=")[0] for e in env if e} <= {b"PATH", b"PYTHONPATH", b"LANG", b"SANDBOX_EGRESS_LOOP"}
     # not dumpable: it holds credential values and CA keys, and another process of its uid
     # (nobody) must not read its memory: /proc/<pid>/mem stays root's
     assert Path(f"/proc/{st['pid']}/mem").stat().st_uid == 0
@@ -130,6 +130,8 @@ def test_session_socket_enforces_policy_and_audits_per_session(mgr: EgressManage
         s.sendall(b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n")
         denied = parse_response(recv_all(s))
     assert ok.status == 200 and ok.body == b"ok:/ok?secret=x"
+    # the daemon runs on uvloop (evloop.py) unless told otherwise
+    assert mgr.status()["loop"] == ("asyncio" if os.environ.get("SANDBOX_EGRESS_LOOP") == "asyncio" else "uvloop")
     assert denied.status == 403 and denied.headers["x-sandbox-egress-denied"].startswith("no-matching-rule")
     assert wait_until(lambda: len(mgr.records(session="s1")) == 2)
     recs = mgr.records(session="s1")

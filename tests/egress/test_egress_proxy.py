@@ -140,6 +140,37 @@ def test_rebinding_target_allowed_once_allow_cidrs_names_it(harness: Harness, ta
     assert get(sock, f"http://rebind.test:{other.port}/").status == 200
 
 
+def test_a_name_rebinding_after_an_allowed_answer_is_refused_on_the_next_request(harness: Harness, targets: dict[str, Target]) -> None:
+    """The proxy memoises ACL results per session: the memo is keyed by the answer, and the
+    name is resolved again for every request, so a name that answered an allowed address once
+    and then rebinds to a private or metadata address is refused at once."""
+    t = targets["allowed"]
+    sock = harness.add_session("s1", allow(t, host="rebind.test"))
+    harness.resolver.mapping["rebind.test"] = [ALLOWED_ADDR]
+    assert get(sock, f"http://rebind.test:{t.port}/").status == 200
+    for private in (["10.1.2.3"], ["169.254.169.254"], [ALLOWED_ADDR, "169.254.169.254"]):
+        harness.resolver.mapping["rebind.test"] = private
+        assert_denied(get(sock, f"http://rebind.test:{t.port}/"), "non-public-address")
+        s, resp = connect_tunnel(sock, f"rebind.test:{t.port}")
+        s.close()
+        assert_denied(resp, "non-public-address")
+    assert len(t.connections) == 1 and harness.resolver.queries.count("rebind.test") == 7
+
+
+def test_a_replaced_policy_applies_to_the_next_request_not_a_remembered_decision(harness: Harness, targets: dict[str, Target]) -> None:
+    t = targets["allowed"]
+    sock = harness.add_session("s1", allow(t))
+    assert get(sock, f"http://allowed.test:{t.port}/").status == 200
+    assert harness.add_session("s1", allow(t, host="other.test")) == sock  # same socket, new rules
+    assert_denied(get(sock, f"http://allowed.test:{t.port}/"), "no-matching-rule")
+    s, resp = connect_tunnel(sock, f"allowed.test:{t.port}")
+    s.close()
+    assert_denied(resp, "no-matching-rule")
+    harness.add_session("s1", allow(t))
+    assert get(sock, f"http://allowed.test:{t.port}/").status == 200
+    assert len(t.connections) == 2
+
+
 @pytest.mark.parametrize(
     "host",
     [
