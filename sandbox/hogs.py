@@ -62,6 +62,16 @@ def read_cpu_stat(d: Path) -> tuple[int, int, int] | None:
         return None
 
 
+def host_idle_ns() -> int | None:
+    """The host's idle + iowait time over all cores since boot (/proc/stat), in ns."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) * (1_000_000_000 // (os.sysconf("SC_CLK_TCK") or 100))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class _Watch:
     dir: Path
@@ -70,16 +80,19 @@ class _Watch:
     last: tuple[int, int, int] | None = None
     demoted: bool = False
     busy_ticks: int = 0
+    since: float = 0.0  # when it last looked like a hog
 
 
 class HogDemoter:
     def __init__(self, interval: float = 0.5, factor: int = 8, hog_fraction: float = 0.5,
-                 quiet_cores: float = 0.1):
+                 quiet_cores: float = 0.1, hold: float = 3.0):
+        self.hold = hold
         self.interval = interval
         self.factor = factor
         self.hog_fraction = hog_fraction
         self.quiet_cores = quiet_cores
         self.cpus = os.cpu_count() or 1
+        self._idle: int | None = host_idle_ns()
         self._watched: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -134,19 +147,25 @@ class HogDemoter:
             last, w.last = w.last, cur
             if last is not None:
                 deltas.append((w, cur[0] - last[0], cur[1] - last[1], cur[2] - last[2]))
-        # The host is saturated when its sandboxes used (nearly) every core: then a sandbox that
-        # took its whole fair share for two intervals running is batch work, not interactive.
-        active = [d for d in deltas if d[3] > self.quiet_cores * span_ns]
-        saturated = sum(d[3] for d in deltas) >= 0.9 * self.cpus * span_ns
-        fair_ns = self.cpus * span_ns / max(len(active), 1)
+        # The host is saturated when its cores were (nearly) never idle: then a sandbox that took
+        # its whole share (an equal split among the busy ones) for two intervals running is batch
+        # work, not interactive.
+        active = [d for d in deltas if d[3] > 0.02 * span_ns]  # had some work at all
+        idle, self._idle = self._idle, host_idle_ns()
+        saturated = idle is not None and self._idle is not None and self._idle - idle < 0.1 * self.cpus * span_ns
+        fair_ns = sum(d[3] for d in active) / max(len(active), 1)  # what an equal split gave each
         for w, periods, throttled, used in deltas:
             over_quota = periods > 0 and throttled >= self.hog_fraction * periods
             full_share = saturated and len(active) > self.cpus and used >= 0.8 * fair_ns
             w.busy_ticks = w.busy_ticks + 1 if full_share else 0
-            if (over_quota or w.busy_ticks >= 2) and not w.demoted:
-                self._set(w, str(max(2 if not _V2 else 1, int(w.original) // self.factor)))
-                w.demoted = True
-            elif w.demoted and used < self.quiet_cores * span_ns:
+            if over_quota or w.busy_ticks >= 2:
+                if not w.demoted:
+                    self._set(w, str(max(2 if not _V2 else 1, int(w.original) // self.factor)))
+                    w.demoted = True
+                w.since = now
+            elif w.demoted and used < self.quiet_cores * span_ns and now - w.since >= self.hold:
+                # A demoted bomb that merely gets little CPU looks quiet too: it keeps the lower
+                # weight for ``hold`` seconds, then has to earn it again (two busy intervals).
                 self._set(w, w.original)
                 w.demoted = False
 

@@ -36,7 +36,7 @@ def _stat(d: Path, periods: int, throttled: int, usage_ns: int) -> None:
 def test_a_sandbox_throttled_in_most_periods_is_demoted_and_restored_when_quiet(tmp_path: Path) -> None:
     d = _fake_cgroup(tmp_path)
     wf = d / ("cpu.weight" if hogs._V2 else "cpu.shares")
-    h = HogDemoter(factor=8)
+    h = HogDemoter(factor=8, hold=0.0)
     _stat(d, 0, 0, 0)
     w = _Watch(d, wf, "1024", hogs.read_cpu_stat(d))
     _stat(d, 10, 2, 10**9)  # busy but within its quota in 8 of 10 periods: left alone
@@ -86,7 +86,7 @@ def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_doe
     assert int(w.weight_file.read_text()) < int(w.original)
     for t in threads:
         t.join(30)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 5 + runtime.hogs.hold
     while runtime.hogs.demoted(hog.id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not runtime.hogs.demoted(hog.id) and w.weight_file.read_text().strip() == w.original
@@ -94,9 +94,13 @@ def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_doe
     assert hog.exec(["true"]).exit_code == 0
 
 
-def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_a_newcomer(tmp_path: Path) -> None:
+def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_a_newcomer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     h = HogDemoter(factor=8)
     h.cpus = 2
+    idle = iter(range(0, 10**9, 1000))
+    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))  # the cores are never idle
+    h._idle = hogs.host_idle_ns()
     ws = []
     for i in range(5):
         d = tmp_path / f"cg{i}"
@@ -119,3 +123,24 @@ def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_
     second(2)
     assert all(w.demoted for w in bombs_) and not newcomer.demoted
     assert bombs_[0].weight_file.read_text() == "128" and newcomer.weight_file.read_text() == "1024"
+
+
+def test_an_idle_host_demotes_nobody_for_being_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = HogDemoter()
+    h.cpus = 2
+    idle = iter(range(0, 10**12, 10**9))  # a whole core idle every second
+    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))
+    h._idle = hogs.host_idle_ns()
+    ws = []
+    for i in range(4):
+        d = tmp_path / f"cg{i}"
+        d.mkdir()
+        (d / "cpu.shares").write_text("1024")
+        _stat(d, 0, 0, 0)
+        ws.append(_Watch(d, d / "cpu.shares", "1024", hogs.read_cpu_stat(d)))
+    for k in (1, 2, 3):
+        h._last_tick = time.monotonic() - 1.0
+        for w in ws:
+            _stat(w.dir, 10 * k, 0, k * 250_000_000)
+        h.tick(ws)
+    assert not any(w.demoted for w in ws)
