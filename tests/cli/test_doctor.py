@@ -78,3 +78,21 @@ def test_doctor_reports_a_sandbox_whose_owner_is_gone(docker_client) -> None:
     finally:
         c.remove(force=True)
     assert session not in orphan_check(docker_client).detail
+
+
+def test_doctor_names_the_runsc_platform_of_the_engines_registration(docker_client) -> None:
+    """The platform is read from the registration the engine reports, not assumed (issue 11:
+    the platform is chosen by measurement, and doctor says which one is in use)."""
+    from sandbox.doctor import run_checks, runsc_platform
+
+    def info(args: list[str]) -> dict:
+        return {"Runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": args}}}
+
+    assert runsc_platform(info(["--platform=kvm", "--oci-seccomp"])) == "kvm"
+    assert runsc_platform(info(["--oci-seccomp", "--platform", "systrap"])) == "systrap"
+    assert runsc_platform(info(["--oci-seccomp"])) == "default"
+    assert runsc_platform({"Runtimes": {"runc": {"path": "runc"}}}) == "default"
+    live = runsc_platform(docker_client.info())
+    assert live != "default"  # ./run registers an explicit platform
+    row = {c.name: c for c in run_checks(canaries=False)}["gvisor"]
+    assert f"platform {live}" in row.detail, row.detail
