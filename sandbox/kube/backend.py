@@ -462,10 +462,22 @@ class KubeBackend:
             if remaining <= 0:
                 raise SandboxError(f"claim {self.ns}/{name} not ready within {self.ready_timeout:.0f}s ({why}); "
                                    "is the warm pool's pod stuck (image, RuntimeClass, SeccompProfile, quota)?")
+            # Read it first: a watch names no object that is already gone (a claim the controller
+            # deleted before this watch began would otherwise be waited for until the deadline).
+            try:
+                obj = custom.get_namespaced_custom_object(kc.SANDBOX_GROUP, kc.SANDBOX_VERSION, self.ns, CLAIMS, name)
+            except ApiException as e:
+                if e.status == 404:
+                    raise SandboxError(f"claim {self.ns}/{name} was deleted before it was ready") from None
+                raise SandboxError(f"reading claim {self.ns}/{name} failed: {e.status} {e.reason}") from None
+            ok, why = _ready(obj)
+            if ok:
+                return dict(obj)
             w = watch.Watch()
             try:
                 for ev in w.stream(custom.list_namespaced_custom_object, kc.SANDBOX_GROUP, kc.SANDBOX_VERSION,
                                    self.ns, CLAIMS, field_selector=f"metadata.name={name}",
+                                   resource_version=(obj.get("metadata") or {}).get("resourceVersion"),
                                    timeout_seconds=max(1, int(remaining + 0.999)), _request_timeout=remaining + 5):
                     typ, obj = ev.get("type"), ev.get("object") or {}
                     if typ == "DELETED":

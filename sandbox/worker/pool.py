@@ -432,10 +432,17 @@ def open_runtime(backend: str | None, *, state_dir: Path, owner_kind: str) -> An
     endpoint and token from there too)."""
     from sandbox.backend import backend_name, open_backend
 
-    name = backend_name(backend)
-    if name == "docker":
-        return open_backend(name, state_dir=state_dir, owner_kind=owner_kind).runtime  # type: ignore[attr-defined]
-    return open_backend(name, owner_kind=owner_kind)
+    from .worker import WorkerError  # (loaded: the worker is the caller)
+
+    try:
+        name = backend_name(backend)
+        if name == "docker":
+            return open_backend(name, state_dir=state_dir, owner_kind=owner_kind).runtime  # type: ignore[attr-defined]
+        return open_backend(name, owner_kind=owner_kind)
+    except WorkerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad configuration, an unreadable token file: said, no traceback
+        raise WorkerError(f"cannot open the sandbox backend {backend or '(default)'}: {e}") from None
 
 
 def admission_for(runtime: Any, policy: Policy, state_dir: Path) -> Admission:

@@ -14,7 +14,8 @@ and the HMAC channel protocol is exercised end to end. Loopback only.
 
 Scenarios: ``never_ready`` (the claim never becomes Ready), ``drop_exec_after`` (the server cuts
 the exec connection after that many stdin messages from the host: a stream that drops mid-call),
-``forge_after_ready`` (the "pod" writes an unauthenticated frame on stdout after the agent's ready).
+``forge_after_ready`` (the "pod" writes an unauthenticated frame on stdout after the agent's ready),
+``delete_at_once`` (the controller deletes a claim as soon as it exists, before the client watches).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class FakeCluster:
         self.never_ready = False
         self.drop_exec_after: int | None = None
         self.forge_after_ready = False
+        self.delete_at_once = False
         self.ready_delay = 0.1
         # for the doctor: what the cluster has installed and what the worker may do
         self.crds: dict[str, dict[str, Any]] = {}
@@ -246,7 +248,11 @@ class FakeCluster:
                         cluster._bump(body)
                         cluster.claims[cname] = body
                         cluster._event("ADDED", body)
-                        return self._json(201, cluster.public(body))
+                        created = cluster.public(json.loads(json.dumps(body)))
+                        if cluster.delete_at_once:  # the controller removes it before the client looks
+                            cluster.deleted_by_controller.append(cname)
+                            cluster._delete_claim(cname)
+                        return self._json(201, created)
                 if method == "DELETE":
                     with cluster.cond:
                         ok = cluster._delete_claim(name)

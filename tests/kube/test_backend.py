@@ -131,6 +131,14 @@ def test_a_pod_that_never_becomes_ready_ends_in_an_error_and_a_deleted_claim(clu
     assert cluster.exec_commands == []
 
 
+def test_a_claim_deleted_before_the_watch_begins_is_an_error_at_once_not_a_wait(cluster, backend):
+    cluster.delete_at_once = True
+    b = backend(ready_timeout=120)
+    with pytest.raises(SandboxError, match="was deleted before it was ready"):
+        b.create(_policy(), session_id="sess_gone")
+    assert cluster.exec_commands == [] and not cluster.claims
+
+
 def test_an_exec_stream_that_drops_mid_call_fails_the_call_and_deletes_the_claim(cluster, backend):
     b = backend()
     sb = b.create(_policy(), session_id="sess_drop")
@@ -164,7 +172,7 @@ from sandbox.kube.backend import KubeBackend
 from sandbox.kube.config import config_from_dict
 from sandbox.policy import load_policy, policy_from_dict
 from tests.kube.fake_apiserver import api_client
-d = load_policy("default").model_dump(mode="json"); d["timeouts"]["session_s"] = 1
+d = load_policy("default").model_dump(mode="json"); d["timeouts"]["session_s"] = 4
 b = KubeBackend(config_from_dict({ACCEPT!r}), api_client=api_client({cluster.url!r}))
 sb = b.create(policy_from_dict(d), session_id="sess_orphan")
 print(sb.id, flush=True)

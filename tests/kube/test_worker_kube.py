@@ -169,3 +169,17 @@ def test_the_docker_path_hands_the_worker_the_runtime_itself() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.split() == ["True", "/nonexistent-state", "True"], out.stderr
+
+
+def test_a_bad_backend_configuration_stops_the_worker_with_the_file_and_key(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.worker.worker import WorkerError
+
+    bad = tmp_path / "kube.yaml"
+    bad.write_text("namespace: Not_A_Label\negress_proxy: {admin_token_file: /nonexistent/token}\n")
+    monkeypatch.setenv("SANDBOX_KUBE_CONFIG", str(bad))
+    with pytest.raises(WorkerError, match=r"(?s)cannot open the sandbox backend kubernetes: .*kube.yaml: namespace: .Not_A_Label. is not a DNS label"):
+        open_runtime("kubernetes", state_dir=tmp_path, owner_kind="worker")
+    bad.write_text("egress_proxy: {admin_token_file: /nonexistent/token}\n")
+    with pytest.raises(WorkerError, match="cannot read the egress admin token file /nonexistent/token"):
+        open_runtime("kubernetes", state_dir=tmp_path, owner_kind="worker")
