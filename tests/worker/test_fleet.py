@@ -215,3 +215,23 @@ def test_a_worker_refuses_to_send_its_key_in_clear_off_this_host(fleet_cp: Contr
                                       base_url="http://127.0.0.1:9"),
                          env=_host_env(tmp_path / "host"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "is for an https control plane" in res.stderr, res.stderr
+
+
+def test_a_worker_on_the_control_planes_host_takes_the_ca_from_endpoint_json(fleet_cp: ControlPlane,
+                                                                             tmp_path: Path) -> None:
+    """Without --base-url the worker reads endpoint.json: its https URL and its CA file. Pointing that CA
+    entry at another CA makes the start fail on it, which shows the worker used it."""
+    import json
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    wrong_ca = ensure_generated(elsewhere, ["localhost"])[2]
+    endpoint = tmp_path / "cp" / "endpoint.json"
+    doc = json.loads(endpoint.read_text())
+    assert doc["ca_file"] == str(fleet_cp.ca_file) and doc["base_url"].startswith("https://127.0.0.1:")
+    endpoint.write_text(json.dumps({**doc, "ca_file": str(wrong_ca)}))
+    res = subprocess.run([sys.executable, "-m", "sandbox.cli", "worker", "--control-plane-state-dir",
+                          str(tmp_path / "cp")], env=_host_env(tmp_path / "host"), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and f"at {doc['base_url']}" in res.stderr and str(wrong_ca) in res.stderr, res.stderr
+    assert "sk-ant-" not in res.stdout + res.stderr
