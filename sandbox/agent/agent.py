@@ -29,16 +29,26 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import hashlib
-import hmac
 import json
 import os
 import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
+from _operator import _compare_digest as compare_digest  # what hmac.compare_digest is without OpenSSL
+
+try:  # CPython's own SHA-256: hashlib would map OpenSSL into PID 1 (0.4 MiB private per sandbox)
+    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]  # Python 3.11
+except ImportError:  # pragma: no cover - other interpreters
+    try:
+        from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,no-redef]  # Python 3.12+
+    except ImportError:
+        from hashlib import sha256 as _sha256  # type: ignore[no-redef]
+# `subprocess` and the tool ops are imported on first use: an idle sandbox's agent stays small.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (memory of every sandbox)
+if TYPE_CHECKING:
+    import subprocess
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reaper  # noqa: E402  (beside this file; the image's stdlib python has no package for it)
@@ -50,7 +60,7 @@ MAX_HELLO = 4096
 
 _out_lock = threading.Lock()
 _out = sys.stdout.buffer
-_procs: dict[object, subprocess.Popen] = {}
+_procs: dict[object, "subprocess.Popen"] = {}
 _procs_lock = threading.Lock()
 _stdin_queues: dict[object, "queue.Queue[bytes | None]"] = {}
 _key = b""
@@ -60,8 +70,27 @@ _last_heard = time.monotonic()
 MAC_HEX = 32
 
 
+_inner = _outer = None  # HMAC-SHA256 state after the key's pads (RFC 2104), set by _set_key
+
+
+def _set_key(key: bytes) -> None:
+    global _key, _inner, _outer
+    _key = key
+    k = (_sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+    _inner = _sha256(bytes(b ^ 0x36 for b in k))
+    _outer = _sha256(bytes(b ^ 0x5C for b in k))
+
+
 def _mac(direction: bytes, seq: int, body: bytes) -> bytes:
-    return hmac.new(_key, direction + seq.to_bytes(8, "big") + body, hashlib.sha256).hexdigest()[:MAC_HEX].encode()
+    """HMAC-SHA256 over direction, sequence number and body, truncated (the host checks the same)."""
+    inner = _inner.copy()  # type: ignore[attr-defined]
+    inner.update(direction + seq.to_bytes(8, "big") + body)
+    outer = _outer.copy()  # type: ignore[attr-defined]
+    outer.update(inner.digest())
+    return outer.hexdigest()[:MAC_HEX].encode()
+
+
+_set_key(b"")
 
 
 def emit(event: dict) -> None:
@@ -78,7 +107,7 @@ def _authentic(raw: bytes) -> bytes:
     """The body of a request line from the host; any line that fails ends the sandbox."""
     global _rseq, _last_heard
     got, _, body = raw.rstrip(b"\n").partition(b" ")
-    if len(got) != MAC_HEX or not hmac.compare_digest(got, _mac(b"H", _rseq, body)):
+    if len(got) != MAC_HEX or not compare_digest(got, _mac(b"H", _rseq, body)):
         emit({"id": None, "ev": "violation", "message": "a request failed authentication"})
         os._exit(72)  # injected, replayed or stolen requests: nothing here is trustworthy any more
     _rseq += 1
@@ -104,7 +133,7 @@ def _child_env(extra: dict | None) -> dict:
     return env
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: "subprocess.Popen") -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -113,6 +142,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def op_exec(req: dict) -> None:
+    import subprocess  # on the first command, not at start (0.8 MiB an idle sandbox need not hold)
+
     rid = req["id"]
     argv = req.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -287,13 +318,22 @@ OPS = {"exec": op_exec, "cancel": op_cancel, "ping": op_ping}
 INLINE_OPS = {"stdin": op_stdin, "beat": op_beat}  # order matters: run on the reading thread
 
 
-def _load_tool_ops() -> None:
+_tools_loaded = False
+
+
+def _load_tool_ops() -> bool:
+    """Import the tool ops (on the first op that is not built in); True if this call loaded them."""
+    global _tools_loaded
+    if _tools_loaded:
+        return False
+    _tools_loaded = True
     try:
         import tools  # type: ignore[import-not-found]
     except ImportError:
-        return
+        return False
     for name, fn in getattr(tools, "OPS", {}).items():
         OPS.setdefault(name, _wrap_tool(fn))
+    return True
 
 
 def _wrap_tool(fn):
@@ -321,7 +361,6 @@ def _start_forwarder() -> None:
 def _read_hello() -> tuple[float, float | None]:
     """The first line: the per-sandbox MAC key, the session time limit and the watchdog period.
     Nothing of the workload exists before it is read."""
-    global _key
     raw = sys.stdin.buffer.readline(MAX_HELLO)
     try:
         hello = json.loads(raw)
@@ -334,7 +373,7 @@ def _read_hello() -> tuple[float, float | None]:
     except (ValueError, KeyError, TypeError):
         sys.stderr.write("agent: no valid hello from the host; exiting\n")
         os._exit(71)
-    _key = key
+    _set_key(key)
     return session_s, watchdog_s
 
 
@@ -360,7 +399,6 @@ def main() -> None:
     threading.Thread(target=_expire_after, args=(session_s,), name="session-limit", daemon=True).start()
     if watchdog_s:
         threading.Thread(target=_watchdog, args=(watchdog_s,), name="watchdog", daemon=True).start()
-    _load_tool_ops()
     _start_forwarder()
     emit({"id": None, "ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()})
     for raw in sys.stdin.buffer:
@@ -369,7 +407,11 @@ def main() -> None:
             req = json.loads(body)
             name = req["op"]
             inline = INLINE_OPS.get(name)
-            op = OPS[name] if inline is None else inline
+            op = OPS.get(name) if inline is None else inline
+            if op is None and _load_tool_ops():
+                op = OPS.get(name)
+            if op is None:
+                raise KeyError(name)
             req.setdefault("id", None)
         except (ValueError, KeyError, TypeError):
             emit({"id": None, "ev": "error", "message": "malformed request"})

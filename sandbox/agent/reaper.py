@@ -13,10 +13,13 @@ it handles, and the agent handles none, so the workload cannot signal it at all.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 import weakref
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (memory of every sandbox)
+if TYPE_CHECKING:
+    import subprocess
 
 _lock = threading.Lock()
 _known: dict[int, "weakref.ref[subprocess.Popen[bytes]]"] = {}
@@ -26,6 +29,8 @@ POLL_S = 0.05  # one waitid() per tick when idle
 
 def spawn(argv: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
     """subprocess.Popen, registered so the reaper leaves this child to its caller."""
+    import subprocess  # on the first command, not at the agent's start
+
     with _lock:
         proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
         _known[proc.pid] = weakref.ref(proc)

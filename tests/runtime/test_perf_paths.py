@@ -332,3 +332,23 @@ def test_when_the_loader_reads_are_not_recorded_nothing_is_cached(env: Path, mon
     cp = policycache.load("child")
     assert not cp.cached and cp.facts == _fresh("child")
     assert not list(policycache.cache_dir().glob("*.json"))
+
+
+@pytest.mark.docker
+def test_an_idle_agent_maps_no_openssl_and_loads_tools_and_subprocess_only_when_used(make_sandbox, runtime) -> None:
+    """Idle memory per sandbox (issue 11): the agent's MAC is CPython's own SHA-256 (hashlib would map
+    OpenSSL into every sandbox's PID 1) and the tool ops and `subprocess` load on first use; the
+    channel still authenticates (the host side uses `hmac`) and the first tool op still works."""
+    sb = make_sandbox()
+    pid = runtime.engine.inspect(sb.id)["State"]["Pid"]
+
+    def maps() -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    assert "libcrypto" not in maps() and "_hashlib" not in maps()
+    assert "_lzma" not in maps()  # tools.py imports shutil, which loads _lzma: not yet
+    assert sb.exec(["sh", "-c", "echo hi"]).stdout == b"hi\n"
+    assert "_lzma" not in maps()
+    assert sb.call("write", file_path="t.txt", content="x") == {"text": "wrote 1 bytes to t.txt"}
+    assert "_lzma" in maps()  # the tool ops loaded on first use (so the marker above means something)
+    assert "libcrypto" not in maps()
