@@ -1,44 +1,173 @@
-"""Worker benchmark (run by hand: `python3 bench/bench_worker.py [-n 30]`).
+"""Worker benchmark (run by hand: `python3 bench/bench_worker.py [-n 30] [--worker both|sandbox|reference]`).
 
 The whole loop: embedded control plane (real HTTP) -> worker (official SDK
-worker, our sandbox tools) -> sandbox -> result posted back. Measures
+worker, our sandbox tools) -> sandbox -> result posted back. The model side
+(the "brain") works as a real one would: one open event stream per session
+(SSE, `GET /v1/sessions/{id}/events/stream`), a tool call injected, its
+`user.tool_result` read from the stream. Nothing polls. Measures
   - tool calls per second with 1, 4 and 16 concurrent sessions running `bash true`;
-  - the loop's per-call overhead over the same agent op called directly
+  - the loop's per-call overhead over the same op called directly
     (`Sandbox.call("bash", ...)` in a sandbox of the same policy): median, p99;
   - session start (new session -> first tool result) without and with a warm pool.
-Results are read by polling the events endpoint every 2 ms, which the numbers include.
+
+The same rows for the SDK's own reference worker (`EnvironmentWorker` with its
+host-side `agent_toolset_20260401`: a persistent `/bin/bash` on this host, no
+sandbox, no journal) through the same control plane, run in the same process
+and printed with the ratio ours / reference. Its direct op is its own bash
+tool called in-process. `load` is the 1-minute load average when each part ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+from anyio.from_thread import start_blocking_portal
 
 from sandbox.controlplane import ControlPlane, LocalAdmin
 from sandbox.policy import load_policy
 from sandbox.runtime import Runtime
 from sandbox.worker import Worker
+from sandbox.worker.admission import Admission, psutil_probe
 from sandbox.worker.credentials import EnvironmentKey
-from sandbox.worker.runner import BackgroundWorker
 from sandbox.worker.worker import WorkerConfig
 
+USE_UVLOOP = os.environ.get("BENCH_UVLOOP", "1") != "0"
 
-def call(admin: LocalAdmin, sid: str, command: str, timeout: float = 60.0) -> float:
-    t = time.perf_counter()
-    tid = admin.send_tool_use(sid, "bash", {"command": command})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for ev in admin.events(sid, types=["user.tool_result"]):
-            if ev.get("tool_use_id") == tid:
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+class Brain:
+    """The model side of one session: its event stream held open, tool calls injected, results read back."""
+
+    def __init__(self, base_url: str, admin_key: str, session_id: str) -> None:
+        self.sid = session_id
+        self.admin = LocalAdmin(base_url, admin_key)
+        self._http = httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
+        self._cm = self._http.stream("GET", f"{base_url}/v1/sessions/{session_id}/events/stream",
+                                     headers=self.admin._headers)  # the admin's own headers (its key)
+        resp = self._cm.__enter__()
+        if resp.status_code >= 400:
+            raise RuntimeError(f"event stream refused: {resp.status_code}")
+        self._lines = resp.iter_lines()
+
+    def _events(self) -> Iterator[dict[str, Any]]:
+        name: str | None = None
+        data: list[str] = []
+        for line in self._lines:
+            if line:
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if field == "event":
+                    name = value
+                elif field == "data":
+                    data.append(value)
+                continue
+            if name not in (None, "ping") and data:
+                yield json.loads("\n".join(data))
+            name, data = None, []
+
+    def call(self, command: str) -> float:
+        """Inject one `bash` call; seconds until its result arrived on the stream."""
+        t = time.perf_counter()
+        tid = self.admin.send_tool_use(self.sid, "bash", {"command": command})
+        for ev in self._events():
+            if ev.get("type") == "user.tool_result" and ev.get("tool_use_id") == tid:
                 if ev.get("is_error"):
                     raise RuntimeError(f"tool call failed: {ev}")
                 return time.perf_counter() - t
-        time.sleep(0.002)
-    raise TimeoutError(tid)
+            if ev.get("type") in ("session.status_terminated", "session.deleted"):
+                break
+        raise RuntimeError(f"the event stream ended before the result of {tid}")
+
+    def close(self, terminate: bool = True) -> None:
+        try:
+            if terminate:
+                self.admin.terminate(self.sid)
+        finally:
+            self._cm.__exit__(None, None, None)
+            self._http.close()
+            self.admin.close()
+
+
+class RemoteControlPlane:
+    """The embedded control plane (`ControlPlane`) in a process of its own, as `sandbox control-plane` runs it:
+    the brain, the control plane and the worker then do not share one interpreter lock."""
+
+    def __init__(self, state_dir: Path) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_control_plane, args=(state_dir, child), daemon=True)
+
+    def __enter__(self) -> RemoteControlPlane:
+        self._proc.start()
+        if not self._conn.poll(60):
+            raise RuntimeError("the control plane process did not start")
+        self.base_url, self.environment_id, self.environment_key, self.admin_key = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.send("stop")
+        self._proc.join(30)
+
+
+class CPInfo:
+    def __init__(self, base_url: str, environment_id: str, environment_key: str, admin_key: str) -> None:
+        self.base_url, self.environment_id = base_url, environment_id
+        self.environment_key, self.admin_key = environment_key, admin_key
+
+
+@contextmanager
+def in_process(kind: str, cp: Any, path: Path, warm: int) -> Iterator[None]:
+    """A worker (`our` or `reference`) in a process of its own."""
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    info = (cp.base_url, cp.environment_id, cp.environment_key, cp.admin_key)
+    proc = ctx.Process(target=_serve_worker, args=(kind, info, path, warm, child), daemon=True)
+    proc.start()
+    try:
+        if not conn.poll(300):
+            raise RuntimeError(f"the {kind} worker process did not start")
+        msg = conn.recv()
+        if msg != "ready":
+            raise RuntimeError(f"the {kind} worker process failed: {msg}")
+        yield
+    finally:
+        conn.send("stop")
+        proc.join(150)
+
+
+def _serve_worker(kind: str, info: tuple[str, str, str, str], path: Path, warm: int, conn: Any) -> None:
+    cp = CPInfo(*info)
+    try:
+        cm = our_worker(cp, path, warm) if kind == "our" else reference_worker(cp, path)
+        with cm:
+            conn.send("ready")
+            conn.recv()
+    except BaseException as e:  # noqa: BLE001 - said to the parent
+        conn.send(f"{type(e).__name__}: {e}")
+        raise
+
+
+def _serve_control_plane(state_dir: Path, conn: Any) -> None:
+    with ControlPlane(state_dir) as cp:
+        conn.send((cp.base_url, cp.environment_id, cp.environment_key, cp.admin_key))
+        conn.recv()
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -46,92 +175,233 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def start_worker(cp: ControlPlane, state: Path, warm: int) -> BackgroundWorker:
+# ---------------------------------------------------------------------- the two workers
+
+@contextmanager
+def our_worker(cp: Any, state: Path, warm: int) -> Iterator[None]:
     cfg = WorkerConfig(base_url=cp.base_url, environment_id=cp.environment_id, state_dir=state, max_sessions=16,
-                       warm=warm, lease_ttl=30, max_idle=300.0)
-    return BackgroundWorker(Worker(cfg, EnvironmentKey(cp.environment_key, "bench"))).start()
+                       warm=warm, lease_ttl=30, max_idle=300.0,
+                       # The worker's own admission (memory, disk, busy sandboxes), with no load-average gate:
+                       # other work on a shared host must not stall the benchmark.
+                       admission=Admission(load_policy("worker"), psutil_probe(state), load_per_cpu=0.0))
+    worker = Worker(cfg, EnvironmentKey(cp.environment_key, "bench"))
+    # BackgroundWorker's loop, with the backend options under test (uvloop or not).
+    with start_blocking_portal(backend_options={"use_uvloop": USE_UVLOOP}) as portal:
+        fut = portal.start_task_soon(worker.run)
+
+        async def started() -> None:
+            with anyio.fail_after(120):
+                await worker.started.wait()
+
+        portal.call(started)
+        if worker.startup_error is not None:
+            raise worker.startup_error
+        try:
+            yield
+        finally:
+            portal.call(worker.request_stop)
+            fut.result(timeout=120)
 
 
-def throughput(cp: ControlPlane, admin: LocalAdmin, sessions: int, calls: int) -> float:
-    sids = [admin.create_session(cp.environment_id) for _ in range(sessions)]
-    for sid in sids:
-        call(admin, sid, "true")  # sandbox started; not counted
+@contextmanager
+def reference_worker(cp: Any, workdir: Path, concurrency: int = 16) -> Iterator[None]:
+    """The SDK's own `EnvironmentWorker` (its reference toolset, host bash), `concurrency` of them on one loop
+    (its `run()` serves one item at a time)."""
+    from anthropic import AsyncAnthropic
+    from anthropic.lib.environments import EnvironmentWorker
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with start_blocking_portal(backend_options={"use_uvloop": USE_UVLOOP}) as portal:
+        scope: list[anyio.CancelScope] = []
+        started = threading.Event()
+
+        async def main() -> None:
+            client = AsyncAnthropic(base_url=cp.base_url, auth_token=cp.environment_key, api_key=None, max_retries=2)
+            with anyio.CancelScope() as cs:
+                scope.append(cs)
+                async with anyio.create_task_group() as tg:
+                    for i in range(concurrency):
+                        w = EnvironmentWorker(client, environment_id=cp.environment_id,
+                                              environment_key=cp.environment_key, workdir=workdir,
+                                              max_idle=300.0, memory_sync_interval=None, worker_id=f"ref-{i}")
+                        tg.start_soon(w.run)
+                    started.set()
+            await client.close()
+
+        fut = portal.start_task_soon(main)
+        started.wait(30)
+        try:
+            yield
+        finally:
+            portal.call(scope[0].cancel)
+            fut.result(timeout=60)
+
+
+# ---------------------------------------------------------------------- measurements
+
+def throughput(cp: Any, sessions: int, calls: int) -> float:
+    admin = LocalAdmin(cp.base_url, cp.admin_key)
+    brains = [Brain(cp.base_url, cp.admin_key, admin.create_session(cp.environment_id)) for _ in range(sessions)]
+    admin.close()
+    for b in brains:
+        b.call("true")  # sandbox started; not counted
     done = [0]
     lock = threading.Lock()
 
-    def run(sid: str) -> None:
+    def run(b: Brain) -> None:
         for _ in range(calls):
-            call(admin, sid, "true")
+            b.call("true")
             with lock:
                 done[0] += 1
 
     t = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(s,)) for s in sids]
+    threads = [threading.Thread(target=run, args=(b,)) for b in brains]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    for sid in sids:
-        admin.terminate(sid)
+    for b in brains:
+        b.close()
     return done[0] / wall
 
 
-def session_starts(cp: ControlPlane, admin: LocalAdmin, n: int) -> list[float]:
+def per_call(cp: Any, n: int) -> list[float]:
+    admin = LocalAdmin(cp.base_url, cp.admin_key)
+    b = Brain(cp.base_url, cp.admin_key, admin.create_session(cp.environment_id))
+    admin.close()
+    b.call("true")
+    b.call("true")
+    out = [b.call("true") for _ in range(n)]
+    b.close()
+    return out
+
+
+def session_starts(cp: Any, n: int) -> list[float]:
+    admin = LocalAdmin(cp.base_url, cp.admin_key)
     out = []
     for _ in range(n):
+        t = time.perf_counter()
         sid = admin.create_session(cp.environment_id)
-        out.append(call(admin, sid, "true"))
-        admin.terminate(sid)
+        b = Brain(cp.base_url, cp.admin_key, sid)
+        b.call("true")
+        out.append(time.perf_counter() - t)
+        b.close()
         time.sleep(0.5)  # let the pool refill
+    admin.close()
     return out
+
+
+def direct_sandbox(n: int) -> list[float]:
+    rt = Runtime(owner_kind="bench")
+    sb = rt.create(load_policy("worker"))
+    try:
+        sb.call("bash", command="true", timeout=30)
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            sb.call("bash", command="true", timeout=30)
+            out.append(time.perf_counter() - t)
+        return out
+    finally:
+        sb.destroy()
+
+
+def direct_reference(n: int, workdir: Path) -> list[float]:
+    """The reference bash tool called in-process, on the same kind of loop."""
+    from anthropic.lib.tools._beta_functions import aclose_runnable_tool
+    from anthropic.lib.tools.agent_toolset import AgentToolContext, beta_agent_toolset_20260401
+
+    async def go() -> list[float]:
+        workdir.mkdir(parents=True, exist_ok=True)
+        async with AgentToolContext(workdir=workdir) as ctx:
+            bash = next(t for t in beta_agent_toolset_20260401(ctx) if t.name == "bash")
+            try:
+                await bash.call({"command": "true"})
+                out = []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    await bash.call({"command": "true"})
+                    out.append(time.perf_counter() - t)
+                return out
+            finally:
+                await aclose_runnable_tool(bash)
+
+    return anyio.run(go, backend_options={"use_uvloop": USE_UVLOOP})
+
+
+def measure(cp: Any, n: int, worker: Callable[[int], Any], direct: Callable[[], list[float]],
+            starts: bool = True, warm: bool = False) -> dict[str, Any]:
+    r: dict[str, Any] = {}
+    with worker(0):
+        for c in (1, 4, 16):
+            r[f"tps{c}"] = throughput(cp, c, max(5, n // c * 2 if c > 1 else n))
+            r[f"load_tps{c}"] = load()
+        r["loop"] = per_call(cp, n)
+        r["load_loop"] = load()
+        if starts:
+            r["cold"] = session_starts(cp, max(5, n // 3))
+    r["direct"] = direct()
+    if starts and warm:
+        with worker(2):
+            time.sleep(3)  # pool filled
+            r["warm"] = session_starts(cp, max(5, n // 3))
+            r["load_warm"] = load()
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=30, help="calls per session / samples")
+    ap.add_argument("--worker", choices=("both", "sandbox", "reference"), default="both")
+    ap.add_argument("--one-process", action="store_true",
+                    help="control plane and worker in this process too (brain, control plane and worker share one "
+                         "interpreter lock); by default each runs in its own process, as deployed")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker."))
-    rows: list[tuple[str, str]] = []
-    with ControlPlane(tmp / "cp") as cp:
-        admin = LocalAdmin(cp.base_url, cp.admin_key)
-        bw = start_worker(cp, tmp / "w0", warm=0)
-        try:
-            for c in (1, 4, 16):
-                rows.append((f"tool calls/s, {c} concurrent session(s), bash true",
-                             f"{throughput(cp, admin, c, max(5, args.n // c * 2 if c > 1 else args.n)):.1f}"))
-            sid = admin.create_session(cp.environment_id)
-            call(admin, sid, "true")
-            loop = [call(admin, sid, "true") for _ in range(args.n)]
-            admin.terminate(sid)
-            rt = Runtime(owner_kind="bench")
-            sb = rt.create(load_policy("worker"))
-            direct = []
-            for _ in range(args.n):
-                t = time.perf_counter()
-                sb.call("bash", command="true", timeout=30)
-                direct.append(time.perf_counter() - t)
-            sb.destroy()
-            rows.append(("per call through the loop, median / p99 (ms)",
-                         f"{statistics.median(loop) * 1e3:.1f} / {pct(loop, 99) * 1e3:.1f}"))
-            rows.append(("same op called directly, median / p99 (ms)",
-                         f"{statistics.median(direct) * 1e3:.1f} / {pct(direct, 99) * 1e3:.1f}"))
-            rows.append(("loop overhead per call, median (ms)",
-                         f"{(statistics.median(loop) - statistics.median(direct)) * 1e3:.1f}"))
-            cold = session_starts(cp, admin, max(5, args.n // 3))
-        finally:
-            bw.stop(timeout=120)
-        bw = start_worker(cp, tmp / "w1", warm=2)
-        try:
-            time.sleep(3)  # pool filled
-            warm = session_starts(cp, admin, max(5, args.n // 3))
-        finally:
-            bw.stop(timeout=120)
-    rows.append(("session start to first result, no pool, median (ms)", f"{statistics.median(cold) * 1e3:.0f}"))
-    rows.append(("session start to first result, warm pool, median (ms)", f"{statistics.median(warm) * 1e3:.0f}"))
-    print("\nWorker benchmark (embedded control plane, real sandboxes)\n")
-    for k, v in rows:
-        print(f"{k:58} {v:>14}")
+    results: dict[str, dict[str, Any]] = {}
+    load0 = load()
+    with (ControlPlane(tmp / "cp") if args.one_process else RemoteControlPlane(tmp / "cp")) as cp:
+        if args.worker in ("both", "reference"):
+            results["reference"] = measure(
+                cp, args.n, lambda _warm: (reference_worker(cp, tmp / "ref") if args.one_process
+                                           else in_process("reference", cp, tmp / "ref", 0)),
+                lambda: direct_reference(args.n, tmp / "ref-direct"))
+        if args.worker in ("both", "sandbox"):
+            counter = iter(range(100))
+            results["sandbox"] = measure(
+                cp, args.n, lambda warm: (our_worker if args.one_process else partial(in_process, "our"))(
+                    cp, tmp / f"w{next(counter)}", warm),
+                lambda: direct_sandbox(args.n), warm=True)
+
+    med = statistics.median
+    where = "in this process" if args.one_process else "in its own process"
+    print(f"\nWorker benchmark (embedded control plane {where}, brain on the event stream; uvloop={USE_UVLOOP}; "
+          f"load average at start {load0:.2f})\n")
+    cols = [k for k in ("sandbox", "reference") if k in results]
+    head = f"{'':58}" + "".join(f"{c:>16}" for c in cols) + ("   ratio ours/ref" if len(cols) == 2 else "")
+    print(head)
+
+    def row(label: str, f: Callable[[dict[str, Any]], float], fmt: str = "{:.1f}") -> None:
+        vals = [f(results[c]) for c in cols]
+        line = f"{label:58}" + "".join(f"{fmt.format(v):>16}" for v in vals)
+        if len(vals) == 2 and vals[1]:
+            line += f"   {vals[0] / vals[1]:.2f}x"
+        print(line)
+
+    for c in (1, 4, 16):
+        row(f"tool calls/s, {c} concurrent session(s), bash true", lambda r, c=c: r[f"tps{c}"])
+    row("per call through the loop, median (ms)", lambda r: med(r["loop"]) * 1e3)
+    row("per call through the loop, p99 (ms)", lambda r: pct(r["loop"], 99) * 1e3)
+    row("same op called directly, median (ms)", lambda r: med(r["direct"]) * 1e3)
+    row("loop overhead per call, median (ms)", lambda r: (med(r["loop"]) - med(r["direct"])) * 1e3)
+    row("session start to first result, no pool, median (ms)", lambda r: med(r["cold"]) * 1e3, "{:.0f}")
+    if "sandbox" in results:
+        print(f"{'session start to first result, warm pool, median (ms)':58}{med(results['sandbox']['warm']) * 1e3:>16.0f}")
+    for c in cols:
+        r = results[c]
+        print(f"load average during {c}: throughput {r['load_tps1']:.2f}/{r['load_tps4']:.2f}/{r['load_tps16']:.2f}, "
+              f"per call {r['load_loop']:.2f}" + (f", warm starts {r['load_warm']:.2f}" if "load_warm" in r else ""))
 
 
 if __name__ == "__main__":

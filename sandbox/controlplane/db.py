@@ -4,8 +4,17 @@ One connection guarded by one re-entrant lock: every operation here is a few
 indexed statements, so serialising them costs nothing measurable locally and
 rules out SQLITE_BUSY and lost updates between request threads. WAL keeps the
 file consistent across crashes and lets an operator read it (sqlite3 CLI) while
-we run. `changed` is a Condition on the same lock: writers notify it, and
-long-polls and event streams wait on it instead of spinning.
+we run. Writes go through `tx()` (BEGIN IMMEDIATE); reads through `read()`,
+which takes the lock but no write transaction (this connection is the only
+writer and holds the same lock, so a read sees no half-done write).
+
+Waiting instead of spinning, on Conditions over the same lock: `changed` wakes
+work long-polls (a session created, work queued or stopped); each session with
+an open event stream has its own condition, woken only by events of that
+session (`notify_session`). With one shared condition every appended event
+woke every stream and every long-poll of every session, each then querying the
+database under the one lock: the cost of a tool call grew with the number of
+sessions open (measured: 8 event queries per call with 2 streams open).
 """
 
 from __future__ import annotations
@@ -98,6 +107,8 @@ class Database:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.closing = False
+        # session id -> (its condition, how many streams wait on it)
+        self._session_conds: dict[str, tuple[threading.Condition, int]] = {}
         self._local = threading.local()
         existed = path.exists()
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -139,9 +150,46 @@ class Database:
             finally:
                 self._local.depth = 0
 
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """Statements that only read: under the lock, without a write transaction."""
+        with self.lock:
+            conn = self._conn
+            if conn is None:
+                raise ApiError(503, "the control plane is shutting down")
+            yield conn
+
     def notify(self) -> None:
+        """Work may have changed: wake the long-polls (and, to be safe, every stream)."""
         with self.lock:
             self.changed.notify_all()
+            for cond, _n in self._session_conds.values():
+                cond.notify_all()
+
+    def notify_session(self, session_id: str, *, work: bool) -> None:
+        """Events were appended to `session_id`: wake its streams; with `work`, also the long-polls."""
+        with self.lock:
+            entry = self._session_conds.get(session_id)
+            if entry is not None:
+                entry[0].notify_all()
+            if work:
+                self.changed.notify_all()
+
+    @contextmanager
+    def session_condition(self, session_id: str) -> Iterator[threading.Condition]:
+        """The condition a stream of `session_id` waits on (call with the lock held; waits release it)."""
+        with self.lock:
+            cond, n = self._session_conds.get(session_id) or (threading.Condition(self.lock), 0)
+            self._session_conds[session_id] = (cond, n + 1)
+        try:
+            yield cond
+        finally:
+            with self.lock:
+                cond, n = self._session_conds[session_id]
+                if n <= 1:
+                    del self._session_conds[session_id]
+                else:
+                    self._session_conds[session_id] = (cond, n - 1)
 
     def get_meta(self, key: str) -> str | None:
         with self.tx() as c:
@@ -156,12 +204,12 @@ class Database:
         """Wake every waiter and make them leave; the connection stays open until close()."""
         with self.lock:
             self.closing = True
-            self.changed.notify_all()
+            self.notify()
 
     def close(self) -> None:
         with self.lock:
             self.closing = True
-            self.changed.notify_all()
+            self.notify()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None

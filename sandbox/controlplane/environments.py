@@ -109,6 +109,6 @@ class Environments:
         return [environment_json(r) for r in rows]
 
     def by_key(self, key: str) -> str | None:
-        with self._db.tx() as c:
+        with self._db.read() as c:
             row = c.execute("SELECT id FROM environments WHERE key_hash=?", (keys.hash_key(key),)).fetchone()
         return None if row is None else str(row["id"])

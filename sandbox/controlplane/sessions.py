@@ -68,7 +68,7 @@ class Sessions:
         return row
 
     def environment_of(self, session_id: str) -> str | None:
-        with self._db.tx() as c:
+        with self._db.read() as c:
             row = c.execute("SELECT environment_id FROM sessions WHERE id=?", (session_id,)).fetchone()
         return None if row is None else str(row["environment_id"])
 
@@ -116,11 +116,11 @@ class Sessions:
             )
             self._work.enqueue(c, environment_id, session_id)
             row = self._row(c, session_id)
-        self._db.notify()
+        self._db.notify_session(session_id, work=True)
         return self._json(row)
 
     def retrieve(self, session_id: str) -> dict[str, Any]:
-        with self._db.tx() as c:
+        with self._db.read() as c:
             return self._json(self._row(c, session_id))
 
     # ----------------------------------------------------------------- events
@@ -181,7 +181,7 @@ class Sessions:
                     self._set_status(c, session_id, "running")
             if wakes:
                 self._wake(c, row)
-        self._db.notify()
+        self._db.notify_session(session_id, work=wakes)
         return out
 
     def _check_reference(self, c: sqlite3.Connection, session_id: str, kind: str, ref: str, where: str) -> None:
@@ -231,7 +231,7 @@ class Sessions:
                 self._work.cancel_undelivered(c, session_id)
             elif wakes:
                 self._wake(c, row)
-        self._db.notify()
+        self._db.notify_session(session_id, work=wakes or status == "terminated")
         return out
 
     def _unanswered(self, c: sqlite3.Connection, session_id: str) -> list[str]:
@@ -271,7 +271,7 @@ class Sessions:
             args.append(created_before[0])
         sql = f"SELECT seq, body FROM events WHERE {' AND '.join(where)} ORDER BY seq {'ASC' if order == 'asc' else 'DESC'} LIMIT ?"
         args.append(limit + 1)
-        with self._db.tx() as c:
+        with self._db.read() as c:
             self._row(c, session_id)
             rows = c.execute(sql, args).fetchall()
         more = len(rows) > limit
@@ -282,21 +282,26 @@ class Sessions:
         }
 
     def last_seq(self, session_id: str) -> int:
-        with self._db.tx() as c:
+        with self._db.read() as c:
             self._row(c, session_id)
             row = c.execute("SELECT MAX(seq) AS s FROM events WHERE session_id=?", (session_id,)).fetchone()
         return int(row["s"] or 0)
 
     def events_after(self, session_id: str, seq: int, limit: int = 500) -> list[tuple[int, dict[str, Any]]]:
-        with self._db.tx() as c:
+        return [(s, json.loads(body)) for s, _kind, body in self.raw_events_after(session_id, seq, limit)]
+
+    def raw_events_after(self, session_id: str, seq: int, limit: int = 500) -> list[tuple[int, str, str]]:
+        """(seq, type, stored JSON text) of the events after `seq`: the stream frames them unparsed."""
+        with self._db.read() as c:
             rows = c.execute(
-                "SELECT seq, body FROM events WHERE session_id=? AND seq > ? ORDER BY seq LIMIT ?", (session_id, seq, limit)
+                "SELECT seq, type, body FROM events WHERE session_id=? AND seq > ? ORDER BY seq LIMIT ?",
+                (session_id, seq, limit),
             ).fetchall()
-        return [(int(r["seq"]), json.loads(r["body"])) for r in rows]
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def terminal_event(self, session_id: str) -> dict[str, Any] | None:
         """The `session.status_terminated` event, if the session has ended."""
-        with self._db.tx() as c:
+        with self._db.read() as c:
             row = c.execute(
                 "SELECT body FROM events WHERE session_id=? AND type='session.status_terminated' ORDER BY seq DESC LIMIT 1",
                 (session_id,),

@@ -29,6 +29,11 @@ def frame(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode("utf-8")
 
 
+def raw_frame(kind: str, body: str) -> bytes:
+    """A stored event as a frame, its JSON text as stored (written by json.dumps: one line)."""
+    return f"event: {kind}\ndata: {body}\n\n".encode("utf-8")
+
+
 class SessionEventStream:
     def __init__(self, db: Database, sessions: Sessions, session_id: str, ping_interval: float) -> None:
         self._db = db
@@ -45,24 +50,26 @@ class SessionEventStream:
             yield frame(self._terminal)
             return
         next_ping = time.monotonic() + self._ping_interval
-        while True:
-            batch: list[tuple[int, dict[str, Any]]] = []
-            with self._db.lock:
-                while True:
-                    if self._db.closing:
+        # Woken only by this session's events (db.notify_session), not by every write of every session.
+        with self._db.session_condition(self._session_id) as changed:
+            while True:
+                batch: list[tuple[int, str, str]] = []
+                with self._db.lock:
+                    while True:
+                        if self._db.closing:
+                            return
+                        batch = self._sessions.raw_events_after(self._session_id, self._last_seq)
+                        now = time.monotonic()
+                        if batch or now >= next_ping:
+                            break
+                        changed.wait(next_ping - now)
+                # Write outside the lock: a slow client must not stall the server.
+                if not batch:
+                    yield PING_FRAME
+                    next_ping = time.monotonic() + self._ping_interval
+                    continue
+                for seq, kind, body in batch:
+                    self._last_seq = seq
+                    yield raw_frame(kind, body)
+                    if kind in TERMINAL_EVENT_TYPES:
                         return
-                    batch = self._sessions.events_after(self._session_id, self._last_seq)
-                    now = time.monotonic()
-                    if batch or now >= next_ping:
-                        break
-                    self._db.changed.wait(next_ping - now)
-            # Write outside the lock: a slow client must not stall the server.
-            if not batch:
-                yield PING_FRAME
-                next_ping = time.monotonic() + self._ping_interval
-                continue
-            for seq, event in batch:
-                self._last_seq = seq
-                yield frame(event)
-                if event.get("type") in TERMINAL_EVENT_TYPES:
-                    return

@@ -415,20 +415,29 @@ class WorkQueue:
         return [work_json(r) for r in rows]
 
     def token_grant(self, token: str) -> TokenGrant | None:
-        with self._db.tx() as c:
-            self._expire_leases(c, self._clock())
+        # Every call a worker makes for an item passes here: read only (no write transaction), the
+        # item's state as `_expire_leases` would leave it now (the write itself happens on the next
+        # write path; `current` does not change until a poll re-delivers the item).
+        now = self._clock()
+        with self._db.read() as c:
             row = c.execute(
-                "SELECT t.generation AS tgen, w.id, w.session_id, w.environment_id, w.generation, w.state"
-                " FROM tokens t JOIN work w ON w.id = t.work_id WHERE t.token_hash=?",
+                "SELECT t.generation AS tgen, w.id, w.session_id, w.environment_id, w.generation, w.state,"
+                " w.lease_expires_at FROM tokens t JOIN work w ON w.id = t.work_id WHERE t.token_hash=?",
                 (keys.hash_key(token),),
             ).fetchone()
         if row is None:
             return None
+        state = row["state"]
+        lapsed = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+        if lapsed and state in ("starting", "active"):
+            state = "queued"
+        elif lapsed and state == "stopping":
+            state = "stopped"
         return TokenGrant(
             work_id=row["id"],
             session_id=row["session_id"],
             environment_id=row["environment_id"],
             generation=int(row["tgen"]),
             current=int(row["tgen"]) == int(row["generation"]),
-            state=row["state"],
+            state=state,
         )
