@@ -10,10 +10,15 @@ One local target server (its own process), and in one run, interleaved rounds of
   bare splice relay       client -> a byte relay with no parsing and no policy -> server: what
                           one extra TCP hop costs on this machine, the bound for any proxy's
                           throughput (its req/s is not tuned: a thread per direction)
+  sandbox proxy, stdlib   the same proxy on asyncio's own loop instead of uvloop (what uvloop buys)
+  Python floor (uvloop)   the least a Python proxy does per request (Protocols, no policy, no
+                          audit): the bound for our req/s; tinyproxy (C) is below it
+  sandbox proxy @ baseline  with --baseline-tree DIR: the proxy of an older checkout, same run
 
 for a large download (plain HTTP and inside a CONNECT tunnel), sequential small requests
 (one connection each), and connection-setup latency (CONNECT until "200 established",
-minus a direct TCP connect). Prints medians and ratios to direct. Nothing leaves loopback.
+minus a direct TCP connect). Prints medians and ratios to direct, each proxy process's own
+CPU per small request, and the load average. Nothing leaves loopback.
 
     python3 bench/bench_egress.py --issue12 [--tls-big-mib 64] [--tls-small 200] [--rounds 3]
 
@@ -42,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -105,6 +111,63 @@ def role_proxy(port_file: Path, sock_dir: Path, target_port: int, audit: Path, l
         await asyncio.Event().wait()
 
     evloop.run(main(), loop)  # what the daemon runs on (uvloop), or the stdlib loop to compare
+
+
+def role_floor(port_file: Path, target_port: int) -> None:
+    """The floor of a Python proxy on this machine: uvloop with Protocols (callbacks, no
+    coroutines), one request per connection, no policy, no name resolution, no audit, no
+    timeouts or budgets. Whatever our proxy costs beyond this row is its own work; this row
+    beyond tinyproxy is what CPython and an event loop cost per request."""
+    import uvloop
+
+    class Up(asyncio.Protocol):
+        def __init__(self, down: Any, first: bytes) -> None:
+            self.down, self.first = down, first
+
+        def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
+            self.t = transport
+            self.down.get_protocol().up = transport  # type: ignore[attr-defined]
+            if self.first:
+                transport.write(self.first)
+            else:
+                self.down.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+
+        def data_received(self, data: bytes) -> None:
+            self.down.write(data)
+
+        def eof_received(self) -> bool:
+            self.down.close()
+            return False
+
+    class Down(asyncio.Protocol):
+        up: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.t, self.buf = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            if self.up is not None:
+                self.up.write(data)
+                return
+            self.buf += data
+            if b"\r\n\r\n" not in self.buf:
+                return
+            line, _, rest = self.buf.partition(b"\r\n")
+            method, target, version = line.split(b" ")
+            first = b"" if method == b"CONNECT" else b"%s /%s %s\r\n%s" % (method, target.split(b"/", 3)[3], version, rest)
+            loop = asyncio.get_running_loop()
+            loop.create_task(loop.create_connection(lambda: Up(self.t, first), ADDR, target_port))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.up is not None:
+                self.up.close()
+
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(Down, ADDR, 0, backlog=512)
+        port_file.write_text(str(srv.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
 
 
 def role_relay(port_file: Path, target_port: int) -> None:
@@ -539,7 +602,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=300, help="small requests per mode per round")
     ap.add_argument("--setup", type=int, default=300, help="connection setups per mode per round")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay", "tls-server", "tls-proxy", "fair-proxy"])
+    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay", "floor", "tls-server", "tls-proxy", "fair-proxy"])
     ap.add_argument("--issue12", action="store_true", help="HTTPS tunnel vs terminated+injected vs direct, and DNS-flood fairness")
     ap.add_argument("--tls-big-mib", type=int, default=64)
     ap.add_argument("--tls-small", type=int, default=200)
@@ -558,6 +621,7 @@ def main() -> None:
     ap.add_argument("--port", type=int)
     ap.add_argument("--sock")
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    ap.add_argument("--baseline-tree", type=Path, help="also run the proxy of this checkout (git worktree/archive of an older commit)")
     a = ap.parse_args()
     big = a.big_mib << 20
     if a.role == "server":
@@ -568,6 +632,8 @@ def main() -> None:
         return role_forwarder(a.port, a.sock)
     if a.role == "relay":
         return role_relay(a.port_file, a.target_port)
+    if a.role == "floor":
+        return role_floor(a.port_file, a.target_port)
     if a.role == "tls-server":
         return role_tls_server(a.port_file, a.tls_big_mib << 20, a.cert, a.key)
     if a.role == "tls-proxy":
@@ -606,6 +672,16 @@ def main() -> None:
         procs.append(_spawn(["--role", "relay", "--port-file", str(tmp / "relay.port"), "--target-port", str(tport)]))
         rport = _wait_file(tmp / "relay.port")
         pids["bare splice relay (1 hop)"] = procs[-1].pid
+        procs.append(_spawn(["--role", "floor", "--port-file", str(tmp / "floor.port"), "--target-port", str(tport)]))
+        floor_port = _wait_file(tmp / "floor.port")
+        pids["Python floor (uvloop)"] = procs[-1].pid
+        if a.baseline_tree:  # the proxy as another checkout has it (e.g. before a change), same run
+            env = dict(os.environ, PYTHONPATH=str(a.baseline_tree))
+            procs.append(subprocess.Popen([sys.executable, str(a.baseline_tree / "bench" / "bench_egress.py"), "--role", "proxy", "--port-file",
+                                           str(tmp / "base.port"), "--sock-dir", str(tmp / "sess-base"), "--target-port", str(tport),
+                                           "--audit", str(tmp / "audit-base.jsonl")], stdin=subprocess.DEVNULL, env=env, cwd=a.baseline_tree))
+            base_port = _wait_file(tmp / "base.port")
+            pids["sandbox proxy @ baseline"] = procs[-1].pid
         tiny, tiny_port = start_tinyproxy(tmp, tport)
         if tiny:
             procs.append(tiny)
@@ -617,7 +693,10 @@ def main() -> None:
             Path_("sandbox proxy", pport, NAME),
             Path_("sandbox proxy, stdlib loop", aport, NAME),
             Path_("sandbox proxy+forwarder", fport, NAME),
+            Path_("Python floor (uvloop)", floor_port, ADDR),
         ]
+        if a.baseline_tree:
+            modes.insert(4, Path_("sandbox proxy @ baseline", base_port, NAME))
         if tiny:
             modes.append(Path_("tinyproxy", tiny_port, ADDR))
         else:

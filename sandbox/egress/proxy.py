@@ -39,6 +39,7 @@ import errno
 import fcntl
 import ipaddress
 import os
+import select
 import socket
 import ssl
 import time
@@ -820,7 +821,12 @@ class EgressProxy:
             try:
                 err = sock.connect_ex((str(ip), port))
                 if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
-                    await _wait_any(None, sock.fileno(), deadline)
+                    # A near upstream (loopback, a LAN) has usually answered before connect()
+                    # returns: one poll(2) then saves a loop turn; a far one is waited for.
+                    ready = select.poll()
+                    ready.register(sock.fileno(), select.POLLOUT)
+                    if not ready.poll(0):
+                        await _wait_any(None, sock.fileno(), deadline)
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
