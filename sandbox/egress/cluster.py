@@ -48,14 +48,16 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
+from collections import deque
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
-from sandbox.egress.audit import SessionAuditLogs, read_records
+from sandbox.egress.audit import AuditRecord, SessionAuditLogs, read_records, session_file
 from sandbox.egress.daemon import SESSION_ID
 from sandbox.egress.mitm import host_roots
 from sandbox.egress.proxy import EgressProxy, _Conn
@@ -70,6 +72,9 @@ MAX_ADMIN_HEAD = 16 * 1024
 ADMIN_TIMEOUT_S = 10.0
 MAX_TTL_S = 7 * 24 * 3600.0
 _UNREGISTERED_LOG_EVERY_S = 60.0
+STREAM_KEEP = 10_000        # decisions kept per session for the worker's trail to fetch (by sequence number)
+STREAM_PAGE = 1_000
+MIRROR_POLL_S = 0.5
 
 
 class ClusterEgressError(RuntimeError):
@@ -112,6 +117,24 @@ class ClusterEgressProxy(EgressProxy):
         self._expiry_task: asyncio.Task[None] | None = None
         self.unregistered = 0                   # connections refused for want of a registration
         self._unregistered_logged: dict[str, float] = {}
+        # Each session's decisions, numbered, for the worker that follows them into the session's trail.
+        self._stream: dict[str, deque[tuple[int, str]]] = {}
+        self._seq: dict[str, int] = {}
+
+    def _emit(self, rec: AuditRecord) -> None:
+        super()._emit(rec)
+        q = self._stream.get(rec.session)
+        if q is not None:
+            n = self._seq[rec.session] = self._seq.get(rec.session, 0) + 1
+            q.append((n, rec.to_json()))
+
+    def records_after(self, session_id: str, after: int, limit: int = STREAM_PAGE) -> tuple[list[str], int, bool]:
+        """The session's decisions numbered above ``after`` (JSON lines, oldest first), the number of
+        the last one returned, and whether some were dropped before they could be fetched."""
+        q = self._stream.get(session_id) or deque()
+        out = [(n, line) for n, line in q if n > after][:limit]
+        lost = bool(q) and q[0][0] > after + 1
+        return [line for _, line in out], (out[-1][0] if out else max(after, 0)), lost
 
     # ------------------------------------------------------------ registry
 
@@ -140,6 +163,7 @@ class ClusterEgressProxy(EgressProxy):
         if sess is None:
             sess = self._new_session(session_id, policy)
             self._sessions[session_id] = sess
+        self._stream.setdefault(session_id, deque(maxlen=STREAM_KEEP))
         sess.policy = policy
         self._setup_tls(sess, None, None)
         self._by_addr[addr] = session_id
@@ -157,8 +181,12 @@ class ClusterEgressProxy(EgressProxy):
             del self._by_addr[addr]
         self._expires.pop(session_id, None)
         known = session_id in self._sessions
-        await self.remove_session(session_id)
+        await self.remove_session(session_id)  # (its connections' last decisions are emitted by now)
         return known or addr is not None
+
+    def forget_stream(self, session_id: str) -> None:
+        self._stream.pop(session_id, None)
+        self._seq.pop(session_id, None)
 
     def session_for(self, addr: str) -> str | None:
         try:
@@ -340,6 +368,10 @@ class AdminServer:
         if len(parts) < 3 or parts[:2] != ["v1", "sessions"] or not SESSION_ID.match(parts[2]):
             return 404, {"error": "no such endpoint"}
         sid = parts[2]
+        query = parse_qs(u.query)
+        if len(parts) == 4 and parts[3] == "records" and method == "GET" and "after" in query:
+            lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]))
+            return 200, {"records": [json.loads(x) for x in lines], "next": last, "lost": lost}
         if len(parts) == 4 and parts[3] == "records" and method == "GET":
             if self.audit_path is None:
                 return 200, {"records": []}
@@ -350,7 +382,12 @@ class AdminServer:
             return 404, {"error": "no such endpoint"}
         if method == "DELETE":
             known = await self.proxy.unregister(sid)
-            return 200, {"ok": True, "known": known}
+            reply: dict[str, Any] = {"ok": True, "known": known}
+            if "after" in query:  # the decisions the caller has not fetched yet, the last ones included
+                lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]), limit=STREAM_KEEP)
+                reply.update(records=[json.loads(x) for x in lines], next=last, lost=lost)
+            self.proxy.forget_stream(sid)
+            return 200, reply
         if method != "PUT":
             return 405, {"error": "PUT or DELETE"}
         try:
@@ -374,18 +411,34 @@ class AdminServer:
 
 
 class ClusterEgressClient:
-    """The Kubernetes backend's handle on the proxy's session table (``sandbox.kube.backend.PodEgress``)."""
+    """The Kubernetes backend's handle on the proxy's session table (``sandbox.kube.backend.PodEgress``).
 
-    def __init__(self, base_url: str, token: str, timeout: float = ADMIN_TIMEOUT_S) -> None:
+    With a ``mirror_dir``, each registered session's decisions are copied, as the proxy numbers
+    them, into ``<mirror_dir>/audit/<session>.jsonl`` (the layout the host daemon writes), so the
+    worker follows them into the session's trail exactly as on Docker (``audit_path``). The last
+    ones come back with the unregistration, after the proxy closed the session's connections."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = ADMIN_TIMEOUT_S,
+                 mirror_dir: Path | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
         self.ttl_s: float = 3600.0  # the session limit, set by the backend per registration
+        self.mirror_dir = mirror_dir
+        self._mirrors: dict[str, _Mirror] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def audit_path(self) -> Path:
+        """Where the worker looks for the sessions' decision files (``session_file(audit_path, s)``)."""
+        if self.mirror_dir is None:
+            raise ClusterEgressError("this egress client keeps no local copy of the decisions (no mirror_dir)")
+        return self.mirror_dir / AUDIT
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ClusterEgressClient":
+    def from_config(cls, cfg: Any, mirror_dir: Path | None = None) -> "ClusterEgressClient":
         """From the backend configuration's ``egress_proxy`` (admin URL, token file)."""
-        return cls(cfg.admin_base_url(), read_token(cfg.admin_token_file))
+        return cls(cfg.admin_base_url(), read_token(cfg.admin_token_file), mirror_dir=mirror_dir)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -409,16 +462,81 @@ class ClusterEgressClient:
         """Register the pod's address for the session; returns the trust bundle (PEM) for the pod."""
         reply = self._call("PUT", f"/v1/sessions/{quote(session_id, safe='')}",
                            {"pod_ip": pod_ip, "policy": policy.model_dump(mode="json"), "ttl_s": ttl_s or self.ttl_s})
+        if self.mirror_dir is not None:
+            with self._lock:
+                old = self._mirrors.pop(session_id, None)
+                self._mirrors[session_id] = _Mirror(self, session_id, session_file(self.audit_path, session_id)).start()
+            if old is not None:
+                old.stop()
         return str(reply.get("ca_bundle", "")).encode()
 
     def unregister(self, session_id: str) -> None:
-        self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}")
+        with self._lock:
+            mirror = self._mirrors.pop(session_id, None)
+        path = f"/v1/sessions/{quote(session_id, safe='')}"
+        if mirror is None:
+            self._call("DELETE", path)
+            return
+        mirror.stop()
+        try:
+            reply = self._call("DELETE", f"{path}?after={mirror.seq}")
+            mirror.append(reply)
+        finally:
+            mirror.close()
 
     def records(self, session: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if not session:
             return []
         return list(self._call("GET", f"/v1/sessions/{quote(session, safe='')}/records?limit={int(limit)}")
                     .get("records") or [])
+
+
+class _Mirror:
+    """Copies one session's numbered decisions from the proxy into a local file (append only)."""
+
+    def __init__(self, client: ClusterEgressClient, session_id: str, path: Path) -> None:
+        self.client, self.session_id, self.path = client, session_id, path
+        self.seq = 0
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._f = open(path, "ab")  # noqa: SIM115 - closed by close()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"egress-mirror-{session_id[:24]}", daemon=True)
+        self._write_lock = threading.Lock()
+
+    def start(self) -> "_Mirror":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        path = f"/v1/sessions/{quote(self.session_id, safe='')}/records"
+        while not self._stop.wait(MIRROR_POLL_S):
+            try:
+                self.append(self.client._call("GET", f"{path}?after={self.seq}"))
+            except ClusterEgressError as e:
+                log.warning("egress decisions of session %s not fetched: %s", self.session_id, e)
+
+    def append(self, reply: dict[str, Any]) -> None:
+        records = reply.get("records") or []
+        with self._write_lock:
+            if reply.get("lost"):
+                log.warning("the egress proxy dropped decisions of session %s before they were fetched",
+                            self.session_id)
+            if records:
+                self._f.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records))
+                self._f.flush()
+            nxt = reply.get("next")
+            if isinstance(nxt, int) and nxt > self.seq:
+                self.seq = nxt
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.client.timeout + 1)
+
+    def close(self) -> None:
+        self.stop()
+        with self._write_lock:
+            self._f.close()
 
 
 # ---------------------------------------------------------------- entry point

@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from sandbox.backend import Prepared, SandboxInfo
@@ -178,15 +179,17 @@ class KubeBackend:
     mounts_host_paths = False  # a pod takes no host path: the worker keeps workspaces as archives
 
     def __init__(self, config: KubeConfig | None = None, api_client: Any = None, egress: PodEgress | None = None,
-                 ready_timeout: float = 120.0, owner_kind: str = "worker") -> None:
+                 ready_timeout: float = 120.0, owner_kind: str = "worker", state_dir: Path | None = None) -> None:
         self.config = config or load_config(os.environ.get(CONFIG_ENV) or None)
         self._api_client = api_client
         if egress is None and self.config.egress_proxy.admin_token_file:
             # The cluster proxy's admin endpoint (sandbox/egress/cluster.py), with the token mounted
-            # into this worker's pod only.
+            # into this worker's pod only; with a state dir, the sessions' egress decisions are
+            # copied there for the worker's trail (as the host daemon's files are on Docker).
             from sandbox.egress.cluster import ClusterEgressClient
 
-            egress = ClusterEgressClient.from_config(self.config.egress_proxy)
+            egress = ClusterEgressClient.from_config(self.config.egress_proxy,
+                                                     mirror_dir=Path(state_dir) / "egress" if state_dir else None)
         self.egress = egress
         self.ready_timeout = ready_timeout
         self.owner = kc.k8s_name(owner_kind, socket.gethostname(), str(os.getpid()))

@@ -438,7 +438,7 @@ def open_runtime(backend: str | None, *, state_dir: Path, owner_kind: str) -> An
         name = backend_name(backend)
         if name == "docker":
             return open_backend(name, state_dir=state_dir, owner_kind=owner_kind).runtime  # type: ignore[attr-defined]
-        return open_backend(name, owner_kind=owner_kind)
+        return open_backend(name, owner_kind=owner_kind, state_dir=state_dir)
     except WorkerError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad configuration, an unreadable token file: said, no traceback

@@ -64,6 +64,7 @@ class FakeCluster:
         self.drop_exec_after: int | None = None
         self.forge_after_ready = False
         self.delete_at_once = False
+        self.pod_ip = "10.4.0.7"  # what the pods report (a test with a real proxy uses the loopback source)
         self.ready_delay = 0.1
         # for the doctor: what the cluster has installed and what the worker may do
         self.crds: dict[str, dict[str, Any]] = {}
@@ -125,11 +126,11 @@ class FakeCluster:
                     pod = f"{c['spec']['warmPoolRef']['name']}-{uuid.uuid4().hex[:5]}"
                     self.pods[pod] = {"metadata": {"name": pod, "namespace": c["metadata"]["namespace"],
                                                    "labels": {"agents.x-k8s.io/claim-uid": c["metadata"]["uid"]}},
-                                      "status": {"phase": "Running", "podIP": "10.4.0.7"}}
+                                      "status": {"phase": "Running", "podIP": self.pod_ip}}
                     c["_pod"] = pod
                     c["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "SandboxReady",
                                                    "message": "", "lastTransitionTime": "2026-11-30T00:00:00Z"}],
-                                   "sandbox": {"name": pod, "podIPs": ["10.4.0.7"]}}
+                                   "sandbox": {"name": pod, "podIPs": [self.pod_ip]}}
                     self._bump(c)
                     self._event("MODIFIED", c)
 

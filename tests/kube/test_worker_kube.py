@@ -183,3 +183,72 @@ def test_a_bad_backend_configuration_stops_the_worker_with_the_file_and_key(tmp_
     bad.write_text("egress_proxy: {admin_token_file: /nonexistent/token}\n")
     with pytest.raises(WorkerError, match="cannot read the egress admin token file /nonexistent/token"):
         open_runtime("kubernetes", state_dir=tmp_path, owner_kind="worker")
+
+
+def test_a_cluster_session_with_egress_goes_through_the_cluster_proxy_and_its_decisions_reach_the_trail(
+        cp: ControlPlane, admin: LocalAdmin, cluster: FakeCluster, tmp_path: Path, worker_logs: LogCapture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ipaddress
+    import json
+    import socket as _socket
+
+    from sandbox.egress.acl import Decision
+    from sandbox.egress.proxy import EgressProxy
+    from tests.egress.egress_helpers import ALLOWED_ADDR, OTHER_ADDR, Target
+    from tests.kube.test_egress_cluster import TOKEN, Cluster
+
+    original = EgressProxy._connect
+
+    async def guarded(self: EgressProxy, decision: Decision, port: int, timeout: float) -> _socket.socket:
+        for a in decision.addrs or ((decision.addr,) if decision.addr else ()):
+            assert ipaddress.ip_address(a).is_loopback, f"proxy tried to connect to non-loopback {a}"
+        return await original(self, decision, port, timeout)
+
+    monkeypatch.setattr(EgressProxy, "_connect", guarded)
+    allowed, other = Target(ALLOWED_ADDR).start(), Target(OTHER_ADDR).start()
+    (tmp_path / "proxy").mkdir()
+    proxy = Cluster(tmp_path / "proxy")
+    try:
+        # The fake's "pods" are processes on this host: their connections to the proxy come from 127.0.0.1.
+        cluster.pod_ip = "127.0.0.1"
+        token = tmp_path / "admin-token"
+        token.write_text(TOKEN)
+        token.chmod(0o400)
+        profile = tmp_path / "net.yaml"
+        profile.write_text(
+            "extends: worker\negress:\n"
+            f"  rules: [{{host: allowed.test, ports: [{allowed.port}]}}]\n"
+            f"  allow_cidrs: ['{ALLOWED_ADDR}/32']\n"
+            f"unsafe: {{egress.allow_cidrs.{ALLOWED_ADDR}/32: 'the test target is a loopback server of this test'}}\n")
+        cfg = config_from_dict({**ACCEPT, "egress_proxy": {"cluster_ip": "127.0.0.1", "port": proxy.port,
+                                                            "admin_url": proxy.admin_url, "admin_token_file": str(token)}})
+        state = tmp_path / "worker-net"
+        backend = KubeBackend(cfg, api_client=api_client(cluster.url), ready_timeout=30, state_dir=state)
+        worker = Worker(WorkerConfig(base_url=cp.base_url, environment_id=cp.environment_id, state_dir=state,
+                                     store_dir=tmp_path / "sessions", profile=str(profile), max_sessions=1,
+                                     lease_ttl=10, max_idle=30.0, selftest=False, backend="kubernetes"),
+                        EnvironmentKey(cp.environment_key, "test"), runtime=backend)  # type: ignore[arg-type]
+        with BackgroundWorker(worker):
+            sid = admin.create_session(cp.environment_id)
+            curl = f"curl -sS -o /dev/null -w '%{{http_code}}' -x http://127.0.0.1:{proxy.port}"
+            err, text, _ = call(admin, sid, "bash", {"command": f"{curl} http://allowed.test:{allowed.port}/ok; echo; "
+                                                                f"{curl} http://other.test:{other.port}/no"}, timeout=60)
+            assert (err, text.split()) == (False, ["200", "403"]), text
+            assert len(allowed.connections) == 1 and not other.connections
+            # the bundle for the pod was installed where the CA variables point
+            (pod,) = [c["_pod"] for c in cluster.claims.values()]
+            assert (cluster.workdir / "pods" / f"{pod}.egress" / "ca-bundle.pem").is_file()
+            admin.terminate(sid)
+            wait_for(lambda: worker_logs.events("trail_closed"), timeout=60, what="the session's trail to close")
+        assert proxy.proxy.registrations() == {} and not cluster.claims
+        store = SessionStore(tmp_path / "sessions", host_workspaces=False)
+        assert verify(store.trail_path(sid)).ok
+        recs = [json.loads(line) for line in store.trail_path(sid).read_text().splitlines()]
+        egress = [(r["decision"], r["host"]) for r in recs if r.get("kind") == "egress"]
+        # (recorded when each connection ends: an allowed one may close after the next one was refused)
+        assert sorted(egress) == [("allow", "allowed.test"), ("deny", "other.test")], egress
+        assert not worker_logs.events("trail_failed")
+    finally:
+        proxy.close()
+        allowed.close()
+        other.close()
