@@ -485,8 +485,11 @@ class ClusterEgressClient:
             mirror.close()
 
     def records(self, session: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """A session's recent decisions: from the local copy when there is one (no request), else the proxy's."""
         if not session:
             return []
+        if self.mirror_dir is not None:
+            return read_records(self.audit_path, session=session, limit=limit)
         return list(self._call("GET", f"/v1/sessions/{quote(session, safe='')}/records?limit={int(limit)}")
                     .get("records") or [])
 

@@ -238,6 +238,8 @@ def test_a_cluster_session_with_egress_goes_through_the_cluster_proxy_and_its_de
             # the bundle for the pod was installed where the CA variables point
             (pod,) = [c["_pod"] for c in cluster.claims.values()]
             assert (cluster.workdir / "pods" / f"{pod}.egress" / "ca-bundle.pem").is_file()
+            # the decisions are copied to the worker while the run is active (its denial counter reads them)
+            wait_for(lambda: len(backend.egress.records(session=sid)) == 2, what="the decisions' local copy")
             admin.terminate(sid)
             wait_for(lambda: worker_logs.events("trail_closed"), timeout=60, what="the session's trail to close")
         assert proxy.proxy.registrations() == {} and not cluster.claims
