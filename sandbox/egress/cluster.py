@@ -12,6 +12,8 @@ a Service, and the only thing the proxy can tie a connection to is the pod's IP.
   removes it at ``DELETE /v1/sessions/<session>`` when the claim goes;
 - a connection to the proxy port from an address no live registration names gets nothing: it is
   closed before one byte is read or written (counted, and logged once a minute per address);
+- the worker copies each session's numbered decisions into a local file for the session's trail,
+  and registers a live session again when the proxy has forgotten it (a restarted proxy);
 - a registered connection is served by the very same proxy code as on a host
   (:class:`sandbox.egress.proxy.EgressProxy`): same ACL, same per-session limits and byte
   budget, one audit record per decision in the session's own capped log.
@@ -175,13 +177,18 @@ class ClusterEgressProxy(EgressProxy):
         ca = sess.ca.pem if sess.ca else b""
         return (self._roots.rstrip(b"\n") + b"\n" + ca) if self._roots else ca
 
-    async def unregister(self, session_id: str) -> bool:
+    async def unregister(self, session_id: str, keep_stream: bool = False) -> bool:
+        """Forget the session: its address gets nothing from now on, its connections are closed.
+        ``keep_stream``: its numbered decisions stay until :meth:`forget_stream` (the admin endpoint
+        hands the last ones to the worker first)."""
         addr = self._addr_of.pop(session_id, None)
         if addr is not None and self._by_addr.get(addr) == session_id:
             del self._by_addr[addr]
         self._expires.pop(session_id, None)
         known = session_id in self._sessions
         await self.remove_session(session_id)  # (its connections' last decisions are emitted by now)
+        if not keep_stream:
+            self.forget_stream(session_id)
         return known or addr is not None
 
     def forget_stream(self, session_id: str) -> None:
@@ -371,7 +378,8 @@ class AdminServer:
         query = parse_qs(u.query)
         if len(parts) == 4 and parts[3] == "records" and method == "GET" and "after" in query:
             lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]))
-            return 200, {"records": [json.loads(x) for x in lines], "next": last, "lost": lost}
+            return 200, {"records": [json.loads(x) for x in lines], "next": last, "lost": lost,
+                         "registered": sid in self.proxy.registrations()}
         if len(parts) == 4 and parts[3] == "records" and method == "GET":
             if self.audit_path is None:
                 return 200, {"records": []}
@@ -381,7 +389,7 @@ class AdminServer:
         if len(parts) != 3:
             return 404, {"error": "no such endpoint"}
         if method == "DELETE":
-            known = await self.proxy.unregister(sid)
+            known = await self.proxy.unregister(sid, keep_stream=True)
             reply: dict[str, Any] = {"ok": True, "known": known}
             if "after" in query:  # the decisions the caller has not fetched yet, the last ones included
                 lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]), limit=STREAM_KEEP)
@@ -463,12 +471,25 @@ class ClusterEgressClient:
         reply = self._call("PUT", f"/v1/sessions/{quote(session_id, safe='')}",
                            {"pod_ip": pod_ip, "policy": policy.model_dump(mode="json"), "ttl_s": ttl_s or self.ttl_s})
         if self.mirror_dir is not None:
+            again = (pod_ip, policy, time.monotonic() + (ttl_s or self.ttl_s))
             with self._lock:
                 old = self._mirrors.pop(session_id, None)
-                self._mirrors[session_id] = _Mirror(self, session_id, session_file(self.audit_path, session_id)).start()
+                self._mirrors[session_id] = _Mirror(self, session_id, session_file(self.audit_path, session_id),
+                                                    again).start()
             if old is not None:
                 old.stop()
         return str(reply.get("ca_bundle", "")).encode()
+
+    def _register_again(self, session_id: str, again: tuple[str, EgressPolicy, float]) -> None:
+        """The proxy forgot a live session (it restarted): register its pod again for what is left of
+        its time. (The trust bundle stays the one the pod has: hosts it terminates need a new sandbox.)"""
+        pod_ip, policy, until = again
+        left = until - time.monotonic()
+        if left <= 1:
+            return
+        log.warning("the egress proxy no longer knows session %s (restarted?); registering its pod again", session_id)
+        self._call("PUT", f"/v1/sessions/{quote(session_id, safe='')}",
+                   {"pod_ip": pod_ip, "policy": policy.model_dump(mode="json"), "ttl_s": left})
 
     def unregister(self, session_id: str) -> None:
         with self._lock:
@@ -497,8 +518,9 @@ class ClusterEgressClient:
 class _Mirror:
     """Copies one session's numbered decisions from the proxy into a local file (append only)."""
 
-    def __init__(self, client: ClusterEgressClient, session_id: str, path: Path) -> None:
-        self.client, self.session_id, self.path = client, session_id, path
+    def __init__(self, client: ClusterEgressClient, session_id: str, path: Path,
+                 again: tuple[str, EgressPolicy, float] | None = None) -> None:
+        self.client, self.session_id, self.path, self.again = client, session_id, path, again
         self.seq = 0
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._f = open(path, "ab")  # noqa: SIM115 - closed by close()
@@ -514,7 +536,11 @@ class _Mirror:
         path = f"/v1/sessions/{quote(self.session_id, safe='')}/records"
         while not self._stop.wait(MIRROR_POLL_S):
             try:
-                self.append(self.client._call("GET", f"{path}?after={self.seq}"))
+                reply = self.client._call("GET", f"{path}?after={self.seq}")
+                self.append(reply)
+                if reply.get("registered") is False and self.again is not None and not self._stop.is_set():
+                    self.seq = 0  # a new proxy numbers from the start
+                    self.client._register_again(self.session_id, self.again)
             except ClusterEgressError as e:
                 log.warning("egress decisions of session %s not fetched: %s", self.session_id, e)
 

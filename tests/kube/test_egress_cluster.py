@@ -248,3 +248,25 @@ def test_the_kubernetes_backend_registers_its_pod_with_the_proxy_for_the_claims_
         assert not api.claims and cluster.proxy.registrations() == {}
     finally:
         api.close()
+
+
+def test_a_proxy_that_forgot_a_live_session_gets_it_registered_again_by_the_worker(
+        cluster: Cluster, targets: dict[str, Target], tmp_path: Path) -> None:
+    a = targets["allowed"]
+    client = ClusterEgressClient(cluster.admin_url, TOKEN, mirror_dir=tmp_path / "mirror")
+    client.register("sess_a", POD_A, _policy(a, "allowed.test"), ttl_s=600)
+    assert cluster.get(POD_A, f"http://allowed.test:{a.port}/1").status == 200
+    end = time.monotonic() + 10
+    while not client.records("sess_a") and time.monotonic() < end:  # copied by the worker's side
+        time.sleep(0.05)
+    cluster.call(cluster.proxy.unregister("sess_a"))  # as after a restart of the proxy: nothing known
+    end = time.monotonic() + 10
+    while not cluster.proxy.registrations() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert cluster.proxy.registrations() == {"sess_a": POD_A}
+    assert cluster.get(POD_A, f"http://allowed.test:{a.port}/2").status == 200
+    client.unregister("sess_a")
+    # every decision of both registrations is in the worker's copy, once (the new proxy numbers anew)
+    paths = [r.get("path") for r in client.records("sess_a", limit=100)]
+    assert sorted(paths) == ["/1", "/2"], paths
+    assert cluster.proxy.registrations() == {}
