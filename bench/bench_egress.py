@@ -276,7 +276,9 @@ def role_tls_proxy(port_file: Path, target_port: int, ca_file: str, session_ca_o
         port_file.write_text(f"{p1} {p2}")
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    from sandbox.egress import evloop
+
+    evloop.run(main())  # the daemon's loop
 
 
 def role_fair_proxy(port_file: Path, target_port: int, dns_port: int, per_session: int) -> None:
@@ -297,7 +299,9 @@ def role_fair_proxy(port_file: Path, target_port: int, dns_port: int, per_sessio
         port_file.write_text(f"{p1} {p2}")
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    from sandbox.egress import evloop
+
+    evloop.run(main())  # the daemon's loop
 
 
 # ---------------------------------------------------------------- client side
