@@ -5,7 +5,8 @@ client option, inherited by every scoped sub-client the SDK makes) sees each
 HTTP attempt and adds what is ours:
 
 - outbox: a `POST /v1/sessions/{id}/events` carrying `user.tool_result`s that
-  the control plane accepted (2xx) marks those results delivered;
+  the control plane accepted (2xx) marks those results delivered (applied by
+  the journal's next write, so the loop does no file I/O here);
 - circuit breaker: after repeated connection failures / 5xx the breaker opens
   and requests fail fast (as a connection error, which the SDK's loops already
   back off on) until a probe gets through. Heartbeats and stops bypass it:
@@ -29,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import anyio
 import httpx2
 from anthropic import APIConnectionError, APIStatusError
 from anthropic._middleware import AsyncCallNext, Middleware
@@ -188,7 +188,8 @@ class WorkerMiddleware(Middleware):
             else:
                 self._heartbeat_failed(work_id, "rejected")
         if events is not None and result_ids and 200 <= status < 300:
-            await anyio.to_thread.run_sync(self.outbox.delivered, result_ids)
+            # Marked in the journal by its next write (no thread trip per result on the loop): outbox.py.
+            self.outbox.delivered_later(result_ids)
             self.metrics.results_posted.inc(len(result_ids))
         return response
 

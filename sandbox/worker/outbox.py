@@ -102,6 +102,9 @@ class Outbox:
         self._alive = alive or (lambda o: o == owner)
         self._sync = synchronous
         self._local = threading.local()
+        # Results the control plane accepted, not yet marked in the file (see `delivered_later`).
+        self._accepted: list[str] = []
+        self._accepted_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._conn().executescript(_SCHEMA)
         try:
@@ -170,7 +173,9 @@ class Outbox:
 
     def begin(self, tool_use_id: str, session_id: str, work_id: str | None, tool: str) -> Begin:
         """Claim the call for execution, or return the row that already answers it."""
+        accepted = self._take_accepted()
         with self._tx() as c:
+            self._mark_delivered(c, accepted)
             row = c.execute("SELECT * FROM calls WHERE tool_use_id=?", (tool_use_id,)).fetchone()
             if row is None:
                 c.execute(
@@ -203,17 +208,42 @@ class Outbox:
 
     def delivered(self, tool_use_ids: list[str]) -> int:
         """The control plane accepted these results: drop their payload, keep the tombstone."""
-        if not tool_use_ids:
-            return 0
-        now = time.time()
         with self._tx() as c:
-            n = 0
-            for tid in tool_use_ids:
-                n += c.execute(
-                    "UPDATE calls SET state='delivered', content=NULL, delivered_at=? WHERE tool_use_id=? AND state='done'",
-                    (now, tid),
-                ).rowcount
-            return n
+            return self._mark_delivered(c, list(tool_use_ids) + self._take_accepted())
+
+    def delivered_later(self, tool_use_ids: list[str]) -> None:
+        """Like `delivered`, without touching the file now (callable on an event loop: no I/O).
+
+        Applied in the next write transaction of this outbox (the next call's `begin`) and before
+        any read of pending results, so nothing reads a stale `done`. If the worker dies first, the
+        results stay `done`: a replay posts the same result again, which the control plane answers
+        with the first one (never a second run), or the sweeper finds it answered and drops it."""
+        if tool_use_ids:
+            with self._accepted_lock:
+                self._accepted.extend(tool_use_ids)
+
+    def _take_accepted(self) -> list[str]:
+        with self._accepted_lock:
+            ids, self._accepted = self._accepted, []
+        return ids
+
+    def _flush_accepted(self) -> None:
+        if self._accepted:
+            ids = self._take_accepted()
+            if ids:
+                with self._tx() as c:
+                    self._mark_delivered(c, ids)
+
+    @staticmethod
+    def _mark_delivered(c: sqlite3.Connection, tool_use_ids: list[str]) -> int:
+        now = time.time()
+        n = 0
+        for tid in tool_use_ids:
+            n += c.execute(
+                "UPDATE calls SET state='delivered', content=NULL, delivered_at=? WHERE tool_use_id=? AND state='done'",
+                (now, tid),
+            ).rowcount
+        return n
 
     def abandon(self, tool_use_id: str) -> None:
         """The tool was cancelled mid-flight (SDK timeout, shutdown): its effects are unknown."""
@@ -226,11 +256,13 @@ class Outbox:
     # ---------------------------------------------------------------- queries
 
     def get(self, tool_use_id: str) -> CallRecord | None:
+        self._flush_accepted()
         row = self._conn().execute("SELECT * FROM calls WHERE tool_use_id=?", (tool_use_id,)).fetchone()
         return None if row is None else self._record(row)
 
     def pending(self, session_id: str | None = None, older_than: float | None = None) -> list[CallRecord]:
         """Results stored but not yet accepted by the control plane."""
+        self._flush_accepted()
         sql = "SELECT * FROM calls WHERE state='done'"
         args: list[Any] = []
         if session_id is not None:
@@ -242,9 +274,11 @@ class Outbox:
         return [self._record(r) for r in self._conn().execute(sql + " ORDER BY started_at", args)]
 
     def pending_count(self) -> int:
+        self._flush_accepted()
         return int(self._conn().execute("SELECT COUNT(*) FROM calls WHERE state='done'").fetchone()[0])
 
     def all(self) -> list[CallRecord]:
+        self._flush_accepted()
         return [self._record(r) for r in self._conn().execute("SELECT * FROM calls ORDER BY started_at")]
 
     def drop(self, tool_use_id: str) -> None:

@@ -38,7 +38,7 @@ from sandbox.runtime import Sandbox, SandboxError, ToolOpError
 
 from .logs import log_event
 from .metrics import WorkerMetrics, tool_label
-from .outbox import Outbox
+from .outbox import Begin, Outbox
 from .toolctx import current_tool_call
 
 log = logging.getLogger("sandbox.worker.tools")
@@ -97,8 +97,22 @@ class SessionSlot:
     skills_dir: Any = None  # host dir of this run's skills (mounted read-only in the sandbox)
     egress_tails: list[Any] = field(default_factory=list)  # EgressTail per sandbox of this run (egress_trail.py)
 
+    # The cancel scopes of the calls in flight: `abort_calls()` ends their waits (the SDK runs tools shielded).
+    _scopes: set[anyio.CancelScope] = field(default_factory=set)
+
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def abort_calls(self) -> None:
+        """Past the drain bound: in-flight calls stop waiting and answer "interrupted"."""
+        self.abort.set()
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def ready_sandbox(self) -> Sandbox | None:
+        """The sandbox, when it is started and alive (no wait, no replacement)."""
+        sb = self._sandbox
+        return sb if sb is not None and self._ready.is_set() and sb.alive else None
 
     def set_sandbox(self, sb: Sandbox) -> None:
         self._sandbox = sb
@@ -158,24 +172,29 @@ class SessionToolbox:
         started = time.perf_counter()
         outcome = "error"
         is_error = True
+        # One trail record per call, written by whoever takes this token first (list.pop is atomic): the
+        # fast path writes it in its thread; an abandoned thread that finishes late writes none.
+        record_token = [True]
         self.slot.enter()
         try:
-            content, is_error, outcome = await self._dedupe_and_run(name, raw)
+            content, is_error, outcome = await self._dedupe_and_run(name, raw, started, record_token)
         finally:
             self.slot.leave()
             elapsed = time.perf_counter() - started
             self.metrics.tool_seconds.labels(tool=tool_label(name)).observe(elapsed)
             self.metrics.tool_calls.labels(tool=tool_label(name), outcome=outcome).inc()
-            self._record(name, raw, outcome, is_error, elapsed)
+            if _take(record_token):
+                self._record(name, raw, outcome, is_error, elapsed)
         if is_error:
             raise ToolError(content)
         return content
 
-    def _record(self, name: str, raw: dict[str, Any], outcome: str, is_error: bool, elapsed: float) -> None:
+    def _record(self, name: str, raw: dict[str, Any], outcome: str, is_error: bool, elapsed: float,
+                call: Any = None) -> None:
         """One trail record per call: the input only as a digest, never content or output."""
         if self.slot.trail is None:
             return
-        call = current_tool_call()
+        call = call or current_tool_call()
         try:
             self.slot.trail.tool_call(name, raw, exit_status=1 if is_error else 0, duration_s=elapsed,
                                       error=outcome if is_error else None,
@@ -187,7 +206,8 @@ class SessionToolbox:
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
 
-    async def _dedupe_and_run(self, name: str, raw: dict[str, Any]) -> tuple[Content, bool, str]:
+    async def _dedupe_and_run(self, name: str, raw: dict[str, Any], started: float,
+                              record_token: list[bool]) -> tuple[Content, bool, str]:
         call = current_tool_call()
         try:
             args = validate_input(name, raw)
@@ -201,7 +221,30 @@ class SessionToolbox:
             content, is_error = await self._execute(name, args)
             return content, is_error, "error" if is_error else "ok"
         tid = call.tool_use_id
-        decision = await self._db(self.outbox.begin, tid, self.slot.session_id, self.slot.work_id, name)
+        sb = self.slot.ready_sandbox()
+        if sb is not None:
+            # The common case, in one trip to a thread: journal `running`, the op in the sandbox, journal the
+            # result, the trail record. (Four trips before: each a wake-up of the loop and a hand-over of the GIL.)
+            op_args, timeout = op_request(name, args)
+            claimed: list[bool] = []  # the thread appends once the journal gave this call to us to run
+            try:
+                done = await self._call_unless_aborted(
+                    lambda: self._journalled_call(sb, name, raw, op_args, timeout, call, started, record_token,
+                                                  claimed))
+            except BaseException as e:
+                # Given up while the thread runs on (shutdown, or the SDK's deadline): the call's effects are
+                # unknown. Only a row this call claimed is marked; another worker's running row is not ours.
+                if claimed:
+                    with anyio.CancelScope(shield=True):
+                        await self._db(self.outbox.abandon, tid)
+                if isinstance(e, _Aborted):
+                    return f"{name}: {SHUTDOWN_TEXT}", True, "interrupted"
+                raise
+            if isinstance(done, tuple):
+                return done
+            decision = done  # not run here: answered from the journal, or someone else is running it
+        else:
+            decision = await self._db(self.outbox.begin, tid, self.slot.session_id, self.slot.work_id, name)
         waited = False
         while decision.wait:
             # Another live worker is running this very call (it lost the lease mid-call): never run it
@@ -234,6 +277,34 @@ class SessionToolbox:
         await self._db(self.outbox.finish, tid, content, is_error)
         return content, is_error, "error" if is_error else "ok"
 
+    def _journalled_call(self, sb: Sandbox, name: str, raw: dict[str, Any], op_args: dict[str, Any],
+                         timeout: float, call: Any, started: float, record_token: list[bool],
+                         claimed: list[bool]) -> tuple[Content, bool, str] | Begin:
+        """Blocking (a worker thread): begin in the journal; if this call is ours to run, run it in the
+        sandbox, store its result before anyone posts it, and write its trail record. Returns the
+        journal's decision when the call is not to be run here."""
+        tid = call.tool_use_id
+        decision = self.outbox.begin(tid, self.slot.session_id, self.slot.work_id, name)
+        if not decision.run:
+            return decision
+        claimed.append(True)
+        log_event(log, logging.INFO, "tool_exec", f"executing {name}", tool=name, tool_use_id=tid,
+                  session_id=self.slot.session_id, work_id=self.slot.work_id)
+        try:
+            content, is_error = result_content(name, sb.call(name, timeout=timeout, **op_args))
+        except ToolOpError as e:
+            content, is_error = failure_text(name, str(e)), True
+        except SandboxError as e:
+            log_event(log, logging.WARNING, "sandbox_failed", f"sandbox failed during {name}: {e}", tool=name,
+                      session_id=self.slot.session_id)
+            content, is_error = (f"{name}: the sandbox stopped while running this call ({e}); the next call "
+                                 "starts a new sandbox and earlier files are gone"), True
+        # Stored before the SDK posts it: a crash after this line replays instead of re-running.
+        self.outbox.finish(tid, content, is_error)
+        if _take(record_token):
+            self._record(name, raw, "error" if is_error else "ok", is_error, time.perf_counter() - started, call)
+        return content, is_error, "error" if is_error else "ok"
+
     async def _execute(self, name: str, args: dict[str, Any]) -> tuple[Content, bool]:
         try:
             sb = await self.slot.sandbox(self._sandbox_limiter)
@@ -256,34 +327,30 @@ class SessionToolbox:
     async def _call_unless_aborted(self, fn: Callable[[], Any]) -> Any:
         """Run the blocking sandbox call in a thread; give up if the worker aborts in-flight calls.
 
-        The SDK runs tools inside a shielded scope, so only our own event can end the wait.
+        The SDK runs tools inside a shielded scope, so only our own scope, cancelled by
+        `SessionSlot.abort_calls()`, can end the wait (no watcher task per call).
         """
-        result: list[Any] = []
-        failure: list[BaseException] = []
-        async with anyio.create_task_group() as tg:
-            async def run() -> None:
-                try:
-                    result.append(await anyio.to_thread.run_sync(fn, limiter=self._sandbox_limiter,
-                                                                 abandon_on_cancel=True))
-                except Exception as e:  # noqa: BLE001 - re-raised below, outside the task group
-                    failure.append(e)
-                tg.cancel_scope.cancel()
-
-            async def watch() -> None:
-                await self.slot.abort.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(run)
-            tg.start_soon(watch)
-        if failure:
-            raise failure[0]
-        if not result:
+        if self.slot.abort.is_set():
             raise _Aborted
-        return result[0]
+        with anyio.CancelScope() as scope:
+            self.slot._scopes.add(scope)
+            try:
+                return await anyio.to_thread.run_sync(fn, limiter=self._sandbox_limiter, abandon_on_cancel=True)
+            finally:
+                self.slot._scopes.discard(scope)
+        raise _Aborted  # only reached when the scope was cancelled
 
 
 class _Aborted(Exception):
     pass
+
+
+def _take(token: list[bool]) -> bool:
+    """Take a one-shot token (atomic under the GIL: list.pop)."""
+    try:
+        return token.pop()
+    except IndexError:
+        return False
 
 
 SHUTDOWN_TEXT = ("interrupted: the worker shut down while this call was running and its sandbox was removed. "

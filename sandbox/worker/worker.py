@@ -729,7 +729,7 @@ class Worker:
                 await anyio.sleep(0.05)
         # Past the bound: calls still running are answered "interrupted" (their sandbox goes away).
         for s in serving:
-            s.slot.abort.set()
+            s.slot.abort_calls()
         with anyio.move_on_after(5):
             for s in serving:
                 await s.slot.idle.wait()
