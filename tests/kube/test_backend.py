@@ -294,3 +294,26 @@ def test_doctor_reports_what_the_cluster_lacks_and_what_it_cannot_see(cluster, b
     assert all(c.status == "ok" for c in others), [c for c in others if c.status != "ok"]
     # NetworkPolicy enforcement is never reported ok from the API alone
     assert by["networkpolicy enforcement"].status == "warn" and "canary" in by["networkpolicy enforcement"].fix
+
+
+def test_what_a_sandbox_calls_on_its_maker_is_exactly_the_sandbox_owner_interface(cluster):
+    """Both makers implement SandboxOwner, and Sandbox calls nothing else on them: a new call would
+    break the Kubernetes backend silently, so it must be added to the interface (and here) first."""
+    import ast
+    import inspect
+    import typing
+
+    from sandbox import runtime as rt
+    from sandbox.backend import SandboxOwner
+
+    tree = ast.parse(inspect.getsource(rt.Sandbox))
+    called = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.value, ast.Attribute) and n.value.attr == "runtime"
+              and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+    declared = {n for n in vars(SandboxOwner) if not n.startswith("__") and callable(getattr(SandboxOwner, n))
+                and n not in dir(typing.Protocol)}
+    assert called == declared == {"log_event", "_teardown"}
+    kb = KubeBackend(config_from_dict({}), api_client=api_client(cluster.url))
+    assert isinstance(kb, SandboxOwner) and issubclass(rt.Runtime, SandboxOwner)
+    for maker in (rt.Runtime, KubeBackend):
+        assert "wait" in inspect.signature(maker._teardown).parameters
