@@ -47,6 +47,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -60,7 +61,6 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
 from sandbox.egress.audit import AuditRecord, SessionAuditLogs, read_records, session_file
-from sandbox.egress.daemon import SESSION_ID
 from sandbox.egress.mitm import host_roots
 from sandbox.egress.proxy import EgressProxy, _Conn
 from sandbox.egress.rules import EgressPolicy
@@ -68,6 +68,7 @@ from sandbox.egress.rules import EgressPolicy
 log = logging.getLogger("sandbox.egress.cluster")
 
 AUDIT = "audit.jsonl"
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as the host daemon's (sandbox/egress/daemon.py)
 MIN_TOKEN_CHARS = 32
 MAX_ADMIN_BODY = 256 * 1024
 MAX_ADMIN_HEAD = 16 * 1024
