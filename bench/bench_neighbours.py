@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -75,7 +76,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--only", default="")
     ap.add_argument("--storm", action="store_true")
+    ap.add_argument("--storm-only", action="store_true", help="skip the one-bomb rows")
+    ap.add_argument("--storm-rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.storm_only:
+        args.storm, args.only = True, "-"
     rt = Runtime(owner_kind="bench")
     b = rt.create(load_policy("default"), session_id="bench-b")
     print(f"load average at start: {os.getloadavg()}")
@@ -100,7 +105,7 @@ def main() -> None:
                   f"{med(idle_wall):9.4f} {med(bomb_wall):9.4f} {med(bomb_wall) / med(idle_wall):6.2f}"
                   f"   per-round inside ratios {[round(x, 2) for x in ratios]}")
         if args.storm:
-            storm(rt, b, args.seconds)
+            storm(rt, b, args.seconds, args.storm_rounds)
     finally:
         b.destroy()
     print(f"load average at end: {os.getloadavg()}")
@@ -117,21 +122,53 @@ def fresh_true(rt: Runtime) -> float:
     return time.perf_counter() - t
 
 
-def storm(rt: Runtime, b, seconds: float) -> None:
-    idle = [fresh_true(rt) for _ in range(3)]
+def cli_true() -> float:
+    """`sandbox exec -- true` as a user types it: a whole CLI process."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "sandbox", "exec", "--", "true"], capture_output=True)
+    if r.returncode != 0:
+        raise SystemExit(f"sandbox exec -- true failed: {r.stderr.decode()[-500:]}")
+    return time.perf_counter() - t
+
+
+def storm(rt: Runtime, b, seconds: float, rounds: int = 3) -> None:
+    """16 bombs at once (the owner, this process, runs them as a worker would); meanwhile a 17th
+    sandbox through the API and through the CLI, and B's job. Idle figures are measured just
+    before and just after the storm (rounds interleave with the machine's own drift)."""
+    idle_api, idle_cli, idle_job = [], [], []
+
+    def idle_round() -> None:
+        idle_api.append(fresh_true(rt))
+        idle_cli.append(cli_true())
+        idle_job.append(job(b)[0])
+
+    for _ in range(rounds):
+        idle_round()
     kinds = (bombs(seconds * 2) * 2)[:16]
     sbs = [rt.create(load_policy(k.profile), session_id=f"bench-storm-{i}") for i, k in enumerate(kinds)]
+    during_api, during_cli, jobs = [], [], []
     try:
         for sb, k in zip(sbs, kinds):
             threading.Thread(target=sb.exec, args=(k.argv,), kwargs={"timeout": seconds * 2 + 2}, daemon=True).start()
-        time.sleep(1.0)
-        during = [fresh_true(rt) for _ in range(3)]
-        jobs = [job(b)[0] for _ in range(3)]
+        time.sleep(1.5)
+        for _ in range(rounds):
+            during_api.append(fresh_true(rt))
+            during_cli.append(cli_true())
+            jobs.append(job(b)[0])
+        print(f"  during, in order: API {[round(x, 3) for x in during_api]}, CLI {[round(x, 3) for x in during_cli]}")
+        demoted = sum(rt.hogs.demoted(sb.id) for sb in sbs)
     finally:
         for sb in sbs:
             sb.destroy()
-    print(f"storm of 16 bombs: create+true+destroy {med(idle):.3f}s idle, {med(during):.3f}s during "
-          f"({med(during) / med(idle):.2f}x; aim <= 2x); B's job during the storm {med(jobs):.4f}s")
+    for _ in range(rounds):
+        idle_round()
+    print(f"storm of 16 bombs ({demoted} of them demoted by the owner's hog watch at the end):")
+    print(f"  17th sandbox, API create+true+destroy {med(idle_api):.3f}s idle, {med(during_api):.3f}s during "
+          f"({med(during_api) / med(idle_api):.2f}x; aim <= 2x)")
+    print(f"  17th sandbox, `sandbox exec -- true`  {med(idle_cli):.3f}s idle, {med(during_cli):.3f}s during "
+          f"({med(during_cli) / med(idle_cli):.2f}x; aim <= 2x)")
+    print(f"  B's job inside B                       {med(idle_job):.4f}s idle, {med(jobs):.4f}s during "
+          f"({med(jobs) / med(idle_job):.2f}x)")
 
 
 if __name__ == "__main__":
