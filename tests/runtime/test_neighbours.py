@@ -71,6 +71,12 @@ def test_host_stays_responsive_during_a_storm_of_every_bomb(make_sandbox, runtim
         assert fresh.exec(["true"], timeout=60).exit_code == 0
     finally:
         fresh.destroy()
+    # and as a user types it, a whole `sandbox exec` process beside the storm's owner
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sandbox", "exec", "--", "true"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-500:]
     _job_ok(bystander)
     for t in threads:
         t.join(60)
