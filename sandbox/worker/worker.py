@@ -1,7 +1,8 @@
 """The environment worker: the SDK's poller and per-item flow, our sandboxes.
 
-Protocol work is the official SDK's: `client.beta.environments.work.poller()`
-claims and acks items; `EnvironmentWorker.handle_item()` serves one item
+Protocol work is the official SDK's: its generated `work.poll` / `work.ack`
+claim items (as its `poller()` does, without its 1-3 s sleep after each empty
+long-poll: see `_claims`); `EnvironmentWorker.handle_item()` serves one item
 (heartbeats the lease with the optimistic echo, fetches the session, runs the
 `SessionToolRunner` - stream, reconcile, dedupe by event id, fail-closed
 permission gating, unowned tools left pending - and force-stops the item
@@ -31,6 +32,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -41,6 +43,8 @@ from typing import IO, Any
 import anyio
 from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
+from anthropic.lib._retry import TRANSIENT_ERRORS, is_fatal_status_error
+from anthropic.lib.environments._poller import POLL_BLOCK_MS
 from anthropic.lib.tools.agent_toolset import AgentToolContext
 
 from sandbox.audit.selftest import SelfTestFailed
@@ -320,10 +324,7 @@ class Worker:
         backoff = 1.0
         with scope:
             while True:
-                poller = self.client.beta.environments.work.poller(
-                    environment_id=self.config.environment_id, environment_key=self._key.value,
-                    worker_id=self.worker_id, auto_stop=False,
-                )
+                poller = self._claims()
                 try:
                     while True:
                         await self._slots.acquire()
@@ -354,6 +355,48 @@ class Worker:
                 finally:
                     with anyio.CancelScope(shield=True):
                         await poller.aclose()  # type: ignore[attr-defined]
+
+    async def _claims(self) -> Any:
+        """Claimed (polled and acked) work items, through the SDK's generated `work.poll` / `work.ack`.
+
+        The SDK's `poller()` sleeps a jittered 1-3 s after every empty long-poll, so a session created
+        while the worker is idle waited up to 3 s (about 1 s on average) before its first claim. Here the
+        long-poll itself is the wait: an empty poll is followed by the next at once, unless the server
+        answered without blocking (then the SDK's idle sleep, so a server that ignores `block_ms` is not
+        hammered). Errors propagate to `_poll_loop`, which backs off (and stops on 401/403)."""
+        assert self.client is not None
+        work = self.client.beta.environments.work
+        env_id = self.config.environment_id
+        attempt = 0
+        while True:
+            asked = time.monotonic()
+            item = None
+            try:
+                item = await work.poll(env_id, block_ms=POLL_BLOCK_MS, anthropic_worker_id=self.worker_id)
+                if item is not None:
+                    await work.ack(item.id, environment_id=env_id)
+            except TRANSIENT_ERRORS as e:
+                if is_fatal_status_error(e):
+                    if item is None:
+                        raise  # the poll itself: _poll_loop decides (a refused key stops the worker)
+                    # As the SDK's poller: an item whose ack fails for good is force-stopped.
+                    log_event(log, logging.ERROR, "ack_failed", f"ack refused: {_describe(e)}; stopping the item",
+                              work_id=item.id)
+                    await self._force_stop(item.id, env_id)
+                    continue
+                # As the SDK's poller: jittered exponential back-off (a closing circuit restarts us early).
+                attempt += 1
+                wait = min(60.0, 2.0 ** attempt) + random.uniform(0.0, 1.0)
+                log_event(log, logging.WARNING, "poll_retry", f"poll/ack failed: {_describe(e)}; retrying in "
+                          f"{wait:.1f}s", attempt=attempt)
+                await anyio.sleep(wait)
+                continue
+            attempt = 0
+            if item is None:
+                if time.monotonic() - asked < 0.5:
+                    await anyio.sleep(random.uniform(1.0, 3.0))
+                continue
+            yield item
 
     async def _next_item(self, poller: Any) -> Any:
         """The poller's next item, or None when the circuit closed while it waited (restart it)."""
