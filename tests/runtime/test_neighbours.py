@@ -58,12 +58,21 @@ def test_bystander_works_during_a_neighbours_bomb(make_sandbox, bomb: Bomb) -> N
 
 def test_host_stays_responsive_during_a_storm_of_every_bomb(make_sandbox, runtime) -> None:
     """Every bomb at once, each in its own sandbox (16 in all): a fresh sandbox still starts and answers,
-    and a live one still runs its commands."""
+    a live one still runs its commands, and every OOM kill the kernel made happened inside a bomb's
+    sandbox (no host process, no bystander)."""
     from sandbox.policy import load_policy
+
+    def host_oom_kills() -> int:
+        for line in open("/proc/vmstat"):
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        raise AssertionError("no oom_kill in /proc/vmstat")
 
     kinds = bombs(10.0)
     storm = [make_sandbox(k.profile) for k in (kinds * 2)[:16]]
     bystander = make_sandbox()
+    kills_before = host_oom_kills()
+    in_sandboxes_before = sum(sb.counters.snapshot()["oom_kill"] or 0 for sb in storm + [bystander])
     threads = [_start_bomb(sb, k, 10.0)[0] for sb, k in zip(storm, (kinds * 2)[:16])]
     time.sleep(2.0)
     fresh = runtime.create(load_policy("default"), session_id="storm-17th")
@@ -81,6 +90,10 @@ def test_host_stays_responsive_during_a_storm_of_every_bomb(make_sandbox, runtim
     for t in threads:
         t.join(60)
     _job_ok(bystander)
+    in_sandboxes = sum(sb.counters.snapshot()["oom_kill"] or 0 for sb in storm + [bystander]) - in_sandboxes_before
+    assert in_sandboxes > 0, "the memory bombs were never OOM-killed: the check below would prove nothing"
+    assert host_oom_kills() - kills_before == in_sandboxes, "the kernel OOM-killed something outside the bombs"
+    assert (bystander.counters.snapshot()["oom_kill"] or 0) == 0
 
 
 def _cpu_weight_file(pid: int):
