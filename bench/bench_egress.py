@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 NAME = "bench.test"  # resolved by our proxy's static resolver; tinyproxy gets the IP literal
 ADDR = "127.0.0.1"
 SMALL_BODY = b"hello, world\n"
+BATCH = 10  # small requests per mode per turn (modes take turns; see main)
 
 
 # ---------------------------------------------------------------- roles (child processes)
@@ -603,7 +604,7 @@ def _p99(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--big-mib", type=int, default=256)
-    ap.add_argument("--small", type=int, default=300, help="small requests per mode per round")
+    ap.add_argument("--small", type=int, default=300, help="small requests per mode per round (in turns of 10)")
     ap.add_argument("--setup", type=int, default=300, help="connection setups per mode per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay", "floor", "tls-server", "tls-proxy", "fair-proxy"])
@@ -729,19 +730,30 @@ def main() -> None:
                 time.sleep(0.3)
                 res["tunnel_mbs"].append(timed(lambda m=m: fetch(m, tport, "/big", m.proxy_port is not None, buf)))
                 time.sleep(0.3)
-                pid = pids.get(m.name)
-                c0 = _cpu_s(pid)
-                for tunnel, key in ((False, "rps_http"), (True, "rps_tunnel")):
-                    t0 = time.perf_counter()
-                    for _ in range(a.small):
-                        fetch(m, tport, "/small", tunnel and m.proxy_port is not None, buf)
-                    res[key].append(a.small / (time.perf_counter() - t0))
-                if pid is not None:  # the proxy process's own CPU (user+sys) per small request
-                    res["cpu"].append((_cpu_s(pid) - c0) / (2 * a.small))
-                time.sleep(0.3)
                 if m.relay_port is not None:
                     continue  # a bare relay has no CONNECT step to time
                 res["setup"] += [setup_latency(m, tport) for _ in range(a.setup)]
+            # Small requests: every mode in turn, BATCH requests at a time, so a burst of load from
+            # other work on the host lands on all modes alike (whole phases per mode did not).
+            time.sleep(0.3)
+            spent = {m.name: {"rps_http": 0.0, "rps_tunnel": 0.0} for m in modes}
+            cpu = {m.name: 0.0 for m in modes}  # CPU of the mode's proxy process during its own turns
+            batches = max(1, a.small // BATCH)
+            for _ in range(batches):
+                for m in rng.sample(modes, len(modes)):
+                    c0 = _cpu_s(pids.get(m.name))
+                    for tunnel, key in ((False, "rps_http"), (True, "rps_tunnel")):
+                        t0 = time.perf_counter()
+                        for _ in range(BATCH):
+                            fetch(m, tport, "/small", tunnel and m.proxy_port is not None, buf)
+                        spent[m.name][key] += time.perf_counter() - t0
+                    cpu[m.name] += _cpu_s(pids.get(m.name)) - c0
+            for m in modes:
+                res = results[m.name]
+                for key, secs in spent[m.name].items():
+                    res[key].append(batches * BATCH / secs)
+                if m.name in pids:  # the proxy process's own CPU (user+sys) per small request
+                    res["cpu"].append(cpu[m.name] / (2 * batches * BATCH))
             loads.append(os.getloadavg()[0])
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
