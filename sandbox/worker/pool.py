@@ -141,6 +141,7 @@ class WarmPool:
             ws = self.store.new_workspace(self.policy.workspace.size_mb)
             sb = start_over(self.runtime, self.policy, self.store, pool_id, ws,
                             extra_labels={LABEL_POOL: self.worker_label})
+            _start_shell(sb)
             self.failures = 0
         except Exception as e:  # noqa: BLE001 - SandboxError, StoreError: retried with back-off
             self.failures += 1
@@ -168,6 +169,18 @@ class WarmPool:
         for sb in ready:
             self._discard(sb, workspaces.get(sb.id))
         self._on_change()
+
+
+def _start_shell(sb: Sandbox) -> None:
+    """Start a warm sandbox's default bash shell now, as a session's first `bash` call would (the
+    same op): that call then does not wait the 15-25 ms a shell takes to start. Best effort."""
+    from .tools import op_request
+
+    op_args, timeout = op_request("bash", {"command": "true"})
+    try:
+        sb.call("bash", timeout=timeout, **op_args)
+    except Exception as e:  # noqa: BLE001 - the session's first call starts it then
+        log.debug("warm sandbox: default shell not started: %s", e)
 
 
 def start_over(runtime: Runtime, policy: Policy, store: SessionStore, label: str, ws: str,
