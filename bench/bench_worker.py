@@ -55,10 +55,13 @@ def load() -> float:
 class Brain:
     """The model side of one session: its event stream held open, tool calls injected, results read back."""
 
-    def __init__(self, base_url: str, admin_key: str, session_id: str) -> None:
+    def __init__(self, base_url: str, admin_key: str, session_id: str, *, admin: LocalAdmin | None = None,
+                 http: httpx.Client | None = None) -> None:
+        """`admin`, `http`: clients to share (building one costs tens of ms: not part of what is measured)."""
         self.sid = session_id
-        self.admin = LocalAdmin(base_url, admin_key)
-        self._http = httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
+        self._own = admin is None
+        self.admin = admin or LocalAdmin(base_url, admin_key)
+        self._http = http or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
         self._cm = self._http.stream("GET", f"{base_url}/v1/sessions/{session_id}/events/stream",
                                      headers=self.admin._headers)  # the admin's own headers (its key)
         resp = self._cm.__enter__()
@@ -101,8 +104,9 @@ class Brain:
                 self.admin.terminate(self.sid)
         finally:
             self._cm.__exit__(None, None, None)
-            self._http.close()
-            self.admin.close()
+            if self._own:
+                self._http.close()
+                self.admin.close()
 
 
 class RemoteControlPlane:
@@ -277,17 +281,21 @@ def per_call(cp: Any, n: int) -> list[float]:
     return out
 
 
-def session_starts(cp: Any, n: int) -> list[float]:
+def session_starts(cp: Any, n: int, idle: float = 1.5) -> list[float]:
+    """New session -> its first result, `idle` seconds after the previous session ended (the pool refills;
+    longer than the 999 ms long-poll, so a worker that sleeps after an empty poll shows it)."""
     admin = LocalAdmin(cp.base_url, cp.admin_key)
+    http = httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
     out = []
     for _ in range(n):
         t = time.perf_counter()
         sid = admin.create_session(cp.environment_id)
-        b = Brain(cp.base_url, cp.admin_key, sid)
+        b = Brain(cp.base_url, cp.admin_key, sid, admin=admin, http=http)
         b.call("true")
         out.append(time.perf_counter() - t)
         b.close()
-        time.sleep(0.5)  # let the pool refill
+        time.sleep(idle)
+    http.close()
     admin.close()
     return out
 

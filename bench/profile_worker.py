@@ -73,6 +73,129 @@ import bench_worker as bw  # noqa: E402
 from sandbox.controlplane import ControlPlane, LocalAdmin  # noqa: E402
 
 
+_marks: list[tuple[str, float]] = []
+
+
+def _wrap(owner: Any, attr: str, label: str) -> None:
+    """Mark when `owner.attr` starts and ends (a function or coroutine function)."""
+    import inspect
+
+    fn = getattr(owner, attr)
+    if inspect.iscoroutinefunction(fn):
+        async def awrapped(*a: Any, **k: Any) -> Any:
+            _marks.append((f"{label}>", time.perf_counter()))
+            try:
+                return await fn(*a, **k)
+            finally:
+                _marks.append((f"{label}<", time.perf_counter()))
+        setattr(owner, attr, awrapped)
+    else:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            _marks.append((f"{label}>", time.perf_counter()))
+            try:
+                return fn(*a, **k)
+            finally:
+                _marks.append((f"{label}<", time.perf_counter()))
+        setattr(owner, attr, wrapped)
+
+
+def install_trace() -> None:
+    from anthropic.lib.tools._beta_session_runner import SessionToolRunner
+
+    from sandbox.controlplane.sessions import Sessions
+    from sandbox.runtime import Sandbox
+    from sandbox.worker.tools import SessionToolbox
+
+    _wrap(bw.Brain, "call", "brain")
+    _wrap(Sessions, "append_agent_events", "cp.inject")
+    _wrap(SessionToolRunner, "_route_tool_event", "sdk.route")
+    _wrap(SessionToolRunner, "_execute", "sdk.execute")
+    _wrap(SessionToolbox, "call", "tool")
+    _wrap(SessionToolbox, "_journalled_call", "thread")
+    _wrap(Sandbox, "call", "sandbox")
+    _wrap(SessionToolRunner, "_send_result", "sdk.post")
+    _wrap(Sessions, "append_client_events", "cp.result")
+
+
+def install_start_trace() -> None:
+    from anthropic.lib.environments._worker import EnvironmentWorker
+    from anthropic.lib.tools._beta_session_runner import SessionToolRunner
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from sandbox.controlplane.sessions import Sessions
+    from sandbox.controlplane.work import WorkQueue
+    from sandbox.runtime import Sandbox
+    from sandbox.worker.pool import SessionSandboxes
+    from sandbox.worker.tools import SessionToolbox
+    from sandbox.worker.worker import Worker
+
+    _wrap(Sessions, "create", "cp.create")
+    _wrap(WorkQueue, "_deliver", "cp.deliver")
+    _wrap(WorkQueue, "ack", "cp.ack")
+    _wrap(Worker, "_serve_item", "serve")
+    _wrap(Worker, "_lock_run", "lock_run")
+    _wrap(Worker, "_open_trail", "open_trail")
+    _wrap(Worker, "_has_skills", "has_skills")
+    _wrap(SessionSandboxes, "acquire", "acquire")
+    _wrap(EnvironmentWorker, "_handle_item", "sdk.item")
+    _wrap(AgentToolContext, "__aenter__", "sdk.toolctx")
+    _wrap(Worker, "_tools_for", "tools_for")
+    _wrap(SessionToolRunner, "_reconcile", "sdk.reconcile")
+    _wrap(SessionToolRunner, "_route_tool_event", "sdk.route")
+    _wrap(SessionToolbox, "call", "tool")
+    _wrap(Sandbox, "call", "sandbox")
+    _wrap(SessionToolRunner, "_send_result", "sdk.post")
+    _wrap(Sessions, "append_client_events", "cp.result")
+
+
+def print_start_trace() -> None:
+    runs: list[list[tuple[str, float]]] = []
+    for label, t in _marks:
+        if label == "start>":
+            runs.append([])
+        if runs:
+            runs[-1].append((label, t))
+    print("\nsession start: ms from `create` to each mark (median over runs; first time a mark is seen):")
+    at: dict[str, list[float]] = collections.defaultdict(list)
+    order: list[str] = []
+    for r in runs:
+        t0 = r[0][1]
+        seen = set()
+        for label, t in r:
+            if label in seen:
+                continue
+            seen.add(label)
+            if label not in at:
+                order.append(label)
+            at[label].append((t - t0) * 1e3)
+    for label in sorted(order, key=lambda lb: sorted(at[lb])[len(at[lb]) // 2]):
+        v = sorted(at[label])
+        print(f"  {label:18} {v[len(v) // 2]:8.1f}   (n={len(v)})")
+
+
+def print_trace() -> None:
+    calls: list[list[tuple[str, float]]] = []
+    for label, t in _marks:
+        if label == "brain>":
+            calls.append([])
+        if calls:
+            calls[-1].append((label, t))
+    steps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    order: list[tuple[str, str]] = []
+    for c in calls[1:]:
+        if not c or c[-1][0] != "brain<":
+            continue
+        for (a, ta), (b, tb) in zip(c, c[1:]):
+            if (a, b) not in steps:
+                order.append((a, b))
+            steps[(a, b)].append((tb - ta) * 1e3)
+    print("\nmedian ms between consecutive marks of one call (> start, < end):")
+    for k in order:
+        v = sorted(steps[k])
+        if len(v) >= len(calls) // 2:
+            print(f"  {k[0]:>16} -> {k[1]:<16} {v[len(v) // 2]:7.3f}   (n={len(v)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=200)
@@ -80,9 +203,32 @@ def main() -> None:
     ap.add_argument("--worker", choices=("sandbox", "reference"), default="sandbox")
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sort", default="tottime")
+    ap.add_argument("--filter", default="", help="only functions whose location matches this regex")
+    ap.add_argument("--trace", action="store_true", help="time the steps of each call")
+    ap.add_argument("--starts", type=int, default=0, help="instead: time N session starts (warm pool of 2)")
     ap.add_argument("-v", action="store_true", help="CPU of each long-lived thread")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="profile-worker."))
+    if args.trace:
+        install_trace()
+    if args.starts:
+        install_start_trace()
+        with ControlPlane(tmp / "cp") as cp, bw.our_worker(cp, tmp / "w", 2):
+            time.sleep(3)
+            admin = LocalAdmin(cp.base_url, cp.admin_key)
+            http = bw.httpx.Client(timeout=60)
+            for _ in range(args.starts):
+                _marks.append(("start>", time.perf_counter()))
+                b = bw.Brain(cp.base_url, cp.admin_key, admin.create_session(cp.environment_id), admin=admin,
+                             http=http)
+                _marks.append(("brain ready", time.perf_counter()))
+                b.call("true")
+                _marks.append(("first result", time.perf_counter()))
+                b.close()
+                time.sleep(float(os.environ.get("START_IDLE", "1.5")))
+        print_start_trace()
+        return
     with ControlPlane(tmp / "cp") as cp:
         ctx = bw.reference_worker(cp, tmp / "ref") if args.worker == "reference" else bw.our_worker(cp, tmp / "w", 0)
         with ctx:
@@ -142,13 +288,19 @@ def main() -> None:
     groups = set(live_groups) | set(ended)
     for g in sorted(groups, key=lambda g: -(live_groups.get(g, 0) + ended.get(g, 0))):
         print(f"  {g:45} {(live_groups.get(g, 0) + ended.get(g, 0)) / calls * 1e3:7.3f}")
+    if args.trace:
+        print_trace()
     if PROFILE:
         for g, profs in _profiles.items():
             s = io.StringIO()
             st = pstats.Stats(stream=s)
             for p in profs:
                 _merge(st, p.stats)
-            st.sort_stats("tottime").print_stats(args.top)
+            st.sort_stats(args.sort)
+            if args.filter:
+                st.print_stats(args.filter, args.top)
+            else:
+                st.print_stats(args.top)
             print(f"\n===== {g} =====\n" + s.getvalue()[-12000:])
 
 

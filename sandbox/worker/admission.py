@@ -70,12 +70,14 @@ def _container_cpu_ns(parent: str = "docker") -> dict[str, int]:
 class BusySandboxes:
     """How many containers used more than half a core between two calls (0 on the first)."""
 
-    def __init__(self, read: Callable[[], dict[str, int]] = _container_cpu_ns):
+    def __init__(self, read: Callable[[], dict[str, int]] = _container_cpu_ns,
+                 clock: Callable[[], float] = time.monotonic):
         self.read = read
+        self.clock = clock
         self.last: tuple[float, dict[str, int]] | None = None
 
     def __call__(self) -> int:
-        now, usage = time.monotonic(), self.read()
+        now, usage = self.clock(), self.read()
         last, self.last = self.last, (now, usage)
         if last is None or now - last[0] <= 0:
             return 0

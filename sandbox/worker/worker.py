@@ -485,19 +485,32 @@ class Worker:
             log_event(log, logging.ERROR, "session_busy", "another run of this session holds its workspace; "
                       "not serving this delivery (it will come back)", work_id=work_id, session_id=session_id)
             return
-        try:
-            # The SDK downloads the session agent's skills into `<workdir>/skills`: per session and run, a
-            # capped tmpfs the sandbox mounts read-only at SKILLS_PATH (so it must exist before the sandbox).
-            skills_dir = await anyio.to_thread.run_sync(
-                lambda: self.store.skills_dir(session_id, size_mb=self.config.skills_mb,  # type: ignore[union-attr]
-                                              inodes=self.config.skills_inodes))
-        except Exception as e:  # noqa: BLE001 - served without skills, said loudly
-            log_event(log, logging.ERROR, "skills_unavailable", f"cannot prepare the skills directory: {e}",
-                      session_id=session_id)
-            skills_dir = None
+        skills_dir: Path | None = None
+        trail: list[AuditTrail | None] = [None]
+
+        async def prepare_skills() -> None:
+            nonlocal skills_dir
+            try:
+                # The SDK downloads the session agent's skills into `<workdir>/skills`: per session and run, a
+                # capped tmpfs the sandbox mounts read-only at SKILLS_PATH (so it must exist before the sandbox).
+                skills_dir = await anyio.to_thread.run_sync(
+                    lambda: self.store.skills_dir(session_id, size_mb=self.config.skills_mb,  # type: ignore[union-attr]
+                                                  inodes=self.config.skills_inodes))
+            except Exception as e:  # noqa: BLE001 - served without skills, said loudly
+                log_event(log, logging.ERROR, "skills_unavailable", f"cannot prepare the skills directory: {e}",
+                          session_id=session_id)
+
+        async def open_trail() -> None:
+            # In a thread: opening the trail writes and fsyncs its first records (not on the event loop).
+            trail[0] = await anyio.to_thread.run_sync(self._open_trail, session_id, work_id)
+
+        # Both at once: each is a few ms of file system work on the way to the session's first call.
+        async with anyio.create_task_group() as prep:
+            prep.start_soon(prepare_skills)
+            prep.start_soon(open_trail)
         sdk_worker = self._sdk_worker if skills_dir is None else EnvironmentWorker(
             **{**self._sdk_kwargs, "workdir": skills_dir.parent})
-        slot = SessionSlot(session_id=session_id, work_id=work_id, trail=self._open_trail(session_id, work_id))
+        slot = SessionSlot(session_id=session_id, work_id=work_id, trail=trail[0])
         slot.skills_dir = skills_dir
         serving = _Serving(slot, anyio.CancelScope(), anyio.Event(), run_lock)
         self._serving[session_id] = serving

@@ -228,7 +228,8 @@ def test_a_bomb_counts_as_one_busy_sandbox_however_many_tasks_it_runs() -> None:
     from sandbox.worker.admission import BusySandboxes
 
     readings = iter([{"a": 0, "b": 0, "c": 0}, {"a": 10**12, "b": 10**3, "c": 10**12}])
-    busy = BusySandboxes(lambda: next(readings))
+    ticks = iter([100.0, 101.0])  # one second between the readings, whatever the machine's speed
+    busy = BusySandboxes(lambda: next(readings), clock=lambda: next(ticks))
     assert busy() == 0  # nothing to compare with yet
     assert busy() == 2  # a and c used more than half a core since; b did not
 
