@@ -46,6 +46,7 @@ from sandbox.worker.credentials import EnvironmentKey
 from sandbox.worker.worker import WorkerConfig
 
 USE_UVLOOP = os.environ.get("BENCH_UVLOOP", "1") != "0"
+SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "4"))
 
 
 def load() -> float:
@@ -345,6 +346,7 @@ def measure(cp: Any, n: int, worker: Callable[[int], Any], direct: Callable[[], 
         for c in (1, 4, 16):
             r[f"tps{c}"] = throughput(cp, c, max(5, n // c * 2 if c > 1 else n))
             r[f"load_tps{c}"] = load()
+            time.sleep(SETTLE_S)  # the ended sessions' teardown (sandboxes stopped, checkpoints) is not measured
         r["loop"] = per_call(cp, n)
         r["load_loop"] = load()
         if starts:

@@ -102,6 +102,7 @@ class Outbox:
         self._alive = alive or (lambda o: o == owner)
         self._sync = synchronous
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         # Results the control plane accepted, not yet marked in the file (see `delivered_later`).
         self._accepted: list[str] = []
         self._accepted_lock = threading.Lock()
@@ -126,18 +127,30 @@ class Outbox:
         return conn
 
     class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
+        def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
             self.conn = conn
+            self.lock = lock
 
         def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
+            # Threads of this process queue on a mutex: colliding on the file lock instead would put them
+            # in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms between retries (with 16 sessions
+            # calling at once, that sleep was on most calls). Other processes still meet the file lock.
+            self.lock.acquire()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.lock.release()
+                raise
             return self.conn
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            try:
+                self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.lock.release()
 
     def _tx(self) -> Outbox._Tx:
-        return Outbox._Tx(self._conn())
+        return Outbox._Tx(self._conn(), self._write_lock)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
