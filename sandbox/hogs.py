@@ -11,8 +11,8 @@ gives (A runs 75 ms of every 100 ms period, B gets 2/3 of its core meanwhile). W
 So the owner of some sandboxes watches them (one thread per :class:`HogDemoter`, every
 ``interval`` seconds, two small cgroup files per sandbox): a sandbox throttled in at least
 half of its quota periods wants more CPU than it may have, and so does one that took its
-whole fair share of a saturated host (more busy sandboxes than cores) for two intervals
-running: its CPU weight is divided by ``factor``, so a sandbox that only now has work (a
+whole share of a saturated host (at least 0.8 of what the busy sandboxes got on average)
+for two intervals running: its CPU weight is divided by ``factor``, so a sandbox that only now has work (a
 new session's start, a bystander's command) is not held to 1/N of the CPU behind N bombs. It keeps its whole quota whenever the cores are free (weight only matters
 under contention), and it gets its weight back once it goes quiet (under a tenth of a core
 for an interval). A sandbox that never exceeds its quota is never touched. Best effort:
@@ -156,7 +156,7 @@ class HogDemoter:
         fair_ns = sum(d[3] for d in active) / max(len(active), 1)  # what an equal split gave each
         for w, periods, throttled, used in deltas:
             over_quota = periods > 0 and throttled >= self.hog_fraction * periods
-            full_share = saturated and len(active) > self.cpus and used >= 0.8 * fair_ns
+            full_share = saturated and len(active) >= 2 and used >= 0.8 * fair_ns
             w.busy_ticks = w.busy_ticks + 1 if full_share else 0
             if over_quota or w.busy_ticks >= 2:
                 if not w.demoted:

@@ -144,3 +144,28 @@ def test_an_idle_host_demotes_nobody_for_being_busy(tmp_path: Path, monkeypatch:
             _stat(w.dir, 10 * k, 0, k * 250_000_000)
         h.tick(ws)
     assert not any(w.demoted for w in ws)
+
+
+def test_a_single_busy_process_beside_a_bursty_neighbour_on_a_saturated_host_yields(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk or output flood is one process inside its quota; when the host is saturated it still
+    takes a whole core while the bystander, with work to do only now and then, gets half of one."""
+    h = HogDemoter(factor=8)
+    h.cpus = 2
+    idle = iter(range(0, 10**9, 1000))
+    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))
+    h._idle = hogs.host_idle_ns()
+    ws = []
+    for i in range(2):
+        d = tmp_path / f"cg{i}"
+        d.mkdir()
+        (d / "cpu.shares").write_text("1024")
+        _stat(d, 0, 0, 0)
+        ws.append(_Watch(d, d / "cpu.shares", "1024", hogs.read_cpu_stat(d)))
+    flood, bystander = ws
+    for k in (1, 2):
+        h._last_tick = time.monotonic() - 1.0
+        _stat(flood.dir, 10 * k, 0, k * 990_000_000)
+        _stat(bystander.dir, 10 * k, 0, k * 450_000_000)
+        h.tick(ws)
+    assert flood.demoted and not bystander.demoted
