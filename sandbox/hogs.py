@@ -21,14 +21,15 @@ no cgroup file, no demotion; nothing here makes any limit weaker.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("sandbox.hogs")
+from sandbox import lazylog
+
+log = lazylog.get("sandbox.hogs")  # the cold `sandbox exec` path imports no logging
 
 _V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
 
