@@ -75,7 +75,7 @@ _PIPE_SIZE = 1024 * 1024
 _MAX_RESPONSE_HEAD = 64 * 1024
 _MAX_CHUNK_LINE = 4096
 _SWEEP_S = 0.2
-_BUSY_TURNS = 16  # splice turns (up to _CHUNK each) before a bulk relay lets the loop run others
+_BUSY_TURNS = 16  # relay turns in a row (reads that found data) before a relay lets the loop run others
 _MEMO_MAX = 512  # ACL results kept per session (see _Session.decisions)
 _USE_SPLICE = hasattr(os, "splice")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -1001,6 +1001,7 @@ class EgressProxy:
             rec.code = "leak-blocked"
             raise EOFError  # the head is not sent: the client sees the connection close
         await self._send_down(conn, first)
+        turns = 0
         while True:
             data = await up.recv()
             if not data:
@@ -1009,6 +1010,9 @@ class EgressProxy:
                 rec.code, rec.reason = "leak-blocked", "the upstream's response repeated the injected credential; connection cut"
                 raise EOFError
             await self._send_down(conn, data)
+            turns += 1
+            if turns % _BUSY_TURNS == 0:
+                await asyncio.sleep(0)  # reads and sends that never wait would keep other sessions off the loop
 
     # ------------------------------------------------------------ relaying
 
@@ -1125,7 +1129,7 @@ class EgressProxy:
         """Copy loop. Returns None when finished, or (with ``upgrade``) the bytes moved so far
         as soon as a read fills the buffer, so the caller can switch to splice."""
         view = memoryview(bytearray(_COPY_CHUNK))
-        done = 0
+        done = turns = 0
         while limit is None or done < limit:
             want = _COPY_CHUNK if limit is None else min(_COPY_CHUNK, limit - done)
             n = await _recv_into(src, view[:want])
@@ -1140,6 +1144,9 @@ class EgressProxy:
                 raise _BudgetSpent
             if upgrade and n == _COPY_CHUNK:
                 return done
+            turns += 1
+            if turns % _BUSY_TURNS == 0:
+                await asyncio.sleep(0)  # as in _relay_splice: let other connections run
         return None
 
     async def _request_body(self, conn: _Conn, reader: _Buffered, framing: int | str, cap: int | None = None) -> None:
