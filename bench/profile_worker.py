@@ -209,6 +209,8 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=0, help="instead: time N session starts (warm pool of 2)")
     ap.add_argument("-v", action="store_true", help="CPU of each long-lived thread")
     args = ap.parse_args()
+    if os.environ.get("SWITCH_S"):
+        sys.setswitchinterval(float(os.environ["SWITCH_S"]))
     tmp = Path(tempfile.mkdtemp(prefix="profile-worker."))
     if args.trace:
         install_trace()
@@ -301,7 +303,7 @@ def main() -> None:
                 st.print_stats(args.filter, args.top)
             else:
                 st.print_stats(args.top)
-            print(f"\n===== {g} =====\n" + s.getvalue()[-12000:])
+            print(f"\n===== {g} =====\n" + s.getvalue())
 
 
 def _merge(st: pstats.Stats, stats: dict[Any, Any]) -> None:

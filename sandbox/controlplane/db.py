@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import ApiError
 
@@ -107,8 +108,10 @@ class Database:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.closing = False
-        # session id -> (its condition, how many streams wait on it)
-        self._session_conds: dict[str, tuple[threading.Condition, int]] = {}
+        # session id -> [its condition, how many streams wait on it, version]; the version counts the
+        # session's notifications, so a stream that has read everything up to a version need not query
+        # again until it changes.
+        self._session_conds: dict[str, list[Any]] = {}
         self._local = threading.local()
         existed = path.exists()
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -163,33 +166,40 @@ class Database:
         """Work may have changed: wake the long-polls (and, to be safe, every stream)."""
         with self.lock:
             self.changed.notify_all()
-            for cond, _n in self._session_conds.values():
-                cond.notify_all()
+            for entry in self._session_conds.values():
+                entry[2] += 1
+                entry[0].notify_all()
 
     def notify_session(self, session_id: str, *, work: bool) -> None:
         """Events were appended to `session_id`: wake its streams; with `work`, also the long-polls."""
         with self.lock:
             entry = self._session_conds.get(session_id)
             if entry is not None:
+                entry[2] += 1
                 entry[0].notify_all()
             if work:
                 self.changed.notify_all()
+
+    def session_version(self, session_id: str) -> int:
+        """How many times `session_id`'s streams were notified (while any is open; call with the lock held)."""
+        entry = self._session_conds.get(session_id)
+        return -1 if entry is None else int(entry[2])
 
     @contextmanager
     def session_condition(self, session_id: str) -> Iterator[threading.Condition]:
         """The condition a stream of `session_id` waits on (call with the lock held; waits release it)."""
         with self.lock:
-            cond, n = self._session_conds.get(session_id) or (threading.Condition(self.lock), 0)
-            self._session_conds[session_id] = (cond, n + 1)
+            entry = self._session_conds.get(session_id)
+            if entry is None:
+                entry = self._session_conds[session_id] = [threading.Condition(self.lock), 0, 0]
+            entry[1] += 1
         try:
-            yield cond
+            yield entry[0]
         finally:
             with self.lock:
-                cond, n = self._session_conds[session_id]
-                if n <= 1:
+                entry[1] -= 1
+                if entry[1] <= 0:
                     del self._session_conds[session_id]
-                else:
-                    self._session_conds[session_id] = (cond, n - 1)
 
     def get_meta(self, key: str) -> str | None:
         with self.tx() as c:

@@ -148,9 +148,12 @@ class Sessions:
         ).fetchone()
         return None if row is None else json.loads(row["body"])
 
-    def _wake(self, c: sqlite3.Connection, row: sqlite3.Row) -> None:
+    def _wake(self, c: sqlite3.Connection, row: sqlite3.Row) -> bool:
+        """Queue work for the session unless it has a live item; True when an item was queued."""
         if not self._work.has_live_item(c, row["id"]):
             self._work.enqueue(c, row["environment_id"], row["id"])
+            return True
+        return False
 
     def append_client_events(self, session_id: str, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`POST /v1/sessions/{id}/events`: all-or-nothing, returns the stored events.
@@ -179,9 +182,9 @@ class Sessions:
                 wakes = wakes or kind in WAKING_EVENT_TYPES
                 if kind == "user.message":
                     self._set_status(c, session_id, "running")
-            if wakes:
-                self._wake(c, row)
-        self._db.notify_session(session_id, work=wakes)
+            queued = self._wake(c, row) if wakes else False
+        # Long-polls are woken only when work was queued (not on every call of a session already served).
+        self._db.notify_session(session_id, work=queued)
         return out
 
     def _check_reference(self, c: sqlite3.Connection, session_id: str, kind: str, ref: str, where: str) -> None:
@@ -227,11 +230,12 @@ class Sessions:
                     "session.status_terminated": "terminated",
                 }.get(kind, status)
             self._set_status(c, session_id, status)
+            queued = False
             if status == "terminated":
                 self._work.cancel_undelivered(c, session_id)
             elif wakes:
-                self._wake(c, row)
-        self._db.notify_session(session_id, work=wakes or status == "terminated")
+                queued = self._wake(c, row)
+        self._db.notify_session(session_id, work=queued)
         return out
 
     def _unanswered(self, c: sqlite3.Connection, session_id: str) -> list[str]:

@@ -21,6 +21,7 @@ from .db import Database
 from .sessions import Sessions
 
 TERMINAL_EVENT_TYPES = frozenset({"session.status_terminated", "session.deleted"})
+BATCH = 500  # events per query
 PING_FRAME = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
@@ -51,6 +52,9 @@ class SessionEventStream:
             return
         next_ping = time.monotonic() + self._ping_interval
         # Woken only by this session's events (db.notify_session), not by every write of every session.
+        # Queried again only after a notification: all writes happen under the lock, so what one query
+        # returned is everything up to the version read with it (unless the batch was cut at its limit).
+        seen = -2
         with self._db.session_condition(self._session_id) as changed:
             while True:
                 batch: list[tuple[int, str, str]] = []
@@ -58,7 +62,10 @@ class SessionEventStream:
                     while True:
                         if self._db.closing:
                             return
-                        batch = self._sessions.raw_events_after(self._session_id, self._last_seq)
+                        version = self._db.session_version(self._session_id)
+                        if version != seen:
+                            batch = self._sessions.raw_events_after(self._session_id, self._last_seq, BATCH)
+                            seen = version if len(batch) < BATCH else -2
                         now = time.monotonic()
                         if batch or now >= next_ping:
                             break
