@@ -627,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(listen, admin, token, Path(args.state_dir), stop=stop)
 
-    asyncio.run(run())
+    from sandbox.egress import evloop
+
+    evloop.run(run())  # uvloop, as the host daemon (SANDBOX_EGRESS_LOOP=asyncio falls back)
     return 0
 
 
