@@ -53,6 +53,27 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+CPU_ROWS: dict[int, dict[str, float]] = {}  # sessions -> process -> CPU seconds per call (last throughput run)
+PIDS: dict[str, int] = {}  # processes whose CPU per call is reported: "control plane", "worker"
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def cpu_snapshot() -> dict[str, float]:
+    out = {name: cpu_s(pid) for name, pid in PIDS.items()}
+    t = os.times()
+    out["brain"] = t.user + t.system
+    return out
+
+
 class Brain:
     """The model side of one session: its event stream held open, tool calls injected, results read back."""
 
@@ -121,6 +142,8 @@ class RemoteControlPlane:
 
     def __enter__(self) -> RemoteControlPlane:
         self._proc.start()
+        assert self._proc.pid is not None
+        PIDS["control plane"] = self._proc.pid
         if not self._conn.poll(60):
             raise RuntimeError("the control plane process did not start")
         self.base_url, self.environment_id, self.environment_key, self.admin_key = self._conn.recv()
@@ -145,6 +168,8 @@ def in_process(kind: str, cp: Any, path: Path, warm: int) -> Iterator[None]:
     info = (cp.base_url, cp.environment_id, cp.environment_key, cp.admin_key)
     proc = ctx.Process(target=_serve_worker, args=(kind, info, path, warm, child), daemon=True)
     proc.start()
+    assert proc.pid is not None
+    PIDS["worker"] = proc.pid
     try:
         if not conn.poll(300):
             raise RuntimeError(f"the {kind} worker process did not start")
@@ -250,6 +275,7 @@ def throughput(cp: Any, sessions: int, calls: int) -> float:
     admin.close()
     for b in brains:
         b.call("true")  # sandbox started; not counted
+    time.sleep(1.0)  # what starting them left behind (threads, logs) is not counted either
     done = [0]
     lock = threading.Lock()
 
@@ -260,12 +286,15 @@ def throughput(cp: Any, sessions: int, calls: int) -> float:
                 done[0] += 1
 
     t = time.perf_counter()
+    cpu0 = cpu_snapshot()
     threads = [threading.Thread(target=run, args=(b,)) for b in brains]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
+    cpu1 = cpu_snapshot()
+    CPU_ROWS[sessions] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / max(1, done[0]) for k in cpu1}
     for b in brains:
         b.close()
     return done[0] / wall
@@ -344,7 +373,8 @@ def measure(cp: Any, n: int, worker: Callable[[int], Any], direct: Callable[[], 
     r: dict[str, Any] = {}
     with worker(0):
         for c in (1, 4, 16):
-            r[f"tps{c}"] = throughput(cp, c, max(5, n // c * 2 if c > 1 else n))
+            r[f"tps{c}"] = throughput(cp, c, max(10, 2 * n // c))
+            r[f"cpu{c}"] = dict(CPU_ROWS.get(c, {}))
             r[f"load_tps{c}"] = load()
             time.sleep(SETTLE_S)  # the ended sessions' teardown (sandboxes stopped, checkpoints) is not measured
         r["loop"] = per_call(cp, n)
@@ -408,6 +438,11 @@ def main() -> None:
     row("session start to first result, no pool, median (ms)", lambda r: med(r["cold"]) * 1e3, "{:.0f}")
     if "sandbox" in results:
         print(f"{'session start to first result, warm pool, median (ms)':58}{med(results['sandbox']['warm']) * 1e3:>16.0f}")
+    if not args.one_process:
+        for c in (1, 16):
+            for proc in ("worker", "control plane", "brain"):
+                row(f"CPU per call, {c} session(s): {proc} process (ms)",
+                    lambda r, c=c, proc=proc: r[f"cpu{c}"].get(proc, 0.0) * 1e3, "{:.2f}")
     for c in cols:
         r = results[c]
         print(f"load average during {c}: throughput {r['load_tps1']:.2f}/{r['load_tps4']:.2f}/{r['load_tps16']:.2f}, "
