@@ -429,8 +429,14 @@ def main() -> None:
             line += f"   {vals[0] / vals[1]:.2f}x"
         print(line)
 
-    for c in (1, 4, 16):
-        row(f"tool calls/s, {c} concurrent session(s), bash true", lambda r, c=c: r[f"tps{c}"])
+    def tps(n: int) -> Callable[[dict[str, Any]], float]:
+        return lambda r: float(r[f"tps{n}"])
+
+    def cpu(n: int, proc: str) -> Callable[[dict[str, Any]], float]:
+        return lambda r: float(r[f"cpu{n}"].get(proc, 0.0)) * 1e3
+
+    for n in (1, 4, 16):
+        row(f"tool calls/s, {n} concurrent session(s), bash true", tps(n))
     row("per call through the loop, median (ms)", lambda r: med(r["loop"]) * 1e3)
     row("per call through the loop, p99 (ms)", lambda r: pct(r["loop"], 99) * 1e3)
     row("same op called directly, median (ms)", lambda r: med(r["direct"]) * 1e3)
@@ -439,10 +445,9 @@ def main() -> None:
     if "sandbox" in results:
         print(f"{'session start to first result, warm pool, median (ms)':58}{med(results['sandbox']['warm']) * 1e3:>16.0f}")
     if not args.one_process:
-        for c in (1, 16):
+        for n in (1, 16):
             for proc in ("worker", "control plane", "brain"):
-                row(f"CPU per call, {c} session(s): {proc} process (ms)",
-                    lambda r, c=c, proc=proc: r[f"cpu{c}"].get(proc, 0.0) * 1e3, "{:.2f}")
+                row(f"CPU per call, {n} session(s): {proc} process (ms)", cpu(n, proc), "{:.2f}")
     for c in cols:
         r = results[c]
         print(f"load average during {c}: throughput {r['load_tps1']:.2f}/{r['load_tps4']:.2f}/{r['load_tps16']:.2f}, "

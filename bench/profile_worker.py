@@ -69,6 +69,7 @@ def _run(self: threading.Thread) -> None:
 threading.Thread.run = _run  # type: ignore[method-assign]
 
 import bench_worker as bw  # noqa: E402
+import httpx2  # noqa: E402
 
 from sandbox.controlplane import ControlPlane, LocalAdmin  # noqa: E402
 
@@ -219,7 +220,7 @@ def main() -> None:
         with ControlPlane(tmp / "cp") as cp, bw.our_worker(cp, tmp / "w", 2):
             time.sleep(3)
             admin = LocalAdmin(cp.base_url, cp.admin_key)
-            http = bw.httpx.Client(timeout=60)
+            http = httpx2.Client(timeout=60)
             for _ in range(args.starts):
                 _marks.append(("start>", time.perf_counter()))
                 b = bw.Brain(cp.base_url, cp.admin_key, admin.create_session(cp.environment_id), admin=admin,
@@ -295,7 +296,7 @@ def main() -> None:
     if PROFILE:
         for g, profs in _profiles.items():
             s = io.StringIO()
-            st = pstats.Stats(stream=s)
+            st: Any = pstats.Stats(stream=s)
             for p in profs:
                 _merge(st, p.stats)
             st.sort_stats(args.sort)
@@ -306,7 +307,7 @@ def main() -> None:
             print(f"\n===== {g} =====\n" + s.getvalue())
 
 
-def _merge(st: pstats.Stats, stats: dict[Any, Any]) -> None:
+def _merge(st: Any, stats: dict[Any, Any]) -> None:
     for func, stat in stats.items():
         cc, nc, tt, ct, callers = stat
         if func in st.stats:

@@ -354,7 +354,7 @@ class Worker:
                     backoff = min(60.0, backoff * 2)
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await poller.aclose()  # type: ignore[attr-defined]
+                        await poller.aclose()
 
     async def _claims(self) -> Any:
         """Claimed (polled and acked) work items, through the SDK's generated `work.poll` / `work.ack`.
