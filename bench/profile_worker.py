@@ -147,6 +147,13 @@ def install_start_trace() -> None:
     _wrap(Sandbox, "call", "sandbox")
     _wrap(SessionToolRunner, "_send_result", "sdk.post")
     _wrap(Sessions, "append_client_events", "cp.result")
+    from sandbox.audit.trail import AuditTrail
+    from sandbox.worker.outbox import Outbox
+
+    _wrap(Outbox, "begin", "journal.begin")
+    _wrap(Outbox, "finish", "journal.finish")
+    _wrap(AuditTrail, "tool_call", "trail.tool_call")
+    _wrap(SessionToolRunner, "_stream_loop", "sdk.stream")
 
 
 def print_start_trace() -> None:
