@@ -490,6 +490,14 @@ class Worker:
 
         async def prepare_skills() -> None:
             nonlocal skills_dir
+            if self.store is not None and not self.store.host_workspaces:
+                # A cluster sandbox cannot mount a host directory: skills are not built there yet.
+                # Said once per worker (not as an error on every run of every session).
+                if not getattr(self, "_skills_unsupported_said", False):
+                    self._skills_unsupported_said = True
+                    log_event(log, logging.WARNING, "skills_unsupported",
+                              "session skills are not mounted into sandboxes on this backend (not built)")
+                return
             try:
                 # The SDK downloads the session agent's skills into `<workdir>/skills`: per session and run, a
                 # capped tmpfs the sandbox mounts read-only at SKILLS_PATH (so it must exist before the sandbox).
