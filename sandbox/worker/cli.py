@@ -110,7 +110,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
 
     import anyio
 
-    from .worker import Worker, WorkerConfig, WorkerError
+    from .worker import Worker, WorkerConfig, WorkerError, loop_options
 
     config = WorkerConfig(
         base_url=base_url, environment_id=environment_id, state_dir=state_dir or _default_worker_state_dir(),
@@ -140,7 +140,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
             tg.cancel_scope.cancel()
 
     try:
-        anyio.run(main)
+        anyio.run(main, backend_options=loop_options())  # uvloop (WPERF, issue 11)
     except WorkerError as e:
         _fail(str(e))
     except KeyboardInterrupt:
