@@ -12,11 +12,13 @@ So the owner of some sandboxes watches them (one thread per :class:`HogDemoter`,
 ``interval`` seconds, two small cgroup files per sandbox): a sandbox throttled in at least
 half of its quota periods wants more CPU than it may have, and so does one that took its
 whole share of a saturated host (at least 0.8 of what the busy sandboxes got on average)
-for two intervals running: its CPU weight is divided by ``factor``, so a sandbox that only now has work (a
-new session's start, a bystander's command) is not held to 1/N of the CPU behind N bombs. It keeps its whole quota whenever the cores are free (weight only matters
-under contention), and it gets its weight back once it goes quiet (under a tenth of a core
-for an interval). A sandbox that never exceeds its quota is never touched. Best effort:
-no cgroup file, no demotion; nothing here makes any limit weaker.
+for two intervals running. Its CPU weight is divided by ``factor``, so a sandbox that only
+now has work (a new session's start, a bystander's command) is not held to 1/N of the CPU
+behind N bombs. It keeps its whole quota whenever the cores are free (weight only matters
+under contention), and gets its weight back once it is quiet: under a tenth of a core for
+``hold`` seconds *and* its tasks not waiting for a CPU (a starved bomb uses little CPU too;
+its tasks' schedstat tells it from an idle one). Best effort: no cgroup file, no demotion;
+nothing here makes any limit weaker.
 """
 
 from __future__ import annotations
@@ -82,10 +84,34 @@ class _Watch:
     demoted: bool = False
     busy_ticks: int = 0
     since: float = 0.0  # when it last looked like a hog
+    delays: dict[str, int] | None = None  # run_delay per task at the last look (demoted only)
+
+
+def waited_ns(w: _Watch) -> int | None:
+    """How long the sandbox's tasks waited on a run queue since the last call (their schedstat).
+
+    Tells a starved sandbox from an idle one: both use little CPU, only the starved one waits.
+    Read only for a demoted sandbox that looks quiet (one small file per task)."""
+    listing = w.dir / ("cgroup.threads" if _V2 else "tasks")
+    now: dict[str, int] = {}
+    try:
+        tids = listing.read_text().split()
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{tid}/schedstat") as f:
+                now[tid] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    before, w.delays = w.delays, now
+    if before is None:
+        return None  # the first look: nothing to compare with yet
+    return sum(v - before.get(tid, 0) for tid, v in now.items())
 
 
 class HogDemoter:
-    def __init__(self, interval: float = 0.5, factor: int = 8, hog_fraction: float = 0.5,
+    def __init__(self, interval: float = 0.25, factor: int = 8, hog_fraction: float = 0.5,
                  quiet_cores: float = 0.1, hold: float = 3.0):
         self.hold = hold
         self.interval = interval
@@ -125,7 +151,10 @@ class HogDemoter:
 
     def _run(self) -> None:
         while True:
-            time.sleep(self.interval)
+            # Every 0.25 s with up to 64 sandboxes (a storm is caught within a second), then
+            # slower so that watching hundreds of idle sandboxes stays cheap (two reads each).
+            n = len(self._watched)
+            time.sleep(self.interval * (1 if n <= 64 else 2 if n <= 256 else 4))
             with self._lock:
                 if not self._watched:
                     self._thread = None
@@ -164,11 +193,16 @@ class HogDemoter:
                     self._set(w, str(max(2 if not _V2 else 1, int(w.original) // self.factor)))
                     w.demoted = True
                 w.since = now
-            elif w.demoted and used < self.quiet_cores * span_ns and now - w.since >= self.hold:
-                # A demoted bomb that merely gets little CPU looks quiet too: it keeps the lower
-                # weight for ``hold`` seconds, then has to earn it again (two busy intervals).
-                self._set(w, w.original)
-                w.demoted = False
+            elif w.demoted and used < self.quiet_cores * span_ns:
+                # A demoted bomb that merely gets little CPU looks quiet too: it is quiet only if its
+                # tasks did not wait for a CPU either (after ``hold`` seconds at the lower weight).
+                waited = waited_ns(w)
+                if now - w.since >= self.hold and waited is not None and waited < self.quiet_cores * span_ns:
+                    self._set(w, w.original)
+                    w.demoted = False
+                    w.delays = None
+            else:
+                w.delays = None
 
     @staticmethod
     def _set(w: _Watch, value: str) -> None:

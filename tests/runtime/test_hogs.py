@@ -48,8 +48,13 @@ def test_a_sandbox_throttled_in_most_periods_is_demoted_and_restored_when_quiet(
     _stat(d, 30, 10, 3 * 10**9)  # no longer throttled (it gets less under contention) but still busy
     h.tick([w])
     assert w.demoted and wf.read_text() == "128"  # sticky: a bomb that is merely starved stays demoted
+    (d / ("cgroup.threads" if hogs._V2 else "tasks")).write_text("")  # no task waiting for a CPU
     h._last_tick -= 1.0
     _stat(d, 30, 10, 3 * 10**9 + 1000)  # quiet
+    h.tick([w])
+    assert w.demoted  # the first quiet look only notes how long its tasks had waited
+    h._last_tick -= 1.0
+    _stat(d, 30, 10, 3 * 10**9 + 2000)  # still quiet, and nothing waited
     h.tick([w])
     assert not w.demoted and wf.read_text() == "1024"
 
@@ -58,7 +63,7 @@ def test_a_vanished_cgroup_is_ignored(tmp_path: Path) -> None:
     d = _fake_cgroup(tmp_path)
     _stat(d, 0, 0, 0)
     w = _Watch(d, d / "cpu.shares", "1024", hogs.read_cpu_stat(d))
-    for f in d.iterdir():
+    for f in list(d.iterdir()):
         f.unlink()
     d.rmdir()
     HogDemoter().tick([w])  # no exception, nothing written
@@ -169,3 +174,28 @@ def test_a_single_busy_process_beside_a_bursty_neighbour_on_a_saturated_host_yie
         _stat(bystander.dir, 10 * k, 0, k * 450_000_000)
         h.tick(ws)
     assert flood.demoted and not bystander.demoted
+
+
+@pytest.mark.docker
+def test_a_starved_bomb_keeps_its_lower_weight_while_it_waits_for_a_cpu(make_sandbox, runtime) -> None:
+    """A demoted bomb gets little CPU and so looks quiet; it is not given its weight back while its
+    tasks are waiting on a run queue (they are starved, not idle)."""
+    import os
+
+    bomb = make_sandbox({"name": "quarter", "limits": {"memory_mb": 512, "cpus": 0.25, "pids": 64}})
+    spin = ["python3", "-c", "import os,time\nend=time.time()+8\nfor _ in range(8):\n"
+            "    if os.fork()==0:\n        break\nwhile time.time()<end: pass\n"]
+    t = threading.Thread(target=bomb.exec, args=(spin,), kwargs={"timeout": 30}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not runtime.hogs.demoted(bomb.id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.hogs.demoted(bomb.id)
+    w = runtime.hogs._watched[bomb.id]
+    probe = _Watch(w.dir, w.weight_file, w.original)  # our own look, apart from the watcher's
+    assert hogs.waited_ns(probe) is None  # first look
+    time.sleep(0.5)
+    waited = hogs.waited_ns(probe)
+    # 8 spinners on a quarter of a core: most of the time most of them wait
+    assert waited is not None and waited > 0.5e9 * min(8, os.cpu_count() or 1) * 0.5
+    t.join(30)
