@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _known: dict[int, "weakref.ref[subprocess.Popen[bytes]]"] = {}
 _wake = threading.Event()
-POLL_S = 0.05  # one waitid() per tick when idle
+POLL_S = 0.05  # one waitid() per tick while PID 1 has children
+IDLE_S = 5.0  # while it has none (spawn() wakes the reaper at once)
 
 
 def spawn(argv: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
@@ -64,14 +65,15 @@ def _zombie_children() -> list[int]:
     return found
 
 
-def _reap_unknown() -> None:
+def _reap_unknown() -> bool:
+    """Collect zombies that are not registered children; False when PID 1 has no child at all."""
     while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            return
+            return False
         if info is None:
-            return
+            return True
         with _lock:
             if not _is_known(info.si_pid):
                 try:
@@ -86,7 +88,7 @@ def _reap_unknown() -> None:
                         os.waitpid(pid, os.WNOHANG)
                     except ChildProcessError:
                         pass
-        return
+        return True
 
 
 def reap_now() -> None:
@@ -99,11 +101,14 @@ def reap_now() -> None:
 
 def _loop() -> None:
     while True:
+        children = True
         try:
-            _reap_unknown()
+            children = _reap_unknown()
         except Exception:  # noqa: BLE001 - the reaper must outlive any surprise
             time.sleep(1)
-        _wake.wait(POLL_S)
+        # No child at all (an idle sandbox): no orphan can exist either (orphans become PID 1's
+        # children), so sleep until spawn() wakes us; a sandbox of idle agents costs no wakeups.
+        _wake.wait(POLL_S if children else IDLE_S)
         _wake.clear()
 
 

@@ -352,3 +352,33 @@ def test_an_idle_agent_maps_no_openssl_and_loads_tools_and_subprocess_only_when_
     assert sb.call("write", file_path="t.txt", content="x") == {"text": "wrote 1 bytes to t.txt"}
     assert "_lzma" in maps()  # the tool ops loaded on first use (so the marker above means something)
     assert "libcrypto" not in maps()
+
+
+@pytest.mark.docker
+def test_an_idle_agent_does_not_wake_up_and_still_reaps_orphans_when_work_comes(make_sandbox, runtime) -> None:
+    """Hundreds of idle sandboxes per host: an idle agent sleeps (its reaper polled 20 times a second
+    before), and an orphan a later command leaves is still reaped (no zombie holds the pids limit)."""
+    sb = make_sandbox()
+    pid = runtime.engine.inspect(sb.id)["State"]["Pid"]
+
+    def wakeups() -> int:
+        total = 0
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            for line in status.read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+        return total
+
+    time.sleep(0.5)
+    before = wakeups()
+    time.sleep(2.0)
+    assert wakeups() - before <= 4, "the idle agent keeps waking up"
+    # an orphan: the child exits at once, its grandchild (reparented to PID 1) a moment later
+    assert sb.exec(["sh", "-c", "(sleep 0.3 &) ; true"]).exit_code == 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        zombies = sb.exec(["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l"]).stdout
+        if zombies.strip() == b"0":
+            break
+        time.sleep(0.2)
+    assert zombies.strip() == b"0", "an orphan was left a zombie"
