@@ -511,7 +511,7 @@ def doctor(as_json: bool, profile: str, no_canaries: bool, backend: str | None, 
     With --backend kubernetes: the cluster (CRDs, RuntimeClass, Pod Security, RBAC), then the canaries
     in a sandbox pod claimed from the policy's warm pool (NetworkPolicy enforcement among them)."""
     from sandbox.backend import backend_name
-    from sandbox.doctor import report, run_checks
+    from sandbox.doctor import Check, report, run_checks
 
     try:
         backend = backend_name(backend)
@@ -522,7 +522,20 @@ def doctor(as_json: bool, profile: str, no_canaries: bool, backend: str | None, 
             from sandbox.kube.backend import KubeBackend
             from sandbox.kube.cli import config_for
 
-            checks = KubeBackend(config_for(kube_config, None)).doctor(None if no_canaries else profile)
+            cfg = config_for(kube_config, None)
+            token = cfg.egress_proxy.admin_token_file
+            unreadable = bool(token) and not os.access(str(token), os.R_OK)
+            if unreadable:
+                # The admin token is mounted into the worker's pod only: on an operator's machine the
+                # cluster is still checked, without the egress proxy's session registry.
+                cfg = cfg.model_copy(update={"egress_proxy": cfg.egress_proxy.model_copy(
+                    update={"admin_token_file": None})})
+            checks = KubeBackend(cfg).doctor(None if no_canaries else profile)
+            if unreadable:
+                checks.insert(0, Check("egress admin token", "warn",
+                                       f"{token} is not readable here: checked without the egress proxy's "
+                                       "registry (the worker needs it to run policies with egress)",
+                                       "run the doctor in the worker's pod to check the proxy too"))
         else:
             checks = run_checks(profile, canaries=not no_canaries)
     # --- end backend selection ---

@@ -99,3 +99,25 @@ def test_sandbox_doctor_backend_kubernetes_reads_the_kubeconfig_and_reports_json
     assert ("GET", "/apis/node.k8s.io/v1/runtimeclasses/gvisor") in cluster.log
     bad = CliRunner().invoke(main, ["doctor", "--backend", "kubernetes", "--config", str(tmp_path / "missing.yaml")])
     assert bad.exit_code != 0 and "missing.yaml" in bad.output
+
+
+def test_doctor_on_a_machine_without_the_workers_admin_token_checks_the_cluster_and_says_so(
+        cluster: FakeCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": cluster.url}}],
+        "users": [{"name": "u", "user": {"token": "not-a-real-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+    cfg = tmp_path / "kube.yaml"
+    missing = tmp_path / "no-such-token"
+    cfg.write_text(yaml.safe_dump({"accept": ACCEPT, "egress_proxy": {"admin_token_file": str(missing)}}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "SANDBOX_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    res = CliRunner().invoke(main, ["doctor", "--backend", "kubernetes", "--config", str(cfg), "--no-canaries", "--json"])
+    assert res.exit_code == 0, res.output
+    names = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert names["egress admin token"]["status"] == "warn" and str(missing) in names["egress admin token"]["detail"]
+    assert names["runtimeclass gvisor"]["status"] == "ok"
+
