@@ -33,7 +33,7 @@ from sandbox import lazylog
 
 log = lazylog.get("sandbox.hogs")  # the cold `sandbox exec` path imports no logging
 
-_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+CGROUP_V2 = _V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()  # pure v2, not hybrid
 
 
 def cpu_cgroup(pid: int) -> Path | None:

@@ -27,7 +27,8 @@ from sandbox import lazylog
 from sandbox import spec as specmod
 from sandbox.channel import AgentChannel, ChannelClosed
 from sandbox.engine import Engine, EngineError, NotFound, engine_socket_path
-from sandbox.hogs import HogDemoter
+from sandbox.hogs import CGROUP_V2 as _CGROUP_V2
+from sandbox.hogs import HogDemoter, cpu_cgroup
 from sandbox.identity import Identity, IdentityAllocator, IdentityError
 from sandbox.policycache import CompiledPolicy
 
@@ -196,23 +197,9 @@ class StartupBoost:
         self.made: Path | None = None  # a cgroup directory before_start() created
         if pid is None:
             return
-        for base in self._cpu_dirs(pid):
+        base = cpu_cgroup(pid)
+        if base is not None:
             self._apply(base / ("cpu.weight" if _CGROUP_V2 else "cpu.shares"))
-
-    @staticmethod
-    def _cpu_dirs(pid: int) -> list[Path]:
-        try:
-            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        except OSError:
-            return []
-        out = []
-        for line in lines:
-            _, controllers, path = line.split(":", 2)
-            if _CGROUP_V2 and controllers == "":
-                out.append(Path("/sys/fs/cgroup") / path.lstrip("/"))
-            elif not _CGROUP_V2 and "cpu" in controllers.split(","):
-                out.append(Path("/sys/fs/cgroup") / controllers / path.lstrip("/"))
-        return out
 
     @classmethod
     def before_start(cls, cid: str, parent: str = "docker") -> "StartupBoost":
@@ -236,7 +223,7 @@ class StartupBoost:
 
     def confirm(self, pid: int) -> bool:
         """True if the started container really runs in the cgroup before_start() made."""
-        return self.made is not None and self.made in self._cpu_dirs(pid)
+        return self.made is not None and self.made == cpu_cgroup(pid)
 
     def _apply(self, file: Path) -> None:
         cap = 10000 if file.name == "cpu.weight" else 262144
@@ -266,7 +253,6 @@ class StartupBoost:
             self.made = None
 
 
-_CGROUP_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
 
 MEMORY_HIGH_FRACTION = 0.9
 

@@ -63,10 +63,16 @@ def run_canaries(runtime: Any, policy: Any, *, timeout: float = CANARY_TIMEOUT_S
 
 def require_canaries(runtime: Any, policy: Any, *, timeout: float = CANARY_TIMEOUT_S) -> list[CheckResult]:
     """Raise :class:`SelfTestFailed` naming every failing canary; return the rows when all pass."""
+    return require_rows(lambda: run_canaries(runtime, policy, timeout=timeout), policy)
+
+
+def require_rows(run: Any, policy: Any, where: str = "") -> list[CheckResult]:
+    """The rows ``run()`` returns when every canary passed; else :class:`SelfTestFailed` naming each
+    failure (a self-test that could not run did not pass). ``where``: e.g. " in a cluster sandbox"."""
     try:
-        rows = run_canaries(runtime, policy, timeout=timeout)
+        rows = run()
     except Exception as e:  # noqa: BLE001 - any failure to run the self-test refuses service
-        raise SelfTestFailed(f"sandbox self-test could not run under policy {policy.name!r}: "
+        raise SelfTestFailed(f"sandbox self-test could not run{where} under policy {policy.name!r}: "
                              f"{type(e).__name__}: {str(e)[:300]}") from None
     bad = [r for r in rows if r.status not in ("pass", "info")]
     if bad:

@@ -108,18 +108,9 @@ def _row(status: Any, severity: Any, observed: str) -> CheckResult:
 def require_cluster_canaries(backend: Any, policy: Any) -> list[CheckResult]:
     """Raise :class:`sandbox.audit.selftest.SelfTestFailed` naming every failing canary (fail closed,
     as on Docker: a canary that could not run did not pass)."""
-    from sandbox.audit.selftest import SelfTestFailed
+    from sandbox.audit.selftest import require_rows
 
-    try:
-        rows = run_cluster_canaries(backend, policy)
-    except Exception as e:  # noqa: BLE001 - any failure to run the self-test refuses service
-        raise SelfTestFailed(f"sandbox self-test could not run in a cluster sandbox under policy {policy.name!r}: "
-                             f"{type(e).__name__}: {str(e)[:300]}") from None
-    bad = [r for r in rows if r.status not in ("pass", "info")]
-    if bad:
-        detail = "; ".join(f"{r.id} ({r.title}): {r.observed[:160]}" for r in bad)
-        raise SelfTestFailed(f"sandbox self-test failed under policy {policy.name!r}: {detail}", bad)
-    return rows
+    return require_rows(lambda: run_cluster_canaries(backend, policy), policy, " in a cluster sandbox")
 
 
 def run_checks(backend: Any, profile: str | None = None) -> list[Check]:

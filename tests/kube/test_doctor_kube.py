@@ -78,19 +78,24 @@ def test_without_canaries_the_networkpolicy_row_is_never_ok(cluster: FakeCluster
     assert by["networkpolicy enforcement"].status == "warn" and not cluster.exec_commands
 
 
-def test_sandbox_doctor_backend_kubernetes_reads_the_kubeconfig_and_reports_json(cluster: FakeCluster, tmp_path: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def _use_fake_kubeconfig(cluster: FakeCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubeconfig naming the fake API server, and no in-cluster or backend setting in the way."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
         "clusters": [{"name": "fake", "cluster": {"server": cluster.url}}],
         "users": [{"name": "u", "user": {"token": "not-a-real-token"}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
-    cfg = tmp_path / "kube.yaml"
-    cfg.write_text(yaml.safe_dump({"accept": ACCEPT}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "SANDBOX_BACKEND"):
         monkeypatch.delenv(var, raising=False)
+
+
+def test_sandbox_doctor_backend_kubernetes_reads_the_kubeconfig_and_reports_json(cluster: FakeCluster, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "kube.yaml"
+    cfg.write_text(yaml.safe_dump({"accept": ACCEPT}))
+    _use_fake_kubeconfig(cluster, tmp_path, monkeypatch)
     res = CliRunner().invoke(main, ["doctor", "--backend", "kubernetes", "--config", str(cfg), "--no-canaries", "--json"])
     doc = json.loads(res.output)
     names = {c["name"]: c["status"] for c in doc["checks"]}
@@ -103,18 +108,10 @@ def test_sandbox_doctor_backend_kubernetes_reads_the_kubeconfig_and_reports_json
 
 def test_doctor_on_a_machine_without_the_workers_admin_token_checks_the_cluster_and_says_so(
         cluster: FakeCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "u", "user": {"token": "not-a-real-token"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
     cfg = tmp_path / "kube.yaml"
     missing = tmp_path / "no-such-token"
     cfg.write_text(yaml.safe_dump({"accept": ACCEPT, "egress_proxy": {"admin_token_file": str(missing)}}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "SANDBOX_BACKEND"):
-        monkeypatch.delenv(var, raising=False)
+    _use_fake_kubeconfig(cluster, tmp_path, monkeypatch)
     res = CliRunner().invoke(main, ["doctor", "--backend", "kubernetes", "--config", str(cfg), "--no-canaries", "--json"])
     assert res.exit_code == 0, res.output
     names = {c["name"]: c for c in json.loads(res.output)["checks"]}

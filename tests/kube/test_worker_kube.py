@@ -9,7 +9,6 @@ sandboxes of a session) runs end to end here. Nothing ran against a real cluster
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,12 +23,11 @@ from sandbox.kube.backend import KubeBackend
 from sandbox.kube.config import config_from_dict
 from sandbox.kube.degradations import KNOWN_IDS
 from sandbox.worker import EnvironmentKey, Worker, WorkerConfig
-from sandbox.worker.logs import setup_logging
 from sandbox.worker.pool import open_runtime, uses_host_workspaces
 from sandbox.worker.runner import BackgroundWorker
 from sandbox.worker.store import SessionStore
 from tests.kube.fake_apiserver import FakeCluster, api_client
-from tests.worker.helpers import LogCapture, call, free_port, wait_for
+from tests.worker.helpers import LogCapture, call, wait_for
 
 # The connection canary's targets stay on this machine: a closed loopback port (nothing is sent elsewhere).
 ACCEPT = {"accept": {k: "accepted in this test on purpose" for k in KNOWN_IDS}, "canary_targets": ["127.0.0.9:9"]}
@@ -48,26 +46,6 @@ def cluster(tmp_path: Path) -> Iterator[FakeCluster]:
     c = FakeCluster(tmp_path / "cluster")
     yield c
     c.close()
-
-
-@pytest.fixture
-def cp(tmp_path: Path) -> Iterator[ControlPlane]:
-    with ControlPlane(tmp_path / "cp", port=free_port(), sse_ping_interval=0.5) as plane:
-        yield plane
-
-
-@pytest.fixture
-def admin(cp: ControlPlane) -> Iterator[LocalAdmin]:
-    with LocalAdmin(cp.base_url, cp.admin_key) as a:
-        yield a
-
-
-@pytest.fixture
-def worker_logs() -> Iterator[LogCapture]:
-    cap = LogCapture()
-    handler = setup_logging(logging.INFO, stream=cap.stream)
-    yield cap
-    logging.getLogger().removeHandler(handler)
 
 
 @pytest.fixture

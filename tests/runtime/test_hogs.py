@@ -99,21 +99,32 @@ def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_doe
     assert hog.exec(["true"]).exit_code == 0
 
 
-def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_a_newcomer(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _two_core_demoter(monkeypatch: pytest.MonkeyPatch, idle_per_tick: int) -> HogDemoter:
+    """A demoter for a 2-core host whose cores are idle ``idle_per_tick`` ns between two ticks."""
     h = HogDemoter(factor=8)
     h.cpus = 2
-    idle = iter(range(0, 10**9, 1000))
-    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))  # the cores are never idle
+    idle = iter(range(0, 10**15, idle_per_tick))
+    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))
     h._idle = hogs.host_idle_ns()
+    return h
+
+
+def _fake_watches(tmp_path: Path, n: int) -> list[_Watch]:
     ws = []
-    for i in range(5):
+    for i in range(n):
         d = tmp_path / f"cg{i}"
         d.mkdir()
         wf = d / ("cpu.weight" if hogs._V2 else "cpu.shares")
         wf.write_text("1024")
         _stat(d, 0, 0, 0)
         ws.append(_Watch(d, wf, "1024", hogs.read_cpu_stat(d)))
+    return ws
+
+
+def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_a_newcomer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = _two_core_demoter(monkeypatch, 1000)  # the cores are never idle
+    ws = _fake_watches(tmp_path, 5)
     bombs_, newcomer = ws[:4], ws[4]
 
     def second(k: int) -> None:
@@ -131,18 +142,8 @@ def test_on_a_saturated_host_the_sandboxes_that_take_their_whole_share_yield_to_
 
 
 def test_an_idle_host_demotes_nobody_for_being_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    h = HogDemoter()
-    h.cpus = 2
-    idle = iter(range(0, 10**12, 10**9))  # a whole core idle every second
-    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))
-    h._idle = hogs.host_idle_ns()
-    ws = []
-    for i in range(4):
-        d = tmp_path / f"cg{i}"
-        d.mkdir()
-        (d / "cpu.shares").write_text("1024")
-        _stat(d, 0, 0, 0)
-        ws.append(_Watch(d, d / "cpu.shares", "1024", hogs.read_cpu_stat(d)))
+    h = _two_core_demoter(monkeypatch, 10**9)  # a whole core idle every second
+    ws = _fake_watches(tmp_path, 4)
     for k in (1, 2, 3):
         h._last_tick = time.monotonic() - 1.0
         for w in ws:
@@ -155,19 +156,8 @@ def test_a_single_busy_process_beside_a_bursty_neighbour_on_a_saturated_host_yie
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A disk or output flood is one process inside its quota; when the host is saturated it still
     takes a whole core while the bystander, with work to do only now and then, gets half of one."""
-    h = HogDemoter(factor=8)
-    h.cpus = 2
-    idle = iter(range(0, 10**9, 1000))
-    monkeypatch.setattr(hogs, "host_idle_ns", lambda: next(idle))
-    h._idle = hogs.host_idle_ns()
-    ws = []
-    for i in range(2):
-        d = tmp_path / f"cg{i}"
-        d.mkdir()
-        (d / "cpu.shares").write_text("1024")
-        _stat(d, 0, 0, 0)
-        ws.append(_Watch(d, d / "cpu.shares", "1024", hogs.read_cpu_stat(d)))
-    flood, bystander = ws
+    h = _two_core_demoter(monkeypatch, 1000)  # the cores are never idle
+    flood, bystander = ws = _fake_watches(tmp_path, 2)
     for k in (1, 2):
         h._last_tick = time.monotonic() - 1.0
         _stat(flood.dir, 10 * k, 0, k * 990_000_000)

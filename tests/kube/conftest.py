@@ -1,0 +1,4 @@
+"""Fixtures shared with the worker's tests: a real control plane on loopback, its admin client,
+the worker's log capture (one definition, in tests/worker/conftest.py)."""
+
+from tests.worker.conftest import admin, cp, worker_logs  # noqa: F401  (fixtures, registered by import)
