@@ -14,6 +14,7 @@ worker with the check's name instead of running untrusted code under it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sandbox.audit import checks as chk
@@ -66,7 +67,7 @@ def require_canaries(runtime: Any, policy: Any, *, timeout: float = CANARY_TIMEO
     return require_rows(lambda: run_canaries(runtime, policy, timeout=timeout), policy)
 
 
-def require_rows(run: Any, policy: Any, where: str = "") -> list[CheckResult]:
+def require_rows(run: Callable[[], list[CheckResult]], policy: Any, where: str = "") -> list[CheckResult]:
     """The rows ``run()`` returns when every canary passed; else :class:`SelfTestFailed` naming each
     failure (a self-test that could not run did not pass). ``where``: e.g. " in a cluster sandbox"."""
     try:
