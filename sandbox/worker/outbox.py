@@ -93,6 +93,21 @@ class Begin:
     wait: bool = False  # another live worker is running it right now: ask again later
 
 
+def _when_unlocked(step: Callable[[], Any], deadline_s: float = 30.0) -> None:
+    """Run a setup step, again while another process holds the file (SQLite's busy handler skips these)."""
+    end = time.monotonic() + deadline_s
+    pause = 0.005
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > end:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 class Outbox:
     def __init__(self, path: Path, owner: str, *, synchronous: str = "FULL",
                  alive: Callable[[str], bool] | None = None) -> None:
@@ -107,7 +122,7 @@ class Outbox:
         self._accepted: list[str] = []
         self._accepted_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._conn().executescript(_SCHEMA)
+        _when_unlocked(lambda: self._conn().executescript(_SCHEMA))
         try:
             self.path.chmod(0o600)
         except OSError:
@@ -120,7 +135,9 @@ class Outbox:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL takes the file's exclusive lock and SQLite answers "locked" at once, without
+            # its busy handler, while another worker opens the same journal (two workers starting together).
+            _when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             # FULL: a result the worker reported as stored survives a power cut too.
             conn.execute(f"PRAGMA synchronous={self._sync}")
             self._local.conn = conn

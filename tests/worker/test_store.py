@@ -117,3 +117,27 @@ def test_a_background_worker_that_cannot_start_says_why_instead_of_seeming_to_ru
                                  selftest=False), EnvironmentKey("sk-ant-oat01-test-not-a-key", "test"))
     with pytest.raises(WorkerError, match="cannot make size-capped workspaces"):
         BackgroundWorker(worker).start()
+
+
+def _open_journal(path: str, barrier: object) -> str | None:
+    barrier.wait()  # type: ignore[attr-defined]
+    try:
+        Outbox(Path(path), owner=f"o{os.getpid()}")
+        return None
+    except Exception as e:  # noqa: BLE001 - the test reports whatever a worker would have died of
+        return repr(e)
+
+
+def test_workers_starting_together_on_one_journal_all_open_it(tmp_path: Path) -> None:
+    """Two workers sharing a store start at once: switching the new journal to WAL met the other's lock
+    and SQLite said "database is locked" without waiting, so one worker died at start (seen in CI)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    errors: list[str] = []
+    with ctx.Manager() as manager, ctx.Pool(6) as pool:
+        for round_ in range(12):
+            barrier = manager.Barrier(6)
+            path = str(tmp_path / f"r{round_}" / "journal.db")
+            errors += [e for e in pool.starmap(_open_journal, [(path, barrier)] * 6) if e]
+    assert not errors, errors
