@@ -225,14 +225,17 @@ def test_the_agent_modules_load_from_bytecode_in_the_image_that_matches_their_so
 
 
 def _procs_of_uid(uid: int) -> list[int]:
+    """Live processes of the uid. A zombie is left out: it runs nothing and holds nothing but its pid
+    slot, and the sandbox's PID 1 is one from its exit (what the pidfd reports) until the engine's shim
+    reaps it, which on a loaded host can come after destroy() returned (seen in CI)."""
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                for line in (p / "status").read_text().splitlines():
-                    if line.startswith("Uid:") and int(line.split()[1]) == uid:
-                        out.append(int(p.name))
-            except (OSError, ValueError):
+                fields = dict(line.split(":", 1) for line in (p / "status").read_text().splitlines() if ":" in line)
+                if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                    out.append(int(p.name))
+            except (OSError, ValueError, KeyError):
                 pass
     return out
 
