@@ -133,11 +133,24 @@ def _child_env(extra: dict | None) -> dict:
     return env
 
 
-def _kill_group(proc: "subprocess.Popen") -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill_group(proc: "subprocess.Popen", until_empty: float = 0.0) -> None:
+    """SIGKILL the command's process group; with `until_empty`, again until the group is empty or
+    that many seconds passed (on the command's own thread only: never on the channel's reader).
+
+    One killpg can miss a child being forked at that instant (gVisor does not restart such a fork
+    as Linux does): a fork bomb's survivors kept the sandbox at its process limit after the command
+    ended. Reaping the dead between rounds lets the group empty (a zombie still answers killpg)."""
+    deadline = time.monotonic() + until_empty
+    while True:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            break
+        proc.poll()
+        reaper.reap_now()
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
     reaper.reap_now()
 
 
@@ -265,14 +278,14 @@ def op_exec(req: dict) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         limit[0] = limit[0] or "timeout"
-        _kill_group(proc)
+        _kill_group(proc, until_empty=2.0)
         proc.wait()
     # Processes that left the group (setsid, double fork) still hold the pipes open;
     # do not wait on them forever.
     for t in pumps:
         t.join(timeout=2)
     if any(t.is_alive() for t in pumps):
-        _kill_group(proc)
+        _kill_group(proc, until_empty=2.0)
     with _procs_lock:
         _procs.pop(rid, None)
     q = _stdin_queues.pop(rid, None)

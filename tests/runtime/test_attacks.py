@@ -43,7 +43,7 @@ def test_fork_bomb_hits_pids_limit(make_sandbox, bystander) -> None:
     assert "pids" in res.limits, res
     assert_unaffected(bystander)
     # The sandbox itself recovers once the bomb is gone.
-    assert sb.exec(["true"], timeout=20).exit_code == 0 or not sb.alive
+    assert sb.exec(["true"], timeout=20).exit_code == 0
 
 
 def test_memory_bomb_is_oom_killed(make_sandbox, bystander) -> None:
