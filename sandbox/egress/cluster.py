@@ -27,13 +27,24 @@ on it (the backend only registers a pod it just saw become ready): that session'
 are closed. Pod-to-Service traffic must reach the proxy without source NAT (the default for
 ClusterIP Services reached from pods; not with kube-proxy's ``masqueradeAll``).
 
-Credential injection (rules with ``credential:``) is refused in cluster mode: the values would
-have to travel to the proxy pod, which is not built. TLS termination without credentials works;
-the registration's reply carries the trust bundle the pod must use (the host's roots plus the
-session CA), which the backend writes into the pod through the agent.
+Credential injection (rules with ``credential:``): the worker never holds or sends a value. A
+registration carries the policy, whose ``credentials:`` name each credential's *source* (env,
+file, command); the proxy resolves them itself, in its own pod, with the host proxy's code
+(:func:`sandbox.egress.credentials.resolve`), from what is given to the proxy Deployment only: a
+Secret whose keys are copied as files into a memory volume that is both ``--credential-dir``
+(``file:`` sources) and ``--credential-env-dir`` (``env: NAME`` reads the file NAME there, so a
+policy written for a host runs unchanged and no value sits in the process environment). File sources
+are read only under a ``--credential-dir``, command sources only with
+``--allow-credential-commands``: the admin token lets the worker choose which source goes to
+which host, not read whatever the proxy's pod can. A source the proxy cannot read refuses the
+registration with the credential's name and source (never a value), so the session fails to
+start instead of its sandbox getting 401s later. Terminated hosts' ``upstream_ca`` files are
+read in the proxy's pod too. The registration's reply carries the trust bundle the pod must use
+(the host's roots plus the session CA), which the backend writes into the pod through the agent.
 
     python -m sandbox.egress.cluster --listen 0.0.0.0:3128 --admin-listen 0.0.0.0:3129 \\
-        --token-file /var/run/sandbox-egress-admin/token --state-dir /var/lib/sandbox-egress
+        --token-file /var/run/sandbox-egress-admin/token --state-dir /var/lib/sandbox-egress \\
+        [--credential-dir /run/sandbox-egress-credentials] [--allow-credential-commands]
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import os
 import errno
 import hashlib
 import hmac
@@ -56,14 +69,17 @@ import time
 from collections import deque
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
+from sandbox.egress import credentials
 from sandbox.egress.audit import AuditRecord, SessionAuditLogs, read_records, session_file
+from sandbox.egress.credentials import CredentialError, SessionMaterial
 from sandbox.egress.mitm import host_roots
 from sandbox.egress.proxy import EgressProxy, _Conn
-from sandbox.egress.rules import EgressPolicy
+from sandbox.egress.rules import CredentialSource, EgressPolicy
 
 log = logging.getLogger("sandbox.egress.cluster")
 
@@ -111,8 +127,15 @@ class ClusterEgressProxy(EgressProxy):
     """:class:`EgressProxy` with one shared TCP listener whose connections are attributed by source
     address (module docstring). All methods run on the proxy's event loop."""
 
-    def __init__(self, **kw: Any) -> None:
+    def __init__(self, *, credential_dirs: Sequence[str | Path] = (), allow_credential_commands: bool = False,
+                 credential_env_dir: str | Path | None = None, **kw: Any) -> None:
         super().__init__(**kw)
+        # Where this process may read credential values (module docstring): files under these
+        # directories only, commands only when allowed; `env:` sources from the files of
+        # credential_env_dir (file name = variable name) when given, else from its own environment.
+        self.credential_dirs = tuple(Path(os.path.realpath(d)) for d in credential_dirs)
+        self.allow_credential_commands = allow_credential_commands
+        self.credential_env_dir = Path(credential_env_dir) if credential_env_dir is not None else None
         self._by_addr: dict[str, str] = {}      # pod address -> session id
         self._addr_of: dict[str, str] = {}      # session id -> pod address
         self._expires: dict[str, float] = {}    # session id -> monotonic expiry
@@ -149,12 +172,12 @@ class ClusterEgressProxy(EgressProxy):
         addr = pod_address(pod_ip)
         if not policy.enabled:
             raise ValueError("the policy allows no egress: register nothing")
-        if any(r.credential is not None for r in policy.rules):
-            raise ValueError("credential injection is not available in cluster mode (the values would have to "
-                             "reach the proxy pod); use a policy without `credential:` rules on Kubernetes")
         if not 0 < ttl_s <= MAX_TTL_S:
             raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S:.0f}]")
-        self._check_material(policy, None)
+        material = SessionMaterial()
+        if any(r.credential is not None or r.upstream_ca is not None for r in policy.rules):
+            material = await asyncio.to_thread(self.resolve_material, policy)  # a command source may take seconds
+        self._check_material(policy, material)
         previous = self._by_addr.get(addr)
         if previous is not None and previous != session_id:
             log.warning("pod address %s re-registered: session %s replaces %s", addr, session_id, previous)
@@ -168,7 +191,7 @@ class ClusterEgressProxy(EgressProxy):
             self._sessions[session_id] = sess
         self._stream.setdefault(session_id, deque(maxlen=STREAM_KEEP))
         sess.policy = policy
-        self._setup_tls(sess, None, None)
+        self._setup_tls(sess, material, None)
         self._by_addr[addr] = session_id
         self._addr_of[session_id] = addr
         self._expires[session_id] = time.monotonic() + ttl_s
@@ -177,6 +200,36 @@ class ClusterEgressProxy(EgressProxy):
             self._roots = host_roots()
         ca = sess.ca.pem if sess.ca else b""
         return (self._roots.rstrip(b"\n") + b"\n" + ca) if self._roots else ca
+
+    def resolve_material(self, policy: EgressPolicy) -> SessionMaterial:
+        """The values of the credentials the policy's rules inject, read HERE (the proxy's pod) from
+        the policy's sources, and its rules' extra upstream CAs. Raises :class:`CredentialError`
+        naming the credential and its source, never a value."""
+        env: Mapping[str, str] = os.environ if self.credential_env_dir is None else {}
+        for name in sorted({r.credential.name for r in policy.rules if r.credential is not None}):
+            src = policy.credentials[name]
+            where = f"credential {name!r} ({src.describe()})"
+            if src.env is not None and self.credential_env_dir is not None:
+                path = self.credential_env_dir / src.env
+                if not path.is_file():
+                    raise CredentialError(f"{where}: the variable is not set in the egress proxy's pod (no file "
+                                          f"{src.env} in its --credential-env-dir {self.credential_env_dir}: a key "
+                                          "of the sandbox-egress-credentials Secret)")
+                assert isinstance(env, dict)
+                env[src.env] = credentials.read_source(name, CredentialSource(file=str(path)))
+            elif src.env is not None and src.env not in env:
+                raise CredentialError(f"{where}: the variable is not set in the egress proxy's pod (give it to the "
+                                      "proxy Deployment: a key of the sandbox-egress-credentials Secret)")
+            if src.file is not None:
+                real = Path(os.path.realpath(os.path.dirname(src.file))) / os.path.basename(src.file)
+                if not any(real.is_relative_to(d) for d in self.credential_dirs):
+                    dirs = ", ".join(map(str, self.credential_dirs)) or "none configured"
+                    raise CredentialError(f"{where}: the egress proxy reads credential files only under its "
+                                          f"--credential-dir ({dirs})")
+            if src.command is not None and not self.allow_credential_commands:
+                raise CredentialError(f"{where}: the egress proxy runs no credential commands unless started "
+                                      "with --allow-credential-commands")
+        return credentials.resolve(policy, env)
 
     async def unregister(self, session_id: str, keep_stream: bool = False) -> bool:
         """Forget the session: its address gets nothing from now on, its connections are closed.
@@ -578,11 +631,15 @@ def _hostport(value: str) -> tuple[str, int]:
 
 
 async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, state_dir: Path,
-                started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+                started: asyncio.Event | None = None, stop: asyncio.Event | None = None,
+                credential_dirs: Sequence[str | Path] = (), allow_credential_commands: bool = False,
+                credential_env_dir: str | Path | None = None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     audit_path = state_dir / AUDIT
     audit = SessionAuditLogs(audit_path)
-    proxy = ClusterEgressProxy(audit=audit)
+    proxy = ClusterEgressProxy(audit=audit, credential_dirs=credential_dirs,
+                               allow_credential_commands=allow_credential_commands,
+                               credential_env_dir=credential_env_dir)
     admin_srv = AdminServer(proxy, token, audit_path)
     stop = stop or asyncio.Event()
     try:
@@ -604,7 +661,22 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--admin-listen", default="0.0.0.0:3129", help="the registration endpoint (worker only)")
     ap.add_argument("--token-file", required=True, help="the admin token (a mounted Secret)")
     ap.add_argument("--state-dir", default="/var/lib/sandbox-egress", help="audit logs, one per session")
+    ap.add_argument("--credential-dir", action="append", default=[], metavar="DIR",
+                    help="policies' `file:` credential sources are read under this directory only (repeatable)")
+    ap.add_argument("--credential-env-dir", metavar="DIR",
+                    help="policies' `env: NAME` credential sources are read from the file DIR/NAME (a Secret's keys, "
+                         "copied there) instead of this process's environment")
+    ap.add_argument("--allow-credential-commands", action="store_true",
+                    help="run policies' `command:` credential sources in this pod (off: refused at registration)")
     return ap
+
+
+def _not_dumpable() -> None:
+    """The proxy holds credential values and session CA keys: another process of its uid (a
+    `kubectl exec` shell) must not read them through /proc/<pid>/mem or ptrace."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -616,16 +688,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ClusterEgressError, ValueError) as e:
         print(f"egress proxy: {e}", file=sys.stderr)
         return 2
-    if listen[1] == admin[1]:
+    if listen[1] == admin[1] != 0:
         print("egress proxy: --listen and --admin-listen need different ports", file=sys.stderr)
         return 2
+    for flag, d in [("--credential-dir", d) for d in args.credential_dir] + [("--credential-env-dir", args.credential_env_dir)]:
+        if d is not None and (not os.path.isabs(d) or not os.path.isdir(d)):
+            print(f"egress proxy: {flag} {d}: not an absolute path to a directory", file=sys.stderr)
+            return 2
+    _not_dumpable()
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(listen, admin, token, Path(args.state_dir), stop=stop)
+        await serve(listen, admin, token, Path(args.state_dir), stop=stop, credential_dirs=args.credential_dir,
+                    allow_credential_commands=args.allow_credential_commands, credential_env_dir=args.credential_env_dir)
 
     from sandbox.egress import evloop
 

@@ -62,7 +62,8 @@ def test_environment_key_reaches_the_worker_pod_only_and_the_admin_token_the_wor
                 assert not e["name"].startswith("ANTHROPIC"), e
             assert not any("secretRef" in f for f in c.get("envFrom", []))
     assert users == {"sandbox-environment-key": {"sandbox-worker"},
-                     "sandbox-egress-admin": {"sandbox-worker", "sandbox-egress"}}
+                     "sandbox-egress-admin": {"sandbox-worker", "sandbox-egress"},
+                     "sandbox-egress-credentials": {"sandbox-egress"}}  # the injected values: the proxy only
     # and the compiled sandbox templates never mount a secret or carry a token, and reach only the
     # proxy port (never the admin port where addresses are registered)
     cfg = config_from_dict(yaml.safe_load(_docs("backend-config.yaml")[0]["data"]["kube.yaml"]))
@@ -135,3 +136,51 @@ def test_the_proxy_deployment_runs_the_cluster_mode_with_the_token_the_worker_us
     wmounts = {m["mountPath"] for m in worker["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert str(Path(cfg.egress_proxy.admin_token_file).parent) in wmounts
     assert c["readinessProbe"]["httpGet"]["port"] == cfg.egress_proxy.admin_port
+
+
+def _proxy_pod() -> dict:
+    return next(d for d in _docs("proxy.yaml") if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+
+
+def test_the_proxy_reads_injected_credentials_from_the_copied_secret_through_flags_it_accepts():
+    from sandbox.egress.cluster import parser
+
+    spec = _proxy_pod()
+    proxy = next(c for c in spec["containers"] if c["name"] == "proxy")
+    cmd = proxy["command"]
+    args = parser().parse_args(cmd[cmd.index("sandbox.egress.cluster") + 1:])
+    mounts = {m["mountPath"]: m for m in proxy["volumeMounts"]}
+    assert args.credential_dir == [args.credential_env_dir] and not args.allow_credential_commands
+    m = mounts[args.credential_env_dir]
+    assert m["readOnly"] is True and m["name"] == "credentials"
+    vol = {v["name"]: v for v in spec["volumes"]}
+    assert vol["credentials"]["emptyDir"]["medium"] == "Memory"  # never on a node's disk
+    assert vol["credentials-secret"]["secret"]["optional"] is True  # no Secret: the proxy still starts
+    assert not any(m["name"] == "credentials-secret" for m in proxy["volumeMounts"])  # the copy step's only
+
+
+def test_the_proxy_credential_copy_step_copies_a_secret_volumes_keys_0600_and_tolerates_no_secret(tmp_path: Path):
+    """The init container's shell line, run here on a directory laid out as the kubelet lays out a
+    Secret volume (KEY -> ..data/KEY, ..data -> ..<timestamp>): regular files, mode 0600, no dot entries."""
+    import subprocess
+
+    init = next(c for c in _proxy_pod()["initContainers"] if c["name"] == "credentials")
+    line = init["command"][2]
+    src, dst = tmp_path / "secret-in", tmp_path / "out"
+    for case in ("with-secret", "no-secret"):
+        for d in (src, dst):
+            subprocess.run(["rm", "-rf", str(d)], check=True)
+            d.mkdir()
+        if case == "with-secret":
+            (src / "..2026_11_30").mkdir()
+            (src / "..2026_11_30" / "GITHUB_TOKEN").write_text("v1\n")
+            (src / "..2026_11_30" / "github").write_text("v2\n")
+            (src / "..data").symlink_to("..2026_11_30")
+            for k in ("GITHUB_TOKEN", "github"):
+                (src / k).symlink_to(f"..data/{k}")
+        ours = line.replace("/run/secret-in", str(src)).replace("/run/sandbox-egress-credentials", str(dst))
+        r = subprocess.run(["/bin/sh", "-c", ours], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, (case, r.stderr)
+        got = {p.name: (p.is_symlink(), oct(p.stat().st_mode & 0o777), p.read_text()) for p in dst.iterdir()}
+        expected = {"GITHUB_TOKEN": (False, "0o600", "v1\n"), "github": (False, "0o600", "v2\n")}
+        assert got == (expected if case == "with-secret" else {}), case

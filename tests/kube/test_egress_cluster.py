@@ -184,8 +184,8 @@ def test_bad_registrations_are_refused_with_a_reason(cluster: Cluster, targets: 
         ("sess_a", "0.0.0.0", _policy(a, "allowed.test"), "cannot be a pod's address"),
         ("sess_a", POD_A, EgressPolicy.model_validate({"rules": [{"host": "api.test", "ports": [443],
                                                                   "credential": {"name": "tok"}}],
-                                                       "credentials": {"tok": {"env": "TOK"}}}),
-         "credential injection is not available in cluster mode"),
+                                                       "credentials": {"tok": {"env": "EGRESS_CLUSTER_NOT_SET"}}}),
+         r"credential 'tok' \(env EGRESS_CLUSTER_NOT_SET\): the variable is not set in the egress proxy's pod"),
     ]
     for sid, ip, pol, why in cases:
         with pytest.raises(ClusterEgressError, match=why):
