@@ -9,7 +9,7 @@ Pure functions, no cluster: ``compile_manifests(policy, config)`` returns, in ap
 2. an agent-sandbox ``SandboxTemplate`` (``extensions.agents.x-k8s.io/v1beta1``): the pod template
    (RuntimeClass, non-root uid/gid, no capabilities, no privilege escalation, read-only root,
    seccomp ``Localhost``, no service-account token, no service links, memory ``emptyDir``
-   volumes with size limits, limits == requests) and a ``networkPolicy`` that denies all
+   volumes with size limits (workspace, tmpfs, ``/dev/shm``, ``/mnt/skills``), limits == requests) and a ``networkPolicy`` that denies all
    ingress and all egress except TCP to the egress proxy pods;
 3. the same deny-by-default rules as a standalone ``NetworkPolicy`` selecting the template's
    pods (a template without ``networkPolicy`` would get the controller's allow-public-egress
@@ -47,6 +47,8 @@ LABEL_TEMPLATE = "sandbox.dev/template"
 LABEL_POLICY = "sandbox.dev/policy"
 ANN_DIGEST = "sandbox.dev/policy-digest"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "sandbox"}
+SKILLS_MOUNT = "/mnt/skills"  # where the worker copies a run's skills (sandbox.worker.worker.SKILLS_PATH)
+SKILLS_MB = 64                # the worker's default skills cap (WorkerConfig.skills_mb)
 
 # PID 1 of a sandbox pod: reaps orphans and nothing else. Signals from the workload (same uid)
 # to PID 1 are dropped by the kernel unless a handler is installed, so SIGINT's is removed.
@@ -169,6 +171,9 @@ def pod_spec(policy: Policy, config: KubeConfig) -> dict[str, Any]:
         mounts.append({"name": f"tmpfs-{i}", "mountPath": t.path})
     volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity_mi(specmod.SHM_SIZE_MB)}})
     mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    # The session agent's skills, copied in by the worker when a run starts (sandbox.worker.pool.install_skills).
+    volumes.append({"name": "skills", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity_mi(SKILLS_MB)}})
+    mounts.append({"name": "skills", "mountPath": SKILLS_MOUNT})
     env = specmod.sandbox_env(policy, egress=policy.egress.enabled)
     if policy.egress.enabled:
         # The same variables as on Docker (sandbox.spec.egress_env): the proxy URLs point at the proxy

@@ -264,6 +264,77 @@ def restore_workspace(sb: Sandbox, store: SessionStore, ws: str) -> bool:
     return True
 
 
+# A run's skills into a cluster sandbox: the pod's `skills` memory volume at /mnt/skills (compiled into
+# every SandboxTemplate, sandbox.kube.compiler), emptied, filled from a tar the WORKER builds (so only
+# directories and regular files, relative names), then made read-only by mode. Not a boundary: in one
+# container the workload's uid owns what it unpacked and can chmod it back (Docker mounts them read-only).
+_SKILLS_ARGV = ["/bin/sh", "-c",
+                'd="${SANDBOX_SKILLS_DIR:-/mnt/skills}" && chmod -R u+w "$d" 2>/dev/null; '
+                'find "$d" -mindepth 1 -delete && tar --no-same-owner --no-same-permissions -xf - -C "$d" && '
+                'find "$d" -mindepth 1 -exec chmod a-w {} +']
+
+
+def install_skills(sb: Sandbox, src: Path, *, max_bytes: int, max_files: int) -> tuple[int, list[str]]:
+    """Copy the skills the SDK placed in `src` (on the worker) into the cluster sandbox `sb`, at the
+    path the SDK's tools announce (/mnt/skills). Only directories and regular files (symlinks,
+    hard-link tricks and devices are left out: files are opened with O_NOFOLLOW and re-described
+    here). Skills are taken whole, by name, while they fit in `max_bytes` and `max_files` (the
+    worker's skills_mb / skills_inodes): one that does not is left out whole, as a full tmpfs
+    refuses it on Docker. Returns (files copied, skills left out); no call into the sandbox when
+    there is nothing to copy."""
+    import io
+    import stat
+    import tarfile
+
+    # (top-level skill name) -> [(relative name, lstat)], in walk order
+    skills: dict[str, list[tuple[str, os.stat_result]]] = {}
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d)))
+        rel = os.path.relpath(dirpath, src)
+        for name in dirnames + sorted(filenames):
+            arc = name if rel == "." else f"{rel}/{name}"
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                skills.setdefault(arc.split("/", 1)[0], []).append((arc, st))
+    take, left_out, total, count = [], [], 0, 0
+    for name in sorted(skills):
+        size = sum(st.st_size for _, st in skills[name] if stat.S_ISREG(st.st_mode))
+        if total + size > max_bytes or count + len(skills[name]) > max_files:
+            left_out.append(name)
+            continue
+        take.append(name)
+        total, count = total + size, count + len(skills[name])
+    buf = io.BytesIO()
+    files = 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in take:
+            for arc, st in skills[name]:
+                info = tarfile.TarInfo(arc)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = int(st.st_mtime), 0, 0, "", ""
+                if stat.S_ISDIR(st.st_mode):
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                    continue
+                try:
+                    fd = os.open(src / arc, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue  # gone or swapped for a link since the walk: left out
+                with os.fdopen(fd, "rb") as f:
+                    fst = os.fstat(f.fileno())
+                    if not stat.S_ISREG(fst.st_mode) or fst.st_size != st.st_size:
+                        continue
+                    info.size, info.mode = fst.st_size, 0o755 if fst.st_mode & 0o111 else 0o644
+                    tar.addfile(info, f)
+                files += 1
+    if not take:
+        return 0, left_out
+    res = sb.exec(_SKILLS_ARGV, stdin=buf.getvalue(), timeout=120)
+    if res.exit_code != 0 or res.error:
+        raise SandboxError(f"could not copy the session's skills into sandbox {sb.id[:12]}: "
+                           f"{res.error or res.stderr.decode('utf-8', 'replace')[-300:] or res.exit_code}")
+    return files, left_out
+
+
 def sandbox_ids(sb: Sandbox, policy: Policy) -> tuple[int, int]:
     """The uid/gid this sandbox runs as (allocated per sandbox, or pinned by the policy)."""
     uid = getattr(sb, "uid", None)

@@ -33,8 +33,8 @@ path: the workspace is the pod's own size-limited volume for the sandbox's life,
 the sandboxes of one session the store keeps it as an archive the sandbox itself wrote
 (``workspaces/<ws>.tar``, see ``sandbox.worker.pool``): opaque bytes, capped in size, never
 unpacked or parsed on the worker's side, fed back into the session's next sandbox. Nothing is
-mounted then (no root, no loop device in the worker's pod); checkpoints and skills mounts are
-not available in that mode.
+mounted then (no root, no loop device in the worker's pod); checkpoints are not available in
+that mode, and a run's skills are a plain directory here that is copied into the pod.
 """
 
 from __future__ import annotations
@@ -335,11 +335,13 @@ class SessionStore:
         """`sessions/<s>/run/skills`: where the SDK puts this run's skills, a small tmpfs (size and inode
         capped, nosuid, nodev) that the sandbox mounts read-only. A bomb of an archive fills it and fails;
         the host is untouched. Kept if already mounted (a parked sandbox still has it)."""
-        if not self.host_workspaces:
-            raise StoreError("skills cannot be mounted into cluster sandboxes (no host path reaches a pod); "
-                             "the session is served without them")
         run = self.session_dir(session_id) / "run"
         d = run / "skills"
+        if not self.host_workspaces:
+            # A cluster: no mount (no root in the worker's pod); the skills are copied into the pod
+            # once the SDK has placed them (sandbox.worker.pool.install_skills, capped there).
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return d
         if os.path.ismount(d):
             return d
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -351,6 +353,8 @@ class SessionStore:
         d = self.session_dir(session_id) / "run" / "skills"
         if os.path.ismount(d):
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        elif not self.host_workspaces:
+            shutil.rmtree(d, ignore_errors=True)
 
     def remove_workspace(self, ws: str) -> None:
         remove_ext4_workspace(self.root / "workspaces", safe_id(ws))

@@ -129,6 +129,7 @@ class Worker:
         self._runtime = runtime
         self._lock_file: IO[bytes] | None = None
         self._serving: dict[str, _Serving] = {}
+        self._skills_placed: dict[str, anyio.Event] = {}  # cluster: the SDK has put a run's skills in place
         self._stopping = anyio.Event()
         self._draining = False
         self.started = anyio.Event()
@@ -490,14 +491,6 @@ class Worker:
 
         async def prepare_skills() -> None:
             nonlocal skills_dir
-            if self.store is not None and not self.store.host_workspaces:
-                # A cluster sandbox cannot mount a host directory: skills are not built there yet.
-                # Said once per worker (not as an error on every run of every session).
-                if not getattr(self, "_skills_unsupported_said", False):
-                    self._skills_unsupported_said = True
-                    log_event(log, logging.WARNING, "skills_unsupported",
-                              "session skills are not mounted into sandboxes on this backend (not built)")
-                return
             try:
                 # The SDK downloads the session agent's skills into `<workdir>/skills`: per session and run, a
                 # capped tmpfs the sandbox mounts read-only at SKILLS_PATH (so it must exist before the sandbox).
@@ -520,6 +513,7 @@ class Worker:
             **{**self._sdk_kwargs, "workdir": skills_dir.parent})
         slot = SessionSlot(session_id=session_id, work_id=work_id, trail=trail[0])
         slot.skills_dir = skills_dir
+        self._skills_placed[session_id] = anyio.Event()  # set by _tools_for (or the run's end), this run only
         serving = _Serving(slot, anyio.CancelScope(), anyio.Event(), run_lock)
         self._serving[session_id] = serving
         self.middleware.track(work_id, session_id)
@@ -531,10 +525,13 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._acquire_sandbox, slot)
                 with serving.scope:
-                    await sdk_worker.handle_item(
-                        work_id=work_id, environment_id=environment_id, session_id=session_id,
-                        environment_key=self._key.value, work_secret=secret if isinstance(secret, str) else None,
-                    )
+                    try:
+                        await sdk_worker.handle_item(
+                            work_id=work_id, environment_id=environment_id, session_id=session_id,
+                            environment_key=self._key.value, work_secret=secret if isinstance(secret, str) else None,
+                        )
+                    finally:  # (cluster skills) a run that never got its tools must not keep _acquire_sandbox waiting
+                        self._skills_gate(session_id).set()
         except Exception as e:  # noqa: BLE001 - one bad item must not take the worker down
             clean = False
             self.metrics.work_failed.labels(reason=_reason(e)).inc()
@@ -565,6 +562,7 @@ class Worker:
                 if not parked:
                     run_lock.release()  # whatever failed above, the session can be served again
                 self._serving.pop(session_id, None)
+                self._skills_placed.pop(session_id, None)
                 serving.done.set()
                 self._update_gauges()
             log_event(log, logging.INFO, "work_done", "session run ended", work_id=work_id, session_id=session_id,
@@ -693,10 +691,34 @@ class Worker:
         interval = min((self.config.lease_ttl or 90) / 2, 30.0)
         return view.last_ok_at is not None and time.monotonic() - view.last_ok_at > interval + 3.0
 
+    def _skills_gate(self, session_id: str) -> anyio.Event:
+        return self._skills_placed.setdefault(session_id, anyio.Event())
+
+    def _copy_skills(self, slot: SessionSlot, sb: Any) -> None:
+        """Cluster: the run's skills (placed by the SDK in slot.skills_dir) into the pod at /mnt/skills
+        (sandbox.worker.pool.install_skills). A failure is said and the session served without them."""
+        from .pool import install_skills
+
+        try:
+            n, left_out = install_skills(sb, slot.skills_dir, max_bytes=self.config.skills_mb << 20,
+                                         max_files=self.config.skills_inodes)
+            if n:
+                log_event(log, logging.INFO, "skills_copied", f"{n} skill file(s) copied into the sandbox",
+                          session_id=slot.session_id, files=n)
+            if left_out:
+                log_event(log, logging.ERROR, "skills_unavailable", "skills over the size or file cap were left "
+                          "out", session_id=slot.session_id, skills=left_out)
+        except Exception as e:  # noqa: BLE001 - served without skills, said loudly
+            log_event(log, logging.ERROR, "skills_unavailable", f"cannot copy the skills into the sandbox: {e}",
+                      session_id=slot.session_id)
+
     async def _acquire_sandbox(self, slot: SessionSlot) -> None:
         assert self.sandboxes is not None
         sandboxes = self.sandboxes
-        mounts = [(slot.skills_dir, SKILLS_PATH)] if slot.skills_dir is not None else []
+        # A cluster sandbox cannot mount the skills: they are copied in once the SDK has placed them
+        # (_tools_for), before the sandbox is handed to the tools, and again into a replacement.
+        copy_skills = slot.skills_dir is not None and self.store is not None and not self.store.host_workspaces
+        mounts = [(slot.skills_dir, SKILLS_PATH)] if slot.skills_dir is not None and not copy_skills else []
         # A warm sandbox has no skills mount: only for sessions without skills.
         use_pool = bool(self.pool and self.pool.ready) and not await self._has_skills(slot.session_id)
         try:
@@ -712,7 +734,10 @@ class Worker:
         def replace() -> Any:
             # Same workspace: the session's files survive its sandbox dying.
             sandboxes.release(slot.session_id, park=False)
-            return sandboxes.acquire(slot.session_id, ro_mounts=mounts, use_pool=False).sandbox
+            sb = sandboxes.acquire(slot.session_id, ro_mounts=mounts, use_pool=False).sandbox
+            if copy_skills:
+                self._copy_skills(slot, sb)
+            return sb
 
         def replace_and_follow() -> Any:
             sb = replace()
@@ -720,6 +745,10 @@ class Worker:
             return sb
 
         slot.replace = replace_and_follow
+        if copy_skills:
+            gate = self._skills_gate(slot.session_id)
+            await gate.wait()
+            await anyio.to_thread.run_sync(lambda: self._copy_skills(slot, a.sandbox), limiter=self._sandbox_limiter)
         slot.set_sandbox(a.sandbox)
         self._follow_egress(slot, a.sandbox)
 
@@ -766,6 +795,7 @@ class Worker:
             raise RuntimeError(f"no sandbox slot for session {session_id!r}")
         if serving.slot.skills_dir is not None:
             _open_for_reading(serving.slot.skills_dir)
+            self._skills_gate(session_id).set()  # cluster: _acquire_sandbox copies them in now
         return SessionToolbox(serving.slot, self.outbox, self.metrics, sandbox_limiter=self._sandbox_limiter,
                               db_limiter=self._db_limiter).tools()
 

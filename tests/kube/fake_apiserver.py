@@ -8,7 +8,8 @@ the claim's uid, as agent-sandbox does), and deletes claims at their ``lifecycle
 
 Exec runs the command the backend sent, with one substitution: the in-image agent path becomes
 this repository's sandbox/agent/agent.py; its environment is a pod's (HOME is the pod's own
-workspace directory under ``workdir/pods/``, ``SANDBOX_EGRESS_DIR`` its egress volume), never the
+workspace directory under ``workdir/pods/``, ``SANDBOX_EGRESS_DIR`` its egress volume,
+``SANDBOX_SKILLS_DIR`` its skills volume), never the
 test process's. So the launcher (hard rlimits) and the real agent run,
 and the HMAC channel protocol is exercised end to end. Loopback only.
 
@@ -335,9 +336,11 @@ class FakeCluster:
                 home.mkdir(parents=True, exist_ok=True)
                 egress_dir = cluster.workdir / "pods" / f"{pod}.egress"  # the pod's egress volume
                 egress_dir.mkdir(exist_ok=True)
+                skills_dir = cluster.workdir / "pods" / f"{pod}.skills"  # the pod's skills volume (/mnt/skills)
+                skills_dir.mkdir(exist_ok=True)
                 env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                        "TMPDIR": str(home.parent), "PYTHONDONTWRITEBYTECODE": "1",
-                       "SANDBOX_EGRESS_DIR": str(egress_dir)}
+                       "SANDBOX_EGRESS_DIR": str(egress_dir), "SANDBOX_SKILLS_DIR": str(skills_dir)}
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         cwd=home, env=env)
                 with cluster.cond:

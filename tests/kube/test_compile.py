@@ -137,7 +137,7 @@ def test_template_pod_is_hardened_like_the_docker_sandbox():
     vols = {v["name"]: v for v in spec["volumes"]}
     assert vols["workspace"]["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{pol.workspace.size_mb}Mi"}
     assert vols["tmpfs-0"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Mi"}
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/workspace", "/tmp", "/dev/shm"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/workspace", "/tmp", "/dev/shm", "/mnt/skills"}
     assert not c["stdin"]  # the agent never reads the container's stdin, nor writes its stdout
     assert "runtimeClassName" not in spec  # runc: the node's default runtime
     env = {e["name"] for e in c["env"]}

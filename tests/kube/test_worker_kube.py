@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from sandbox.worker.pool import open_runtime, uses_host_workspaces
 from sandbox.worker.runner import BackgroundWorker
 from sandbox.worker.store import SessionStore
 from tests.kube.fake_apiserver import FakeCluster, api_client
-from tests.worker.helpers import LogCapture, call, wait_for
+from tests.worker.helpers import LogCapture, call, free_port, wait_for
 
 # The connection canary's targets stay on this machine: a closed loopback port (nothing is sent elsewhere).
 ACCEPT = {"accept": {k: "accepted in this test on purpose" for k in KNOWN_IDS}, "canary_targets": ["127.0.0.9:9"]}
@@ -232,3 +233,54 @@ def test_a_cluster_session_with_egress_goes_through_the_cluster_proxy_and_its_de
         proxy.close()
         allowed.close()
         other.close()
+
+
+def test_a_cluster_session_gets_its_skills_copied_into_its_pod_read_only_by_mode_without_links_or_a_bomb(
+        cluster: FakeCluster, tmp_path: Path, worker_logs: LogCapture) -> None:
+    """Skills on a cluster: no host path reaches a pod, so the worker copies the run's skills (as the
+    SDK placed them) into the pod's skills volume (/mnt/skills; here the fake pod's directory) over
+    the exec channel, before the first tool call; without symlinks, hard links or devices, and a
+    skill over the cap left out whole. Read-only by MODE only (the pod's uid owns what it unpacked:
+    not a boundary, unlike Docker's read-only mount)."""
+    from tests.worker.test_skills import _add, _tar, _zip
+
+    d = tmp_path / "archives"
+    d.mkdir()
+    paths = [
+        _zip(d / "good.zip", {"good/SKILL.md": b"# good\nuse me\n", "good/scripts/run.sh": b"#!/bin/sh\necho skill-ran\n"},
+             modes={"good/scripts/run.sh": 0o755}),
+        _tar(d / "links.tar.gz", lambda t: (
+            _add(t, "links/SKILL.md", b"# links\n"),
+            _add(t, "links/passwd", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+            _add(t, "links/hard", type=tarfile.LNKTYPE, linkname="/etc/shadow"),
+            _add(t, "links/dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3))),
+        _zip(d / "zbig.zip", {"zbig/SKILL.md": b"x", "zbig/zeros": b"\0" * (3 << 20)}),
+    ]
+    with ControlPlane(tmp_path / "cp", port=free_port(), sse_ping_interval=0.5, skills=paths) as cp, \
+            LocalAdmin(cp.base_url, cp.admin_key) as admin:
+        backend = KubeBackend(config_from_dict(ACCEPT), api_client=api_client(cluster.url), ready_timeout=30)
+        worker = Worker(WorkerConfig(base_url=cp.base_url, environment_id=cp.environment_id, state_dir=tmp_path / "w",
+                                     store_dir=tmp_path / "sessions", max_sessions=1, warm=0, lease_ttl=10,
+                                     max_idle=30.0, selftest=False, backend="kubernetes", skills_mb=2),
+                        EnvironmentKey(cp.environment_key, "test"), runtime=backend)  # type: ignore[arg-type]
+        with BackgroundWorker(worker):
+            sid = admin.create_session(cp.environment_id, skills=[cp.skill_ids[str(p)] for p in paths])
+            # The very first call already sees them (copied before the sandbox is handed to the tools).
+            err, text, _ = call(admin, sid, "bash", {"command": (
+                'cd "$SANDBOX_SKILLS_DIR" && ls | tr "\\n" " "; echo; cat good/SKILL.md; ./good/scripts/run.sh;'
+                ' ls -A links | tr "\\n" " "; echo; find . -mindepth 1 -perm /222 | wc -l;'
+                ' stat -c "%a %n" good good/SKILL.md good/scripts/run.sh')}, timeout=90)
+            lines = text.splitlines()
+            assert not err, text
+            assert lines[0].split() == ["good", "links"], text  # zbig: over the 2 MiB cap, left out whole
+            assert lines[1:4] == ["# good", "use me", "skill-ran"], text
+            assert lines[4].split() == ["SKILL.md"], text  # no symlink, hard link or device came through
+            assert lines[5] == "0", text  # nothing writable by mode
+            assert lines[6:] == ["555 good", "444 good/SKILL.md", "555 good/scripts/run.sh"], text
+            (copied,) = worker_logs.events("skills_copied")
+            assert copied["files"] == 3
+            assert [e.get("skills") for e in worker_logs.events("skills_unavailable")] == [["zbig"]]
+            admin.terminate(sid)
+            wait_for(lambda: not cluster.claims, timeout=60, what="the claim's deletion")
+    # the worker's copy of the run's skills is gone with the run (a plain directory on a cluster)
+    assert not list((tmp_path / "sessions").rglob("SKILL.md"))
