@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import socket
 import socketserver
@@ -32,6 +33,12 @@ log = logging.getLogger("sandbox.controlplane")
 DEFAULT_MAX_BODY = 8 << 20
 IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may sit idle
 
+
+MAX_HEADER_LINE = 65536  # bytes of one header line (the stdlib's limit)
+MAX_HEADERS = 100  # header lines in one request (the stdlib's limit)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Framing headers: a second copy could make two parsers frame one request differently (request smuggling).
+_SINGLE = frozenset({"content-length", "transfer-encoding", "host"})
 
 LOOPBACK_HOST_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has to send its ClientHello and finish the handshake
@@ -174,6 +181,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = "sandbox-controlplane/1"
     sys_version = ""
     timeout = IDLE_TIMEOUT
+    header_map: dict[str, str] = {}  # this request's headers, names lower-cased (parse_request)
 
     def setup(self) -> None:
         super().setup()
@@ -229,7 +237,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _read_request(self) -> Request:
         split = urlsplit(self.path)
-        headers = {k.lower(): v for k, v in self.headers.items()}
+        headers = self.header_map
         allowed = self.server.allowed_hosts
         if allowed is not None and _host_name(headers.get("host", "")) not in allowed:
             raise ApiError(400, "Host header does not name this server (loopback only)")
@@ -265,8 +273,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_header("request-id", rid)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        self._end_headers_with(data)
 
     def _send_bytes(self, resp: BytesResponse, rid: str) -> None:
         self.send_response(resp.status)
@@ -275,8 +282,16 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_header("request-id", rid)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(resp.body)
+        self._end_headers_with(resp.body)
+
+    def _end_headers_with(self, body: bytes) -> None:
+        """End the headers and send them with the body in one write (one segment for a small response,
+        one system call, instead of two)."""
+        if self.request_version == "HTTP/0.9":  # no status line, no headers: the stdlib buffered none
+            self.wfile.write(body)
+            return
+        self._headers_buffer.append(b"\r\n" + body)  # type: ignore[attr-defined]  # BaseHTTPRequestHandler's
+        self.flush_headers()
 
     def _send_stream(self, resp: StreamResponse, rid: str) -> None:
         self.send_response(200)
@@ -292,6 +307,92 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     # ------------------------------------------------------ stdlib overrides
+
+    def parse_request(self) -> bool:
+        """The stdlib's request-line checks, with the header block read here instead of by the
+        stdlib's email parser (about a fifth of the control plane's CPU per request).
+
+        Stricter than the email parser, which reads a line without a colon as the start of the body:
+        a header line that is not `token: value`, an obsolete folded line, or a second Content-Length,
+        Transfer-Encoding or Host is a 400 and the connection is closed."""
+        self.command = None  # type: ignore[assignment]  # set in case of error on the first line
+        self.request_version = version = self.default_request_version
+        self.close_connection = True
+        raw: bytes = self.raw_requestline  # type: ignore[attr-defined]  # set by handle_one_request
+        requestline = str(raw, "iso-8859-1").rstrip("\r\n")
+        self.requestline = requestline
+        words = requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:  # enough to determine the protocol version
+            version = words[-1]
+            try:
+                if not version.startswith("HTTP/"):
+                    raise ValueError
+                base_version_number = version.split("/", 1)[1]
+                parts = base_version_number.split(".")
+                if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
+                    raise ValueError
+                version_number = int(parts[0]), int(parts[1])
+            except (ValueError, IndexError):
+                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
+                return False
+            if version_number >= (1, 1) and self.protocol_version >= "HTTP/1.1":
+                self.close_connection = False
+            if version_number >= (2, 0):
+                self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"Invalid HTTP version ({base_version_number})")
+                return False
+            self.request_version = version
+        if not 2 <= len(words) <= 3:
+            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({requestline!r})")
+            return False
+        command, path = words[:2]
+        if len(words) == 2:
+            self.close_connection = True
+            if command != "GET":
+                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
+                return False
+        self.command, self.path = command, path
+        if self.path.startswith("//"):  # gh-87389, as the stdlib: never read as a scheme-less absolute URI
+            self.path = "/" + self.path.lstrip("/")
+        problem = self._read_headers()
+        if problem is not None:
+            self.send_error(*problem)
+            return False
+        conntype = self.header_map.get("connection", "").lower()
+        if conntype == "close":
+            self.close_connection = True
+        elif conntype == "keep-alive" and self.protocol_version >= "HTTP/1.1":
+            self.close_connection = False
+        if (self.header_map.get("expect", "").lower() == "100-continue" and self.protocol_version >= "HTTP/1.1"
+                and self.request_version >= "HTTP/1.1"):
+            return self.handle_expect_100()
+        return True
+
+    def _read_headers(self) -> tuple[int, str] | None:
+        """Read the header block into `header_map` (names lower-cased; a repeated header's values
+        joined with ", ", as HTTP allows); the error to answer when it is malformed."""
+        headers: dict[str, str] = {}
+        readline = self.rfile.readline
+        for _ in range(MAX_HEADERS + 1):
+            line = readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                return HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long"
+            if line in (b"\r\n", b"\n", b""):
+                self.header_map = headers
+                self.headers = headers  # type: ignore[assignment]  # a dict, not an email Message
+                return None
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name):  # no colon, space before it, or a folded line
+                return HTTPStatus.BAD_REQUEST, "malformed header line"
+            key = name.decode("ascii").lower()
+            text = value.strip(b" \t\r\n").decode("iso-8859-1")
+            if key in headers:
+                if key in _SINGLE:
+                    return HTTPStatus.BAD_REQUEST, f"repeated {key} header"
+                text = headers[key] + ", " + text
+            headers[key] = text
+        return HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers"
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, huge headers) get the JSON error shape too."""
@@ -309,4 +410,5 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         # Request lines are client-controlled: redact anything shaped like a key.
-        log.debug("%s %s", self.address_string(), redact(format % args))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", self.address_string(), redact(format % args))

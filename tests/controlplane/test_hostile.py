@@ -187,6 +187,34 @@ def test_malformed_http_gets_a_json_error(cp: ControlPlane, raw: bytes) -> None:
     _alive(cp)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Two lengths: a proxy in front that frames by the first and this server by the last would
+        # read the tail of the body as a second, smuggled request.
+        b"POST /local/v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}",
+        b"POST /local/v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: identity\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}",
+        # A second Host, after the loopback one the rebinding check reads.
+        b"GET /local/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n",
+        # An obsolete folded line would continue the previous header for some parsers, not for others.
+        b"GET /local/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: b\r\n Content-Length: 5\r\n\r\n",
+        # A line without a colon: the stdlib's email parser took it as the start of the body.
+        b"GET /local/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\nContent-Length: 5\r\n\r\nhello",
+        # Space before the colon (RFC 9112 5.1: must be rejected).
+        b"GET /local/v1/health HTTP/1.1\r\nHost : 127.0.0.1\r\n\r\n",
+    ],
+    ids=["two-content-lengths", "two-transfer-encodings", "two-hosts", "folded-line", "line-without-colon",
+         "space-before-colon"],
+)
+def test_ambiguous_header_framing_is_refused_and_the_connection_closed(cp: ControlPlane, raw: bytes) -> None:
+    out = _raw(cp, raw)  # reads until the server closes the connection
+    assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+    assert out.count(b"HTTP/1.1 ") == 1  # nothing after the refusal was read as a request
+    assert b'"type": "error"' in out
+    _alive(cp)
+
+
 def test_client_vanishing_mid_body_and_mid_stream(cp: ControlPlane, admin: LocalAdmin) -> None:
     sid = admin.create_session(cp.environment_id)
     u = urlsplit(cp.base_url)
