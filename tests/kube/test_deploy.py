@@ -184,3 +184,97 @@ def test_the_proxy_credential_copy_step_copies_a_secret_volumes_keys_0600_and_to
         got = {p.name: (p.is_symlink(), oct(p.stat().st_mode & 0o777), p.read_text()) for p in dst.iterdir()}
         expected = {"GITHUB_TOKEN": (False, "0o600", "v1\n"), "github": (False, "0o600", "v2\n")}
         assert got == (expected if case == "with-secret" else {}), case
+
+
+def _worker_container() -> tuple[dict, dict]:
+    spec = next(d for d in _docs("worker.yaml") if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    return spec, next(c for c in spec["containers"] if c["name"] == "worker")
+
+
+def test_the_worker_probes_exec_the_probe_module_on_the_workers_own_metrics_port_with_room_to_start_and_drain():
+    from sandbox.kube.probe import main as probe_main  # noqa: F401 - the module the probes run exists
+    from sandbox.worker.worker import WorkerConfig
+
+    spec, c = _worker_container()
+    port = c["command"][c["command"].index("--metrics-port") + 1]
+    kinds = {}
+    for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = c[name]
+        cmd = probe["exec"]["command"]
+        assert cmd[:3] == ["/opt/sandbox/bin/python", "-m", "sandbox.kube.probe"], cmd
+        assert cmd[cmd.index("--port") + 1] == port, "the probe must ask the port the worker serves /healthz on"
+        assert probe["timeoutSeconds"] > 3  # the probe's own HTTP timeout is 3 s
+        kinds[name] = cmd[3]
+    assert kinds == {"startupProbe": "live", "livenessProbe": "live", "readinessProbe": "ready"}
+    s = c["startupProbe"]
+    assert s["periodSeconds"] * s["failureThreshold"] >= 300, "the start-up canaries claim a pod first"
+    # SIGTERM: the drain (in-flight calls, then hand-back) fits in the grace period
+    assert spec["terminationGracePeriodSeconds"] >= WorkerConfig.__dataclass_fields__["drain_timeout"].default + 15 + 30
+
+
+@pytest.fixture
+def health_server():
+    from sandbox.worker.metrics import HealthServer, WorkerMetrics
+
+    state: dict = {"status": "ok", "reasons": [], "sessions": 0, "max_sessions": 2}
+    srv = HealthServer(WorkerMetrics(), lambda: dict(state), 0)
+    srv.start()
+    yield srv, state
+    srv.stop()
+
+
+def test_liveness_holds_at_the_session_limit_and_while_draining_readiness_does_not_and_a_dead_worker_fails_both(
+        health_server):
+    """The probe commands of worker.yaml, run as written (the image's python replaced by this one,
+    the port by the test server's), against the worker's real health server."""
+    import subprocess
+    import sys
+
+    srv, state = health_server
+    _, c = _worker_container()
+
+    def run(name: str) -> tuple[int, str]:
+        cmd = list(c[name]["exec"]["command"])
+        cmd[0] = sys.executable
+        cmd[cmd.index("--port") + 1] = str(srv.port)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        return r.returncode, r.stdout.strip()
+
+    assert run("livenessProbe")[0] == 0 and run("readinessProbe") == (0, "ready: status ok, sessions 0/2")
+    state.update(status="degraded", reasons=["at_session_limit"], sessions=2)
+    assert run("livenessProbe") == (0, "alive: status degraded (at_session_limit), sessions 2/2")
+    assert run("readinessProbe") == (1, "not ready: status degraded (at_session_limit), sessions 2/2")
+    state.update(status="stopping", reasons=[], sessions=1)
+    assert run("livenessProbe")[0] == 0 and run("readinessProbe")[0] == 1
+    state.update(status="degraded", reasons=["circuit_open"], sessions=0)
+    assert run("startupProbe")[0] == 0 and run("readinessProbe")[0] == 1
+    srv.stop()  # the worker is gone (or its health server is)
+    for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        code, out = run(name)
+        assert code == 1 and "no answer from the worker's health endpoint" in out, (name, out)
+
+
+def test_a_probe_refuses_an_answer_that_is_not_the_workers_health_state():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sandbox.kube.probe import check
+
+    class Other(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>something else on the port</html>")
+
+        def log_message(self, *a: object) -> None:
+            return
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        for kind in ("live", "ready"):
+            ok, why = check(kind, srv.server_address[1])
+            assert not ok and "without the worker's health state" in why
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -284,3 +284,23 @@ def test_a_cluster_session_gets_its_skills_copied_into_its_pod_read_only_by_mode
             wait_for(lambda: not cluster.claims, timeout=60, what="the claim's deletion")
     # the worker's copy of the run's skills is gone with the run (a plain directory on a cluster)
     assert not list((tmp_path / "sessions").rglob("SKILL.md"))
+
+
+def test_the_pod_probes_see_a_cluster_worker_ready_until_its_session_limit_and_alive_throughout(
+        cp: ControlPlane, admin: LocalAdmin, kube_worker: Callable[..., Worker]) -> None:
+    """deploy/kubernetes/worker.yaml's probes (sandbox.kube.probe) against the worker's own health
+    endpoint: ready while it can take a session, not ready (but alive) while its one slot is busy."""
+    from sandbox.kube.probe import check
+
+    worker = kube_worker(metrics_port=0, max_sessions=1)
+    wait_for(lambda: worker.health_port is not None, what="the health endpoint")
+    port = worker.health_port
+    assert port is not None
+    assert check("live", port)[0] and check("ready", port) == (True, "ready: status ok, sessions 0/1")
+    sid = admin.create_session(cp.environment_id)
+    assert call(admin, sid, "bash", {"command": "echo hi"}, timeout=60)[:2] == (False, "hi")
+    ok, why = check("ready", port)
+    assert not ok and "at_session_limit" in why, why
+    assert check("live", port)[0]
+    admin.terminate(sid)
+    wait_for(lambda: check("ready", port)[0], timeout=60, what="the slot to come free")
