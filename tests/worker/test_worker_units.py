@@ -136,6 +136,49 @@ def test_outbox_recovers_calls_of_a_dead_worker_as_interrupted(tmp_path: Path) -
     assert second.get("t2").result.content == INTERRUPTED_TEXT  # type: ignore[union-attr]
 
 
+def test_workers_racing_on_one_journal_never_both_run_a_call(tmp_path: Path) -> None:
+    """Four workers (each its own connection, so only SQLite's file lock orders them) claim the same
+    calls at once: every call is claimed by exactly one of them; the others see the row."""
+    import threading
+
+    path = tmp_path / "o.db"
+    owners = [f"w:{i}:{i}" for i in range(4)]
+    books = [Outbox(path, owner=o, alive=lambda _o: True) for o in owners]
+    ids = [f"t{i}" for i in range(150)]
+    runs: dict[str, list[str]] = {t: [] for t in ids}
+    go = threading.Barrier(len(books))
+
+    def claim(ob: Outbox) -> None:
+        go.wait()
+        for t in ids:
+            d = ob.begin(t, "s1", "w1", "bash")
+            if d.run:
+                runs[t].append(ob.owner)
+            else:
+                assert d.wait and d.record is not None and d.record.state == "running"
+        ob.close()
+
+    threads = [threading.Thread(target=claim, args=(ob,)) for ob in books]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert all(len(r) == 1 for r in runs.values()), {t: r for t, r in runs.items() if len(r) != 1}
+
+
+def test_outbox_marks_many_accepted_results_delivered_at_once(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db", owner="w:1:1")
+    ids = [f"t{i}" for i in range(1203)]  # more than one statement's worth of ids
+    for t in ids:
+        assert ob.begin(t, "s1", "w1", "bash").run
+        ob.finish(t, "out", False)
+    ob.delivered_later(ids[:-1])
+    assert ob.begin("next", "s1", "w1", "bash").run  # applies the marks
+    assert [r.tool_use_id for r in ob.pending()] == [ids[-1]]
+    assert ob.get(ids[0]).state == "delivered"  # type: ignore[union-attr]
+    assert not ob.begin(ids[0], "s1", "w2", "bash").run  # a tombstone: never run again
+
+
 # ------------------------------------------------------------------ breaker / middleware
 
 def test_circuit_breaker_opens_fails_fast_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
