@@ -58,9 +58,24 @@ class AuditRecord:
     def to_json(self) -> str:
         d = dict(vars(self))  # flat fields only: asdict()'s deep copy is measurable per request
         if not d["ts"]:
-            d["ts"] = datetime.now(UTC).isoformat(timespec="milliseconds")
+            d["ts"] = utc_now_ms()
         d["path"] = _strip_query(d["path"])
-        return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
+        return _ENCODER.encode(d)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # json.dumps with options builds one per call
+_SECOND: tuple[int, str] = (-1, "")
+
+
+def utc_now_ms() -> str:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")``, the date and time text made
+    once a second (one record per request: the datetime object and its formatting showed up)."""
+    global _SECOND
+    t = time.time()
+    sec = int(t)
+    if _SECOND[0] != sec:
+        _SECOND = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_SECOND[1]}.{min(999, int((t - sec) * 1000)):03d}+00:00"
 
 
 def _strip_query(path: str | None) -> str | None:

@@ -9,7 +9,7 @@ exactly one request per client connection and must know where it ends.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandbox.egress.acl import HostError, parse_authority
 
@@ -62,10 +62,17 @@ class Request:
     target: str
     version: str
     headers: list[tuple[str, str]]
+    # values by lower-cased name, built once: a request's policy checks ask for six names
+    _by_name: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by: dict[str, list[str]] = {}
+        for k, v in self.headers:
+            by.setdefault(k.lower(), []).append(v)
+        object.__setattr__(self, "_by_name", by)
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        return list(self._by_name.get(name.lower(), ()))
 
 
 @dataclass(frozen=True)
@@ -142,12 +149,13 @@ def forward_target(req: Request) -> ForwardTarget:
     if len(hosts) > 1:
         raise ProtocolError(400, "bad-request", "more than one Host header")
     if hosts:
-        try:
-            h_host, h_port = parse_authority(hosts[0], 80, allow_userinfo=False)
-        except HostError as e:
-            raise ProtocolError(403, "host-mismatch", f"invalid Host header: {e}") from None
-        if (h_host, h_port) != (host, port):
-            raise ProtocolError(403, "host-mismatch", "Host header does not match the request target")
+        if hosts[0] != authority or "@" in authority:  # the same text without userinfo parses the same
+            try:
+                h_host, h_port = parse_authority(hosts[0], 80, allow_userinfo=False)
+            except HostError as e:
+                raise ProtocolError(403, "host-mismatch", f"invalid Host header: {e}") from None
+            if (h_host, h_port) != (host, port):
+                raise ProtocolError(403, "host-mismatch", "Host header does not match the request target")
     elif req.version == "HTTP/1.1":
         raise ProtocolError(400, "bad-request", "HTTP/1.1 request without Host header")
     log_path = origin.partition("?")[0][:256]

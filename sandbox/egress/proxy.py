@@ -49,7 +49,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +89,21 @@ system_resolver = DnsResolver()
 DNS_PER_SESSION = 4
 DNS_GLOBAL = 64
 DNS_DEADLINE_S = 5.0
+
+
+_LITERALS: dict[str, tuple[int, str]] = {}
+
+
+def _literal(addr: str) -> tuple[int, str]:
+    """(family, canonical text) of an address literal; ValueError for anything else, a name
+    included. Memoised (bounded): parsing it with ipaddress was a share of every request."""
+    got = _LITERALS.get(addr)
+    if got is None:
+        ip = ipaddress.ip_address(addr)
+        if len(_LITERALS) >= 4096:
+            _LITERALS.clear()
+        got = _LITERALS[addr] = (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))
+    return got
 
 
 class StaticResolver:
@@ -187,6 +202,7 @@ class _Conn:
     client: socket.socket
     started: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+    active: bool = False  # traffic since the last sweep (which turns it into last_active)
     in_head: bool = True
     task: asyncio.Task[None] | None = None
     upstream: socket.socket | None = None
@@ -199,7 +215,9 @@ class _Conn:
         self.record = AuditRecord(session=self.session.id)
 
     def touch(self) -> None:
-        self.last_active = time.monotonic()
+        # A flag, not a clock read: it is set on every read and send, and the sweeper reads the
+        # clock once for all connections (idle timeouts are seconds; it runs every _SWEEP_S).
+        self.active = True
 
     def kill(self, code: str, reason: str) -> None:
         if self.killed is None and self.task is not None and not self.task.done():
@@ -247,14 +265,6 @@ async def _recv(sock: socket.socket, n: int) -> bytes:
             await _wait_any(sock.fileno(), None)
 
 
-async def _recv_into(sock: socket.socket, view: memoryview) -> int:
-    while True:
-        try:
-            return sock.recv_into(view)
-        except (BlockingIOError, InterruptedError):
-            await _wait_any(sock.fileno(), None)
-
-
 async def _sendall(sock: socket.socket, data: bytes | memoryview) -> None:
     """``loop.sock_sendall`` without its per-call future when the socket takes it all at once."""
     view = memoryview(data)
@@ -276,7 +286,7 @@ class _Buffered:
         data = await _recv(self.sock, 65536)
         if data:
             self.buf += data
-            self.conn.touch()
+            self.conn.active = True
         return bool(data)
 
     async def until(self, sep: bytes, limit: int) -> bytes | None:
@@ -285,10 +295,11 @@ class _Buffered:
         while True:
             i = self.buf.find(sep, start)
             if i >= 0:
-                if i + len(sep) > limit:
+                end = i + len(sep)
+                if end > limit:
                     raise OverflowError
-                out = bytes(self.buf[: i + len(sep)])
-                del self.buf[: i + len(sep)]
+                out = bytes(self.buf[:end])
+                del self.buf[:end]
                 return out
             if len(self.buf) > limit:
                 raise OverflowError
@@ -563,9 +574,13 @@ class EgressProxy:
         """Reader callback kept registered for the listener's life: accepting everything that
         is pending per wake-up costs no per-connection epoll_ctl or future."""
         loop = asyncio.get_running_loop()
+        family = lsock.family
+        tcp = family != socket.AF_UNIX
         for _ in range(64):  # bounded, so one busy session cannot monopolise a loop turn
             try:
-                sock, _ = lsock.accept()
+                # socket.accept() converts family and type to enums for every connection
+                fd, _ = lsock._accept()  # type: ignore[attr-defined]  # CPython: what accept() calls
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -575,7 +590,7 @@ class EgressProxy:
                     loop.call_later(0.1, self._watch, sess, lsock)
                 return
             sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
+            if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sess, sock)
             conn.task = loop.create_task(self._serve(conn))
@@ -593,6 +608,9 @@ class EgressProxy:
             for sess in list(self._sessions.values()):
                 p = sess.policy
                 for c in list(sess.conns):
+                    if c.active:  # traffic since the last sweep: idle from now on at the earliest
+                        c.active = False
+                        c.last_active = now
                     if c.in_head and now - c.started > p.header_timeout_s:
                         c.kill("header-timeout", f"request head not received within {p.header_timeout_s:g}s")
                     elif now - c.started > p.total_timeout_s:
@@ -821,11 +839,11 @@ class EgressProxy:
         deadline = loop.time() + timeout
         last: str = "no address"
         for addr in decision.addrs or ((decision.addr,) if decision.addr else ()):
-            ip = ipaddress.ip_address(addr)  # the checked address, as text: a literal, never a name
-            sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+            family, literal = _literal(addr)  # the checked address, as text: a literal, never a name
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                err = sock.connect_ex((str(ip), port))
+                err = sock.connect_ex((literal, port))
                 if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
                     # A near upstream (loopback, a LAN) has usually answered before connect()
                     # returns: one poll(2) then saves a loop turn; a far one is waited for.
@@ -1022,12 +1040,12 @@ class EgressProxy:
             conn.record.bytes_up += ok
         else:
             conn.record.bytes_down += ok
-        conn.touch()
+        conn.active = True
         return ok
 
     async def _send(self, sock: socket.socket, data: bytes, conn: _Conn) -> None:
         await _sendall(sock, data)
-        conn.touch()
+        conn.active = True
 
     async def _send_up(self, conn: _Conn, data: bytes) -> None:
         assert conn.upstream is not None
@@ -1128,17 +1146,17 @@ class EgressProxy:
     async def _relay_copy(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None, upgrade: bool) -> int | None:
         """Copy loop. Returns None when finished, or (with ``upgrade``) the bytes moved so far
         as soon as a read fills the buffer, so the caller can switch to splice."""
-        view = memoryview(bytearray(_COPY_CHUNK))
         done = turns = 0
         while limit is None or done < limit:
             want = _COPY_CHUNK if limit is None else min(_COPY_CHUNK, limit - done)
-            n = await _recv_into(src, view[:want])
+            data = await _recv(src, want)  # bytes of the size read: no zeroed 64 KiB buffer per relay
+            n = len(data)
             if n == 0:
                 if limit is not None:
                     raise EOFError
                 return None
             ok = self._account(conn, n, direction)
-            await _sendall(dst, view[:ok])
+            await _sendall(dst, data if ok == n else data[:ok])
             done += ok
             if ok < n:
                 raise _BudgetSpent
@@ -1222,23 +1240,44 @@ class EgressProxy:
         await self._relay(conn, conn.upstream, conn.client, "down", half_close=False)
 
 
-async def _both(a: Awaitable[None], b: Awaitable[None], *, b_ends_all: bool = False) -> None:
+async def _both(a: Coroutine[object, object, None], b: Coroutine[object, object, None], *, b_ends_all: bool = False) -> None:
     """Run two relay halves until both finish. The first failure (or outside cancellation)
     stops both; with ``b_ends_all`` the end of ``b`` (a plain-HTTP response) also ends ``a``
-    (the request body the client may still be trickling)."""
-    ta, tb = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    (the request body the client may still be trickling).
+
+    One future and done-callbacks instead of asyncio.wait/gather: this runs once per tunnel
+    and per request with a body, and their bookkeeping was a measurable share of it."""
+    loop = asyncio.get_running_loop()
+    ta, tb = loop.create_task(a), loop.create_task(b)
     try:
-        pending: set[asyncio.Future[None]] = {ta, tb}
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    raise exc
-            if b_ends_all and tb.done():
+        while True:
+            for t in (ta, tb):
+                if t.done():
+                    exc = t.exception()
+                    if exc is not None:
+                        raise exc
+            if tb.done() and (b_ends_all or ta.done()):
                 return
+            wake: asyncio.Future[None] = loop.create_future()
+
+            def woken(_: object, wake: asyncio.Future[None] = wake) -> None:
+                if not wake.done():
+                    wake.set_result(None)
+
+            waiting = [t for t in (ta, tb) if not t.done()]
+            for t in waiting:
+                t.add_done_callback(woken)
+            try:
+                await wake
+            finally:
+                for t in waiting:
+                    t.remove_done_callback(woken)
     finally:
+        left = [t for t in (ta, tb) if not t.done()]
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.wait(left)
         for t in (ta, tb):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(ta, tb, return_exceptions=True)
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: a second failure is not logged as never retrieved
