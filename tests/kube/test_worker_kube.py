@@ -280,6 +280,14 @@ def test_a_cluster_session_gets_its_skills_copied_into_its_pod_read_only_by_mode
             (copied,) = worker_logs.events("skills_copied")
             assert copied["files"] == 3
             assert [e.get("skills") for e in worker_logs.events("skills_unavailable")] == [["zbig"]]
+            # The pod's agent dies (OOM, a node going away): the session goes on in a new pod, skills and all.
+            (first_pod,) = [c["_pod"] for c in cluster.claims.values()]
+            cluster._kill_execs(first_pod)
+            err, text, _ = call(admin, sid, "bash", {"command": 'cd "$SANDBOX_SKILLS_DIR" && pwd && ls && cat good/SKILL.md'},
+                                timeout=90)
+            assert not err and first_pod not in text.splitlines()[0], text
+            assert text.splitlines()[1:] == ["good", "links", "# good", "use me"], text
+            assert len(worker_logs.events("skills_copied")) == 2
             admin.terminate(sid)
             wait_for(lambda: not cluster.claims, timeout=60, what="the claim's deletion")
     # the worker's copy of the run's skills is gone with the run (a plain directory on a cluster)
