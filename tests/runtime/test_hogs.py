@@ -8,6 +8,7 @@ a sandbox that stays inside its quota (one busy thread) is never touched.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -71,7 +72,12 @@ def test_a_vanished_cgroup_is_ignored(tmp_path: Path) -> None:
 
 
 @pytest.mark.docker
-def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_does_not(make_sandbox, runtime) -> None:
+def test_many_spinners_over_their_quota_lose_weight_but_a_single_busy_thread_does_not(
+        make_sandbox, runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The quota rule alone: on a host that other load saturates, the busy thread takes its whole share
+    # and the saturation rule demotes it too, by design (CI saw that on a shared host). That rule has its
+    # own tests below; here the host's cores read as idle.
+    monkeypatch.setattr(hogs, "host_idle_ns", lambda: time.monotonic_ns() * (os.cpu_count() or 1))
     # a quarter of a core: over its quota even when the shared host gives it little
     hog = make_sandbox({"name": "quarter", "limits": {"memory_mb": 512, "cpus": 0.25, "pids": 64}})
     busy = make_sandbox()
