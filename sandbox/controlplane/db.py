@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS work(
 );
 CREATE INDEX IF NOT EXISTS work_queue ON work(environment_id, state, seq);
 CREATE INDEX IF NOT EXISTS work_by_session ON work(session_id, state);
+CREATE INDEX IF NOT EXISTS work_leases ON work(state, lease_expires_at);  -- _expire_leases, on every poll/ack/beat
 CREATE TABLE IF NOT EXISTS tokens(
   token_hash TEXT PRIMARY KEY,
   work_id TEXT NOT NULL REFERENCES work(id),

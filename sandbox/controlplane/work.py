@@ -155,7 +155,9 @@ class WorkQueue:
         return work_id
 
     def has_live_item(self, c: sqlite3.Connection, session_id: str) -> bool:
-        self._expire_leases(c, self._clock())
+        # Read only (every injected tool call passes here): expiring leases first would not change the
+        # answer (a lapsed `starting`/`active` item goes back to `queued`, still live; a lapsed `stopping`
+        # one ends `stopped`, live neither way), and every path that reads or hands out state expires them.
         row = c.execute(
             "SELECT 1 FROM work WHERE session_id=? AND state IN ('queued','starting','active') LIMIT 1", (session_id,)
         ).fetchone()

@@ -139,3 +139,23 @@ def test_concurrent_pollers_never_share_an_item(cp: ControlPlane, admin: LocalAd
     with cf.ThreadPoolExecutor(16) as pool:
         got = [x for x in pool.map(poll, range(16)) if x]
     assert len(got) == n and len(set(got)) == n
+
+
+def test_a_call_into_a_session_whose_lease_lapsed_requeues_its_item_not_a_second_one(
+        cp_clocked: ControlPlane, clock: ManualClock) -> None:
+    """Two items for one session would put two workers (two sandboxes, two journals) on it at once."""
+    cp = cp_clocked
+    with LocalAdmin(cp.base_url, cp.admin_key, http_client=http()) as admin:
+        sid = admin.create_session(cp.environment_id)
+        a = _claimed(cp, "worker-a")
+        a_client = env_client(cp, sessions_token(a.secret)).beta.environments.work
+        a_client.ack(a.id, environment_id=cp.environment_id)
+        a_client.heartbeat(a.id, environment_id=cp.environment_id, expected_last_heartbeat="NO_HEARTBEAT",
+                           desired_ttl_seconds=10)
+        clock.advance(11)  # worker A is gone: its lease lapsed, nothing has expired it yet
+        admin.send_tool_use(sid, "bash", {"command": "true"})
+    items = env_client(cp).beta.environments.work.list(cp.environment_id)
+    assert [w.id for w in items.data if w.data.id == sid] == [a.id]
+    b = _claimed(cp, "worker-b")
+    assert b.id == a.id and b.state == "queued"
+    assert env_client(cp).beta.environments.work.poll(cp.environment_id, anthropic_worker_id="worker-c") is None
