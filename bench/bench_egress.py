@@ -787,6 +787,18 @@ def report(results: dict[str, dict[str, list[float]]], a: argparse.Namespace) ->
         )
     print("(rows without a proxy do plain HTTP in both columns; setup = CONNECT until 200, minus a direct TCP connect;\n"
           " CPU us/req = the proxy process's user+sys CPU per small request, HTTP and tunnel alike, clock-tick resolution)")
+    # The machine is shared and noisy: the spread of each round's ratio (modes take turns in
+    # batches within a round, so a round's ratio compares like with like).
+    print(f"\nper-round req/s ratio to direct, median [min-max] over {len(direct['rps_http'])} rounds; CPU us/req median [min-max]")
+    print(f"{'path':28} {'HTTP req/s ratio':>22} {'tunnel req/s ratio':>22} {'CPU us/req':>18}")
+    for name, res in results.items():
+        cols = []
+        for key in ("rps_http", "rps_tunnel"):
+            r = [x / y for x, y in zip(res[key], direct[key], strict=True)]
+            cols.append(f"{_median(r):.2f} [{min(r):.2f}-{max(r):.2f}]")
+        cpu = [x * 1e6 for x in res["cpu"]]
+        cpu_text = f"{_median(cpu):.0f} [{min(cpu):.0f}-{max(cpu):.0f}]" if cpu else "-"
+        print(f"{name:28} {cols[0]:>22} {cols[1]:>22} {cpu_text:>18}")
 
 
 if __name__ == "__main__":

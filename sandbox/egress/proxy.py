@@ -279,6 +279,8 @@ class _Buffered:
     """Reads from a non-blocking socket with a small user-space buffer, for heads and
     chunked framing; :meth:`take` hands the unread rest to the splice relay."""
 
+    _raw = True  # reads the socket itself (a subclass reading something else overrides _fill and sets False)
+
     def __init__(self, sock: socket.socket, conn: _Conn) -> None:
         self.sock, self.conn, self.buf = sock, conn, bytearray()
 
@@ -304,7 +306,17 @@ class _Buffered:
             if len(self.buf) > limit:
                 raise OverflowError
             start = max(0, len(self.buf) - len(sep) + 1)
-            if not await self._fill():
+            if self._raw:  # _fill inlined: a head is read about three times per request
+                try:
+                    data = self.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    await _wait_any(self.sock.fileno(), None)
+                    continue
+                if not data:
+                    return None
+                self.buf += data
+                self.conn.active = True
+            elif not await self._fill():
                 return None
 
     async def exact(self, n: int) -> bytes | None:
@@ -391,6 +403,8 @@ class _TLS:
 
 class _TLSReader(_Buffered):
     """:class:`_Buffered` over a :class:`_TLS` (heads, chunked framing inside a terminated tunnel)."""
+
+    _raw = False
 
     def __init__(self, t: _TLS, conn: _Conn) -> None:
         super().__init__(t.sock, conn)
@@ -1044,7 +1058,12 @@ class EgressProxy:
         return ok
 
     async def _send(self, sock: socket.socket, data: bytes, conn: _Conn) -> None:
-        await _sendall(sock, data)
+        try:
+            n = sock.send(data)  # usually all of it: no second coroutine then
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n < len(data):
+            await _sendall(sock, memoryview(data)[n:])
         conn.active = True
 
     async def _send_up(self, conn: _Conn, data: bytes) -> None:
@@ -1156,7 +1175,12 @@ class EgressProxy:
                     raise EOFError
                 return None
             ok = self._account(conn, n, direction)
-            await _sendall(dst, data if ok == n else data[:ok])
+            try:
+                sent = dst.send(data if ok == n else data[:ok])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent < ok:
+                await _sendall(dst, memoryview(data)[sent:ok])
             done += ok
             if ok < n:
                 raise _BudgetSpent
