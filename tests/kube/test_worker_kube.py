@@ -107,6 +107,8 @@ def test_the_worker_serves_tool_calls_from_cluster_sandboxes_and_carries_the_wor
     admin.terminate(sid)
     wait_for(lambda: worker_logs.events("session_removed"), timeout=60, what="the session's removal")
     wait_for(lambda: not cluster.claims, what="every claim deleted")
+    # (the session is removed just before its run's trail is closed: wait for that too)
+    wait_for(lambda: len(worker_logs.events("trail_closed")) == 2, timeout=60, what="both runs' trails closed")
     assert store.meta(sid) is None and not store.workspace_archive(meta.workspace).exists()
     res = verify(store.trail_path(sid))
     assert res.ok and res.runs == 2, res
@@ -281,8 +283,10 @@ def test_a_cluster_session_gets_its_skills_copied_into_its_pod_read_only_by_mode
             assert copied["files"] == 3
             assert [e.get("skills") for e in worker_logs.events("skills_unavailable")] == [["zbig"]]
             # The pod's agent dies (OOM, a node going away): the session goes on in a new pod, skills and all.
-            (first_pod,) = [c["_pod"] for c in cluster.claims.values()]
+            ((first_claim, first_pod),) = [(n, c["_pod"]) for n, c in cluster.claims.items()]
             cluster._kill_execs(first_pod)
+            # (the backend deletes the claim once it sees the channel end: the next call gets a new sandbox)
+            wait_for(lambda: first_claim in cluster.deleted_by_client, timeout=30, what="the dead pod's claim deleted")
             err, text, _ = call(admin, sid, "bash", {"command": 'cd "$SANDBOX_SKILLS_DIR" && pwd && ls && cat good/SKILL.md'},
                                 timeout=90)
             assert not err and first_pod not in text.splitlines()[0], text
