@@ -29,7 +29,7 @@ import secrets
 import socket
 import struct
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from sandbox import lazylog
 
@@ -209,3 +209,30 @@ class AgentChannel:
             self._sock.close()
         except OSError:
             pass
+
+    # -- a request answered on the reader thread (added for the worker: no thread blocks waiting for it)
+    def open_request_with(self, sink: Callable[[dict[str, Any] | None], None]) -> int:
+        """Like `open_request`, but each event of the request (then None if the channel closes first) is
+        handed to `sink` where a queue would get it: on the reader thread, or on the thread that closes the
+        channel. `sink` must be quick; what it raises is logged, never allowed to end the reader. End the
+        request with `finish_request`."""
+        rid = next(self._ids)
+        box = _SinkQueue(sink)
+        with self._qlock:
+            if self.closed.is_set():
+                raise ChannelClosed(self.close_reason or "channel closed")
+            self._queues[rid] = box  # type: ignore[assignment]  # duck-typed: only .put() is used
+        return rid
+
+
+class _SinkQueue:
+    """What `open_request_with` registers in place of a queue: `put` calls the sink."""
+
+    def __init__(self, sink: Callable[[dict[str, Any] | None], None]) -> None:
+        self._sink = sink
+
+    def put(self, ev: dict[str, Any] | None) -> None:
+        try:
+            self._sink(ev)
+        except Exception:  # noqa: BLE001 - the reader thread must live on for the other requests
+            log.exception("sandbox agent channel: a request's event handler failed")

@@ -581,6 +581,57 @@ class Sandbox:
         self.runtime._teardown(self, wait=wait)
 
 
+    # -- added for the worker's event loop: `call` without a thread that blocks until the result
+    def start_call(self, op: str, on_done: Callable[[Any, BaseException | None], None],
+                   **args: Any) -> Callable[[], None]:
+        """Send one registered agent op (as `call` does) and return at once. `on_done(value, None)` or
+        `on_done(None, error)` runs once, on the channel's reader thread (or the thread that closes the
+        channel), with `error` a ToolOpError or SandboxError as `call` would raise. The caller keeps the
+        deadline: on giving up it calls the returned function, which ends the request (no `on_done` after
+        it returns, unless that is already running). After a SandboxError the caller runs
+        `after_channel_loss()` (off the reader thread): a forged frame or an expired session ends the
+        sandbox, as `call` does. Raises ChannelClosed if the channel is already gone."""
+        once = [True]  # the outcome is given once (list.pop is atomic)
+        rids: list[int] = []
+
+        def take() -> bool:
+            try:
+                return once.pop()
+            except IndexError:
+                return False
+
+        def sink(ev: dict[str, Any] | None) -> None:
+            if ev is None:
+                outcome: tuple[Any, BaseException | None] = (
+                    None, SandboxError(f"sandbox agent stopped: {self.channel.close_reason}"))
+            elif ev.get("ev") == "result":
+                outcome = ((ev.get("value"), None) if ev.get("ok")
+                           else (None, ToolOpError(str(ev.get("error", "failed"))[:2000])))
+            elif ev.get("ev") == "error":
+                outcome = (None, ToolOpError(str(ev.get("message", "failed"))[:2000]))
+            else:
+                return
+            if not take():
+                return
+            if rids:
+                self.channel.finish_request(rids[0])
+            on_done(*outcome)
+
+        rid = self.channel.open_request_with(sink)
+        rids.append(rid)
+        try:
+            self.channel.send({"id": rid, "op": op, **args})
+        except BaseException:
+            self.channel.finish_request(rid)
+            if take():
+                raise
+            return lambda: None  # the channel closed first: `on_done` has had its SandboxError
+        return lambda: self.channel.finish_request(rid)
+
+    def after_channel_loss(self) -> None:
+        """What `call` does when the channel ends mid-request (see `start_call`): blocking."""
+        self._after_channel_loss()
+
 class _StdinStream:
     """Feeds a file object into a running exec: chunks over the channel, acked by the agent."""
 
