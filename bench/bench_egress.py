@@ -13,6 +13,9 @@ One local target server (its own process), and in one run, interleaved rounds of
   sandbox proxy, stdlib   the same proxy on asyncio's own loop instead of uvloop (what uvloop buys)
   Python floor (uvloop)   the least a Python proxy does per request (Protocols, no policy, no
                           audit): the bound for our req/s; tinyproxy (C) is below it
+  floor + policy & audit  that floor plus the per-request work the proxy cannot drop (its head
+                          parser, the ACL decision, head rewriting, one audit record): the
+                          bound of moving the proxy's plumbing to Protocols
   sandbox proxy @ baseline  with --baseline-tree DIR: the proxy of an older checkout, same run
 
 for a large download (plain HTTP and inside a CONNECT tunnel), sequential small requests
@@ -158,6 +161,100 @@ def role_floor(port_file: Path, target_port: int) -> None:
             first = b"" if method == b"CONNECT" else b"%s /%s %s\r\n%s" % (method, target.split(b"/", 3)[3], version, rest)
             loop = asyncio.get_running_loop()
             loop.create_task(loop.create_connection(lambda: Up(self.t, first), ADDR, target_port))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.up is not None:
+                self.up.close()
+
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(Down, ADDR, 0, backlog=512)
+        port_file.write_text(str(srv.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def role_floor_policy(port_file: Path, target_port: int, audit: Path) -> None:
+    """The Python floor plus the per-request work our proxy cannot drop: its strict head parser
+    (sandbox.egress.http1), the ACL decision on the resolver's answer (memoised per policy, as
+    the proxy does), the upstream head rewritten, the response head checked and rewritten, one
+    audit record written before the client sees EOF. Still no timeouts, no budget, no DNS
+    slots, no TLS checks. If this row is not ahead of tinyproxy, moving the proxy's plumbing
+    to Protocols cannot make the proxy ahead either: it is the bound of that rewrite."""
+    import uvloop
+
+    from sandbox.egress import acl, http1
+    from sandbox.egress.audit import AuditLog, AuditRecord
+    from sandbox.egress.rules import EgressPolicy
+
+    policy = EgressPolicy.model_validate({"rules": [{"host": NAME, "ports": [target_port]}], "allow_cidrs": [f"{ADDR}/32"], "max_connections": 256})
+    names = {NAME: (ADDR,)}
+    memo: dict[tuple[str, int, tuple[str, ...]], acl.Decision] = {}
+    log = AuditLog(audit)
+
+    class Up(asyncio.Protocol):
+        def __init__(self, down: Any, first: bytes, rec: AuditRecord) -> None:
+            self.down, self.first, self.rec, self.head = down, first, rec, b""
+
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+            self.down.get_protocol().up = transport  # type: ignore[attr-defined]
+            if self.first:
+                transport.write(self.first)
+                self.rec.bytes_up += len(self.first)
+            else:
+                self.head = None
+                self.down.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+
+        def data_received(self, data: bytes) -> None:
+            self.rec.bytes_down += len(data)
+            if self.head is None:
+                self.down.write(data)
+                return
+            self.head += data
+            i = self.head.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            head, rest = self.head[: i + 4], self.head[i + 4:]
+            self.head = None
+            self.rec.status = http1.response_status(head)
+            self.down.write(http1.rewrite_response_head(head) + rest)
+
+        def eof_received(self) -> bool:
+            log.write(self.rec)
+            self.down.close()
+            return False
+
+    class Down(asyncio.Protocol):
+        up: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.t, self.buf = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            if self.up is not None:
+                self.up.write(data)
+                return
+            self.buf += data
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            head, rest = self.buf[: i + 4], self.buf[i + 4:]
+            req = http1.parse_head(head)
+            rec = AuditRecord(session="bench", method=req.method)
+            if req.method == "CONNECT":
+                host, port = http1.connect_target(req)
+                first = b""
+            else:
+                fwd = http1.forward_target(req)
+                host, port, rec.path = fwd.host, fwd.port, fwd.log_path
+                first = http1.upstream_head(req, fwd, http1.body_framing(req)) + rest
+            addrs = names[host]
+            key = (host, port, addrs)
+            d = memo.get(key) or memo.setdefault(key, acl.decide(policy, host, port, addrs))
+            rec.host, rec.port, rec.addr, rec.rule, rec.decision, rec.code, rec.reason = host, port, d.addr, d.rule, "allow", "allowed", d.reason
+            loop = asyncio.get_running_loop()
+            loop.create_task(loop.create_connection(lambda: Up(self.t, first, rec), d.addr, port))
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.up is not None:
@@ -607,7 +704,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=300, help="small requests per mode per round (in turns of 10)")
     ap.add_argument("--setup", type=int, default=300, help="connection setups per mode per round")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay", "floor", "tls-server", "tls-proxy", "fair-proxy"])
+    ap.add_argument("--role", choices=["server", "proxy", "forwarder", "relay", "floor", "floor-policy", "tls-server", "tls-proxy", "fair-proxy"])
     ap.add_argument("--issue12", action="store_true", help="HTTPS tunnel vs terminated+injected vs direct, and DNS-flood fairness")
     ap.add_argument("--tls-big-mib", type=int, default=64)
     ap.add_argument("--tls-small", type=int, default=200)
@@ -639,6 +736,8 @@ def main() -> None:
         return role_relay(a.port_file, a.target_port)
     if a.role == "floor":
         return role_floor(a.port_file, a.target_port)
+    if a.role == "floor-policy":
+        return role_floor_policy(a.port_file, a.target_port, a.audit)
     if a.role == "tls-server":
         return role_tls_server(a.port_file, a.tls_big_mib << 20, a.cert, a.key)
     if a.role == "tls-proxy":
@@ -680,6 +779,9 @@ def main() -> None:
         procs.append(_spawn(["--role", "floor", "--port-file", str(tmp / "floor.port"), "--target-port", str(tport)]))
         floor_port = _wait_file(tmp / "floor.port")
         pids["Python floor (uvloop)"] = procs[-1].pid
+        procs.append(_spawn(["--role", "floor-policy", "--port-file", str(tmp / "floorp.port"), "--target-port", str(tport), "--audit", str(tmp / "audit-floorp.jsonl")]))
+        floorp_port = _wait_file(tmp / "floorp.port")
+        pids["floor + policy & audit"] = procs[-1].pid
         if a.baseline_tree:  # the proxy as another checkout has it (e.g. before a change), same run
             env = dict(os.environ, PYTHONPATH=str(a.baseline_tree))
             procs.append(subprocess.Popen([sys.executable, str(a.baseline_tree / "bench" / "bench_egress.py"), "--role", "proxy", "--port-file",
@@ -699,6 +801,7 @@ def main() -> None:
             Path_("sandbox proxy, stdlib loop", aport, NAME),
             Path_("sandbox proxy+forwarder", fport, NAME),
             Path_("Python floor (uvloop)", floor_port, ADDR),
+            Path_("floor + policy & audit", floorp_port, NAME),
         ]
         if a.baseline_tree:
             modes.insert(4, Path_("sandbox proxy @ baseline", base_port, NAME))
