@@ -13,7 +13,8 @@ restorable byte for byte).
 
 Inside a session's sandbox: `/workspace` is the session's workspace (kept
 across runs, size-capped), `/mnt/skills/<name>/` its agent's skills
-(read-only; the SDK extracts them into a size- and inode-capped tmpfs).
+(read-only; the SDK extracts them into a size- and inode-capped tmpfs; on Kubernetes the worker
+copies them into the pod, read-only by mode only).
 """
 
 from __future__ import annotations
