@@ -121,6 +121,7 @@ class Outbox:
         # Results the control plane accepted, not yet marked in the file (see `delivered_later`).
         self._accepted: list[str] = []
         self._accepted_lock = threading.Lock()
+        self._nowait: sqlite3.Connection | None = None  # try_begin's connection (see there)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _when_unlocked(lambda: self._conn().executescript(_SCHEMA))
         try:
@@ -174,6 +175,10 @@ class Outbox:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        with self._write_lock:
+            if self._nowait is not None:
+                self._nowait.close()
+                self._nowait = None
 
     @staticmethod
     def _record(row: sqlite3.Row) -> CallRecord:
@@ -228,9 +233,39 @@ class Outbox:
                 c.execute("UPDATE calls SET replays=replays+1 WHERE tool_use_id=?", (tool_use_id,))
             return Begin(run=False, record=self._record(row))
 
+    def try_begin(self, tool_use_id: str, session_id: str, work_id: str | None, tool: str) -> Begin | None:
+        """`begin` for a caller that must not wait (the worker's event loop): claims a call never seen
+        before in one statement on a connection of its own that never waits for a lock (busy timeout 0)
+        and never checkpoints the file; None when it cannot say at once (another thread of this process
+        or another process is writing, or the call has a row already): ask `begin`, in a thread.
+
+        One INSERT is its own transaction, and SQLite takes the write lock before it reads: the check and
+        the claim are one atomic step for every connection to the file, as in `begin`."""
+        if self._sync.upper() in ("FULL", "EXTRA") or not self._write_lock.acquire(blocking=False):
+            return None  # a FULL commit fsyncs: never on the loop
+        try:
+            conn = self._nowait
+            if conn is None:
+                conn = sqlite3.connect(self.path, timeout=0.0, isolation_level=None, check_same_thread=False)
+                conn.execute(f"PRAGMA synchronous={self._sync}")
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints happen on the threads' connections
+                self._nowait = conn
+            claimed = conn.execute(
+                "INSERT INTO calls(tool_use_id, session_id, work_id, tool, state, owner, started_at)"
+                " VALUES(?, ?, ?, ?, 'running', ?, ?) ON CONFLICT(tool_use_id) DO NOTHING",
+                (tool_use_id, session_id, work_id, tool, self.owner, time.time()),
+            ).rowcount
+        except sqlite3.OperationalError:
+            return None  # locked or busy: nothing was written
+        finally:
+            self._write_lock.release()
+        return Begin(run=True) if claimed == 1 else None
+
     def finish(self, tool_use_id: str, content: Any, is_error: bool) -> None:
         """Store the result; called before the result is handed to the SDK to post."""
+        accepted = self._take_accepted()  # earlier results the control plane took (`try_begin` leaves them)
         with self._tx() as c:
+            self._mark_delivered(c, accepted)
             c.execute(
                 "UPDATE calls SET state='done', content=?, is_error=?, finished_at=? WHERE tool_use_id=? AND state='running'",
                 (json.dumps(content), int(is_error), time.time(), tool_use_id),
@@ -244,7 +279,7 @@ class Outbox:
     def delivered_later(self, tool_use_ids: list[str]) -> None:
         """Like `delivered`, without touching the file now (callable on an event loop: no I/O).
 
-        Applied in the next write transaction of this outbox (the next call's `begin`) and before
+        Applied in the next write transaction of this outbox (the next call's `begin` or `finish`) and before
         any read of pending results, so nothing reads a stale `done`. If the worker dies first, the
         results stay `done`: a replay posts the same result again, which the control plane answers
         with the first one (never a second run), or the sweeper finds it answered and drops it."""

@@ -16,6 +16,7 @@ never re-run; the result is stored before the SDK posts it.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import logging
@@ -36,7 +37,8 @@ from anthropic.types.beta import (
     BetaManagedAgentsAgentToolset20260401WriteInput,
 )
 
-from sandbox.runtime import Sandbox, SandboxError, ToolOpError
+from sandbox.channel import ChannelClosed
+from sandbox.runtime import HOST_GRACE_S, Sandbox, SandboxError, ToolOpError
 
 from .logs import log_event
 from .metrics import WorkerMetrics, tool_label
@@ -227,9 +229,15 @@ class SessionToolbox:
             return content, is_error, "error" if is_error else "ok"
         tid = call.tool_use_id
         sb = self.slot.ready_sandbox()
+        if sb is not None and hasattr(sb, "start_call") and not self.slot.abort.is_set():
+            # The common case without a thread: see `_call_on_loop`. None: the journal could not answer at once.
+            op_args, timeout = op_request(name, args)
+            fast = await self._call_on_loop(sb, name, raw, op_args, timeout, call, started, record_token)
+            if fast is not None:
+                return fast
         if sb is not None:
-            # The common case, in one trip to a thread: journal `running`, the op in the sandbox, journal the
-            # result, the trail record. (Four trips before: each a wake-up of the loop and a hand-over of the GIL.)
+            # In one trip to a thread: journal `running`, the op in the sandbox, journal the result, the trail
+            # record. (Four trips before: each a wake-up of the loop and a hand-over of the GIL.)
             op_args, timeout = op_request(name, args)
             claimed: list[bool] = []  # the thread appends once the journal gave this call to us to run
             try:
@@ -281,6 +289,94 @@ class SessionToolbox:
         # Stored before the SDK posts it: a crash after this line replays instead of re-running.
         await self._db(self.outbox.finish, tid, content, is_error)
         return content, is_error, "error" if is_error else "ok"
+
+    async def _call_on_loop(self, sb: Sandbox, name: str, raw: dict[str, Any], op_args: dict[str, Any],
+                            timeout: float, call: Any, started: float,
+                            record_token: list[bool]) -> tuple[Content, bool, str] | None:
+        """The call with no thread trip: the journal claims it here (`Outbox.try_begin`: one statement that
+        never waits for a lock), the op goes to the sandbox (`Sandbox.start_call`), and the channel's reader
+        thread stores the result in the journal and writes the trail record before it wakes this task: the
+        result is stored before the SDK can post it, as on the thread path. None (nothing claimed, nothing
+        sent) when the journal cannot answer at once: the caller takes the thread path.
+
+        Whoever takes `stored` first gives the call its result: the reader thread with the op's outcome,
+        or this task when the deadline passes (a timeout) or the call is given up (interrupted)."""
+        tid = call.tool_use_id
+        decision = self.outbox.try_begin(tid, self.slot.session_id, self.slot.work_id, name)
+        if decision is None:
+            return None
+        log_event(log, logging.INFO, "tool_exec", f"executing {name}", tool=name, tool_use_id=tid,
+                  session_id=self.slot.session_id, work_id=self.slot.work_id)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Content, bool, str, bool]] = loop.create_future()
+        stored = [True]
+
+        def settle(result: tuple[Content, bool, str, bool] | None, error: BaseException | None) -> None:
+            if not fut.done():
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)  # type: ignore[arg-type]
+
+        def give(content: Content, is_error: bool, lost: bool) -> None:
+            """Store the result, then the trail record, then wake the task (any thread)."""
+            try:
+                self.outbox.finish(tid, content, is_error)
+            except BaseException as e:  # noqa: BLE001 - raised in the task: not posted, the row stays running
+                loop.call_soon_threadsafe(settle, None, e)
+                return
+            outcome = "error" if is_error else "ok"
+            if _take(record_token):
+                self._record(name, raw, outcome, is_error, time.perf_counter() - started, call)
+            loop.call_soon_threadsafe(settle, (content, is_error, outcome, lost), None)
+
+        def on_done(value: Any, error: BaseException | None) -> None:  # the channel's reader thread
+            if error is None:
+                content, is_error = result_content(name, value)
+            elif isinstance(error, ToolOpError):
+                content, is_error = failure_text(name, str(error)), True
+            else:
+                log_event(log, logging.WARNING, "sandbox_failed", f"sandbox failed during {name}: {error}", tool=name,
+                          session_id=self.slot.session_id)
+                content, is_error = _stopped_text(name, error), True
+            if _take(stored):
+                give(content, is_error, isinstance(error, SandboxError))
+
+        try:
+            forget = sb.start_call(name, on_done, **op_args)
+        except (ChannelClosed, SandboxError) as e:  # the channel was gone before the op could be sent
+            forget = _nothing
+            if _take(stored):
+                await anyio.to_thread.run_sync(give, _stopped_text(name, e), True, True)
+        scope = anyio.CancelScope()
+        self.slot._scopes.add(scope)
+        try:
+            with scope, anyio.move_on_after(timeout + HOST_GRACE_S):
+                content, is_error, outcome, lost = await asyncio.shield(fut)
+                if lost:
+                    await anyio.to_thread.run_sync(sb.after_channel_loss)  # as Sandbox.call does
+                return content, is_error, outcome
+        except BaseException:
+            forget()
+            if _take(stored):  # given up before the result came: its effects are unknown
+                with anyio.CancelScope(shield=True):
+                    await self._db(self.outbox.abandon, tid)
+            raise
+        finally:
+            self.slot._scopes.discard(scope)
+        forget()
+        if _take(stored):
+            if scope.cancel_called:  # aborted (shutdown past the drain bound)
+                with anyio.CancelScope(shield=True):
+                    await self._db(self.outbox.abandon, tid)
+                return f"{name}: {SHUTDOWN_TEXT}", True, "interrupted"
+            # The deadline passed: answered as `Sandbox.call` would have (its own deadline).
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(give, _stopped_text(name, SandboxError(f"sandbox op {name} timed out")),
+                                               True, False)
+        with anyio.CancelScope(shield=True):  # the reader thread is storing the result: moments away
+            content, is_error, outcome, _lost = await asyncio.shield(fut)
+        return content, is_error, outcome
 
     def _journalled_call(self, sb: Sandbox, name: str, raw: dict[str, Any], op_args: dict[str, Any],
                          timeout: float, call: Any, started: float, record_token: list[bool],
@@ -348,6 +444,15 @@ class SessionToolbox:
 
 class _Aborted(Exception):
     pass
+
+
+def _nothing() -> None:
+    pass
+
+
+def _stopped_text(name: str, e: BaseException) -> str:
+    return (f"{name}: the sandbox stopped while running this call ({e}); the next call starts a new sandbox "
+            "and earlier files are gone")
 
 
 def _take(token: list[bool]) -> bool:

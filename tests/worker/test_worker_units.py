@@ -179,6 +179,32 @@ def test_outbox_marks_many_accepted_results_delivered_at_once(tmp_path: Path) ->
     assert not ob.begin(ids[0], "s1", "w2", "bash").run  # a tombstone: never run again
 
 
+def test_the_loops_journal_claim_never_waits_and_never_claims_twice(tmp_path: Path) -> None:
+    """`try_begin` runs on the worker's event loop: while another process holds the file's write lock it
+    answers None at once (the call then takes the thread path) and has written nothing."""
+    import sqlite3
+
+    path = tmp_path / "o.db"
+    ob = Outbox(path, owner="w:1:1", synchronous="NORMAL")
+    first = ob.try_begin("t1", "s1", "w1", "bash")
+    assert first is not None and first.run
+    assert ob.try_begin("t1", "s1", "w1", "bash") is None  # a row exists: the full `begin` decides
+    again = ob.begin("t1", "s1", "w1", "bash")
+    assert not again.run and again.wait  # running under this live owner: waited for, never re-run
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another worker process mid-transaction
+    try:
+        assert ob.try_begin("t2", "s1", "w1", "bash") is None
+        assert ob._nowait is not None and ob._nowait.execute("PRAGMA busy_timeout").fetchone()[0] == 0  # no wait
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert ob.get("t2") is None  # nothing claimed: the thread path claims it
+    assert ob.begin("t2", "s1", "w1", "bash").run
+    full = Outbox(tmp_path / "full.db", owner="w:1:1", synchronous="FULL")
+    assert full.try_begin("t1", "s1", "w1", "bash") is None  # a FULL commit fsyncs: never on the loop
+
+
 # ------------------------------------------------------------------ breaker / middleware
 
 def test_circuit_breaker_opens_fails_fast_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
