@@ -113,6 +113,7 @@ def install_trace() -> None:
     _wrap(SessionToolRunner, "_execute", "sdk.execute")
     _wrap(SessionToolbox, "call", "tool")
     _wrap(SessionToolbox, "_journalled_call", "thread")
+    _wrap(SessionToolbox, "_call_on_loop", "on_loop")
     _wrap(Sandbox, "call", "sandbox")
     _wrap(SessionToolRunner, "_send_result", "sdk.post")
     _wrap(Sessions, "append_client_events", "cp.result")
@@ -150,6 +151,11 @@ def install_start_trace() -> None:
     from sandbox.audit.trail import AuditTrail
     from sandbox.worker.outbox import Outbox
 
+    from sandbox.worker.store import SessionStore
+
+    _wrap(SessionStore, "try_lock_run", "store.lock")
+    _wrap(SessionStore, "skills_dir", "store.skills")
+    _wrap(Worker, "_acquire_sandbox", "acquire_task")
     _wrap(Outbox, "begin", "journal.begin")
     _wrap(Outbox, "finish", "journal.finish")
     _wrap(AuditTrail, "tool_call", "trail.tool_call")
