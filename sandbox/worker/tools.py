@@ -230,12 +230,13 @@ class SessionToolbox:
         tid = call.tool_use_id
         sb = self.slot.ready_sandbox()
         if sb is not None and hasattr(sb, "start_call") and not self.slot.abort.is_set():
-            # The common case without a thread: see `_call_on_loop`. None: the journal could not answer at once.
+            # The common case without a thread blocked on the sandbox: see `_call_on_loop`.
             op_args, timeout = op_request(name, args)
-            fast = await self._call_on_loop(sb, name, raw, op_args, timeout, call, started, record_token)
-            if fast is not None:
-                return fast
-        if sb is not None:
+            done = await self._call_on_loop(sb, name, raw, op_args, timeout, call, started, record_token)
+            if isinstance(done, tuple):
+                return done
+            decision = done  # not run here: answered from the journal, or someone else is running it
+        elif sb is not None:
             # In one trip to a thread: journal `running`, the op in the sandbox, journal the result, the trail
             # record. (Four trips before: each a wake-up of the loop and a hand-over of the GIL.)
             op_args, timeout = op_request(name, args)
@@ -292,19 +293,26 @@ class SessionToolbox:
 
     async def _call_on_loop(self, sb: Sandbox, name: str, raw: dict[str, Any], op_args: dict[str, Any],
                             timeout: float, call: Any, started: float,
-                            record_token: list[bool]) -> tuple[Content, bool, str] | None:
+                            record_token: list[bool]) -> tuple[Content, bool, str] | Begin:
         """The call with no thread trip: the journal claims it here (`Outbox.try_begin`: one statement that
         never waits for a lock), the op goes to the sandbox (`Sandbox.start_call`), and the channel's reader
         thread stores the result in the journal and writes the trail record before it wakes this task: the
-        result is stored before the SDK can post it, as on the thread path. None (nothing claimed, nothing
-        sent) when the journal cannot answer at once: the caller takes the thread path.
+        result is stored before the SDK can post it, as on the thread path. When the journal cannot answer
+        at once (another thread is writing it, or the call has a row), `begin` decides in a thread; its
+        decision is returned when the call is not to be run here.
 
         Whoever takes `stored` first gives the call its result: the reader thread with the op's outcome,
         or this task when the deadline passes (a timeout) or the call is given up (interrupted)."""
         tid = call.tool_use_id
         decision = self.outbox.try_begin(tid, self.slot.session_id, self.slot.work_id, name)
         if decision is None:
-            return None
+            decision = await self._db(self.outbox.begin, tid, self.slot.session_id, self.slot.work_id, name)
+        if not decision.run:
+            return decision
+        if self.slot.abort.is_set():  # shut down while the journal answered: claimed, never sent
+            with anyio.CancelScope(shield=True):
+                await self._db(self.outbox.abandon, tid)
+            return f"{name}: {SHUTDOWN_TEXT}", True, "interrupted"
         log_event(log, logging.INFO, "tool_exec", f"executing {name}", tool=name, tool_use_id=tid,
                   session_id=self.slot.session_id, work_id=self.slot.work_id)
         loop = asyncio.get_running_loop()
