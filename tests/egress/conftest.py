@@ -12,6 +12,7 @@ import pytest
 from sandbox.egress.acl import Decision
 from sandbox.egress.proxy import EgressProxy
 from tests.egress.egress_helpers import ALLOWED_ADDR, NAMES, OTHER_ADDR, THIRD_ADDR, Harness, Target
+from tests.egress.tls_helpers import up_ca, upstream  # noqa: F401  (fixtures, registered by import)
 
 
 @pytest.fixture

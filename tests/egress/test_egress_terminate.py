@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,13 @@ import pytest
 
 from sandbox.egress import credentials
 from sandbox.egress.rules import EgressPolicy
-from tests.egress.egress_helpers import ALLOWED_ADDR, Harness, Response, connect_tunnel, get, parse_response, recv_all, wait_until
+from tests.egress.egress_helpers import Harness, Response, connect_tunnel, get, parse_response, recv_all, wait_until
 from tests.egress.tls_helpers import TestCA, TlsTarget
 
 pytestmark = pytest.mark.timeout(30)
 
 SECRET = "ghp_TESTSECRET0123456789abcdefXYZ"
 ENV = {"EGRESS_TEST_TOKEN": SECRET}
-
-
-@pytest.fixture
-def up_ca() -> TestCA:
-    return TestCA()
-
-
-@pytest.fixture
-def upstream(up_ca: TestCA, tmp_path: Path) -> Iterator[TlsTarget]:
-    t = TlsTarget(ALLOWED_ADDR, up_ca, ["allowed.test"], tmp_path).start()
-    yield t
-    t.close()
 
 
 def policy(t: TlsTarget, ca_file: Path | None, **rule: Any) -> EgressPolicy:

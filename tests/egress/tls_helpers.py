@@ -8,13 +8,17 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.egress.egress_helpers import ALLOWED_ADDR
 
 
 class TestCA:
@@ -219,3 +223,17 @@ def split_records(record: bytes, size: int) -> bytes:
         frag = hs[i : i + size]
         out += b"\x16\x03\x01" + struct.pack(">H", len(frag)) + frag
     return out
+
+
+# Fixtures shared by the terminating-proxy tests (host and cluster): registered by the conftests that import them.
+@pytest.fixture
+def up_ca() -> TestCA:
+    return TestCA()
+
+
+@pytest.fixture
+def upstream(up_ca: TestCA, tmp_path: Path) -> Iterator[TlsTarget]:
+    t = TlsTarget(ALLOWED_ADDR, up_ca, ["allowed.test"], tmp_path).start()
+    yield t
+    t.close()
+

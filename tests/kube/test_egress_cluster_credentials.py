@@ -133,18 +133,6 @@ def pod(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyPod]:
     p.close()
 
 
-@pytest.fixture
-def up_ca() -> TestCA:
-    return TestCA()
-
-
-@pytest.fixture
-def upstream(up_ca: TestCA, tmp_path: Path) -> Iterator[TlsTarget]:
-    t = TlsTarget(ALLOWED_ADDR, up_ca, ["allowed.test"], tmp_path).start()
-    yield t
-    t.close()
-
-
 def policy(t: TlsTarget, ca_file: Path, source: dict[str, Any], credential: dict[str, Any] | None = None) -> EgressPolicy:
     rule: dict[str, Any] = {"host": "allowed.test", "ports": [t.port], "tls_ports": [t.port],
                             "upstream_ca": str(ca_file), "credential": credential or {"name": "gh"}}
