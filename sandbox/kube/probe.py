@@ -9,7 +9,10 @@ the worker container, and it asks ``http://127.0.0.1:PORT/healthz``.
   (draining after SIGTERM) are alive; restarting would only drop the sessions in flight. Fails
   when nothing answers in ``--timeout`` seconds (the process is gone or wedged) or the answer is
   not the worker's. The endpoint exists only once the worker has passed its start-up canaries,
-  so the Deployment gives ``live`` a generous ``startupProbe`` first.
+  so the Deployment gives ``live`` a generous ``startupProbe`` first. The health server answers
+  from its own thread, so ``live`` also fails when the worker's event loop has not run for
+  ``--max-loop-stall`` seconds (``loop_beat_age_s`` in the state): a loop stuck in a blocking call
+  serves nobody while its health server still answers.
 - ``ready``: the worker can take one more session now: status ``ok`` (HTTP 200). At its session
   limit, with the circuit to the control plane open, or draining, it is not ready. The worker
   pulls its work (no Service sends it any), so readiness steers rollouts and what
@@ -29,9 +32,11 @@ import urllib.request
 from typing import Any
 
 DEFAULT_PORT = 9464
+DEFAULT_MAX_LOOP_STALL_S = 60.0  # well past any pause a loaded host gives a live loop (it beats every second)
 
 
-def check(kind: str, port: int = DEFAULT_PORT, timeout: float = 3.0, host: str = "127.0.0.1") -> tuple[bool, str]:
+def check(kind: str, port: int = DEFAULT_PORT, timeout: float = 3.0, host: str = "127.0.0.1",
+          max_loop_stall: float = DEFAULT_MAX_LOOP_STALL_S) -> tuple[bool, str]:
     """(passed, why) for ``kind`` in ``live``/``ready``."""
     url = f"http://{host}:{port}/healthz"
     try:
@@ -50,6 +55,9 @@ def check(kind: str, port: int = DEFAULT_PORT, timeout: float = 3.0, host: str =
     status, reasons = str(state["status"]), ",".join(map(str, state.get("reasons") or []))
     summary = (f"status {status}" + (f" ({reasons})" if reasons else "")
                + f", sessions {state.get('sessions')}/{state.get('max_sessions')}")
+    stall = state.get("loop_beat_age_s")
+    if isinstance(stall, (int, float)) and not isinstance(stall, bool) and stall > max_loop_stall:
+        return False, f"stalled: the worker's event loop has not run for {stall:.0f}s; {summary}"
     if kind == "live":
         return True, f"alive: {summary}"
     return (code == 200 and status == "ok"), ("ready: " if code == 200 and status == "ok" else "not ready: ") + summary
@@ -60,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("kind", choices=["live", "ready"])
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help="the worker's --metrics-port")
     ap.add_argument("--timeout", type=float, default=3.0)
+    ap.add_argument("--max-loop-stall", type=float, default=DEFAULT_MAX_LOOP_STALL_S,
+                    help="seconds without an event-loop heartbeat after which the worker counts as stuck")
     args = ap.parse_args(argv)
-    ok, why = check(args.kind, args.port, args.timeout)
+    ok, why = check(args.kind, args.port, args.timeout, max_loop_stall=args.max_loop_stall)
     print(why)
     return 0 if ok else 1
 

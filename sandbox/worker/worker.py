@@ -69,6 +69,7 @@ from .tools import SessionSlot, SessionToolbox
 log = logging.getLogger("sandbox.worker")
 
 OWNER_KIND = "worker"
+LOOP_BEAT_S = 1.0  # the event loop stamps a heartbeat this often; /healthz reports its age (a probe's stall check)
 
 
 class WorkerError(Exception):
@@ -148,6 +149,7 @@ class Worker:
         self._sdk_kwargs: dict[str, Any] = {}
         self._health: HealthServer | None = None
         self._last_admission: str = ""
+        self._loop_beat: float | None = None  # monotonic time the event loop last ran `_beat`
         self._outbox_pending = 0
         self.fatal_error: str | None = None
         self.startup_error: BaseException | None = None  # why run() could not start serving
@@ -171,6 +173,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._housekeeping)
+                tg.start_soon(self._beat)
                 self.started.set()
                 log_event(log, logging.INFO, "worker_started", "worker started", worker_id=self.worker_id,
                           environment_id=self.config.environment_id, base_url=self.config.base_url,
@@ -207,6 +210,10 @@ class Worker:
             "outbox_pending": self._outbox_pending,
             "circuit_open": bool(breaker and breaker.open),
             "admission": self._last_admission or "ok",
+            # Seconds since the event loop last ran (the health server answers from its own thread, so a
+            # loop stuck in a blocking call would otherwise look alive): about LOOP_BEAT_S at most when well.
+            "loop_beat_age_s": (round(time.monotonic() - self._loop_beat, 2) if self._loop_beat is not None
+                                else None),
         }
 
     # ------------------------------------------------------------------ setup / teardown
@@ -838,6 +845,12 @@ class Worker:
                 await s.done.wait()
 
     # ------------------------------------------------------------------ background
+
+    async def _beat(self) -> None:
+        """Stamp the time the event loop last got to run (nothing else: a slow sweep must not look stuck)."""
+        while True:
+            self._loop_beat = time.monotonic()
+            await anyio.sleep(LOOP_BEAT_S)
 
     async def _housekeeping(self) -> None:
         last_stats = 0.0

@@ -248,6 +248,13 @@ def test_liveness_holds_at_the_session_limit_and_while_draining_readiness_does_n
     assert run("livenessProbe")[0] == 0 and run("readinessProbe")[0] == 1
     state.update(status="degraded", reasons=["circuit_open"], sessions=0)
     assert run("startupProbe")[0] == 0 and run("readinessProbe")[0] == 1
+    # the event loop stuck while the health thread answers: neither alive nor ready past the threshold
+    state.update(status="ok", reasons=[], loop_beat_age_s=600.0)
+    for name in ("livenessProbe", "readinessProbe"):
+        code, out = run(name)
+        assert code == 1 and out.startswith("stalled: the worker's event loop has not run for 600s"), (name, out)
+    state.update(loop_beat_age_s=0.4)
+    assert run("livenessProbe")[0] == 0 and run("readinessProbe")[0] == 0
     srv.stop()  # the worker is gone (or its health server is)
     for name in ("startupProbe", "livenessProbe", "readinessProbe"):
         code, out = run(name)
