@@ -117,12 +117,48 @@ def role_proxy(port_file: Path, sock_dir: Path, target_port: int, audit: Path, l
     evloop.run(main(), loop)  # what the daemon runs on (uvloop), or the stdlib loop to compare
 
 
+class _HeadThenRelay(asyncio.Protocol):
+    """The client side of the bench's floor proxies: buffer the request head, hand it to `admit`
+    (which connects upstream and sets `up`), then relay."""
+
+    up: Any = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
+        self.t, self.buf = transport, b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None:
+            self.up.write(data)
+            return
+        self.buf += data
+        i = self.buf.find(b"\r\n\r\n")
+        if i >= 0:
+            self.admit(self.buf[: i + 4], self.buf[i + 4:])
+
+    def admit(self, head: bytes, rest: bytes) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.up is not None:
+            self.up.close()
+
+
+def _serve_on_uvloop(factory: Callable[[], asyncio.Protocol], port_file: Path) -> None:
+    import uvloop
+
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(factory, ADDR, 0, backlog=512)
+        port_file.write_text(str(srv.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 def role_floor(port_file: Path, target_port: int) -> None:
     """The floor of a Python proxy on this machine: uvloop with Protocols (callbacks, no
     coroutines), one request per connection, no policy, no name resolution, no audit, no
     timeouts or budgets. Whatever our proxy costs beyond this row is its own work; this row
     beyond tinyproxy is what CPython and an event loop cost per request."""
-    import uvloop
 
     class Up(asyncio.Protocol):
         def __init__(self, down: Any, first: bytes) -> None:
@@ -143,35 +179,16 @@ def role_floor(port_file: Path, target_port: int) -> None:
             self.down.close()
             return False
 
-    class Down(asyncio.Protocol):
-        up: Any = None
-
-        def connection_made(self, transport: Any) -> None:
-            self.t, self.buf = transport, b""
-
-        def data_received(self, data: bytes) -> None:
-            if self.up is not None:
-                self.up.write(data)
-                return
-            self.buf += data
-            if b"\r\n\r\n" not in self.buf:
-                return
-            line, _, rest = self.buf.partition(b"\r\n")
+    class Down(_HeadThenRelay):
+        def admit(self, head: bytes, rest: bytes) -> None:
+            line, _, tail = head.partition(b"\r\n")
             method, target, version = line.split(b" ")
-            first = b"" if method == b"CONNECT" else b"%s /%s %s\r\n%s" % (method, target.split(b"/", 3)[3], version, rest)
+            first = (b"" if method == b"CONNECT"
+                     else b"%s /%s %s\r\n%s" % (method, target.split(b"/", 3)[3], version, tail + rest))
             loop = asyncio.get_running_loop()
             loop.create_task(loop.create_connection(lambda: Up(self.t, first), ADDR, target_port))
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.up is not None:
-                self.up.close()
-
-    async def main() -> None:
-        srv = await asyncio.get_running_loop().create_server(Down, ADDR, 0, backlog=512)
-        port_file.write_text(str(srv.sockets[0].getsockname()[1]))
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
+    _serve_on_uvloop(Down, port_file)
 
 
 def role_floor_policy(port_file: Path, target_port: int, audit: Path) -> None:
@@ -181,8 +198,6 @@ def role_floor_policy(port_file: Path, target_port: int, audit: Path) -> None:
     audit record written before the client sees EOF. Still no timeouts, no budget, no DNS
     slots, no TLS checks. If this row is not ahead of tinyproxy, moving the proxy's plumbing
     to Protocols cannot make the proxy ahead either: it is the bound of that rewrite."""
-    import uvloop
-
     from sandbox.egress import acl, http1
     from sandbox.egress.audit import AuditLog, AuditRecord
     from sandbox.egress.rules import EgressPolicy
@@ -225,21 +240,8 @@ def role_floor_policy(port_file: Path, target_port: int, audit: Path) -> None:
             self.down.close()
             return False
 
-    class Down(asyncio.Protocol):
-        up: Any = None
-
-        def connection_made(self, transport: Any) -> None:
-            self.t, self.buf = transport, b""
-
-        def data_received(self, data: bytes) -> None:
-            if self.up is not None:
-                self.up.write(data)
-                return
-            self.buf += data
-            i = self.buf.find(b"\r\n\r\n")
-            if i < 0:
-                return
-            head, rest = self.buf[: i + 4], self.buf[i + 4:]
+    class Down(_HeadThenRelay):
+        def admit(self, head: bytes, rest: bytes) -> None:
             req = http1.parse_head(head)
             rec = AuditRecord(session="bench", method=req.method)
             if req.method == "CONNECT":
@@ -256,16 +258,7 @@ def role_floor_policy(port_file: Path, target_port: int, audit: Path) -> None:
             loop = asyncio.get_running_loop()
             loop.create_task(loop.create_connection(lambda: Up(self.t, first, rec), d.addr, port))
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.up is not None:
-                self.up.close()
-
-    async def main() -> None:
-        srv = await asyncio.get_running_loop().create_server(Down, ADDR, 0, backlog=512)
-        port_file.write_text(str(srv.sockets[0].getsockname()[1]))
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
+    _serve_on_uvloop(Down, port_file)
 
 
 def role_relay(port_file: Path, target_port: int) -> None:
