@@ -7,7 +7,9 @@ own workspace, bind-mounted):
 
     <store>/
       owners/<owner>.lock          held (flock) by each live worker: "is that worker alive?"
-      journal.db                   calls started / finished, shared by every worker (see journal.py)
+      journal.kind                 which form the journal takes: "sqlite" or "files" (see journal.py)
+      journal.db                   calls started / finished, shared by every worker (outbox.py), or
+      journal/                     the same as plain files, for a store on a network filesystem (journal_files.py)
       audit/<session>.jsonl        the session's audit trail, all runs (kept after the session is removed)
       workspaces/<ws>.img          a sparse ext4 image per workspace, size-capped: ENOSPC inside, host untouched
       workspaces/<ws>/             its loop mount (nosuid, nodev), bind-mounted as the sandbox's workspace
@@ -24,9 +26,10 @@ session it serves adopts that workspace.
 A session's store entry is removed when the session ends (terminated, archived
 or deleted, as the API reports) or when nothing happened in it for the
 retention period (default 24 h). Workers sharing the store may be several
-processes on one host, or hosts sharing the path (flock works across NFSv4
-through the kernel's lock emulation); SQLite's own locking protects the journal
-on a local filesystem.
+processes on one host, or hosts (pods) sharing the path on a network filesystem
+(flock works across NFSv4 through the kernel's lock emulation). SQLite's own
+locking protects the journal on a local filesystem; on a network filesystem the
+journal is plain files whose every race is one atomic link(2) (journal.py).
 
 On a cluster (``host_workspaces=False``, the Kubernetes backend) a sandbox cannot mount a host
 path: the workspace is the pod's own size-limited volume for the sandbox's life, and between
@@ -181,7 +184,16 @@ class SessionStore:
         return self.root / "workspaces" / safe_id(ws)
 
     def journal_path(self) -> Path:
+        """The SQLite journal (a store on a local filesystem; see journal.py)."""
         return self.root / "journal.db"
+
+    def journal_dir(self) -> Path:
+        """The journal as plain files (a store on a network filesystem; see journal_files.py)."""
+        return self.root / "journal"
+
+    def journal_kind_path(self) -> Path:
+        """Which of the two this store uses, decided by its first worker (journal.py)."""
+        return self.root / "journal.kind"
 
     # ------------------------------------------------------------------ metadata
 
