@@ -59,7 +59,7 @@ from .credentials import EnvironmentKey
 from .logs import log_event
 from .metrics import HealthServer, WorkerMetrics
 from .middleware import CircuitBreaker, WorkerMiddleware
-from .outbox import Outbox
+from .journal import Journal, open_journal
 from .pool import (SessionSandboxes, WarmPool, admission_for, count_egress_denials, open_runtime,
                    startup_canaries, uses_host_workspaces)
 from .store import DEFAULT_RETENTION_S, RunLock, SessionStore, StoreError
@@ -93,6 +93,7 @@ class WorkerConfig:
     worker_id: str | None = None
     admission: Admission | None = None  # tests inject one with a fake probe
     outbox_sync: str = "NORMAL"
+    journal: str = "auto"  # the call journal's form: sqlite, files (a store on a network filesystem), auto
     selftest: bool = True  # attack canaries in a sandbox of the policy before serving (fail closed)
     store_dir: Path | None = None  # the session store, shared by workers; default <state_dir>/sessions
     retention_s: float = DEFAULT_RETENTION_S  # a session's workspace is kept this long after its last activity
@@ -141,7 +142,7 @@ class Worker:
         self.policy: Policy | None = None
         self.pool: WarmPool | None = None
         self.sandboxes: SessionSandboxes | None = None
-        self.outbox: Outbox | None = None
+        self.outbox: Journal | None = None
         self.store: SessionStore | None = None
         self.middleware: WorkerMiddleware | None = None
         self.client: AsyncAnthropic | None = None
@@ -235,7 +236,11 @@ class Worker:
             store.self_check()  # size-capped workspaces need loop mounts (root, e2fsprogs): fail closed
         except (StoreError, OSError) as e:
             raise WorkerError(f"the session store at {store.root} cannot make size-capped workspaces: {e}") from None
-        self.outbox = Outbox(store.journal_path(), owner=owner, synchronous=cfg.outbox_sync, alive=store.owner_alive)
+        try:  # SQLite on a local filesystem, plain files on a shared network one (journal.py)
+            self.outbox = open_journal(store, owner, requested=cfg.journal, synchronous=cfg.outbox_sync,
+                                       alive=store.owner_alive)
+        except (StoreError, OSError) as e:
+            raise WorkerError(f"the session store at {store.root} has no usable call journal: {e}") from None
         recovered = self.outbox.recover()
         if recovered:
             log_event(log, logging.WARNING, "outbox_recovered",
