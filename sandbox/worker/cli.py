@@ -66,6 +66,11 @@ def default_session_store() -> Path:
               help="Where sessions' workspaces, the call journal and audit trails live. Every worker of one "
                    "environment must be given the same path (workers with their own state dirs too): a session's "
                    "next run may land on any of them. Default: <sandbox state dir>/sessions.")
+@click.option("--journal", type=click.Choice(["auto", "sqlite", "files"]), default="auto", show_default=True,
+              help="The call journal's form in the session store: sqlite (workers of one host), files (a store on a "
+                   "network filesystem shared by several hosts or pods: NFS, CephFS, a ReadWriteMany volume), or "
+                   "auto (by the store's filesystem). The store keeps its first worker's choice; a worker asked for "
+                   "the other one does not start.")
 @click.option("--retention", type=click.FloatRange(min=60), default=24 * 3600.0, show_default=True,
               help="Seconds a session's workspace is kept after its last activity.")
 @click.option("--keep-idle", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -79,7 +84,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
                control_plane_state_dir: Path | None, ca_file: Path | None, profile: str, max_sessions: int, warm: int,
                metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
                drain_timeout: float, session_store: Path | None, retention: float, keep_idle: float,
-               log_format: str, verbose: bool, backend: str | None = None) -> None:
+               log_format: str, verbose: bool, backend: str | None = None, journal: str = "auto") -> None:
     """Claim work from a control plane and run each session's tool calls in its own sandbox."""
     from .credentials import CredentialError, check_no_org_key, load_environment_key, scrub_environment
     from .logs import setup_logging
@@ -118,6 +123,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
         lease_ttl=lease_ttl, drain_timeout=drain_timeout, store_dir=session_store or default_session_store(),
         retention_s=retention, keep_idle=keep_idle, endpoint_dir=endpoint_dir, ca_file=ca_file,
     )
+    config.journal = journal
     try:  # (CLUSTER) the backend setting, checked before anything starts
         from sandbox.backend import backend_name
 
