@@ -80,11 +80,16 @@ def default_session_store() -> Path:
 @click.option("--backend", type=click.Choice(["docker", "kubernetes"]), default=None,  # (CLUSTER)
               help="Where sandboxes run: this host's Docker engine, or a cluster's agent-sandbox warm pools "
                    "(configuration: $SANDBOX_KUBE_CONFIG). Default: $SANDBOX_BACKEND, else docker.")
+@click.option("--archive-interval", type=click.FloatRange(min=0), default=60.0, show_default=True,  # (CKPT)
+              help="Cluster backend: during a run, a session's sandbox archives its workspace into the session "
+                   "store at most this often (seconds, after a tool call), so a pod that dies loses only what "
+                   "changed since. 0: only when the run ends.")
 def worker_cmd(base_url: str | None, environment_id: str | None, environment_key_file: Path | None,
                control_plane_state_dir: Path | None, ca_file: Path | None, profile: str, max_sessions: int, warm: int,
                metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
                drain_timeout: float, session_store: Path | None, retention: float, keep_idle: float,
-               log_format: str, verbose: bool, backend: str | None = None, journal: str = "auto") -> None:
+               log_format: str, verbose: bool, backend: str | None = None, journal: str = "auto",
+               archive_interval: float = 60.0) -> None:
     """Claim work from a control plane and run each session's tool calls in its own sandbox."""
     from .credentials import CredentialError, check_no_org_key, load_environment_key, scrub_environment
     from .logs import setup_logging
@@ -124,6 +129,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
         retention_s=retention, keep_idle=keep_idle, endpoint_dir=endpoint_dir, ca_file=ca_file,
     )
     config.journal = journal
+    config.archive_interval = archive_interval  # (CKPT)
     try:  # (CLUSTER) the backend setting, checked before anything starts
         from sandbox.backend import backend_name
 

@@ -48,6 +48,10 @@ class WorkerMetrics:
         self.admission_deferred = Counter(p + "admission_deferred", "Polls deferred for lack of headroom",
                                           ["resource"], registry=r)
         self.handed_back = Counter(p + "work_handed_back", "Work items handed back on shutdown", registry=r)
+        self.workspace_archives = Counter(p + "workspace_archives",
+                                          "Periodic workspace archives of cluster sandboxes during runs "
+                                          "(not_taken: failed, one in flight, or the sandbox was gone)",
+                                          ["outcome"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,6 +64,9 @@ class Assignment:
     parked_at: float = 0.0
     egress_denials_seen: int = 0
     assigned_at: float = field(default_factory=time.monotonic)
+    # Held while this sandbox writes its workspace archive (a cluster): one archive at a time per sandbox,
+    # and the last one (at its stop) waits for a periodic one in flight instead of being overwritten by it.
+    save_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class WarmPool:
@@ -424,8 +427,15 @@ class SessionSandboxes:
                 log_event(log, logging.INFO, "sandbox_parked",
                           f"keeping the sandbox for {grace:.0f}s in case the session comes back",
                           session_id=session_id, container=a.sandbox.id[:12])
-                return True
-            self._by_session.pop(session_id, None)
+                parked = True
+            else:
+                parked = False
+                self._by_session.pop(session_id, None)
+        if parked:
+            # A cluster: the run's last changes into the archive now, not only when the parked pod stops
+            # (a pod that dies while parked then loses nothing of the run).
+            self._save(a, final=False)
+            return True
         died = None if a.sandbox.alive else (a.sandbox.channel.close_reason or "gone")
         self._stop(a)
         log_event(log, logging.INFO if died is None else logging.WARNING, "sandbox_destroyed",
@@ -488,15 +498,53 @@ class SessionSandboxes:
     def _stop(self, a: Assignment) -> None:
         """Destroy the session's sandbox; on a cluster, first have it save its workspace in the store
         (a sandbox that already died keeps the archive its previous sandbox left)."""
-        if not self.store.host_workspaces and a.workspace is not None and a.sandbox.alive:
-            try:
-                size = save_workspace(a.sandbox, self.store, a.workspace, self.policy)
-                log_event(log, logging.INFO, "workspace_saved", "the session's workspace is kept for its next sandbox",
-                          session_id=a.session_id, workspace=a.workspace, bytes=size)
-            except Exception as e:  # noqa: BLE001 - said loudly; the previous archive stays
-                log_event(log, logging.ERROR, "workspace_save_failed", f"{e}", session_id=a.session_id,
-                          workspace=a.workspace)
+        self._save(a, final=True)
         a.sandbox.destroy()
+
+    def _save(self, a: Assignment, *, final: bool) -> int | None:
+        """A cluster sandbox writes its workspace into the store's archive (blocking; waits for an
+        archive of this sandbox in flight, so the newer one is the one kept). None: nothing to save
+        (Docker, a dead sandbox) or it failed (said; the previous archive stays)."""
+        if self.store.host_workspaces or a.workspace is None or not a.sandbox.alive:
+            return None
+        with a.save_lock:
+            return self._save_locked(a, "workspace_saved" if final else "workspace_archived")
+
+    def _save_locked(self, a: Assignment, event: str) -> int | None:
+        if not a.sandbox.alive or a.workspace is None:
+            return None
+        started = time.perf_counter()
+        try:
+            size = save_workspace(a.sandbox, self.store, a.workspace, self.policy)
+        except Exception as e:  # noqa: BLE001 - said loudly; the previous archive stays
+            log_event(log, logging.ERROR, "workspace_save_failed", f"{e}", session_id=a.session_id,
+                      workspace=a.workspace, periodic=event == "workspace_archived")
+            return None
+        log_event(log, logging.INFO, event, "the session's workspace is kept for its next sandbox",
+                  session_id=a.session_id, workspace=a.workspace, bytes=size,
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        return size
+
+    def archive(self, session_id: str) -> int | None:
+        """Periodic archive during a run (a cluster; blocking, call it from a thread): the session's live
+        sandbox writes its workspace now, and the store's archive is replaced once it is complete, so a
+        pod that dies loses only what changed since. At most one archive per sandbox at a time: None at
+        once if one is in flight (or nothing to archive, or it failed: said in the log)."""
+        if self.store.host_workspaces:
+            return None
+        with self._lock:
+            a = self._by_session.get(session_id)
+        if a is None or a.workspace is None or not a.sandbox.alive:
+            return None
+        if not a.save_lock.acquire(blocking=False):
+            return None
+        try:
+            with self._lock:  # released meanwhile (its stop saves it): nothing to do here
+                if self._by_session.get(session_id) is not a:
+                    return None
+            return self._save_locked(a, "workspace_archived")
+        finally:
+            a.save_lock.release()
 
 
 def uses_host_workspaces(runtime: Any = None, backend: str | None = None) -> bool:

@@ -69,6 +69,7 @@ from .tools import SessionSlot, SessionToolbox
 log = logging.getLogger("sandbox.worker")
 
 OWNER_KIND = "worker"
+ARCHIVE_CONCURRENCY = 2  # (CKPT) periodic workspace archives running at once, worker-wide
 LOOP_BEAT_S = 1.0  # the event loop stamps a heartbeat this often; /healthz reports its age (a probe's stall check)
 
 
@@ -108,6 +109,7 @@ class WorkerConfig:
     skills_inodes: int = 4096  # ... with at most this many files and directories
     checkpoints: int = 5  # checkpoints kept per session when a run goes idle (0: none)
     checkpoint_bytes: int = 1 << 30  # distinct bytes of checkpoint data per session
+    archive_interval: float = 60.0  # (CKPT) cluster: a live sandbox's workspace archived this often during a run (0: off)
     extra: dict[str, Any] = field(default_factory=dict)
     # Where sandboxes come from: docker | kubernetes (None: $SANDBOX_BACKEND, else docker); see pool.open_runtime.
     backend: str | None = None
@@ -175,6 +177,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._housekeeping)
                 tg.start_soon(self._beat)
+                tg.start_soon(self._archive_loop)  # (CKPT) periodic workspace archives of cluster sandboxes
                 self.started.set()
                 log_event(log, logging.INFO, "worker_started", "worker started", worker_id=self.worker_id,
                           environment_id=self.config.environment_id, base_url=self.config.base_url,
@@ -665,6 +668,52 @@ class Worker:
         if slot.trail is not None:
             slot.trail.lifecycle("checkpoint", checkpoint=info.id, digest=info.digest, files=info.files,
                                  bytes_total=info.bytes_total, bytes_new=info.bytes_new, calls=calls)
+
+    # ---------------------------------------------- (CKPT) periodic workspace archives of cluster sandboxes
+
+    async def _archive_loop(self) -> None:
+        """A cluster sandbox's workspace lives in its pod: if the pod dies, what changed since its last
+        archive is lost. During a run, once a tool call has finished and `archive_interval` seconds have
+        passed since the session's last archive began, the sandbox writes its archive again
+        (SessionSandboxes.archive, in a thread; at most one per session and ARCHIVE_CONCURRENCY for the
+        worker at once). Preferably between calls: with calls always in flight, after twice the interval.
+        A dying pod loses at most the interval, plus one archive's time, plus a tick."""
+        if self.store is None or self.store.host_workspaces:
+            return
+        limiter = anyio.CapacityLimiter(ARCHIVE_CONCURRENCY)
+        last: dict[str, tuple[int, float]] = {}  # session -> (calls when its last archive began, when)
+        running: set[str] = set()
+
+        async def archive(session_id: str) -> None:
+            assert self.sandboxes is not None
+            try:
+                size = await anyio.to_thread.run_sync(self.sandboxes.archive, session_id, limiter=limiter)
+                self.metrics.workspace_archives.labels(outcome="ok" if size is not None else "not_taken").inc()
+            except Exception as e:  # noqa: BLE001 - never takes the worker down; the previous archive stays
+                self.metrics.workspace_archives.labels(outcome="not_taken").inc()
+                log.warning("workspace archive failed: %s", _describe(e))
+            finally:
+                running.discard(session_id)
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                interval = self.config.archive_interval
+                await anyio.sleep(min(1.0, interval / 2) if interval > 0 else 1.0)
+                if interval <= 0 or self.sandboxes is None:
+                    continue
+                now = time.monotonic()
+                for sid in [s for s in last if s not in self._serving]:
+                    del last[sid]
+                for sid, serving in list(self._serving.items()):
+                    slot = serving.slot
+                    calls, began = last.setdefault(sid, (0, now))
+                    waited = now - began
+                    if (sid in running or slot.calls <= calls or waited < interval
+                            or (slot.in_flight and waited < 2 * interval) or slot.ready_sandbox() is None):
+                        continue
+                    last[sid] = (slot.calls, now)
+                    running.add(sid)
+                    tg.start_soon(archive, sid)
 
     def _open_trail(self, session_id: str, work_id: str) -> AuditTrail | None:
         assert self.store is not None and self.policy is not None

@@ -316,3 +316,51 @@ def test_the_pod_probes_see_a_cluster_worker_ready_until_its_session_limit_and_a
     assert check("live", port)[0]
     admin.terminate(sid)
     wait_for(lambda: check("ready", port)[0], timeout=60, what="the slot to come free")
+
+
+def test_a_pod_that_dies_mid_run_comes_back_with_the_files_of_its_last_periodic_archive(
+        cp: ControlPlane, admin: LocalAdmin, cluster: FakeCluster, kube_worker: Callable[..., Worker],
+        worker_logs: LogCapture, tmp_path: Path) -> None:
+    """A cluster sandbox's workspace lives in its pod. During a run the sandbox archives it every
+    `archive_interval` seconds after a tool call (only then: nothing changed otherwise), so a pod
+    that dies mid-run loses only what changed since that archive, not the whole run."""
+    worker = kube_worker(archive_interval=0.5)
+    sid = admin.create_session(cp.environment_id)
+    assert call(admin, sid, "write", {"file_path": "before.txt", "content": "kept\n"}, timeout=60)[0] is False
+    wait_for(lambda: worker_logs.events("workspace_archived"), timeout=30, what="a periodic archive")
+    (archived,) = worker_logs.events("workspace_archived")
+    store = SessionStore(tmp_path / "sessions", host_workspaces=False)
+    meta = store.meta(sid)
+    assert meta is not None and archived["workspace"] == meta.workspace and archived["bytes"] > 0
+    assert store.workspace_archive(meta.workspace).stat().st_mode & 0o777 == 0o600
+    assert not list((tmp_path / "sessions" / "workspaces").glob(".*.tmp")), "no partial archive left behind"
+    # No more archives from here (the interval is read at each tick): what follows is written after the last one.
+    worker.config.archive_interval = 0
+    assert call(admin, sid, "write", {"file_path": "after.txt", "content": "lost\n"})[0] is False
+    ((first_claim, first_pod),) = [(n, c["_pod"]) for n, c in cluster.claims.items()]
+    cluster._kill_execs(first_pod)  # the pod dies (OOM, its node going away)
+    wait_for(lambda: first_claim in cluster.deleted_by_client, timeout=30, what="the dead pod's claim deleted")
+    err, text, _ = call(admin, sid, "bash", {"command": "pwd; ls"}, timeout=90)
+    assert not err and first_pod not in text.splitlines()[0], text
+    assert text.splitlines()[1:] == ["before.txt"], text  # the periodic archive's files; after.txt went with the pod
+    assert len(worker_logs.events("workspace_archived")) == 1 and not worker_logs.events("workspace_save_failed")
+    assert worker.metrics.workspace_archives.labels(outcome="ok")._value.get() == 1
+    admin.terminate(sid)
+    wait_for(lambda: not cluster.claims, timeout=60, what="the claim's deletion")
+
+
+def test_without_periodic_archives_a_pod_that_dies_mid_run_loses_the_run(
+        cp: ControlPlane, admin: LocalAdmin, cluster: FakeCluster, kube_worker: Callable[..., Worker],
+        worker_logs: LogCapture) -> None:
+    """The setting is honoured: 0 turns periodic archives off (the workspace is archived only at the run's end)."""
+    kube_worker(archive_interval=0)
+    sid = admin.create_session(cp.environment_id)
+    assert call(admin, sid, "write", {"file_path": "before.txt", "content": "x\n"}, timeout=60)[0] is False
+    ((first_claim, first_pod),) = [(n, c["_pod"]) for n, c in cluster.claims.items()]
+    cluster._kill_execs(first_pod)
+    wait_for(lambda: first_claim in cluster.deleted_by_client, timeout=30, what="the dead pod's claim deleted")
+    err, text, _ = call(admin, sid, "bash", {"command": "ls | wc -l"}, timeout=90)
+    assert (err, text) == (False, "0"), text
+    assert not worker_logs.events("workspace_archived")
+    admin.terminate(sid)
+    wait_for(lambda: not cluster.claims, timeout=60, what="the claim's deletion")
