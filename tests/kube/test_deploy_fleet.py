@@ -38,7 +38,19 @@ def test_several_workers_share_one_readwritemany_store_with_the_file_journal():
     assert not mount["mountPath"].startswith(state.rstrip("/") + "/") and mount["mountPath"] != state
 
 
-def test_no_sandbox_namespace_object_mounts_the_session_store():
-    for d in _docs():
-        if d["metadata"].get("namespace") == "sandboxes":
-            assert "sandbox-sessions" not in yaml.safe_dump(d), d["kind"]
+def test_no_sandbox_pod_can_mount_the_session_store(tmp_path):
+    """The compiled sandbox template (the shipped worker profile and configuration) has memory volumes
+    only: no claim, no host path, nothing that could reach the workers' shared store."""
+    from sandbox.kube import compiler as kc
+    from sandbox.kube.config import config_from_dict
+    from sandbox.policy import load_policy
+
+    data = next(d for d in _docs() if d["kind"] == "ConfigMap" and "kube.yaml" in d.get("data", {}))["data"]
+    cfg = config_from_dict(yaml.safe_load(data["kube.yaml"]))
+    prof = tmp_path / "worker-gvisor.yaml"
+    prof.write_text(data["worker-gvisor.yaml"])
+    for d in kc.compile_manifests(load_policy(str(prof)), cfg):
+        assert "sandbox-sessions" not in yaml.safe_dump(d), d["kind"]
+        if d["kind"] == "SandboxTemplate":
+            vols = d["spec"]["podTemplate"]["spec"]["volumes"]
+            assert vols and all(set(v) == {"name", "emptyDir"} for v in vols), vols
