@@ -59,7 +59,8 @@ def _host_env(state_dir: Path) -> dict[str, str]:
 def fleet_worker(fleet_cp: ControlPlane, tmp_path: Path,
                  docker_client: Any) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
     """`sandbox worker` as a process on "host" NAME: its own SANDBOX_STATE_DIR (<tmp>/host-NAME), the shared
-    session store (<tmp>/shared-sessions), the control plane's CA; log in <tmp>/NAME.log."""
+    session store (<tmp>/shared-sessions) with the journal two hosts share it by (plain files, as on a network
+    filesystem: SQLite is never opened), the control plane's CA; log in <tmp>/NAME.log."""
     procs: list[subprocess.Popen[bytes]] = []
     key_file = _key_file(tmp_path, fleet_cp)
 
@@ -68,7 +69,7 @@ def fleet_worker(fleet_cp: ControlPlane, tmp_path: Path,
         p = subprocess.Popen(
             _worker_argv(fleet_cp, key_file, "--ca-file", str(fleet_cp.ca_file),
                          "--session-store", str(tmp_path / "shared-sessions"), "--max-sessions", "2",
-                         "--lease-ttl", "10", "--max-idle", "1"),
+                         "--lease-ttl", "10", "--max-idle", "1", "--journal", "files"),
             stdout=log, stderr=subprocess.STDOUT, env=_host_env(tmp_path / f"host-{name}"), start_new_session=True)
         procs.append(p)
         return p
@@ -181,7 +182,8 @@ def test_two_workers_on_two_state_dirs_share_one_queue_over_tls_and_answer_every
     for name in procs:
         assert (tmp_path / f"host-{name}" / "worker" / "worker.lock").exists()
         assert not (tmp_path / f"host-{name}" / "sessions").exists()
-    assert shared.journal_path().exists()
+    assert shared.journal_kind_path().read_text().strip() == "files" and not shared.journal_path().exists()
+    assert not list((shared.journal_dir() / "running").iterdir())  # no call left claimed and unanswered
     logs = "".join((tmp_path / f"{n}.log").read_text(errors="replace") for n in procs)
     assert cp.environment_key not in logs and "sk-ant-req-" not in logs
 
