@@ -53,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import os
 import errno
 import hashlib
@@ -61,6 +62,7 @@ import ipaddress
 import json
 import logging
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -69,7 +71,8 @@ import time
 from collections import deque
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
@@ -77,7 +80,7 @@ from urllib.parse import parse_qs, quote, urlparse
 from sandbox.egress import credentials
 from sandbox.egress.audit import AuditRecord, SessionAuditLogs, read_records, session_file
 from sandbox.egress.credentials import CredentialError, SessionMaterial
-from sandbox.egress.mitm import host_roots
+from sandbox.egress.mitm import SessionCA, SessionCAError, host_roots
 from sandbox.egress.proxy import EgressProxy, _Conn
 from sandbox.egress.rules import CredentialSource, EgressPolicy
 
@@ -98,6 +101,22 @@ MIRROR_POLL_S = 0.5
 
 class ClusterEgressError(RuntimeError):
     """A registration the proxy refused, or an admin endpoint that cannot be reached. Never carries the token."""
+
+
+class ClusterEgressRefused(ClusterEgressError):
+    """A replica answered and refused (4xx): the request itself is wrong there, trying again will not help."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Superseded(ValueError):
+    """The pod address is registered to a session registered later: this (older) one is not put back on it."""
+
+
+class ProxyDraining(RuntimeError):
+    """This replica is shutting down and takes no new registration (503: the worker tries the others)."""
 
 
 def pod_address(value: str) -> str:
@@ -139,6 +158,7 @@ class ClusterEgressProxy(EgressProxy):
         self._by_addr: dict[str, str] = {}      # pod address -> session id
         self._addr_of: dict[str, str] = {}      # session id -> pod address
         self._expires: dict[str, float] = {}    # session id -> monotonic expiry
+        self._since: dict[str, float] = {}      # session id -> when the worker first registered it (wall clock)
         self._listeners: list[socket.socket] = []
         self._expiry_task: asyncio.Task[None] | None = None
         self.unregistered = 0                   # connections refused for want of a registration
@@ -146,6 +166,11 @@ class ClusterEgressProxy(EgressProxy):
         # Each session's decisions, numbered, for the worker that follows them into the session's trail.
         self._stream: dict[str, deque[tuple[int, str]]] = {}
         self._seq: dict[str, int] = {}
+        # Each stream's random name: a worker that sees another name (this replica restarted, or
+        # forgot the session and got it again) numbers from the start of the new stream.
+        self._stream_id: dict[str, str] = {}
+        self._fetched: dict[str, int] = {}      # session id -> the highest number a worker has fetched
+        self.draining = False                   # SIGTERM: no new registration, the last decisions wait
 
     def _emit(self, rec: AuditRecord) -> None:
         super()._emit(rec)
@@ -154,19 +179,34 @@ class ClusterEgressProxy(EgressProxy):
             n = self._seq[rec.session] = self._seq.get(rec.session, 0) + 1
             q.append((n, rec.to_json()))
 
+    def stream_id(self, session_id: str) -> str | None:
+        return self._stream_id.get(session_id)
+
     def records_after(self, session_id: str, after: int, limit: int = STREAM_PAGE) -> tuple[list[str], int, bool]:
         """The session's decisions numbered above ``after`` (JSON lines, oldest first), the number of
         the last one returned, and whether some were dropped before they could be fetched."""
         q = self._stream.get(session_id) or deque()
+        if session_id in self._stream:
+            self._fetched[session_id] = max(self._fetched.get(session_id, 0), after)
         out = [(n, line) for n, line in q if n > after][:limit]
         lost = bool(q) and q[0][0] > after + 1
         return [line for _, line in out], (out[-1][0] if out else max(after, 0)), lost
 
     # ------------------------------------------------------------ registry
 
-    async def register(self, session_id: str, pod_ip: str, policy: EgressPolicy, ttl_s: float) -> bytes:
+    async def register(self, session_id: str, pod_ip: str, policy: EgressPolicy, ttl_s: float,
+                       ca: SessionCA | None = None, since: float | None = None) -> bytes:
         """Attribute connections from ``pod_ip`` to ``session_id`` under ``policy`` for ``ttl_s``
-        seconds (or until :meth:`unregister`). Returns the trust bundle for the pod (PEM)."""
+        seconds (or until :meth:`unregister`). Returns the trust bundle for the pod (PEM).
+        ``ca``: the session CA for the terminated hosts, made by the worker (every replica must
+        present the same one); without it this process makes one (one replica only). ``since``:
+        when the worker first registered this session (default now). Of two sessions on one address
+        the later-registered one holds it: a pod IP is reused only after its pod is gone, so the
+        older registration is a dead pod's, and a worker that puts it back (it has not noticed the
+        death yet, and this replica restarted or was new) is refused instead of taking the address
+        from the live pod, whatever order the workers come in."""
+        if self.draining:
+            raise ProxyDraining("this egress proxy replica is shutting down")
         if not SESSION_ID.match(session_id):
             raise ValueError("invalid session id (letters, digits, '_.-', at most 64)")
         addr = pod_address(pod_ip)
@@ -178,7 +218,13 @@ class ClusterEgressProxy(EgressProxy):
         if any(r.credential is not None or r.upstream_ca is not None for r in policy.rules):
             material = await asyncio.to_thread(self.resolve_material, policy)  # a command source may take seconds
         self._check_material(policy, material)
+        terminated = {r.host for r in policy.rules if r.terminates}
+        if ca is not None and ca.hosts != terminated:
+            raise ValueError("the session CA is for other hosts than the policy terminates")
+        since = time.time() if since is None else since
         previous = self._by_addr.get(addr)
+        if previous is not None and previous != session_id and self._since.get(previous, 0.0) > since:
+            raise Superseded(f"pod address {addr} is registered to a session registered later")
         if previous is not None and previous != session_id:
             log.warning("pod address %s re-registered: session %s replaces %s", addr, session_id, previous)
             await self.unregister(previous)
@@ -189,17 +235,22 @@ class ClusterEgressProxy(EgressProxy):
         if sess is None:
             sess = self._new_session(session_id, policy)
             self._sessions[session_id] = sess
-        self._stream.setdefault(session_id, deque(maxlen=STREAM_KEEP))
+        if session_id not in self._stream:
+            self._stream[session_id] = deque(maxlen=STREAM_KEEP)
+            self._stream_id[session_id] = secrets.token_hex(8)
         sess.policy = policy
+        if ca is not None:
+            sess.ca = ca  # (_setup_tls keeps a CA whose hosts are the terminated ones)
         self._setup_tls(sess, material, None)
         self._by_addr[addr] = session_id
         self._addr_of[session_id] = addr
         self._expires[session_id] = time.monotonic() + ttl_s
+        self._since[session_id] = since
         self._start_tasks()
         if self._roots is None:
             self._roots = host_roots()
-        ca = sess.ca.pem if sess.ca else b""
-        return (self._roots.rstrip(b"\n") + b"\n" + ca) if self._roots else ca
+        ca_pem = sess.ca.pem if sess.ca else b""
+        return (self._roots.rstrip(b"\n") + b"\n" + ca_pem) if self._roots else ca_pem
 
     def resolve_material(self, policy: EgressPolicy) -> SessionMaterial:
         """The values of the credentials the policy's rules inject, read HERE (the proxy's pod) from
@@ -239,6 +290,7 @@ class ClusterEgressProxy(EgressProxy):
         if addr is not None and self._by_addr.get(addr) == session_id:
             del self._by_addr[addr]
         self._expires.pop(session_id, None)
+        self._since.pop(session_id, None)
         known = session_id in self._sessions
         await self.remove_session(session_id)  # (its connections' last decisions are emitted by now)
         if not keep_stream:
@@ -248,6 +300,37 @@ class ClusterEgressProxy(EgressProxy):
     def forget_stream(self, session_id: str) -> None:
         self._stream.pop(session_id, None)
         self._seq.pop(session_id, None)
+        self._stream_id.pop(session_id, None)
+        self._fetched.pop(session_id, None)
+
+    async def drain(self, serve_s: float, fetch_wait_s: float) -> None:
+        """A graceful stop (SIGTERM; the Deployment rolls or a node drains): refuse new
+        registrations, keep serving pods for ``serve_s`` (the Service's endpoints take a moment to
+        drop this replica), then close the pod listener and every session's connections (their last
+        decisions are emitted), and wait up to ``fetch_wait_s`` until the workers have fetched every
+        decision (they poll every half second), so none is left only in this pod's files."""
+        self.draining = True
+        if self._addr_of:
+            log.info("draining: serving %d session(s) for %.0f s more, then closing", len(self._addr_of), serve_s)
+            await asyncio.sleep(serve_s)
+        loop = asyncio.get_running_loop()
+        for s in self._listeners:
+            if s.fileno() >= 0:
+                loop.remove_reader(s.fileno())
+            s.close()
+        self._listeners.clear()
+        for sid in list(self._addr_of):
+            await self.unregister(sid, keep_stream=True)
+        end = time.monotonic() + fetch_wait_s
+        while time.monotonic() < end and self.unfetched():
+            await asyncio.sleep(0.1)
+        if self.unfetched():
+            log.warning("stopping with decisions of %d session(s) not fetched by a worker (they stay in this pod's "
+                        "audit files)", len(self.unfetched()))
+
+    def unfetched(self) -> list[str]:
+        """Sessions whose stream holds decisions no worker has fetched yet."""
+        return [sid for sid, q in self._stream.items() if q and q[-1][0] > self._fetched.get(sid, 0)]
 
     def session_for(self, addr: str) -> str | None:
         try:
@@ -413,7 +496,7 @@ class AdminServer:
     async def _reply(self, writer: asyncio.StreamWriter, code: int, obj: dict[str, Any], close: bool = False) -> None:
         data = json.dumps(obj).encode()
         reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-                  411: "Length Required", 413: "Payload Too Large"}.get(code, "Error")
+                  409: "Conflict", 411: "Length Required", 413: "Payload Too Large", 503: "Service Unavailable"}.get(code, "Error")
         writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
                      f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode() + data)
         with contextlib.suppress(ConnectionError):
@@ -421,8 +504,9 @@ class AdminServer:
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         u = urlparse(target)
-        if u.path == "/healthz" and method == "GET":
-            return 200, {"ok": True, "sessions": len(self.proxy.registrations())}
+        if u.path == "/healthz" and method == "GET":  # (not ready while draining: the Service drops this replica)
+            return (503 if self.proxy.draining else 200), {"ok": not self.proxy.draining, "draining": self.proxy.draining,
+                                                            "sessions": len(self.proxy.registrations())}
         if not self._authorised(headers):
             return 401, {"error": "a valid admin token is required"}
         parts = u.path.strip("/").split("/")
@@ -433,7 +517,8 @@ class AdminServer:
         if len(parts) == 4 and parts[3] == "records" and method == "GET" and "after" in query:
             lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]))
             return 200, {"records": [json.loads(x) for x in lines], "next": last, "lost": lost,
-                         "registered": sid in self.proxy.registrations()}
+                         "registered": sid in self.proxy.registrations(), "stream": self.proxy.stream_id(sid),
+                         "draining": self.proxy.draining}
         if len(parts) == 4 and parts[3] == "records" and method == "GET":
             if self.audit_path is None:
                 return 200, {"records": []}
@@ -444,7 +529,7 @@ class AdminServer:
             return 404, {"error": "no such endpoint"}
         if method == "DELETE":
             known = await self.proxy.unregister(sid, keep_stream=True)
-            reply: dict[str, Any] = {"ok": True, "known": known}
+            reply: dict[str, Any] = {"ok": True, "known": known, "stream": self.proxy.stream_id(sid)}
             if "after" in query:  # the decisions the caller has not fetched yet, the last ones included
                 lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]), limit=STREAM_KEEP)
                 reply.update(records=[json.loads(x) for x in lines], next=last, lost=lost)
@@ -461,34 +546,131 @@ class AdminServer:
             if not isinstance(pod_ip, str):
                 raise ValueError("pod_ip must be a string")
             ttl = float(msg["ttl_s"])
-            bundle = await self.proxy.register(sid, pod_ip, policy, ttl)
+            ca = _session_ca(msg.get("session_ca"), policy)
+            since = msg.get("registered_at")
+            if since is not None and not isinstance(since, (int, float)):
+                raise ValueError("registered_at must be a number (seconds since the epoch)")
+            bundle = await self.proxy.register(sid, pod_ip, policy, ttl, ca, None if since is None else float(since))
+        except ProxyDraining as e:
+            return 503, {"error": str(e)}
+        except Superseded as e:
+            return 409, {"error": str(e)}
         except KeyError as e:
             return 400, {"error": f"missing field {e.args[0]!r}"}
         except (ValueError, TypeError) as e:
             return 400, {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-        return 200, {"ok": True, "ca_bundle": bundle.decode("ascii", "replace")}
+        return 200, {"ok": True, "ca_bundle": bundle.decode("ascii", "replace"), "stream": self.proxy.stream_id(sid)}
+
+
+def _session_ca(value: Any, policy: EgressPolicy) -> SessionCA | None:
+    """The registration's ``session_ca`` ({cert, key}: PEM strings) as a checked CA, or None.
+    Errors say what is wrong, never what the key is."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("cert"), str) or not isinstance(value.get("key"), str):
+        raise ValueError("session_ca must be an object with the PEM strings cert and key")
+    hosts = {r.host for r in policy.rules if r.terminates}
+    if not hosts:
+        raise ValueError("session_ca given, but the policy terminates no host")
+    try:
+        return SessionCA.from_pem(value["cert"].encode(), value["key"].encode(), hosts)
+    except SessionCAError as e:
+        raise ValueError(str(e)) from None
 
 
 # ---------------------------------------------------------------- the backend's side
 
 
+def dns_endpoints(name: str, port: int) -> Callable[[], list[str]]:
+    """The admin endpoints of every proxy replica: the A/AAAA records of a headless Service
+    (``clusterIP: None``), resolved on each call."""
+
+    def resolve() -> list[str]:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        addrs = sorted({str(i[4][0]) for i in infos})
+        return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
+
+    resolve.__qualname__ = f"dns:{name}:{port}"
+    return resolve
+
+
+@dataclass
+class _Stream:
+    """What the worker has of one session's decisions on one replica: the stream's name there and
+    the number of the last decision copied."""
+
+    stream: str | None
+    seq: int = 0
+
+
+@dataclass
+class _Reg:
+    """A live session as the worker registered it: what a replica that lacks it gets again."""
+
+    session_id: str
+    pod_ip: str
+    policy: EgressPolicy
+    until: float                                   # monotonic end of the registration
+    ca: SessionCA | None = field(repr=False)
+    mirror: _MirrorFile | None = field(repr=False)
+    since: float = field(default_factory=time.time)                    # first registered (wall clock)
+    streams: dict[str, _Stream] = field(default_factory=dict)            # replica URL -> its stream
+    superseded: set[str] = field(default_factory=set)                   # replicas where a later session holds the IP
+    locks: dict[str, threading.Lock] = field(default_factory=dict)      # replica URL -> one caller at a time
+    closing: bool = False
+
+    def lock(self, url: str) -> threading.Lock:
+        return self.locks.setdefault(url, threading.Lock())
+
+    def body(self) -> dict[str, Any]:
+        """The registration (for what is left of its time). The session CA's key goes to the
+        replicas over the authenticated admin channel only; it is never logged."""
+        msg: dict[str, Any] = {"pod_ip": self.pod_ip, "policy": self.policy.model_dump(mode="json"),
+                               "ttl_s": max(1.0, self.until - time.monotonic()), "registered_at": self.since}
+        if self.ca is not None:
+            msg["session_ca"] = {"cert": self.ca.pem.decode("ascii"), "key": self.ca.key_pem().decode("ascii")}
+        return msg
+
+
 class ClusterEgressClient:
-    """The Kubernetes backend's handle on the proxy's session table (``sandbox.kube.backend.PodEgress``).
+    """The Kubernetes backend's handle on the proxy replicas' session tables (``sandbox.kube.backend.PodEgress``).
 
-    With a ``mirror_dir``, each registered session's decisions are copied, as the proxy numbers
-    them, into ``<mirror_dir>/audit/<session>.jsonl`` (the layout the host daemon writes), so the
-    worker follows them into the session's trail exactly as on Docker (``audit_path``). The last
-    ones come back with the unregistration, after the proxy closed the session's connections."""
+    ``base_url``: one admin endpoint or a list of them (one per replica); ``discover``: a callable
+    returning the replicas' admin URLs as they are now (:func:`dns_endpoints` of the headless
+    Service), which wins over ``base_url``. Each session is registered with every replica, and a
+    background thread per replica keeps it so: a replica that lacks a live session (it restarted,
+    it is new, it was unreachable at the start) gets it again within a poll, and one that could not
+    be told of an unregistration is told again until it answers or the registration has expired.
 
-    def __init__(self, base_url: str, token: str, timeout: float = ADMIN_TIMEOUT_S,
-                 mirror_dir: Path | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+    A session starts when no replica refused it and at least one accepted it; a replica that did
+    not answer is registered by its thread as soon as it does, and until then it refuses the pod
+    (deny by default: a pod gets nothing from a replica that lacks its registration, never more).
+    When the policy terminates TLS, the session CA is made here, once, and sent in every
+    registration, so each replica presents leaves the pod's one trust bundle accepts.
+
+    With a ``mirror_dir``, each session's decisions are copied, as each replica numbers them,
+    into ``<mirror_dir>/audit/<session>.jsonl`` (the layout the host daemon writes), so the worker
+    follows them into the session's trail exactly as on Docker (``audit_path``): every decision
+    once, whichever replica made it; the last ones come back with the unregistration."""
+
+    def __init__(self, base_url: str | Sequence[str], token: str, timeout: float = ADMIN_TIMEOUT_S,
+                 mirror_dir: Path | None = None, discover: Callable[[], list[str]] | None = None) -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self._static = [u.rstrip("/") for u in urls]
+        self._discover = discover
+        self.base_url = self._static[0] if self._static else getattr(discover, "__qualname__", "discovered")
         self._token = token
         self.timeout = timeout
         self.ttl_s: float = 3600.0  # the session limit, set by the backend per registration
         self.mirror_dir = mirror_dir
-        self._mirrors: dict[str, _Mirror] = {}
+        self._regs: dict[str, _Reg] = {}
+        self._pending: dict[str, dict[str, float]] = {}   # replica URL -> session -> until (unregistrations owed)
         self._lock = threading.Lock()
+        self._known: list[str] = list(self._static)
+        self._resolved_at = -1e9
+        self._syncs: dict[str, _ReplicaSync] = {}
+        self._supervisor: threading.Thread | None = None
+        self._closed = threading.Event()
 
     @property
     def audit_path(self) -> Path:
@@ -499,12 +681,42 @@ class ClusterEgressClient:
 
     @classmethod
     def from_config(cls, cfg: Any, mirror_dir: Path | None = None) -> "ClusterEgressClient":
-        """From the backend configuration's ``egress_proxy`` (admin URL, token file)."""
-        return cls(cfg.admin_base_url(), read_token(cfg.admin_token_file), mirror_dir=mirror_dir)
+        """From the backend configuration's ``egress_proxy``: the replicas' headless Service
+        (``admin_dns``), else a fixed list (``admin_urls``), else the one admin URL; the token file."""
+        token = read_token(cfg.admin_token_file)
+        if getattr(cfg, "admin_dns", None):
+            return cls([], token, mirror_dir=mirror_dir, discover=dns_endpoints(cfg.admin_dns, cfg.admin_port))
+        urls = list(getattr(cfg, "admin_urls", None) or []) or [cfg.admin_base_url()]
+        return cls(urls, token, mirror_dir=mirror_dir)
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    # -- the replicas
+
+    def endpoints(self) -> list[str]:
+        """The replicas' admin URLs now (resolved at most once per poll; the last answer when
+        resolution fails, with a warning)."""
+        if self._discover is None:
+            return list(self._static)
+        with self._lock:
+            if time.monotonic() - self._resolved_at < MIRROR_POLL_S:
+                return list(self._known)
+            self._resolved_at = time.monotonic()
+        try:
+            found = sorted({u.rstrip("/") for u in self._discover()})
+        except (OSError, ValueError) as e:
+            log.warning("cannot list the egress proxy replicas (%s): %s; using the last list",
+                        self.base_url, getattr(e, "strerror", None) or e)
+            with self._lock:
+                return list(self._known)
+        with self._lock:
+            if found != self._known:
+                log.info("egress proxy replicas: %s", ", ".join(found) or "none")
+            self._known = found
+            return list(found)
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, base: str | None = None) -> dict[str, Any]:
+        base = base or self.base_url
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
+        req = urllib.request.Request(f"{base}{path}", data=data, method=method,
                                      headers={"Authorization": f"Bearer {self._token}",
                                               "Content-Type": "application/json"})
         try:
@@ -515,110 +727,273 @@ class ClusterEgressClient:
                 why = json.loads(e.read() or b"{}").get("error", "")
             except ValueError:
                 why = ""
-            raise ClusterEgressError(f"the egress proxy at {self.base_url} refused {method} {path}: {e.code} {why}"[:800]) from None
+            what = f"the egress proxy at {base} refused {method} {path.split('?')[0]}: {e.code} {why}"[:800]
+            if 400 <= e.code < 500:
+                raise ClusterEgressRefused(what, e.code) from None
+            raise ClusterEgressError(what) from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
-            raise ClusterEgressError(f"cannot reach the egress proxy's admin endpoint {self.base_url}: {reason}") from None
+            raise ClusterEgressError(f"cannot reach the egress proxy's admin endpoint {base}: {reason}") from None
+
+    def _put(self, reg: _Reg, url: str) -> dict[str, Any]:
+        """Register ``reg`` with one replica (under that replica's lock for the session)."""
+        reply = self._call("PUT", f"/v1/sessions/{quote(reg.session_id, safe='')}", reg.body(), base=url)
+        if reg.ca is not None and reg.ca.pem.decode("ascii") not in str(reply.get("ca_bundle", "")):
+            # An older proxy ignores session_ca and makes its own: the pod's bundle would not match it.
+            with contextlib.suppress(ClusterEgressError):
+                self._call("DELETE", f"/v1/sessions/{quote(reg.session_id, safe='')}", base=url)
+            raise ClusterEgressRefused(f"the egress proxy at {url} did not take the session CA (an older version?)")
+        st = reg.streams.get(url)
+        if st is None or st.stream != reply.get("stream"):
+            reg.streams[url] = _Stream(reply.get("stream"))
+        return reply
+
+    def _start_sync(self) -> None:
+        with self._lock:
+            if self._supervisor is None and not self._closed.is_set():
+                self._supervisor = threading.Thread(target=self._supervise, name="egress-replicas", daemon=True)
+                self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """One thread per replica (a replica that hangs delays only itself), started as replicas appear."""
+        while not self._closed.is_set():
+            try:
+                urls = self.endpoints()
+            except Exception as e:  # noqa: BLE001 - a discovery bug must not end the sync
+                log.warning("egress proxy replicas not listed: %s", e)
+                urls = []
+            with self._lock:
+                for url in urls:
+                    sync = self._syncs.get(url)
+                    if sync is None or not sync.is_alive():
+                        self._syncs[url] = _ReplicaSync(self, url)
+                        self._syncs[url].start()
+            self._closed.wait(MIRROR_POLL_S)
+
+    def close(self) -> None:
+        """Stop the background threads (registrations stay until unregistered or expired)."""
+        self._closed.set()
+        for t in [self._supervisor, *self._syncs.values()]:
+            if t is not None and t.is_alive() and t is not threading.current_thread():
+                t.join(self.timeout + 1)
+
+    # -- sessions
 
     def register(self, session_id: str, pod_ip: str, policy: EgressPolicy, ttl_s: float | None = None) -> bytes:
-        """Register the pod's address for the session; returns the trust bundle (PEM) for the pod."""
-        reply = self._call("PUT", f"/v1/sessions/{quote(session_id, safe='')}",
-                           {"pod_ip": pod_ip, "policy": policy.model_dump(mode="json"), "ttl_s": ttl_s or self.ttl_s})
-        if self.mirror_dir is not None:
-            again = (pod_ip, policy, time.monotonic() + (ttl_s or self.ttl_s))
-            with self._lock:
-                old = self._mirrors.pop(session_id, None)
-                self._mirrors[session_id] = _Mirror(self, session_id, session_file(self.audit_path, session_id),
-                                                    again).start()
-            if old is not None:
-                old.stop()
-        return str(reply.get("ca_bundle", "")).encode()
+        """Register the pod's address for the session with every replica; returns the trust bundle
+        (PEM) for the pod. Raises if a replica refused it (the others are told to forget it) or
+        none accepted it."""
+        ttl = ttl_s or self.ttl_s
+        if not 0 < ttl <= MAX_TTL_S:
+            raise ClusterEgressRefused(f"ttl_s must be in (0, {MAX_TTL_S:.0f}]")
+        hosts = {r.host for r in policy.rules if r.terminates}
+        ca = SessionCA(hosts, lifetime=datetime.timedelta(seconds=ttl + 3600)) if hosts else None
+        with self._lock:
+            old = self._regs.get(session_id)
+        mirror = old.mirror if old is not None else None
+        if mirror is None and self.mirror_dir is not None:
+            mirror = _MirrorFile(session_id, session_file(self.audit_path, session_id))
+        reg = _Reg(session_id, pod_ip, policy, time.monotonic() + ttl, ca, mirror)
+        if old is not None:  # the same session again (a replacement pod): its streams go on
+            reg.streams, reg.locks = old.streams, old.locks
+            old.closing = True
+        urls = self.endpoints()
+        if not urls:
+            raise ClusterEgressError(f"no egress proxy replica found ({self.base_url})")
+        accepted: dict[str, dict[str, Any]] = {}
+        refused: dict[str, ClusterEgressError] = {}
+        unreachable: dict[str, ClusterEgressError] = {}
 
-    def _register_again(self, session_id: str, again: tuple[str, EgressPolicy, float]) -> None:
-        """The proxy forgot a live session (it restarted): register its pod again for what is left of
-        its time. (The trust bundle stays the one the pod has: hosts it terminates need a new sandbox.)"""
-        pod_ip, policy, until = again
-        left = until - time.monotonic()
-        if left <= 1:
-            return
-        log.warning("the egress proxy no longer knows session %s (restarted?); registering its pod again", session_id)
-        self._call("PUT", f"/v1/sessions/{quote(session_id, safe='')}",
-                   {"pod_ip": pod_ip, "policy": policy.model_dump(mode="json"), "ttl_s": left})
+        def one(url: str) -> None:
+            try:
+                with reg.lock(url):
+                    accepted[url] = self._put(reg, url)
+            except ClusterEgressRefused as e:
+                refused[url] = e
+            except ClusterEgressError as e:
+                unreachable[url] = e
+
+        threads = [threading.Thread(target=one, args=(u,), daemon=True) for u in urls[1:]]
+        for t in threads:
+            t.start()
+        one(urls[0])
+        for t in threads:
+            t.join()
+        if refused or not accepted:
+            for url in accepted:  # all or nothing: no replica keeps a session that did not start
+                with contextlib.suppress(ClusterEgressError):
+                    self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}", base=url)
+            if old is None and mirror is not None:
+                mirror.close()
+            if refused:
+                raise next(iter(refused.values()))
+            raise ClusterEgressError(f"no egress proxy replica accepted session {session_id}: "
+                                     + "; ".join(str(e) for e in unreachable.values()))
+        if unreachable:
+            log.warning("session %s registered with %d of %d egress proxy replicas; the others refuse its pod until "
+                        "they answer and get it (%s)", session_id, len(accepted), len(urls),
+                        "; ".join(str(e) for e in unreachable.values()))
+        with self._lock:
+            self._regs[session_id] = reg
+            for url in urls:
+                self._pending.get(url, {}).pop(session_id, None)
+        self._start_sync()
+        return str(accepted[min(accepted)].get("ca_bundle", "")).encode()
+
+    def _sessions(self) -> list[_Reg]:
+        with self._lock:
+            return [r for r in self._regs.values() if not r.closing]
 
     def unregister(self, session_id: str) -> None:
+        """Forget the session on every replica (their last decisions come back with it). A replica
+        that does not answer is told again by its thread until it does or the registration expired."""
         with self._lock:
-            mirror = self._mirrors.pop(session_id, None)
-        path = f"/v1/sessions/{quote(session_id, safe='')}"
-        if mirror is None:
-            self._call("DELETE", path)
+            reg = self._regs.pop(session_id, None)
+        if reg is None:  # not registered through this client: every replica is told, the first error raised
+            failed: list[ClusterEgressError] = []
+            for url in self.endpoints():
+                try:
+                    self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}", base=url)
+                except ClusterEgressError as e:
+                    failed.append(e)
+            if failed:
+                raise failed[0]
             return
-        mirror.stop()
-        try:
-            reply = self._call("DELETE", f"{path}?after={mirror.seq}")
-            mirror.append(reply)
-        finally:
-            mirror.close()
+        reg.closing = True
+        urls = sorted(set(reg.streams) | set(self.endpoints()))
+        errors: list[ClusterEgressError] = []
+
+        def one(url: str) -> None:
+            with reg.lock(url):
+                st = reg.streams.get(url)
+                q = f"?after={st.seq}" if st is not None and reg.mirror is not None else ""
+                try:
+                    reply = self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}{q}", base=url)
+                except ClusterEgressRefused as e:
+                    errors.append(e)
+                    return
+                except ClusterEgressError as e:
+                    log.warning("egress proxy replica %s not told that session %s ended (told again until its "
+                                "registration expires): %s", url, session_id, e)
+                    with self._lock:
+                        self._pending.setdefault(url, {})[session_id] = reg.until
+                    return
+                if st is not None and reg.mirror is not None and reply.get("stream") == st.stream:
+                    reg.mirror.append(reply, url)
+
+        threads = [threading.Thread(target=one, args=(u,), daemon=True) for u in urls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if reg.mirror is not None:
+            reg.mirror.close()
+        if errors:
+            raise errors[0]
 
     def records(self, session: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """A session's recent decisions: from the local copy when there is one (no request), else the proxy's."""
+        """A session's recent decisions: from the local copy when there is one (no request), else every replica's."""
         if not session:
             return []
         if self.mirror_dir is not None:
             return read_records(self.audit_path, session=session, limit=limit)
-        return list(self._call("GET", f"/v1/sessions/{quote(session, safe='')}/records?limit={int(limit)}")
-                    .get("records") or [])
+        out: list[dict[str, Any]] = []
+        for url in self.endpoints():
+            out += self._call("GET", f"/v1/sessions/{quote(session, safe='')}/records?limit={int(limit)}",
+                              base=url).get("records") or []
+        return sorted(out, key=lambda r: str(r.get("ts", "")))[-limit:]
 
 
-class _Mirror:
-    """Copies one session's numbered decisions from the proxy into a local file (append only)."""
+class _ReplicaSync(threading.Thread):
+    """Keeps one replica in step with the worker's sessions: copies their decisions, registers a
+    session it lacks (restarted, new, or unreachable before), repeats owed unregistrations."""
 
-    def __init__(self, client: ClusterEgressClient, session_id: str, path: Path,
-                 again: tuple[str, EgressPolicy, float] | None = None) -> None:
-        self.client, self.session_id, self.path, self.again = client, session_id, path, again
-        self.seq = 0
+    def __init__(self, client: ClusterEgressClient, url: str) -> None:
+        super().__init__(name=f"egress-replica-{url.rsplit('/', 1)[-1][:40]}", daemon=True)
+        self.client, self.url = client, url
+        self.down = False
+
+    def run(self) -> None:
+        c = self.client
+        while not c._closed.wait(MIRROR_POLL_S):
+            try:
+                for reg in c._sessions():
+                    self.poll(reg)
+                self.repeat_unregistrations()
+                if self.down:
+                    log.info("egress proxy replica %s answers again", self.url)
+                self.down = False
+            except ClusterEgressError as e:
+                if not self.down:
+                    log.warning("egress proxy replica %s: %s", self.url, e)
+                self.down = True
+                if self.url not in c.endpoints():  # gone for good: nothing more will come from it
+                    with c._lock:
+                        c._syncs.pop(self.url, None)
+                        c._pending.pop(self.url, None)
+                    for reg in c._sessions():
+                        reg.streams.pop(self.url, None)
+                    return
+
+    def poll(self, reg: _Reg) -> None:
+        c = self.client
+        path = f"/v1/sessions/{quote(reg.session_id, safe='')}/records"
+        with reg.lock(self.url):
+            if reg.closing:
+                return
+            st = reg.streams.get(self.url)
+            reply = c._call("GET", f"{path}?after={st.seq if st else 0}", base=self.url)
+            stream = reply.get("stream")
+            if st is not None and stream is not None and stream == st.stream:
+                if reg.mirror is not None:
+                    reg.mirror.append(reply, self.url)
+                st.seq = max(st.seq, int(reply.get("next") or 0))
+            elif stream is not None:  # a stream not seen yet: from its start, next poll
+                reg.streams[self.url] = _Stream(stream)
+            if (reply.get("registered") is False and not reply.get("draining") and self.url not in reg.superseded
+                    and reg.until - time.monotonic() > 1):
+                log.warning("egress proxy replica %s does not know session %s (restarted or new?); registering its "
+                            "pod there", self.url, reg.session_id)
+                try:
+                    c._put(reg, self.url)
+                except ClusterEgressRefused as e:
+                    if e.status == 409:  # its pod is gone, its address another session's: never put back there
+                        reg.superseded.add(self.url)
+                    log.warning("egress proxy replica %s refused session %s again: %s", self.url, reg.session_id, e)
+
+    def repeat_unregistrations(self) -> None:
+        c = self.client
+        with c._lock:
+            owed = dict(c._pending.get(self.url, {}))
+        for sid, until in owed.items():
+            if until > time.monotonic():
+                with contextlib.suppress(ClusterEgressRefused):
+                    c._call("DELETE", f"/v1/sessions/{quote(sid, safe='')}", base=self.url)
+            with c._lock:
+                c._pending.get(self.url, {}).pop(sid, None)
+
+
+class _MirrorFile:
+    """The worker's local copy of one session's decisions (append only, one writer at a time)."""
+
+    def __init__(self, session_id: str, path: Path) -> None:
+        self.session_id, self.path = session_id, path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._f = open(path, "ab")  # noqa: SIM115 - closed by close()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"egress-mirror-{session_id[:24]}", daemon=True)
-        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
 
-    def start(self) -> "_Mirror":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        path = f"/v1/sessions/{quote(self.session_id, safe='')}/records"
-        while not self._stop.wait(MIRROR_POLL_S):
-            try:
-                reply = self.client._call("GET", f"{path}?after={self.seq}")
-                self.append(reply)
-                if reply.get("registered") is False and self.again is not None and not self._stop.is_set():
-                    self.seq = 0  # a new proxy numbers from the start
-                    self.client._register_again(self.session_id, self.again)
-            except ClusterEgressError as e:
-                log.warning("egress decisions of session %s not fetched: %s", self.session_id, e)
-
-    def append(self, reply: dict[str, Any]) -> None:
+    def append(self, reply: dict[str, Any], url: str) -> None:
         records = reply.get("records") or []
-        with self._write_lock:
+        with self._lock:
             if reply.get("lost"):
-                log.warning("the egress proxy dropped decisions of session %s before they were fetched",
-                            self.session_id)
-            if records:
+                log.warning("the egress proxy replica %s dropped decisions of session %s before they were fetched",
+                            url, self.session_id)
+            if records and not self._f.closed:
                 self._f.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records))
                 self._f.flush()
-            nxt = reply.get("next")
-            if isinstance(nxt, int) and nxt > self.seq:
-                self.seq = nxt
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(self.client.timeout + 1)
 
     def close(self) -> None:
-        self.stop()
-        with self._write_lock:
+        with self._lock:
             self._f.close()
 
 
@@ -633,7 +1008,7 @@ def _hostport(value: str) -> tuple[str, int]:
 async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, state_dir: Path,
                 started: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 credential_dirs: Sequence[str | Path] = (), allow_credential_commands: bool = False,
-                credential_env_dir: str | Path | None = None) -> None:
+                credential_env_dir: str | Path | None = None, drain_s: float = 0.0, drain_fetch_s: float = 0.0) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     audit_path = state_dir / AUDIT
     audit = SessionAuditLogs(audit_path)
@@ -649,6 +1024,8 @@ async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, sta
         if started is not None:
             started.set()
         await stop.wait()
+        if drain_s > 0 or drain_fetch_s > 0:
+            await proxy.drain(drain_s, drain_fetch_s)
     finally:
         await admin_srv.close()
         await proxy.close()
@@ -668,6 +1045,10 @@ def parser() -> argparse.ArgumentParser:
                          "copied there) instead of this process's environment")
     ap.add_argument("--allow-credential-commands", action="store_true",
                     help="run policies' `command:` credential sources in this pod (off: refused at registration)")
+    ap.add_argument("--drain-seconds", type=float, default=5.0, metavar="S",
+                    help="on SIGTERM, keep serving registered pods this long (the Service drops this replica meanwhile)")
+    ap.add_argument("--drain-fetch-seconds", type=float, default=10.0, metavar="S",
+                    help="then wait up to this long for the workers to fetch every session's last decisions")
     return ap
 
 
@@ -703,7 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve(listen, admin, token, Path(args.state_dir), stop=stop, credential_dirs=args.credential_dir,
-                    allow_credential_commands=args.allow_credential_commands, credential_env_dir=args.credential_env_dir)
+                    allow_credential_commands=args.allow_credential_commands, credential_env_dir=args.credential_env_dir,
+                    drain_s=max(0.0, args.drain_seconds), drain_fetch_s=max(0.0, args.drain_fetch_seconds))
 
     from sandbox.egress import evloop
 

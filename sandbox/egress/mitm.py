@@ -52,26 +52,37 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+def _permitted(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    """The CA's permitted subtrees for exactly these hosts (an IP address as a /32 or /128)."""
+    permitted: list[x509.GeneralName] = []
+    for h in sorted(set(hosts)):
+        gn = _general_name(h)
+        if isinstance(gn, x509.IPAddress):
+            ip = gn.value
+            permitted.append(x509.IPAddress(ipaddress.ip_network(f"{ip}/{32 if ip.version == 4 else 128}")))
+        else:
+            permitted.append(gn)
+    return permitted
+
+
+class SessionCAError(ValueError):
+    """A session CA handed to the proxy that it will not use. Never carries key material."""
+
+
 class SessionCA:
-    def __init__(self, hosts: Iterable[str], label: str = "sandbox session") -> None:
+    def __init__(self, hosts: Iterable[str], label: str = "sandbox session",
+                 lifetime: datetime.timedelta = CA_LIFETIME) -> None:
         self.hosts = frozenset(hosts)
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sandbox egress proxy"),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"{label} CA"[:64])])
-        permitted: list[x509.GeneralName] = []
-        for h in sorted(self.hosts):
-            gn = _general_name(h)
-            if isinstance(gn, x509.IPAddress):
-                ip = gn.value
-                permitted.append(x509.IPAddress(ipaddress.ip_network(f"{ip}/{32 if ip.version == 4 else 128}")))
-            else:
-                permitted.append(gn)
+        permitted = _permitted(self.hosts)
         builder = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + CA_LIFETIME)
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + min(lifetime, CA_LIFETIME))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
@@ -83,6 +94,55 @@ class SessionCA:
         self.cert = builder.sign(self._key, hashes.SHA256())
         self.not_after = self.cert.not_valid_after_utc
         self._contexts: dict[str, tuple[datetime.datetime, ssl.SSLContext]] = {}
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, hosts: Iterable[str]) -> "SessionCA":
+        """A session CA made elsewhere (on a cluster, by the worker, so that every proxy replica
+        presents leaves of the one CA the sandbox trusts). Checked before use: an EC P-256 key that
+        matches the certificate, a CA certificate valid now whose critical name constraints permit
+        exactly ``hosts``. Errors name the reason, never the key."""
+        hosts = frozenset(hosts)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise SessionCAError("the session CA certificate is not a PEM certificate") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError):
+            raise SessionCAError("the session CA key is not an unencrypted PEM private key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+            raise SessionCAError("the session CA key must be an EC P-256 key")
+        if key.public_key() != cert.public_key():
+            raise SessionCAError("the session CA key does not match its certificate")
+        now = datetime.datetime.now(datetime.UTC)
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise SessionCAError("the session CA certificate is not valid now")
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+            nc = cert.extensions.get_extension_for_class(x509.NameConstraints)
+        except x509.ExtensionNotFound:
+            raise SessionCAError("the session CA certificate needs basic and name constraints") from None
+        if not (bc.critical and bc.value.ca and bc.value.path_length == 0):
+            raise SessionCAError("the session CA certificate is not a CA with path length 0")
+        want = _permitted(hosts)
+        got = list(nc.value.permitted_subtrees or [])
+        if not nc.critical or nc.value.excluded_subtrees or sorted(map(repr, got)) != sorted(map(repr, want)):
+            raise SessionCAError("the session CA's name constraints must permit exactly the session's terminated "
+                                 f"hosts ({', '.join(sorted(hosts))})")
+        ca = cls.__new__(cls)
+        ca.hosts = hosts
+        ca._key = key
+        ca._leaf_key = ec.generate_private_key(ec.SECP256R1())  # each replica its own leaf key
+        ca.cert = cert
+        ca.not_after = cert.not_valid_after_utc
+        ca._contexts = {}
+        return ca
+
+    def key_pem(self) -> bytes:
+        """The CA's private key (PKCS#8 PEM), for the worker to hand to the proxy replicas over the
+        authenticated admin channel. Never logged, never written to a file, never in a sandbox."""
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
 
     @property
     def pem(self) -> bytes:

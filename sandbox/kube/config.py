@@ -53,11 +53,21 @@ class EgressProxy(_Strict):
     admin_port: int = Field(3129, ge=1, le=65535)
     admin_url: str | None = None  # default http://<service>.<namespace>.svc:<admin_port>
     admin_token_file: str | None = None
+    # Several proxy replicas (deploy/kubernetes/proxy.yaml): the worker registers every session with
+    # each (sandbox/egress/cluster.py). admin_dns: a headless Service whose A/AAAA records are the
+    # replicas (re-resolved every half second; admin_port on each); admin_urls: a fixed list.
+    admin_dns: str | None = None
+    admin_urls: list[str] = []
 
     @model_validator(mode="after")
     def _ports(self) -> "EgressProxy":
         if self.admin_port == self.port:
             raise ValueError("admin_port must differ from port (sandbox pods may reach only the proxy port)")
+        if self.admin_dns and self.admin_urls:
+            raise ValueError("admin_dns and admin_urls both name the replicas: give one")
+        for u in self.admin_urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"admin_urls: {u!r} is not an http(s) URL")
         return self
 
     def admin_base_url(self) -> str:

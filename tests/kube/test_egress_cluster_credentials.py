@@ -119,9 +119,9 @@ class SpyClient(ClusterEgressClient):
         self.sent: list[str] = []
         self.replies: list[str] = []
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, base: str | None = None) -> dict[str, Any]:
         self.sent.append(f"{method} {path} {json.dumps(body)}")
-        reply = super()._call(method, path, body)
+        reply = super()._call(method, path, body, base)
         self.replies.append(json.dumps(reply))
         return reply
 
