@@ -1,8 +1,9 @@
 """The worker pod's probes: ``python -m sandbox.kube.probe {live,ready} [--port 9464]``.
 
-The worker's health endpoint (``sandbox/worker/metrics.py``) listens on loopback only, so the
-kubelet, which connects to the pod's IP, cannot ``httpGet`` it: the probes exec this module in
-the worker container, and it asks ``http://127.0.0.1:PORT/healthz``.
+The worker's health endpoint (``sandbox/worker/metrics.py``) listens on loopback unless
+``--metrics-host`` names another address (for Prometheus), so the probes do not ``httpGet`` it
+from the kubelet: they exec this module in the worker container, which asks
+``http://127.0.0.1:PORT/healthz`` (``--host`` if the worker binds one address that is not loopback).
 
 - ``live``: the worker process is up and its health server answers with its JSON state, whatever
   the state: ``degraded`` (at its session limit, the control plane unreachable) and ``stopping``
@@ -67,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sandbox.kube.probe", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("kind", choices=["live", "ready"])
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help="the worker's --metrics-port")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="where to ask (the worker's --metrics-host; its default and 0.0.0.0 answer on 127.0.0.1)")
     ap.add_argument("--timeout", type=float, default=3.0)
     ap.add_argument("--max-loop-stall", type=float, default=DEFAULT_MAX_LOOP_STALL_S,
                     help="seconds without an event-loop heartbeat after which the worker counts as stuck")
     args = ap.parse_args(argv)
-    ok, why = check(args.kind, args.port, args.timeout, max_loop_stall=args.max_loop_stall)
+    ok, why = check(args.kind, args.port, args.timeout, host=args.host, max_loop_stall=args.max_loop_stall)
     print(why)
     return 0 if ok else 1
 

@@ -53,7 +53,10 @@ def default_session_store() -> Path:
 @click.option("--warm", type=click.IntRange(0, 64), default=0, show_default=True,
               help="Pre-started sandboxes kept ready for new sessions.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
+              help="Serve /metrics and /healthz on 127.0.0.1:PORT, or --metrics-host:PORT (0: any free port).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,  # (CKPT)
+              help="Address of /metrics and /healthz: loopback unless another is named (0.0.0.0 or :: for a "
+                   "cluster's Prometheus, which scrapes pod IPs; no authentication, restrict it with a NetworkPolicy).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Worker state (lock, sandbox runtime, SDK work dir). Default: <sandbox state dir>/worker.")
 @click.option("--max-idle", type=float, default=60.0, show_default=True,
@@ -89,7 +92,7 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
                metrics_port: int | None, state_dir: Path | None, max_idle: float, lease_ttl: int,
                drain_timeout: float, session_store: Path | None, retention: float, keep_idle: float,
                log_format: str, verbose: bool, backend: str | None = None, journal: str = "auto",
-               archive_interval: float = 60.0) -> None:
+               archive_interval: float = 60.0, metrics_host: str = "127.0.0.1") -> None:
     """Claim work from a control plane and run each session's tool calls in its own sandbox."""
     from .credentials import CredentialError, check_no_org_key, load_environment_key, scrub_environment
     from .logs import setup_logging
@@ -130,6 +133,12 @@ def worker_cmd(base_url: str | None, environment_id: str | None, environment_key
     )
     config.journal = journal
     config.archive_interval = archive_interval  # (CKPT)
+    try:  # (CKPT) a bad address is said before anything starts
+        from .metrics import check_metrics_host
+
+        config.metrics_host = check_metrics_host(metrics_host)[0]
+    except ValueError as e:
+        _fail(str(e))
     try:  # (CLUSTER) the backend setting, checked before anything starts
         from sandbox.backend import backend_name
 

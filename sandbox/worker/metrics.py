@@ -1,13 +1,26 @@
-"""Prometheus metrics and the loopback health endpoint.
+"""Prometheus metrics and the health endpoint (loopback unless asked otherwise).
 
 Labels are bounded on purpose: tool names come from a fixed set (anything else
 is `other`), outcomes and reasons are our own words. No session id, key, token
 or path is ever a label value.
+
+`/metrics` and `/healthz` listen on 127.0.0.1 by default. A cluster's Prometheus scrapes pod
+IPs, so `--metrics-host` can bind another address (``0.0.0.0``, ``::``, or one of the host's
+own): that must be asked for by name, and the worker says so in its log when it happens.
+What a scrape returns is counters, gauges and histograms with the bounded labels above, and
+the health state (counts, status words, the worker id, the admission reason in numbers): no
+session id, work id, token, key, path or content of a session. As a second guard, every body
+goes through the log redaction (the registered secrets: the environment key, work secrets,
+session tokens) before it is sent. The endpoint has no authentication: restrict who reaches it
+(a NetworkPolicy that admits only the scraper, deploy/kubernetes/README.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -15,6 +28,37 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TOOL_NAMES = frozenset({"bash", "read", "write", "edit", "glob", "grep"})
+DEFAULT_HOST = "127.0.0.1"
+
+log = logging.getLogger("sandbox.worker.metrics")
+
+
+class MetricsHostError(ValueError):
+    pass
+
+
+def check_metrics_host(host: str) -> tuple[str, bool]:
+    """(the address to bind, whether it is loopback) for ``--metrics-host``: an IP address
+    (``localhost`` means 127.0.0.1); a name is refused (which interface it would bind is not obvious)."""
+    value = (host or "").strip()
+    if value.lower() == "localhost":
+        return DEFAULT_HOST, True
+    try:
+        ip = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise MetricsHostError(f"--metrics-host {host[:80]!r}: not an IP address (127.0.0.1 by default; "
+                               "0.0.0.0 or :: to let a cluster's Prometheus scrape the pod)") from None
+    return str(ip), ip.is_loopback
+
+
+def scrub(body: bytes) -> bytes:
+    """The registered secrets (sandbox.worker.logs) redacted from a response body: a second guard,
+    nothing the endpoint serves is meant to hold one."""
+    from .logs import secrets
+
+    text = body.decode("utf-8", "replace")
+    clean = secrets.redact(text)
+    return body if clean == text else clean.encode()
 
 
 def tool_label(name: str) -> str:
@@ -58,12 +102,11 @@ class WorkerMetrics:
 
 
 class HealthServer:
-    """`GET /healthz` (JSON) and `GET /metrics` on a loopback address only."""
+    """`GET /healthz` (JSON) and `GET /metrics`, on loopback unless `host` names another address."""
 
     def __init__(self, metrics: WorkerMetrics, health: Callable[[], dict[str, Any]], port: int,
-                 host: str = "127.0.0.1") -> None:
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            raise ValueError("the health endpoint listens on loopback only")
+                 host: str = DEFAULT_HOST) -> None:
+        host, loopback = check_metrics_host(host)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +119,7 @@ class HealthServer:
                     body, ctype = json.dumps(state).encode(), "application/json"
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
+                body = scrub(body)
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -85,9 +129,23 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        server_cls = ThreadingHTTPServer
+        if ":" in host:
+            class Server6(ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+
+            server_cls = Server6
+        self._server = server_cls((host, port), Handler)
         self._server.daemon_threads = True
+        self.host = host
         self.port = int(self._server.server_address[1])
+        self.loopback = loopback
+        if not loopback:
+            from .logs import log_event
+
+            log_event(log, logging.WARNING, "metrics_exposed", "the metrics and health endpoint listens beyond "
+                      "loopback, as asked; it has no authentication: let only the scraper reach it",
+                      host=host, port=self.port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="worker-health", daemon=True)
         _ = outer

@@ -86,6 +86,7 @@ class WorkerConfig:
     max_sessions: int = 4
     warm: int = 0
     metrics_port: int | None = None  # None: no endpoint; 0: any free port
+    metrics_host: str = "127.0.0.1"  # (CKPT) another address only when asked (a cluster's Prometheus scrapes pod IPs)
     max_idle: float | None = 60.0  # the SDK runner's idle stop after the session's turn ends
     lease_ttl: int | None = 30  # desired_ttl_seconds asked for on each heartbeat
     drain_timeout: float = 20.0  # SIGTERM: how long in-flight tool calls may take to finish
@@ -290,7 +291,7 @@ class Worker:
         if self.config.admission is None:
             self.config.admission = admission_for(self._runtime, self.policy, cfg.state_dir)
         if cfg.metrics_port is not None:
-            self._health = HealthServer(self.metrics, self.health, cfg.metrics_port)
+            self._health = HealthServer(self.metrics, self.health, cfg.metrics_port, host=cfg.metrics_host)
             self._health.start()
             self.health_port = self._health.port
         self._update_gauges()
