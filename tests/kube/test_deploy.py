@@ -285,3 +285,23 @@ def test_a_probe_refuses_an_answer_that_is_not_the_workers_health_state():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_worker_pod_serves_metrics_on_its_declared_port_to_prometheus_with_options_the_worker_accepts():
+    """Prometheus scrapes pod IPs: the Deployment binds /metrics beyond loopback (asked for by name),
+    declares that port, and its scrape annotations name it; the command parses as the worker's CLI."""
+    import ipaddress
+
+    from sandbox.worker.cli import worker_cmd
+
+    spec, c = _worker_container()
+    cmd = c["command"]
+    port, host = cmd[cmd.index("--metrics-port") + 1], cmd[cmd.index("--metrics-host") + 1]
+    assert not ipaddress.ip_address(host).is_loopback
+    assert {"name": "metrics", "containerPort": int(port)} in c["ports"]
+    meta = next(d for d in _docs("worker.yaml") if d["kind"] == "Deployment")["spec"]["template"]["metadata"]
+    assert meta["annotations"]["prometheus.io/port"] == port and meta["annotations"]["prometheus.io/scrape"] == "true"
+    args = [a.replace("$(SANDBOX_CONTROL_PLANE_URL)", "https://cp.example").replace("$(SANDBOX_ENVIRONMENT_ID)", "env_x")
+            for a in cmd[2:]]
+    ctx = worker_cmd.make_context("worker", args)
+    assert ctx.params["metrics_host"] == host and ctx.params["metrics_port"] == int(port)
