@@ -236,15 +236,22 @@ class Worker:
         store = self.store = SessionStore(cfg.store_dir or cfg.state_dir / "sessions", retention_s=cfg.retention_s,
                                           host_workspaces=uses_host_workspaces(self._runtime, cfg.backend))
         store.register_owner(owner)
-        try:
-            store.self_check()  # size-capped workspaces need loop mounts (root, e2fsprogs): fail closed
-        except (StoreError, OSError) as e:
-            raise WorkerError(f"the session store at {store.root} cannot make size-capped workspaces: {e}") from None
         try:  # SQLite on a local filesystem, plain files on a shared network one (journal.py)
             self.outbox = open_journal(store, owner, requested=cfg.journal, synchronous=cfg.outbox_sync,
                                        alive=store.owner_alive)
         except (StoreError, OSError) as e:
             raise WorkerError(f"the session store at {store.root} has no usable call journal: {e}") from None
+        if self.outbox.kind == "files" and store.host_workspaces:
+            # The store is shared by several hosts: an ext4 image in it mounted by two kernels at once would
+            # be corrupted, so each sandbox keeps its own capped workspace and the store keeps its archive,
+            # as on a cluster (pool.py: save_workspace / restore_workspace).
+            store.host_workspaces = False
+            log_event(log, logging.INFO, "workspaces_archived", "the session store is shared by hosts (file "
+                      "journal): workspaces are kept as archives between a session's sandboxes", store=str(store.root))
+        try:
+            store.self_check()  # size-capped workspaces need loop mounts (root, e2fsprogs): fail closed
+        except (StoreError, OSError) as e:
+            raise WorkerError(f"the session store at {store.root} cannot make size-capped workspaces: {e}") from None
         recovered = self.outbox.recover()
         if recovered:
             log_event(log, logging.WARNING, "outbox_recovered",
