@@ -109,6 +109,8 @@ def _when_unlocked(step: Callable[[], Any], deadline_s: float = 30.0) -> None:
 
 
 class Outbox:
+    kind = "sqlite"
+
     def __init__(self, path: Path, owner: str, *, synchronous: str = "FULL",
                  alive: Callable[[str], bool] | None = None) -> None:
         self.path = Path(path)
