@@ -175,7 +175,12 @@ def test_two_workers_on_two_state_dirs_share_one_queue_over_tls_and_answer_every
         assert executed == Counter({t: 1 for ids in sent.values() for t in ids})  # each ran once, on one worker
         assert all(t in Counter(r["tool_use_id"] for r in log_events(tmp_path / "b.log", "tool_exec"))
                    for t in checks.values())
+        # Shared by hosts, the store never holds a mountable workspace image (two kernels would corrupt
+        # it): each session's files crossed between the workers as the archive its sandbox wrote.
+        assert not list((shared.root / "workspaces").glob("*.img"))
         for sid in sids:
+            meta = shared.meta(sid)
+            assert meta is not None and shared.workspace_archive(meta.workspace).is_file(), sid
             admin.terminate(sid)
 
     # Each worker kept its own state where its host's layout says; the store is the one shared path.
