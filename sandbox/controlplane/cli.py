@@ -441,7 +441,8 @@ def session_checkpoints(store_dir: Path | None, session_id: str, as_json: bool) 
         return
     for c in cps:
         when = datetime.datetime.fromtimestamp(c.created_at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        click.echo(f"{c.id}  {when}  {c.files} files  {c.bytes_total} bytes ({c.bytes_new} new)  "
+        what = f"{c.files} files" if c.kind == "tree" else "archive"  # (CKPT) a cluster sandbox's own archive
+        click.echo(f"{c.id}  {when}  {what}  {c.bytes_total} bytes ({c.bytes_new} new)  "
                    f"{c.calls} calls  {c.digest}")
     if not cps:
         click.echo("no checkpoints (one is recorded each time a run of the session goes idle)", err=True)
@@ -456,7 +457,7 @@ def session_restore(store_dir: Path | None, session_id: str, checkpoint_id: str)
     import time
 
     from sandbox.audit.trail import AuditTrail
-    from sandbox.worker.checkpoints import CheckpointError, Checkpoints
+    from sandbox.worker.checkpoints import CheckpointError, restore_into_store
 
     store = _store(store_dir)
     meta = store.meta(session_id)
@@ -466,7 +467,8 @@ def session_restore(store_dir: Path | None, session_id: str, checkpoint_id: str)
     if lock is None:
         _fail(f"session {session_id} has an active run; restore it once the run has gone idle", 1)
     try:
-        info = Checkpoints(store.session_dir(session_id)).restore(checkpoint_id, store.ensure_mounted(meta.workspace))
+        # (CKPT) a cluster session's checkpoint is its stored archive: restored as such, never unpacked here
+        info = restore_into_store(store, session_id, meta.workspace, checkpoint_id)
         trail = AuditTrail(store.trail_path(session_id), session=session_id, reopen=True)
         trail.lifecycle("restore", checkpoint=info.id, digest=info.digest, files=info.files,
                         bytes_total=info.bytes_total)
@@ -501,6 +503,12 @@ def session_export(store_dir: Path | None, session_id: str, out: Path, checkpoin
         except CheckpointError as e:
             _fail(str(e), 1)
         src = store.session_dir(session_id) / "checkpoints" / checkpoint_id / "files"
+        if not src.is_dir():  # (CKPT) a cluster session's checkpoint: the sandbox's own tar, written out as is
+            import shutil
+
+            shutil.copyfile(src.with_name("workspace.tar"), out)
+            click.echo(f"wrote {out} (the archive the session's sandbox wrote; not checked or unpacked here)")
+            return
     else:
         lock = _run_lock(store, session_id, wait=2.0)
         if lock is None:

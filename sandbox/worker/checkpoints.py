@@ -22,6 +22,16 @@ is held), so nothing can swap paths under the walk.
 Bounded per session: at most `max_count` checkpoints and `max_bytes` of
 distinct file data; the oldest are dropped first. A single checkpoint larger
 than `max_bytes` is not kept (and said so).
+
+A cluster session (``SessionStore(host_workspaces=False)``) has no workspace tree on the worker:
+between its sandboxes the store keeps the archive the sandbox itself wrote (sandbox.worker.pool),
+opaque bytes the worker never unpacks. Its checkpoints are those archives (``kind: archive``):
+`<id>/workspace.tar`, a hard link to the archive as it was when the run went idle (an archive is
+only ever replaced, never written in place, so the link keeps those bytes), with its sha256 as
+the digest and no per-file manifest (reading one would mean parsing what a sandbox wrote).
+Restoring one makes it the session's archive again (:meth:`Checkpoints.restore_archive`): the
+session's next sandbox unpacks it, inside, under its policy. A sandbox can put anything into its
+own archive; a checkpoint of it only ever goes back into a sandbox of the same session.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_COUNT = 5
+ARCHIVE_NAME = "workspace.tar"  # an archive checkpoint's one file
 DEFAULT_MAX_BYTES = 1 << 30
 _CHUNK = 1 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -59,6 +70,7 @@ class CheckpointInfo:
     calls: int  # tool calls since the previous checkpoint
     skipped: int = 0  # fifos, sockets, devices
     ms: float = 0.0
+    kind: str = "tree"  # "tree": files and a manifest (host workspaces); "archive": a cluster sandbox's archive
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,6 +179,59 @@ class Checkpoints:
         self._prune(keep=cid)
         return info
 
+    def create_from_archive(self, archive: Path, *, calls: int = 0) -> CheckpointInfo | None:
+        """A cluster session's checkpoint: its stored workspace archive as it is now, linked (the
+        caller holds the run lock: no sandbox replaces it meanwhile). None if there is no archive
+        or it alone exceeds `max_bytes`. The archive is read only to hash it, never unpacked."""
+        started = time.perf_counter()
+        try:
+            st = os.lstat(archive)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{archive} is not a regular file")
+        if st.st_size > self.max_bytes:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prev = [c for c in self.list() if c.kind == "archive"]
+        prev_file = self.dir / prev[-1].id / ARCHIVE_NAME if prev else None
+        cid = f"ckpt_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}_{secrets.token_hex(3)}"
+        tmp = self.dir / f".{cid}.tmp"
+        tmp.mkdir(mode=0o700)
+        try:
+            dst = tmp / ARCHIVE_NAME
+            sha = _link_or_copy(Path(archive), dst)
+            same = prev_file is not None and prev_file.exists() and os.path.samestat(os.lstat(prev_file), os.lstat(dst))
+            info = CheckpointInfo(id=cid, created_at=time.time(), digest="sha256:" + sha, files=0,
+                                  bytes_total=st.st_size, bytes_new=0 if same else st.st_size, calls=calls,
+                                  kind="archive")
+            info.ms = round((time.perf_counter() - started) * 1000, 1)
+            _dump(tmp / "manifest.json", {"info": info.to_dict(), "entries": {}})
+            os.replace(tmp, self.dir / cid)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune(keep=cid)
+        return info
+
+    def restore_archive(self, checkpoint_id: str, archive: Path) -> CheckpointInfo:
+        """Make the cluster session's stored archive exactly this checkpoint's (caller holds the run
+        lock; the session's next sandbox unpacks it). Checked against its digest first."""
+        info, _ = self.get(checkpoint_id)
+        if info.kind != "archive":
+            raise CheckpointError(f"checkpoint {checkpoint_id} is a workspace tree (a host workspace), "
+                                  "not a cluster workspace archive")
+        src = self.dir / checkpoint_id / ARCHIVE_NAME
+        if "sha256:" + _sha256(src) != info.digest:
+            raise CheckpointError(f"checkpoint {checkpoint_id}: {ARCHIVE_NAME} does not match its recorded digest")
+        tmp = Path(archive).with_name(f".{Path(archive).name}.{secrets.token_hex(4)}.tmp")
+        try:
+            _link_or_copy(src, tmp)
+            os.replace(tmp, archive)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return info
+
     def _prune(self, keep: str) -> builtins.list[str]:
         dropped: builtins.list[str] = []
         cps = self.list()
@@ -183,6 +248,9 @@ class Checkpoints:
     def restore(self, checkpoint_id: str, workspace: Path) -> CheckpointInfo:
         """Make the workspace exactly the checkpoint (no sandbox may run over it; caller holds the run lock)."""
         info, entries = self.get(checkpoint_id)
+        if info.kind != "tree":
+            raise CheckpointError(f"checkpoint {checkpoint_id} is a cluster workspace archive: it is restored "
+                                  "into the session store (restore_into_store), never unpacked on this host")
         files = self.dir / checkpoint_id / "files"
         # Check the checkpoint before touching the workspace: content and manifest both.
         if manifest_digest(entries) != info.digest:
@@ -218,7 +286,26 @@ class Checkpoints:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def restore_into_store(store: Any, session_id: str, workspace: str, checkpoint_id: str) -> CheckpointInfo:
+    """Restore a session's checkpoint where its workspace lives (caller holds the session's run lock):
+    a tree into the mounted workspace, an archive (a cluster session) as the store's archive."""
+    cps = Checkpoints(store.session_dir(session_id))
+    info, _ = cps.get(checkpoint_id)
+    if info.kind == "archive":
+        return cps.restore_archive(checkpoint_id, store.workspace_archive(workspace))
+    return cps.restore(checkpoint_id, store.ensure_mounted(workspace))
+
+
 # ---------------------------------------------------------------------- helpers
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    """`dst` as a hard link to `src` (a copy across filesystems); returns the sha256 of its bytes."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        return _copy(str(src), dst)
+    return _sha256(dst)
+
 
 def manifest_digest(entries: dict[str, Any]) -> str:
     h = hashlib.sha256()

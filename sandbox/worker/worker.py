@@ -655,14 +655,21 @@ class Worker:
     def _checkpoint(self, slot: SessionSlot, calls: int) -> None:
         """The run went idle and its sandbox is stopped: record the workspace (checkpoints.py)."""
         assert self.store is not None
-        if self.config.checkpoints <= 0 or not self.store.host_workspaces:
-            return  # (a cluster session's workspace is an archive, not a mounted tree: no checkpoints yet)
+        if self.config.checkpoints <= 0:
+            return
         meta = self.store.meta(slot.session_id)
         if meta is None:
             return
         cps = Checkpoints(self.store.session_dir(slot.session_id), max_count=self.config.checkpoints,
                           max_bytes=self.config.checkpoint_bytes)
-        info = cps.create(self.store.ensure_mounted(meta.workspace), calls=calls)
+        if not self.store.host_workspaces:
+            # (CKPT) a cluster session: its workspace is the archive its sandbox wrote at the run's end (a
+            # link to it, never unpacked here); no archive yet (nothing saved): no checkpoint.
+            if not self.store.workspace_archive(meta.workspace).exists():
+                return
+            info = cps.create_from_archive(self.store.workspace_archive(meta.workspace), calls=calls)
+        else:
+            info = cps.create(self.store.ensure_mounted(meta.workspace), calls=calls)
         if info is None:
             log_event(log, logging.WARNING, "checkpoint_skipped", "workspace larger than the checkpoint budget; "
                       "no checkpoint", session_id=slot.session_id)
@@ -672,10 +679,10 @@ class Worker:
         self.store.update(slot.session_id, calls_since_checkpoint=0)
         log_event(log, logging.INFO, "checkpoint", "workspace checkpoint recorded", session_id=slot.session_id,
                   checkpoint=info.id, digest=info.digest, files=info.files, bytes_new=info.bytes_new,
-                  bytes_total=info.bytes_total, ms=info.ms, calls=calls)
+                  bytes_total=info.bytes_total, ms=info.ms, calls=calls, kind=info.kind)
         if slot.trail is not None:
             slot.trail.lifecycle("checkpoint", checkpoint=info.id, digest=info.digest, files=info.files,
-                                 bytes_total=info.bytes_total, bytes_new=info.bytes_new, calls=calls)
+                                 bytes_total=info.bytes_total, bytes_new=info.bytes_new, calls=calls, kind=info.kind)
 
     # ---------------------------------------------- (CKPT) periodic workspace archives of cluster sandboxes
 

@@ -364,3 +364,51 @@ def test_without_periodic_archives_a_pod_that_dies_mid_run_loses_the_run(
     assert not worker_logs.events("workspace_archived")
     admin.terminate(sid)
     wait_for(lambda: not cluster.claims, timeout=60, what="the claim's deletion")
+
+
+def test_a_cluster_session_gets_archive_checkpoints_listed_and_restored_through_the_cli(
+        cp: ControlPlane, admin: LocalAdmin, cluster: FakeCluster, kube_worker: Callable[..., Worker],
+        worker_logs: LogCapture, tmp_path: Path) -> None:
+    """Like Docker's checkpoints: one each time a run goes idle (here: the archive its sandbox wrote,
+    linked, never unpacked on the worker), listed and restored with `sandbox session`; the session's
+    next sandbox gets the restored state."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sandbox.cli import main
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(main, ["session", *args[:1], "--store", str(tmp_path / "sessions"), *args[1:]])
+
+    kube_worker(max_idle=1.0)
+    sid = admin.create_session(cp.environment_id)
+    assert call(admin, sid, "bash", {"command": "echo v1 > state.txt"}, timeout=60)[0] is False
+    admin.send_idle(sid)
+    wait_for(lambda: worker_logs.events("checkpoint"), timeout=60, what="the first checkpoint")
+    assert call(admin, sid, "bash", {"command": "echo v2 > state.txt; touch later.txt"}, timeout=60)[0] is False
+    admin.send_idle(sid)
+    wait_for(lambda: len(worker_logs.events("checkpoint")) == 2, timeout=60, what="the second checkpoint")
+    wait_for(lambda: len(worker_logs.events("work_done")) == 2, timeout=60, what="the second run to end")
+    first, second = worker_logs.events("checkpoint")
+    assert first["kind"] == second["kind"] == "archive" and first["digest"] != second["digest"]
+    listed = cli("checkpoints", "--json", sid)
+    assert listed.exit_code == 0, listed.output
+    assert [(c["id"], c["kind"]) for c in json.loads(listed.output)] == [(first["checkpoint"], "archive"),
+                                                                         (second["checkpoint"], "archive")]
+    assert "archive" in cli("checkpoints", sid).output
+    out = tmp_path / "export.tar"
+    assert cli("export", "--checkpoint", first["checkpoint"], sid, str(out)).exit_code == 0
+    with tarfile.open(out) as t:  # (the test reads it; the CLI only copied the bytes)
+        assert "./state.txt" in t.getnames() and "./later.txt" not in t.getnames()
+    restored = cli("restore", sid, first["checkpoint"])
+    assert restored.exit_code == 0, restored.output
+    err, text, _ = call(admin, sid, "bash", {"command": "cat state.txt; ls"}, timeout=60)
+    assert (err, text.splitlines()) == (False, ["v1", "state.txt"]), text
+    admin.terminate(sid)
+    wait_for(lambda: worker_logs.events("session_removed"), timeout=60, what="the session's removal")
+    store = SessionStore(tmp_path / "sessions", host_workspaces=False)
+    assert not store.session_dir(sid).exists(), "its checkpoints went with the session"
+    records = [json.loads(x) for x in store.trail_path(sid).read_text().splitlines()]
+    assert [(r.get("event"), r.get("digest")) for r in records if r.get("event") in ("checkpoint", "restore")][:3] == \
+        [("checkpoint", first["digest"]), ("checkpoint", second["digest"]), ("restore", first["digest"])]

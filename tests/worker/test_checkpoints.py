@@ -117,3 +117,97 @@ def test_a_tampered_checkpoint_is_refused_before_the_workspace_is_touched(tmp_pa
     assert (ws / "after.txt").read_text() == "keep me"
     with pytest.raises(CheckpointError, match="no checkpoint"):
         cps.restore("../../etc", ws)
+
+
+# ---------------------------------------------------------------------- a cluster session's checkpoints: its archives
+
+
+def _archive(tmp_path: Path, data: bytes) -> Path:
+    """The store's archive of a cluster workspace, replaced as pool.save_workspace replaces it (a new file)."""
+    dest = tmp_path / "workspaces" / "ws1.tar"
+    dest.parent.mkdir(exist_ok=True)
+    tmp = dest.with_name(".ws1.tar.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o600)
+    os.replace(tmp, dest)
+    return dest
+
+
+def test_an_archive_checkpoint_keeps_the_archive_as_it_was_and_restores_it_byte_for_byte(tmp_path: Path) -> None:
+    import hashlib
+
+    cps = Checkpoints(tmp_path / "sess")
+    archive = _archive(tmp_path, b"first state: opaque bytes the sandbox wrote")
+    one = cps.create_from_archive(archive, calls=4)
+    assert one is not None and one.kind == "archive" and one.calls == 4
+    assert one.digest == "sha256:" + hashlib.sha256(b"first state: opaque bytes the sandbox wrote").hexdigest()
+    kept = tmp_path / "sess" / "checkpoints" / one.id / "workspace.tar"
+    assert os.path.samefile(kept, archive), "a link, not a copy"
+    # The next sandbox's save replaces the archive (a new file): the checkpoint keeps the old bytes.
+    _archive(tmp_path, b"second state")
+    two = cps.create_from_archive(archive)
+    assert two is not None and two.bytes_new == len(b"second state") and two.digest != one.digest
+    assert kept.read_bytes() == b"first state: opaque bytes the sandbox wrote"
+    # Unchanged since the last checkpoint: nothing new stored.
+    three = cps.create_from_archive(archive)
+    assert three is not None and three.bytes_new == 0 and three.digest == two.digest
+    assert [c.id for c in cps.list()] == [one.id, two.id, three.id]
+    restored = cps.restore_archive(one.id, archive)
+    assert restored.digest == one.digest and archive.read_bytes() == b"first state: opaque bytes the sandbox wrote"
+    assert archive.stat().st_mode & 0o777 == 0o600
+    # the restored archive is the checkpoint's file: a later save replaces it, never writes into it
+    _archive(tmp_path, b"after the restore")
+    assert kept.read_bytes() == b"first state: opaque bytes the sandbox wrote"
+
+
+def test_a_tampered_archive_checkpoint_is_refused_before_the_sessions_archive_is_touched(tmp_path: Path) -> None:
+    cps = Checkpoints(tmp_path / "sess")
+    archive = _archive(tmp_path, b"good state")
+    one = cps.create_from_archive(archive)
+    assert one is not None
+    _archive(tmp_path, b"current state")
+    kept = tmp_path / "sess" / "checkpoints" / one.id / "workspace.tar"
+    kept.write_bytes(b"someone on the host edits a checkpoint")
+    with pytest.raises(CheckpointError, match="does not match its recorded digest"):
+        cps.restore_archive(one.id, archive)
+    assert archive.read_bytes() == b"current state"
+
+
+def test_archive_and_tree_checkpoints_are_never_restored_as_the_other(tmp_path: Path, ws: Path) -> None:
+    from sandbox.worker.store import SessionStore
+
+    cps = Checkpoints(tmp_path / "sess")
+    tree = cps.create(ws)
+    archive = _archive(tmp_path, b"a cluster sandbox's tar")
+    arch = cps.create_from_archive(archive)
+    assert tree is not None and arch is not None
+    # An archive is never unpacked on the worker's host, whatever asks.
+    with pytest.raises(CheckpointError, match="cluster workspace archive.*never unpacked"):
+        cps.restore(arch.id, ws)
+    with pytest.raises(CheckpointError, match="is a workspace tree"):
+        cps.restore_archive(tree.id, archive)
+    # restore_into_store picks by the checkpoint's kind: an archive goes back as the store's archive.
+    store = SessionStore(tmp_path / "store", host_workspaces=False)
+    meta, _ = store.open_session("s1", 64)
+    other = Checkpoints(store.session_dir("s1"))
+    _archive(tmp_path, b"state to come back to")
+    saved = other.create_from_archive(archive)
+    assert saved is not None
+    from sandbox.worker.checkpoints import restore_into_store
+
+    assert restore_into_store(store, "s1", meta.workspace, saved.id).digest == saved.digest
+    assert store.workspace_archive(meta.workspace).read_bytes() == b"state to come back to"
+
+
+def test_archive_checkpoints_are_bounded_by_count_and_bytes(tmp_path: Path) -> None:
+    cps = Checkpoints(tmp_path / "sess", max_count=2, max_bytes=10_000)
+    archive = _archive(tmp_path, b"x" * 20_000)
+    assert cps.create_from_archive(archive) is None, "an archive over the whole budget is not kept"
+    ids = []
+    for i in range(3):
+        _archive(tmp_path, bytes([65 + i]) * 3000)
+        info = cps.create_from_archive(archive)
+        assert info is not None
+        ids.append(info.id)
+    assert [c.id for c in cps.list()] == ids[1:] and cps.stored_bytes() <= 10_000
+    assert cps.create_from_archive(tmp_path / "workspaces" / "missing.tar") is None
