@@ -171,6 +171,16 @@ class FileJournal:
                           state, claim["owner"], stored, float(claim["started_at"]),  # type: ignore[arg-type]
                           None if finished is None else float(finished))
 
+    def _read_soon(self, h: str, tries: int = 40) -> CallRecord | None:
+        """`_read` of an entry the file server just said exists (a link failed with EEXIST): a client
+        may still hold a cached "no such file" for it for a moment, so look again briefly."""
+        for _ in range(tries):
+            rec = self._read(h)
+            if rec is not None:
+                return rec
+            time.sleep(0.05)
+        return None
+
     def _store_result(self, h: str, content: Any, is_error: bool) -> bool:
         """The call's one result (first writer wins), indexed as pending; False if it had one already."""
         if self._path(h, "delivered").exists():
@@ -252,9 +262,9 @@ class FileJournal:
             if self._link_new(json.dumps(claim).encode(), self._path(h, "call")):
                 return Begin(run=True)
             mark.unlink(missing_ok=True)  # another worker claimed it first
-            rec = self._read(h)
-            if rec is None:  # claimed and expired in between: impossible within a TTL of a week
-                raise OSError(errno.EIO, f"journal entry for {tool_use_id} vanished while being claimed")
+            rec = self._read_soon(h)
+            if rec is None:  # the server said it exists, and it never showed: not a journal we can trust
+                raise OSError(errno.EIO, f"journal entry for {tool_use_id} exists and cannot be read")
         if rec.tool_use_id != tool_use_id:
             raise OSError(errno.EIO, f"journal entry {h} names another call")
         if rec.state == "running":
