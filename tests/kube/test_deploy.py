@@ -305,3 +305,18 @@ def test_the_worker_pod_serves_metrics_on_its_declared_port_to_prometheus_with_o
             for a in cmd[2:]]
     ctx = worker_cmd.make_context("worker", args)
     assert ctx.params["metrics_host"] == host and ctx.params["metrics_port"] == int(port)
+
+
+def test_only_the_scraper_may_connect_to_the_worker_and_only_on_its_metrics_port():
+    """/metrics has no authentication and listens on the pod's IP: the worker's NetworkPolicy admits
+    the scraper's namespace on that port and nothing else, and leaves the worker's own connections alone."""
+    (pol,) = [d for d in _docs("worker-netpol.yaml") if d["kind"] == "NetworkPolicy"]
+    _, c = _worker_container()
+    port = int(c["command"][c["command"].index("--metrics-port") + 1])
+    worker = next(d for d in _docs("worker.yaml") if d["kind"] == "Deployment")
+    assert pol["metadata"]["namespace"] == worker["metadata"]["namespace"]
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    assert [list(f) for f in rule["from"]] == [["namespaceSelector"]] and rule["from"][0]["namespaceSelector"]["matchLabels"]
