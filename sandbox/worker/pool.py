@@ -27,7 +27,13 @@ that cannot mount a host path. There a session's workspace is the pod's own volu
 sandbox lives; when the sandbox is stopped, the sandbox itself writes its workspace as a tar
 stream (`tar` runs inside, under the policy) that the store keeps as opaque, size-capped bytes,
 and the session's next sandbox unpacks it, again inside (:func:`save_workspace`,
-:func:`restore_workspace`). The worker never parses what a sandbox wrote.
+:func:`restore_workspace`). The worker never parses what a sandbox wrote. During a run the
+sandbox writes it again every ``archive_interval`` seconds after a tool call
+(:meth:`SessionSandboxes.archive`, started by the worker), and when it is parked, so a pod that
+dies loses only what changed since its last archive; each archive replaces the previous one only
+once complete, and one sandbox writes one archive at a time (the one at its stop waits for a
+periodic one in flight, so the newest is the one kept). When a run goes idle the archive becomes
+a checkpoint of the session (sandbox.worker.checkpoints, ``kind: archive``).
 """
 
 from __future__ import annotations
