@@ -502,6 +502,15 @@ class AdminServer:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
+    def _after(self, sid: str, query: dict[str, list[str]]) -> int:
+        """Where the caller's copy of the session's decisions ends: ``after``, unless it names
+        another stream than this replica's (``stream``: it restarted, or forgot the session and
+        got it again), then from the start of this one."""
+        stream = query.get("stream")
+        if stream and stream[0] != self.proxy.stream_id(sid):
+            return 0
+        return int(query["after"][0])
+
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         u = urlparse(target)
         if u.path == "/healthz" and method == "GET":  # (not ready while draining: the Service drops this replica)
@@ -515,7 +524,7 @@ class AdminServer:
         sid = parts[2]
         query = parse_qs(u.query)
         if len(parts) == 4 and parts[3] == "records" and method == "GET" and "after" in query:
-            lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]))
+            lines, last, lost = self.proxy.records_after(sid, self._after(sid, query))
             return 200, {"records": [json.loads(x) for x in lines], "next": last, "lost": lost,
                          "registered": sid in self.proxy.registrations(), "stream": self.proxy.stream_id(sid),
                          "draining": self.proxy.draining}
@@ -531,7 +540,7 @@ class AdminServer:
             known = await self.proxy.unregister(sid, keep_stream=True)
             reply: dict[str, Any] = {"ok": True, "known": known, "stream": self.proxy.stream_id(sid)}
             if "after" in query:  # the decisions the caller has not fetched yet, the last ones included
-                lines, last, lost = self.proxy.records_after(sid, int(query["after"][0]), limit=STREAM_KEEP)
+                lines, last, lost = self.proxy.records_after(sid, self._after(sid, query), limit=STREAM_KEEP)
                 reply.update(records=[json.loads(x) for x in lines], next=last, lost=lost)
             self.proxy.forget_stream(sid)
             return 200, reply
@@ -865,8 +874,7 @@ class ClusterEgressClient:
 
         def one(url: str) -> None:
             with reg.lock(url):
-                st = reg.streams.get(url)
-                q = f"?after={st.seq}" if st is not None and reg.mirror is not None else ""
+                q = f"?{_cursor(reg.streams.get(url))}" if reg.mirror is not None else ""
                 try:
                     reply = self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}{q}", base=url)
                 except ClusterEgressRefused as e:
@@ -878,8 +886,8 @@ class ClusterEgressClient:
                     with self._lock:
                         self._pending.setdefault(url, {})[session_id] = reg.until
                     return
-                if st is not None and reg.mirror is not None and reply.get("stream") == st.stream:
-                    reg.mirror.append(reply, url)
+                if reg.mirror is not None:
+                    _copy(reg, url, reply)
 
         threads = [threading.Thread(target=one, args=(u,), daemon=True) for u in urls]
         for t in threads:
@@ -902,6 +910,28 @@ class ClusterEgressClient:
             out += self._call("GET", f"/v1/sessions/{quote(session, safe='')}/records?limit={int(limit)}",
                               base=url).get("records") or []
         return sorted(out, key=lambda r: str(r.get("ts", "")))[-limit:]
+
+
+def _cursor(st: _Stream | None) -> str:
+    """The query naming what the worker has of a session's decisions on a replica."""
+    if st is None or st.stream is None:
+        return "after=0"
+    return f"after={st.seq}&stream={quote(st.stream, safe='')}"
+
+
+def _copy(reg: _Reg, url: str, reply: dict[str, Any]) -> None:
+    """A replica's answer to :func:`_cursor` into the session's copy: it answers from the start of
+    its stream when the cursor named another, so each decision is appended once. (Under the
+    session's lock for that replica.)"""
+    stream = reply.get("stream")
+    if stream is None or "records" not in reply:
+        return
+    st = reg.streams.get(url)
+    if st is None or st.stream != stream:
+        st = reg.streams[url] = _Stream(stream)
+    if reg.mirror is not None:
+        reg.mirror.append(reply, url)
+    st.seq = max(st.seq, int(reply.get("next") or 0))
 
 
 class _ReplicaSync(threading.Thread):
@@ -941,15 +971,8 @@ class _ReplicaSync(threading.Thread):
         with reg.lock(self.url):
             if reg.closing:
                 return
-            st = reg.streams.get(self.url)
-            reply = c._call("GET", f"{path}?after={st.seq if st else 0}", base=self.url)
-            stream = reply.get("stream")
-            if st is not None and stream is not None and stream == st.stream:
-                if reg.mirror is not None:
-                    reg.mirror.append(reply, self.url)
-                st.seq = max(st.seq, int(reply.get("next") or 0))
-            elif stream is not None:  # a stream not seen yet: from its start, next poll
-                reg.streams[self.url] = _Stream(stream)
+            reply = c._call("GET", f"{path}?{_cursor(reg.streams.get(self.url))}", base=self.url)
+            _copy(reg, self.url, reply)
             if (reply.get("registered") is False and not reply.get("draining") and self.url not in reg.superseded
                     and reg.until - time.monotonic() > 1):
                 log.warning("egress proxy replica %s does not know session %s (restarted or new?); registering its "

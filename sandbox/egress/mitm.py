@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -108,7 +109,7 @@ class SessionCA:
             raise SessionCAError("the session CA certificate is not a PEM certificate") from None
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise SessionCAError("the session CA key is not an unencrypted PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise SessionCAError("the session CA key must be an EC P-256 key")

@@ -420,6 +420,35 @@ def test_a_replica_stopped_gracefully_serves_on_briefly_and_hands_over_its_last_
     assert paths(trail(tmp_path / "mirror", "sess_b")) == ["/b"]
 
 
+def _admin(r: Replica, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    req = urllib.request.Request(f"{r.url}{path}", method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def test_a_cursor_into_a_stream_the_replica_no_longer_has_reads_the_new_stream_from_its_start(
+        replicas: Callable[..., Replica], http_target: Target) -> None:
+    # The replica forgot the session and got it again (its stream numbers anew) between two fetches
+    # of a worker: "after 2" of the old stream must not skip the new stream's first decisions.
+    r1 = replicas("r1")
+    reg = {"pod_ip": POD_A, "policy": http_policy(http_target).model_dump(mode="json"), "ttl_s": 600}
+    _admin(r1, "PUT", "/v1/sessions/sess_a", reg)
+    for i in range(2):
+        assert r1.get(POD_A, f"http://allowed.test:{http_target.port}/old{i}").status == 200
+    first = _admin(r1, "GET", "/v1/sessions/sess_a/records?after=0")
+    assert first["next"] == 2 and first["stream"]
+    _admin(r1, "DELETE", "/v1/sessions/sess_a")
+    assert _admin(r1, "PUT", "/v1/sessions/sess_a", reg)["stream"] != first["stream"]
+    assert r1.get(POD_A, f"http://allowed.test:{http_target.port}/new").status == 200
+    got = _admin(r1, "GET", f"/v1/sessions/sess_a/records?after=2&stream={first['stream']}")
+    assert [r["path"] for r in got["records"]] == ["/new"] and got["next"] == 1
+    same = _admin(r1, "GET", f"/v1/sessions/sess_a/records?after=1&stream={got['stream']}")
+    assert same["records"] == []  # the current stream: from the cursor on
+    gone = _admin(r1, "DELETE", f"/v1/sessions/sess_a?after=1&stream={first['stream']}")
+    assert [r["path"] for r in gone["records"]] == ["/new"]
+
+
 def test_the_backend_finds_the_replicas_through_the_headless_service_name(tmp_path: Path) -> None:
     from sandbox.kube.config import config_from_dict
 
