@@ -10,6 +10,7 @@ resolve names through a fixed table to 127.0.0.2/3."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -341,6 +343,76 @@ def test_a_replica_that_refuses_a_session_fails_its_start_and_no_replica_keeps_i
         client.close()
     no_secret({"a reply or error": "\n".join(client.replies), "r1's logs/files": r1.logs_and_files(),
                "r2's logs/files": r2.logs_and_files()}, [SECRET, TOKEN])
+
+
+class Link:
+    """The network between the worker and one replica's admin port: a loopback relay that can be
+    cut (connections refused) and mended on the same address, the replica running on meanwhile."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.port = port, 0
+        self.mend()
+
+    def mend(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.sock,), daemon=True).start()
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it: closing alone would not
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                with contextlib.suppress(OSError):
+                    x.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_replica_that_missed_an_unregistration_is_told_again_and_cuts_the_pod_off(
+        replicas: Callable[..., Replica], http_target: Target) -> None:
+    r1, r2 = replicas("r1"), replicas("r2")
+    link = Link(r2.admin_port)
+    client = ClusterEgressClient([r1.url, link.url], TOKEN, timeout=2)
+    try:
+        client.register("sess_a", POD_A, http_policy(http_target), ttl_s=600)
+        assert r2.sessions() == 1
+        link.cut()  # the worker cannot reach r2 now; r2 still serves pods
+        client.unregister("sess_a")  # r1 forgets it; r2 cannot be told
+        assert r1.sessions() == 0 and r2.sessions() == 1
+        link.mend()
+        wait_for(lambda: r2.sessions() == 0, "the replica that missed the unregistration to be told again")
+        assert r2.get(POD_A, f"http://allowed.test:{http_target.port}/after").raw == b""
+        time.sleep(1.5)  # and nobody puts it back
+        assert r2.sessions() == 0
+    finally:
+        client.close()
+        link.cut()
+    assert not http_target.requests
 
 
 def test_a_replica_that_appears_later_gets_every_live_session(
