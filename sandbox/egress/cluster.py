@@ -14,6 +14,21 @@ a Service, and the only thing the proxy can tie a connection to is the pod's IP.
   closed before one byte is read or written (counted, and logged once a minute per address);
 - the worker copies each session's numbered decisions into a local file for the session's trail,
   and registers a live session again when the proxy has forgotten it (a restarted proxy);
+- the proxy runs as several replicas, each holding every live registration (the pods' Service
+  spreads their connections over them): the worker finds the replicas (a headless Service's DNS
+  records, or a list), registers each session with every one, registers its live sessions with a
+  replica that restarted or appeared within a poll, tells a replica it could not reach of an
+  unregistration until it hears it, and copies every replica's decisions into the session's one
+  trail (each numbered in its replica's stream: each exactly once). A session starts when no
+  replica refused it and one accepted it; a replica that lacks a pod's registration refuses that
+  pod like any stranger (deny by default), never serves it under a default. For a policy that
+  terminates TLS the worker makes the session CA and sends it (certificate and key) in every
+  registration, so each replica presents leaves of the one CA in the pod's trust bundle, before
+  and after a restart; the key stays in the worker's and the replicas' memory (see SECURITY.md);
+- of two registrations of one pod address, the later-registered session holds it on every
+  replica, whatever order they arrive in (a pod IP is reused only after its pod is gone);
+- on SIGTERM a replica takes no new registration and is not ready, serves its pods a few seconds
+  more, closes, and waits for the workers to fetch its last decisions before it exits;
 - a registered connection is served by the very same proxy code as on a host
   (:class:`sandbox.egress.proxy.EgressProxy`): same ACL, same per-session limits and byte
   budget, one audit record per decision in the session's own capped log.
@@ -44,7 +59,8 @@ read in the proxy's pod too. The registration's reply carries the trust bundle t
 
     python -m sandbox.egress.cluster --listen 0.0.0.0:3128 --admin-listen 0.0.0.0:3129 \\
         --token-file /var/run/sandbox-egress-admin/token --state-dir /var/lib/sandbox-egress \\
-        [--credential-dir /run/sandbox-egress-credentials] [--allow-credential-commands]
+        [--credential-dir /run/sandbox-egress-credentials] [--allow-credential-commands] \\
+        [--drain-seconds 5 --drain-fetch-seconds 15]
 """
 
 from __future__ import annotations

@@ -183,9 +183,11 @@ class KubeBackend:
         self.config = config or load_config(os.environ.get(CONFIG_ENV) or None)
         self._api_client = api_client
         if egress is None and self.config.egress_proxy.admin_token_file:
-            # The cluster proxy's admin endpoint (sandbox/egress/cluster.py), with the token mounted
-            # into this worker's pod only; with a state dir, the sessions' egress decisions are
-            # copied there for the worker's trail (as the host daemon's files are on Docker).
+            # The cluster proxy's admin endpoints (sandbox/egress/cluster.py): every replica (the
+            # headless Service of egress_proxy.admin_dns, or admin_urls), each session registered
+            # with all of them; the token mounted into this worker's pod only. With a state dir,
+            # the sessions' egress decisions (from every replica, each once) are copied there for
+            # the worker's trail (as the host daemon's files are on Docker).
             from sandbox.egress.cluster import ClusterEgressClient
 
             egress = ClusterEgressClient.from_config(self.config.egress_proxy,
