@@ -539,6 +539,43 @@ def test_the_backend_finds_the_replicas_through_the_headless_service_name(tmp_pa
         config_from_dict({"egress_proxy": {"admin_dns": "x.test", "admin_urls": ["http://10.0.0.1:3129"]}})
 
 
+def test_the_kubernetes_backend_registers_its_pod_with_every_replica_for_the_claims_life(
+        replicas: Callable[..., Replica], tmp_path: Path) -> None:
+    from sandbox.kube.backend import KubeBackend
+    from sandbox.kube.config import config_from_dict
+    from sandbox.kube.degradations import KNOWN_IDS
+    from sandbox.policy import load_policy
+    from tests.kube.fake_apiserver import FakeCluster, api_client
+
+    r1, r2 = replicas("r1"), replicas("r2")
+    token = tmp_path / "admin-token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o400)
+    cfg = config_from_dict({"accept": {k: "accepted in this test on purpose" for k in KNOWN_IDS},
+                            "egress_proxy": {"cluster_ip": "10.96.0.53", "admin_urls": [r1.url, r2.url],
+                                             "admin_token_file": str(token)}})
+    api = FakeCluster(tmp_path / "k8s")
+    b = KubeBackend(cfg, api_client=api_client(api.url), ready_timeout=30, state_dir=tmp_path / "worker-state")
+    try:
+        sb = b.create(load_policy("python-packages"), session_id="sess_pod")
+        try:
+            assert r1.sessions() == 1 and r2.sessions() == 1
+        finally:
+            sb.destroy()
+        assert r1.sessions() == 0 and r2.sessions() == 0 and not api.claims
+        # one replica refusing (here: the wrong token there) means no sandbox, no claim, and no
+        # registration left on the replica that accepted
+        r2.stop()
+        r2.token.write_text("w" * 40)
+        r2.start()
+        with pytest.raises(Exception, match="egress proxy refused pod .*401"):
+            b.create(load_policy("python-packages"), session_id="sess_refused")
+        assert not api.claims and r1.sessions() == 0
+    finally:
+        b.egress.close()  # type: ignore[union-attr]
+        api.close()
+
+
 def _docs() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((DEPLOY / "proxy.yaml").read_text()) if d]
 
