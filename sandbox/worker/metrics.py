@@ -105,11 +105,15 @@ class HealthServer:
     """`GET /healthz` (JSON) and `GET /metrics`, on loopback unless `host` names another address."""
 
     def __init__(self, metrics: WorkerMetrics, health: Callable[[], dict[str, Any]], port: int,
-                 host: str = DEFAULT_HOST) -> None:
+                 host: str = DEFAULT_HOST, client_timeout: float = 10.0) -> None:
         host, loopback = check_metrics_host(host)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            # A client that connects and says nothing (or trickles) holds its thread this long at most:
+            # beyond loopback, anyone the network lets in can connect.
+            timeout = client_timeout
+
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 if self.path == "/metrics":
                     body, ctype, code = metrics.exposition(), CONTENT_TYPE_LATEST, 200

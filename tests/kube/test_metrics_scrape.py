@@ -165,3 +165,16 @@ def test_a_scrape_after_a_served_session_holds_no_key_session_id_path_or_content
                 seen.add((family.name, name, value))
     assert ("sandbox_worker_tool_calls", "tool", "bash") in seen
     assert ("sandbox_worker_workspace_archives", "outcome", "ok") in seen
+
+
+def test_a_client_that_connects_and_says_nothing_is_cut_off_rather_than_holding_a_thread() -> None:
+    # (slowloris against an endpoint that now listens beyond loopback; the real bound is 10 s)
+    srv = HealthServer(WorkerMetrics(), lambda: {"status": "ok"}, 0, client_timeout=0.5)
+    srv.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as idle:
+            idle.sendall(b"GET /metr")  # and then nothing
+            assert idle.recv(1024) == b"", "the server closes the silent connection"
+        assert _get("127.0.0.1", srv.port, "/healthz")[0] == 200
+    finally:
+        srv.stop()
