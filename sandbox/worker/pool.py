@@ -588,7 +588,8 @@ def admission_for(runtime: Any, policy: Policy, state_dir: Path) -> Admission:
     (:class:`sandbox.worker.admission.Admission`, unchanged). A cluster: the sandboxes run on its
     nodes (their room is the warm pool and the namespace's quota, seen as a claim that does not
     become ready), so only what the worker itself keeps counts: room in the store for one more
-    workspace archive, and the host's memory reserve. The worker host's load does not gate it."""
+    workspace archive (and the next one while it is written), and the host's memory reserve. The
+    worker host's load does not gate it."""
     if uses_host_workspaces(runtime):
         return Admission(policy, psutil_probe(state_dir))
     return ClusterAdmission(policy, psutil_probe(state_dir), load_per_cpu=float("inf"))
@@ -596,7 +597,8 @@ def admission_for(runtime: Any, policy: Policy, state_dir: Path) -> Admission:
 
 class ClusterAdmission(Admission):
     def needs(self) -> tuple[int, int, float]:
-        return 0, int(self.policy.workspace.size_mb * (1 << 20) * _ARCHIVE_SLACK), 0.0
+        # Its archive and, while a periodic one is written, the next (kept beside it until complete).
+        return 0, 2 * int(self.policy.workspace.size_mb * (1 << 20) * _ARCHIVE_SLACK), 0.0
 
 
 def startup_canaries(runtime: Any, policy: Policy) -> list[Any]:

@@ -115,3 +115,21 @@ def test_a_parked_sandbox_archives_the_run_at_once_not_only_when_it_stops(tmp_pa
     assert store.workspace_archive(ws).read_bytes() == b"the run's last state" and not sb.destroyed
     sbs.close()  # the parked sandbox stops: archived once more, then destroyed
     assert store.workspace_archive(ws).read_bytes() == b"at its stop" and sb.destroyed
+
+
+def test_a_cluster_worker_claims_work_only_with_room_for_an_archive_and_the_next_one_being_written() -> None:
+    from sandbox.worker.admission import HostStats
+    from sandbox.worker.pool import ClusterAdmission
+
+    policy = load_policy("worker")
+    one = int(policy.workspace.size_mb * (1 << 20) * 1.1)  # an archive's cap
+    reserve = 512 << 20
+
+    def stats(free: int) -> HostStats:
+        return HostStats(available_memory=8 << 30, free_disk=free, load1=0.0, cpus=2)
+
+    room_for_one = ClusterAdmission(policy, lambda: stats(one + reserve + (1 << 20)), load_per_cpu=float("inf"))
+    refused = room_for_one.check()
+    assert not refused.ok and refused.resource == "disk", refused
+    room_for_two = ClusterAdmission(policy, lambda: stats(2 * one + reserve + (1 << 20)), load_per_cpu=float("inf"))
+    assert room_for_two.check().ok
