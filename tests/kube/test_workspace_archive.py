@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sandbox.policy import load_policy
 from sandbox.runtime import ExecResult
 from sandbox.worker.pool import Assignment, SessionSandboxes
@@ -133,3 +135,38 @@ def test_a_cluster_worker_claims_work_only_with_room_for_an_archive_and_the_next
     assert not refused.ok and refused.resource == "disk", refused
     room_for_two = ClusterAdmission(policy, lambda: stats(2 * one + reserve + (1 << 20)), load_per_cpu=float("inf"))
     assert room_for_two.check().ok
+
+
+def test_the_worker_cli_hands_the_archive_interval_and_metrics_host_to_the_worker(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import sandbox.worker.worker as worker_mod
+    from sandbox.worker.cli import worker_cmd
+
+    seen: list[Any] = []
+
+    class Captured:
+        fatal_error = None
+
+        def __init__(self, config: Any, key: Any) -> None:
+            seen.append(config)
+
+        async def run(self) -> None:
+            return None
+
+        def request_stop(self) -> None:
+            return None
+
+    monkeypatch.setattr(worker_mod, "Worker", Captured)
+    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    env = {"ANTHROPIC_ENVIRONMENT_KEY": "test-environment-key-value"}  # (the CLI scrubs it from its environment)
+    base = ["--base-url", "http://127.0.0.1:9", "--environment-id", "env_x", "--state-dir", str(tmp_path / "w")]
+    res = CliRunner(env=env).invoke(worker_cmd, [*base, "--archive-interval", "15", "--metrics-host", "0.0.0.0"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner(env=env).invoke(worker_cmd, base)
+    assert res.exit_code == 0, res.output
+    assert [(c.archive_interval, c.metrics_host) for c in seen] == [(15.0, "0.0.0.0"), (60.0, "127.0.0.1")]  # noqa: S104
+    res = CliRunner(env=env).invoke(worker_cmd, [*base, "--archive-interval", "-1"])
+    assert res.exit_code == 2 and "--archive-interval" in res.output
