@@ -112,6 +112,8 @@ MAX_TTL_S = 7 * 24 * 3600.0
 _UNREGISTERED_LOG_EVERY_S = 60.0
 STREAM_KEEP = 10_000        # decisions kept per session for the worker's trail to fetch (by sequence number)
 STREAM_PAGE = 1_000
+POLL_MAX_SESSIONS = 500      # sessions in one batched fetch (POST /v1/poll)
+POLL_MAX_RECORDS = 5_000     # decisions in one batched reply, all sessions together (the rest: next poll)
 MIRROR_POLL_S = 0.5
 
 
@@ -518,6 +520,32 @@ class AdminServer:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
+    def _poll(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Many sessions' new decisions in one request (a worker's poll of this replica: one request
+        per half second, not one per session): {sessions: {id: {after, stream}}} -> {sessions: {id:
+        {records, next, lost, registered, stream}}, draining}, at most POLL_MAX_RECORDS decisions in
+        all (a session past the budget gets none this time, and its cursor stays)."""
+        msg = json.loads(body or b"{}")
+        sessions = msg.get("sessions") if isinstance(msg, dict) else None
+        if not isinstance(sessions, dict) or len(sessions) > POLL_MAX_SESSIONS:
+            return 400, {"error": f"sessions must be an object of at most {POLL_MAX_SESSIONS} session ids"}
+        registered = self.proxy.registrations()
+        budget = POLL_MAX_RECORDS
+        out: dict[str, Any] = {}
+        for sid, cur in sessions.items():
+            if not isinstance(sid, str) or not SESSION_ID.match(sid) or not isinstance(cur, dict):
+                return 400, {"error": "each session id maps to a cursor {after, stream}"}
+            after, stream = cur.get("after", 0), cur.get("stream")
+            if not isinstance(after, int) or (stream is not None and not isinstance(stream, str)):
+                return 400, {"error": "a cursor is {after: integer, stream: string or null}"}
+            if stream is not None and stream != self.proxy.stream_id(sid):
+                after = 0
+            lines, last, lost = self.proxy.records_after(sid, after, limit=max(0, min(STREAM_PAGE, budget)))
+            budget -= len(lines)
+            out[sid] = {"records": [json.loads(x) for x in lines], "next": last, "lost": lost,
+                        "registered": sid in registered, "stream": self.proxy.stream_id(sid)}
+        return 200, {"sessions": out, "draining": self.proxy.draining}
+
     def _after(self, sid: str, query: dict[str, list[str]]) -> int:
         """Where the caller's copy of the session's decisions ends: ``after``, unless it names
         another stream than this replica's (``stream``: it restarted, or forgot the session and
@@ -534,6 +562,10 @@ class AdminServer:
                                                             "sessions": len(self.proxy.registrations())}
         if not self._authorised(headers):
             return 401, {"error": "a valid admin token is required"}
+        if u.path == "/v1/poll":
+            if method != "POST":
+                return 405, {"error": "POST"}
+            return self._poll(body)
         parts = u.path.strip("/").split("/")
         if len(parts) < 3 or parts[:2] != ["v1", "sessions"] or not SESSION_ID.match(parts[2]):
             return 404, {"error": "no such endpoint"}
@@ -935,6 +967,10 @@ def _cursor(st: _Stream | None) -> str:
     return f"after={st.seq}&stream={quote(st.stream, safe='')}"
 
 
+def _cursor_obj(st: _Stream | None) -> dict[str, Any]:
+    return {"after": 0, "stream": None} if st is None or st.stream is None else {"after": st.seq, "stream": st.stream}
+
+
 def _copy(reg: _Reg, url: str, reply: dict[str, Any]) -> None:
     """A replica's answer to :func:`_cursor` into the session's copy: it answers from the start of
     its stream when the cursor named another, so each decision is appended once. (Under the
@@ -958,13 +994,67 @@ class _ReplicaSync(threading.Thread):
         super().__init__(name=f"egress-replica-{url.rsplit('/', 1)[-1][:40]}", daemon=True)
         self.client, self.url = client, url
         self.down = False
+        self.batch = True  # POST /v1/poll; an older replica (404): one GET per session
+
+    def poll_many(self, regs: list[_Reg]) -> None:
+        """One request for many sessions' decisions (under each one's lock for this replica)."""
+        c = self.client
+        again: list[_Reg] = []
+        with contextlib.ExitStack() as held:
+            live = []
+            for reg in regs:
+                held.enter_context(reg.lock(self.url))
+                if not reg.closing:
+                    live.append(reg)
+            if not live:
+                return
+            try:
+                reply = c._call("POST", "/v1/poll", {"sessions": {
+                    r.session_id: _cursor_obj(r.streams.get(self.url)) for r in live}}, base=self.url)
+            except ClusterEgressRefused as e:
+                if e.status not in (404, 405):
+                    raise
+                self.batch = False
+                return
+            got = reply.get("sessions") or {}
+            for reg in live:
+                one = got.get(reg.session_id)
+                if isinstance(one, dict):
+                    _copy(reg, self.url, one)
+                    one["draining"] = reply.get("draining")
+                    if self._lacks(reg, one):
+                        again.append(reg)
+        for reg in again:
+            with reg.lock(self.url):
+                if not reg.closing:
+                    self._put_again(reg)
+
+    def _lacks(self, reg: _Reg, reply: dict[str, Any]) -> bool:
+        """The replica does not know this live session (it restarted, is new, or was unreachable)."""
+        return (reply.get("registered") is False and not reply.get("draining") and self.url not in reg.superseded
+                and reg.until - time.monotonic() > 1)
+
+    def _put_again(self, reg: _Reg) -> None:
+        log.warning("egress proxy replica %s does not know session %s (restarted or new?); registering its "
+                    "pod there", self.url, reg.session_id)
+        try:
+            self.client._put(reg, self.url)
+        except ClusterEgressRefused as e:
+            if e.status == 409:  # its pod is gone, its address another session's: never put back there
+                reg.superseded.add(self.url)
+            log.warning("egress proxy replica %s refused session %s again: %s", self.url, reg.session_id, e)
 
     def run(self) -> None:
         c = self.client
         while not c._closed.wait(MIRROR_POLL_S):
             try:
-                for reg in c._sessions():
-                    self.poll(reg)
+                regs = c._sessions()
+                if self.batch:
+                    for i in range(0, len(regs), POLL_MAX_SESSIONS):
+                        self.poll_many(regs[i:i + POLL_MAX_SESSIONS])
+                else:
+                    for reg in regs:
+                        self.poll(reg)
                 self.repeat_unregistrations()
                 if self.down:
                     log.info("egress proxy replica %s answers again", self.url)
@@ -989,16 +1079,8 @@ class _ReplicaSync(threading.Thread):
                 return
             reply = c._call("GET", f"{path}?{_cursor(reg.streams.get(self.url))}", base=self.url)
             _copy(reg, self.url, reply)
-            if (reply.get("registered") is False and not reply.get("draining") and self.url not in reg.superseded
-                    and reg.until - time.monotonic() > 1):
-                log.warning("egress proxy replica %s does not know session %s (restarted or new?); registering its "
-                            "pod there", self.url, reg.session_id)
-                try:
-                    c._put(reg, self.url)
-                except ClusterEgressRefused as e:
-                    if e.status == 409:  # its pod is gone, its address another session's: never put back there
-                        reg.superseded.add(self.url)
-                    log.warning("egress proxy replica %s refused session %s again: %s", self.url, reg.session_id, e)
+            if self._lacks(reg, reply):
+                self._put_again(reg)
 
     def repeat_unregistrations(self) -> None:
         c = self.client

@@ -601,3 +601,59 @@ def test_the_proxy_deployment_runs_several_replicas_that_the_worker_can_each_rea
     args = parser().parse_args(c["command"][3:])
     grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert args.drain_seconds > 0 and args.drain_seconds + args.drain_fetch_seconds < grace
+
+
+def test_the_worker_fetches_every_sessions_decisions_in_one_request_per_replica_within_a_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http_target: Target) -> None:
+    # One request per replica and poll for all sessions (not one per session: the admin endpoint
+    # shares the proxy's event loop with the pods' traffic); a reply carries at most
+    # POLL_MAX_RECORDS decisions in all, and a session past the budget gets the rest next time.
+    import sandbox.egress.cluster as cl
+    from tests.kube.test_egress_cluster import TOKEN as IN_PROCESS_TOKEN
+    from tests.kube.test_egress_cluster import Cluster
+
+    monkeypatch.setattr(cl, "POLL_MAX_RECORDS", 3)
+    c = Cluster(tmp_path)  # the proxy in this process, for the smaller budget
+    client = SpyClient([c.admin_url], IN_PROCESS_TOKEN, mirror_dir=tmp_path / "mirror")
+    sids = ["sess_a", "sess_b"]
+    try:
+        for sid, pod in zip(sids, (POD_A, POD_B), strict=True):
+            client.register(sid, pod, http_policy(http_target), ttl_s=600)
+        for i in range(4):
+            for pod in (POD_A, POD_B):
+                assert c.get(pod, f"http://other.test:{http_target.port}/{pod}-{i}").status == 403
+        wait_for(lambda: sum(len(trail(tmp_path / "mirror", s)) for s in sids) == 8, "every decision copied")
+        time.sleep(1.2)  # more polls: nothing copied twice
+        polls = [r for r in client.replies if '"sessions"' in r]
+        assert polls and all(len(json.loads(r)["sessions"]) == 2 for r in polls)  # both sessions in each
+        assert all(sum(len(v["records"]) for v in json.loads(r)["sessions"].values()) <= 3 for r in polls)
+        assert not any('"registered"' in r and '"sessions"' not in r for r in client.replies)  # no per-session GET
+    finally:
+        for sid in sids:
+            client.unregister(sid)
+        client.close()
+        c.close()
+    for sid, pod in zip(sids, (POD_A, POD_B), strict=True):
+        assert paths(trail(tmp_path / "mirror", sid)) == [f"/{pod}-{i}" for i in range(4)]
+
+
+def test_a_replica_without_the_batched_fetch_still_gets_its_decisions_fetched_one_session_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http_target: Target) -> None:
+    # During a rolling upgrade a worker may be newer than a replica: a 404 for /v1/poll means
+    # one GET per session there, nothing lost.
+    import sandbox.egress.cluster as cl
+    from tests.kube.test_egress_cluster import TOKEN as IN_PROCESS_TOKEN
+    from tests.kube.test_egress_cluster import Cluster
+
+    monkeypatch.setattr(cl.AdminServer, "_poll", lambda self, body: (404, {"error": "no such endpoint"}))
+    c = Cluster(tmp_path)
+    client = ClusterEgressClient([c.admin_url], IN_PROCESS_TOKEN, mirror_dir=tmp_path / "mirror")
+    try:
+        client.register("sess_a", POD_A, http_policy(http_target), ttl_s=600)
+        assert c.get(POD_A, f"http://other.test:{http_target.port}/x").status == 403
+        wait_for(lambda: len(trail(tmp_path / "mirror", "sess_a")) == 1, "the decision copied by a per-session fetch")
+    finally:
+        client.unregister("sess_a")
+        client.close()
+        c.close()
+    assert paths(trail(tmp_path / "mirror", "sess_a")) == ["/x"]
