@@ -673,6 +673,7 @@ class _Reg:
     since: float = field(default_factory=time.time)                    # first registered (wall clock)
     streams: dict[str, _Stream] = field(default_factory=dict)            # replica URL -> its stream
     superseded: set[str] = field(default_factory=set)                   # replicas where a later session holds the IP
+    refused_logged: dict[str, float] = field(default_factory=dict)      # replica URL -> when a refusal was logged
     locks: dict[str, threading.Lock] = field(default_factory=dict)      # replica URL -> one caller at a time
     closing: bool = False
 
@@ -878,9 +879,16 @@ class ClusterEgressClient:
             t.join()
         if refused or not accepted:
             for url in accepted:  # all or nothing: no replica keeps a session that did not start
-                with contextlib.suppress(ClusterEgressError):
+                try:
                     self._call("DELETE", f"/v1/sessions/{quote(session_id, safe='')}", base=url)
-            if old is None and mirror is not None:
+                except ClusterEgressError:
+                    with self._lock:
+                        self._pending.setdefault(url, {})[session_id] = reg.until
+                    self._start_sync()
+            if old is not None:  # the session's previous pod is not put back: the session is gone everywhere
+                with contextlib.suppress(ClusterEgressError):
+                    self.unregister(session_id)
+            elif mirror is not None:
                 mirror.close()
             if refused:
                 raise next(iter(refused.values()))
@@ -1035,14 +1043,19 @@ class _ReplicaSync(threading.Thread):
                 and reg.until - time.monotonic() > 1)
 
     def _put_again(self, reg: _Reg) -> None:
-        log.warning("egress proxy replica %s does not know session %s (restarted or new?); registering its "
-                    "pod there", self.url, reg.session_id)
+        quiet = time.monotonic() - reg.refused_logged.get(self.url, -1e9) < _UNREGISTERED_LOG_EVERY_S
+        if not quiet:
+            log.warning("egress proxy replica %s does not know session %s (restarted or new?); registering its "
+                        "pod there", self.url, reg.session_id)
         try:
             self.client._put(reg, self.url)
+            reg.refused_logged.pop(self.url, None)
         except ClusterEgressRefused as e:
             if e.status == 409:  # its pod is gone, its address another session's: never put back there
                 reg.superseded.add(self.url)
-            log.warning("egress proxy replica %s refused session %s again: %s", self.url, reg.session_id, e)
+            if not quiet:  # (it is asked again every poll: said once a minute)
+                log.warning("egress proxy replica %s refused session %s again: %s", self.url, reg.session_id, e)
+                reg.refused_logged[self.url] = time.monotonic()
 
     def run(self) -> None:
         c = self.client
@@ -1059,8 +1072,10 @@ class _ReplicaSync(threading.Thread):
                 if self.down:
                     log.info("egress proxy replica %s answers again", self.url)
                 self.down = False
-            except ClusterEgressError as e:
-                if not self.down:
+            except Exception as e:  # noqa: BLE001 - the thread goes on (a bug here must not stop the sync)
+                if not isinstance(e, ClusterEgressError):
+                    log.warning("egress proxy replica %s: %s while syncing", self.url, type(e).__name__)
+                elif not self.down:
                     log.warning("egress proxy replica %s: %s", self.url, e)
                 self.down = True
                 if self.url not in c.endpoints():  # gone for good: nothing more will come from it

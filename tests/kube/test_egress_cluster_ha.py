@@ -657,3 +657,33 @@ def test_a_replica_without_the_batched_fetch_still_gets_its_decisions_fetched_on
         client.close()
         c.close()
     assert paths(trail(tmp_path / "mirror", "sess_a")) == ["/x"]
+
+
+def test_a_replica_that_accepted_a_session_that_failed_to_start_and_missed_the_undo_is_told_again(
+        replicas: Callable[..., Replica], http_target: Target) -> None:
+    r1, r2 = replicas("r1"), replicas("r2")
+    r2.stop()
+    r2.token.write_text("w" * 40)  # r2 refuses this worker (401): the session must not start
+    r2.start()
+
+    class FlakyDelete(ClusterEgressClient):
+        """The first DELETE to r1 is lost on the way (the network, not the proxy)."""
+
+        lost = False
+
+        def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+                  base: str | None = None) -> dict[str, Any]:
+            if method == "DELETE" and base == r1.url and not self.lost:
+                self.lost = True
+                raise ClusterEgressError(f"cannot reach the egress proxy's admin endpoint {base}: timed out")
+            return super()._call(method, path, body, base)
+
+    client = FlakyDelete([r1.url, r2.url], TOKEN)
+    try:
+        with pytest.raises(ClusterEgressError, match="401"):
+            client.register("sess_a", POD_A, http_policy(http_target), ttl_s=600)
+        assert client.lost
+        wait_for(lambda: r1.sessions() == 0, "the replica that accepted to be told to forget the session")
+        assert r1.get(POD_A, f"http://allowed.test:{http_target.port}/").raw == b""
+    finally:
+        client.close()
