@@ -34,10 +34,14 @@ journal is plain files whose every race is one atomic link(2) (journal.py).
 On a cluster (``host_workspaces=False``, the Kubernetes backend) a sandbox cannot mount a host
 path: the workspace is the pod's own size-limited volume for the sandbox's life, and between
 the sandboxes of one session the store keeps it as an archive the sandbox itself wrote
-(``workspaces/<ws>.tar``, see ``sandbox.worker.pool``): opaque bytes, capped in size, never
-unpacked or parsed on the worker's side, fed back into the session's next sandbox. Nothing is
-mounted then (no root, no loop device in the worker's pod); checkpoints are not available in
-that mode, and a run's skills are a plain directory here that is copied into the pod.
+(``workspaces/<ws>.tar``, see ``sandbox.worker.pool``; taken again during a run, every
+``--archive-interval`` seconds after a call): opaque bytes, capped in size, never unpacked or
+parsed on the worker's side, fed back into the session's next sandbox. Nothing is mounted then
+(no root, no loop device in the worker's pod); its checkpoints are archive checkpoints (links
+to the archive as it was when a run went idle, checkpoints.py), and a run's skills are a plain
+directory here that is copied into the sandbox. Docker workers whose store is shared by several
+hosts (the file journal) work the same way: no kernel mounts a workspace image from a store
+that another kernel may mount too.
 """
 
 from __future__ import annotations
