@@ -296,7 +296,9 @@ class Worker:
         )
         self._sdk_worker = EnvironmentWorker(**self._sdk_kwargs)
         if self.config.admission is None:
-            self.config.admission = admission_for(self._runtime, self.policy, cfg.state_dir)
+            # Free disk is counted where workspaces (or their archives) are kept: the session store, which
+            # may be another filesystem than the state dir (--session-store; a shared volume on a cluster).
+            self.config.admission = admission_for(self._runtime, self.policy, store.root)
         if cfg.metrics_port is not None:
             self._health = HealthServer(self.metrics, self.health, cfg.metrics_port, host=cfg.metrics_host)
             self._health.start()
