@@ -23,11 +23,12 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -47,31 +48,220 @@ from sandbox.worker.worker import WorkerConfig
 
 USE_UVLOOP = os.environ.get("BENCH_UVLOOP", "1") != "0"
 SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "4"))
+IDLE_S = float(os.environ.get("BENCH_IDLE_S", "5"))  # 16 idle sessions watched this long
 
 
 def load() -> float:
     return os.getloadavg()[0]
 
 
-CPU_ROWS: dict[int, dict[str, float]] = {}  # sessions -> process -> CPU seconds per call (last throughput run)
+CPU_ROWS: dict[int, dict[str, float]] = {}  # sessions -> part -> CPU seconds per call (last throughput run)
+THREAD_ROWS: dict[int, dict[str, tuple[float, int, int]]] = {}  # sessions -> worker thread group -> per call
+IDLE_ROW: dict[str, Any] = {}  # 16 live idle sessions: part -> CPU seconds per second, worker threads
 PIDS: dict[str, int] = {}  # processes whose CPU per call is reported: "control plane", "worker"
+CLK = os.sysconf("SC_CLK_TCK")
+HOST_PARTS = ("host busy", "host wall", "cpu pressure")  # not CPU of a part: reported apart
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
+    parts = _stat(pid)
+    return (int(parts[11]) + int(parts[12])) / CLK if parts else 0.0
 
 
-def cpu_snapshot() -> dict[str, float]:
-    out = {name: cpu_s(pid) for name, pid in PIDS.items()}
-    t = os.times()
-    out["brain"] = t.user + t.system
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """Every process: pid -> (parent pid, name, CPU seconds incl. its reaped children)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        parts = _stat(d)
+        try:
+            with open(f"/proc/{d}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if parts:
+            out[int(d)] = (int(parts[1]), comm, sum(int(x) for x in parts[11:15]) / CLK)
     return out
+
+
+def _descendants(root: int, procs: dict[int, tuple[int, str, float]]) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    out: set[int] = set()
+    todo = list(kids.get(root, []))
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def _cgroup_cpu_s(cid: str) -> float:
+    """CPU seconds of one container's cgroup (cgroup v1 cpuacct or v2, cgroupfs or systemd driver)."""
+    for path in (f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage",
+                 f"/sys/fs/cgroup/cpuacct/system.slice/docker-{cid}.scope/cpuacct.usage"):
+        try:
+            with open(path) as f:
+                return int(f.read()) / 1e9
+        except OSError:
+            pass
+    for path in (f"/sys/fs/cgroup/docker/{cid}/cpu.stat", f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("usage_usec "):
+                        return int(line.split()[1]) / 1e6
+        except OSError:
+            pass
+    return 0.0
+
+
+def _host() -> dict[str, float]:
+    """Busy CPU seconds over all cores (/proc/stat, minus idle and iowait) and the CPU pressure stall
+    total (seconds some runnable task waited for a core, /proc/pressure/cpu)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    out = {"host busy": (sum(fields[:8]) - fields[3] - fields[4]) / CLK, "host wall": time.perf_counter()}
+    try:
+        with open("/proc/pressure/cpu") as f:
+            out["cpu pressure"] = int(f.readline().rsplit("total=", 1)[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+class Parts:
+    """The CPU of every process a tool call goes through, by part: the worker (and, for the reference,
+    the bash it runs on this host: its child processes), the control plane, the brain (this process),
+    dockerd, containerd, the containerd shims and the sandboxes' cgroups (the agent and what it runs)
+    of the worker's containers, and the host as a whole (busy cores, CPU pressure)."""
+
+    def __init__(self) -> None:
+        self.containers: list[str] = []
+        self.shims: list[int] = []
+
+    def begin(self) -> dict[str, float]:
+        """Finds the worker's containers and their shims (once: the window does not create any)."""
+        wpid = PIDS.get("worker")
+        self.containers = []
+        if wpid is not None:
+            try:
+                from sandbox.engine import Engine
+                from sandbox.spec import LABEL_MANAGED, LABEL_OWNER
+                for c in Engine().containers([f"{LABEL_MANAGED}=true"]):
+                    owner = (c.get("Labels") or {}).get(LABEL_OWNER, "")
+                    if f":{wpid}:" in owner and c.get("State") == "running":
+                        self.containers.append(c["Id"])
+            except Exception:  # noqa: BLE001 - no engine: the reference worker runs without one
+                pass
+        ids = set(self.containers)
+        self.shims = []
+        for pid, (_, comm, _) in _processes().items():
+            if comm.startswith("containerd-shim"):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                i = argv.index(b"-id") if b"-id" in argv else -1
+                if i >= 0 and i + 1 < len(argv) and argv[i + 1].decode() in ids:
+                    self.shims.append(pid)
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, float]:
+        procs = _processes()
+        out: dict[str, float] = {}
+        for name, pid in PIDS.items():
+            out[name] = cpu_s(pid)
+        wpid = PIDS.get("worker")
+        if wpid is not None:
+            # Its child processes (the reference's bash; our `mount`s), live and reaped.
+            kids = _descendants(wpid, procs)
+            parts = _stat(wpid)
+            reaped = (int(parts[13]) + int(parts[14])) / CLK if parts else 0.0
+            out["worker's child processes"] = reaped + sum(procs[p][2] for p in kids)
+        t = os.times()
+        out["brain"] = t.user + t.system
+        out["dockerd"] = sum(c for _, n, c in procs.values() if n == "dockerd")
+        out["containerd"] = sum(c for _, n, c in procs.values() if n == "containerd")
+        out["shims"] = sum(procs[p][2] for p in self.shims if p in procs)
+        out["sandboxes (cgroups)"] = sum(_cgroup_cpu_s(c) for c in self.containers)
+        out.update(_host())
+        return out
+
+
+def worker_threads() -> dict[str, tuple[float, int, int]]:
+    """The worker process's threads by name: (CPU seconds, voluntary, involuntary context switches).
+    Names come from the worker process (`_name_os_threads`); a number in a name is dropped to group them."""
+    wpid = PIDS.get("worker")
+    out: dict[str, tuple[float, int, int]] = {}
+    if wpid is None:
+        return out
+    try:
+        tids = os.listdir(f"/proc/{wpid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        base = f"/proc/{wpid}/task/{tid}"
+        try:
+            with open(f"{base}/comm") as f:
+                name = re.sub(r"[-_ ]?\d+$", "", f.read().strip()) or "?"
+            with open(f"{base}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            vol = inv = 0
+            with open(f"{base}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        vol = int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        inv = int(line.split()[1])
+        except OSError:
+            continue
+        c, v, i = out.get(name, (0.0, 0, 0))
+        out[name] = (c + (int(parts[11]) + int(parts[12])) / CLK, v + vol, i + inv)
+    return out
+
+
+def thread_delta(a: dict[str, tuple[float, int, int]], b: dict[str, tuple[float, int, int]],
+                 per: float) -> dict[str, tuple[float, int, int]]:
+    """b - a per `per` (calls or seconds); a thread that ended in between counts from zero."""
+    out = {}
+    for k, (c, v, i) in b.items():
+        c0, v0, i0 = a.get(k, (0.0, 0, 0))
+        if c0 > c or v0 > v:  # fewer threads of this name now: count the survivors from zero
+            c0, v0, i0 = 0.0, 0, 0
+        out[k] = ((c - c0) / per, round((v - v0) / per), round((i - i0) / per))
+    return out
+
+
+def _name_os_threads() -> None:
+    """In the worker process: every Python thread's name becomes its OS name (/proc/.../comm), so the
+    parent can account CPU per thread group; and the switch interval under test, if one is given."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    orig = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        libc.prctl(15, self.name[:15].encode(), 0, 0, 0)  # PR_SET_NAME
+        orig(self)
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    libc.prctl(15, b"main", 0, 0, 0)
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):
+        import sys
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
 
 
 class Brain:
@@ -183,6 +373,7 @@ def in_process(kind: str, cp: Any, path: Path, warm: int) -> Iterator[None]:
 
 
 def _serve_worker(kind: str, info: tuple[str, str, str, str], path: Path, warm: int, conn: Any) -> None:
+    _name_os_threads()
     cp = CPInfo(*info)
     try:
         cm = our_worker(cp, path, warm) if kind == "our" else reference_worker(cp, path)
@@ -285,19 +476,43 @@ def throughput(cp: Any, sessions: int, calls: int) -> float:
             with lock:
                 done[0] += 1
 
+    parts = Parts()
+    cpu0 = parts.begin()
+    th0 = worker_threads()
     t = time.perf_counter()
-    cpu0 = cpu_snapshot()
     threads = [threading.Thread(target=run, args=(b,)) for b in brains]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    cpu1 = cpu_snapshot()
-    CPU_ROWS[sessions] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / max(1, done[0]) for k in cpu1}
+    cpu1 = parts.snapshot()
+    th1 = worker_threads()
+    n = max(1, done[0])
+    CPU_ROWS[sessions] = {k: (cpu1[k] - cpu0.get(k, 0.0)) / (1 if k in HOST_PARTS else n) for k in cpu1}
+    CPU_ROWS[sessions]["calls"] = n
+    THREAD_ROWS[sessions] = thread_delta(th0, th1, n)
+    if sessions == 16 and IDLE_S > 0:
+        # The same 16 sessions and sandboxes, live and idle: what they cost with no call at all.
+        time.sleep(1.0)
+        c0, t0 = parts.snapshot(), worker_threads()
+        time.sleep(IDLE_S)
+        c1, t1 = parts.snapshot(), worker_threads()
+        span = c1["host wall"] - c0["host wall"]
+        IDLE_ROW.clear()
+        IDLE_ROW.update({k: (c1[k] - c0.get(k, 0.0)) / span for k in c1 if k not in HOST_PARTS})
+        IDLE_ROW["threads"] = thread_delta(t0, t1, span)
+        IDLE_ROW["thread count"] = _thread_count()
     for b in brains:
         b.close()
     return done[0] / wall
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir(f"/proc/{PIDS['worker']}/task"))
+    except (OSError, KeyError):
+        return 0
 
 
 def per_call(cp: Any, n: int) -> list[float]:
@@ -369,12 +584,25 @@ def direct_reference(n: int, workdir: Path) -> list[float]:
 
 
 def measure(cp: Any, n: int, worker: Callable[[int], Any], direct: Callable[[], list[float]],
-            starts: bool = True, warm: bool = False) -> dict[str, Any]:
+            starts: bool = True, warm: bool = False, quick: bool = False) -> dict[str, Any]:
     r: dict[str, Any] = {}
+    if quick:
+        with worker(0):
+            for c in (1, 4, 16):
+                r[f"tps{c}"] = throughput(cp, c, max(10, 2 * n // c))
+                r[f"cpu{c}"] = dict(CPU_ROWS.get(c, {}))
+                r[f"threads{c}"] = dict(THREAD_ROWS.get(c, {}))
+                r[f"load_tps{c}"] = load()
+                time.sleep(SETTLE_S)
+            r["idle16"] = dict(IDLE_ROW)
+        return r
     with worker(0):
         for c in (1, 4, 16):
             r[f"tps{c}"] = throughput(cp, c, max(10, 2 * n // c))
             r[f"cpu{c}"] = dict(CPU_ROWS.get(c, {}))
+            r[f"threads{c}"] = dict(THREAD_ROWS.get(c, {}))
+            if c == 16:
+                r["idle16"] = dict(IDLE_ROW)
             r[f"load_tps{c}"] = load()
             time.sleep(SETTLE_S)  # the ended sessions' teardown (sandboxes stopped, checkpoints) is not measured
         r["loop"] = per_call(cp, n)
@@ -390,6 +618,60 @@ def measure(cp: Any, n: int, worker: Callable[[int], Any], direct: Callable[[], 
     return r
 
 
+def print_parts(results: dict[str, dict[str, Any]], cols: Sequence[str],
+                row: Callable[..., None]) -> None:
+    """Where the CPU goes: every part's CPU per call at 1/4/16 sessions, the cores they use together
+    against the host's busy cores (the rest is other work on the host) and its CPU pressure; the worker's
+    threads; 16 live idle sessions."""
+    names: list[str] = []
+    for c in cols:
+        for k in results[c]["cpu16"]:
+            if k not in HOST_PARTS and k != "calls" and k not in names:
+                names.append(k)
+
+    def part(n: int, name: str) -> Callable[[dict[str, Any]], float]:
+        return lambda r: float(r[f"cpu{n}"].get(name, 0.0)) * 1e3
+
+    def total(n: int) -> Callable[[dict[str, Any]], float]:
+        return lambda r: sum(v for k, v in r[f"cpu{n}"].items() if k not in HOST_PARTS and k != "calls") * 1e3
+
+    def cores(n: int, what: str) -> Callable[[dict[str, Any]], float]:
+        def f(r: dict[str, Any]) -> float:
+            row_ = r[f"cpu{n}"]
+            wall = row_.get("host wall", 0.0) or 1.0
+            if what == "ours":
+                return float(total(n)(r) / 1e3 * row_["calls"] / wall)
+            return float(row_.get(what, 0.0)) / wall
+        return f
+
+    for n in (1, 4, 16):
+        print(f"\nCPU per call, {n} session(s) (ms; calls measured: "
+              + ", ".join(f"{c} {int(results[c][f'cpu{n}'].get('calls', 0))}" for c in cols) + ")")
+        for name in names:
+            row(f"  {name}", part(n, name), "{:.2f}")
+        row("  all of the above", total(n), "{:.2f}")
+        row("  cores used by all of the above (of %d)" % (os.cpu_count() or 0), cores(n, "ours"), "{:.2f}")
+        row("  host cores busy meanwhile (all processes)", cores(n, "host busy"), "{:.2f}")
+        row("  CPU pressure: share of time a task waited for a core", cores(n, "cpu pressure"), "{:.2f}")
+    for n in (1, 16):
+        print(f"\nWorker threads, {n} session(s): CPU ms / voluntary / involuntary switches per call")
+        for c in cols:
+            th = results[c][f"threads{n}"]
+            for name, (cpu, vol, inv) in sorted(th.items(), key=lambda kv: -kv[1][0]):
+                if cpu > 0 or vol > 0:
+                    print(f"  {c:10} {name:24} {cpu * 1e3:8.3f} {vol:6d} {inv:6d}")
+    if all("idle16" in results[c] and results[c]["idle16"] for c in cols):
+        print(f"\n16 live idle sessions ({IDLE_S:.0f} s): CPU ms per second")
+        for name in names:
+            row(f"  {name}", lambda r, name=name: float(r["idle16"].get(name, 0.0)) * 1e3, "{:.2f}")
+        row("  worker threads", lambda r: float(r["idle16"].get("thread count", 0)), "{:.0f}")
+        for c in cols:
+            th = results[c]["idle16"].get("threads", {})
+            for name, (cpu, vol, inv) in sorted(th.items(), key=lambda kv: -kv[1][0]):
+                if cpu > 0 or vol > 0:
+                    print(f"  {c:10} {name:24} {cpu * 1e3:8.3f} ms/s {vol:5d} wake-ups/s {inv:4d} preempted/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=30, help="calls per session / samples")
@@ -397,7 +679,13 @@ def main() -> None:
     ap.add_argument("--one-process", action="store_true",
                     help="control plane and worker in this process too (brain, control plane and worker share one "
                          "interpreter lock); by default each runs in its own process, as deployed")
+    ap.add_argument("--quick", action="store_true",
+                    help="throughput rows only (and where the CPU goes): no per-call, start or direct rows")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in the worker processes (CPython's default is 0.005 s)")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        os.environ["BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)  # read by the spawned workers
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker."))
     results: dict[str, dict[str, Any]] = {}
     load0 = load()
@@ -406,13 +694,13 @@ def main() -> None:
             results["reference"] = measure(
                 cp, args.n, lambda _warm: (reference_worker(cp, tmp / "ref") if args.one_process
                                            else in_process("reference", cp, tmp / "ref", 0)),
-                lambda: direct_reference(args.n, tmp / "ref-direct"))
+                lambda: direct_reference(args.n, tmp / "ref-direct"), quick=args.quick)
         if args.worker in ("both", "sandbox"):
             counter = iter(range(100))
             results["sandbox"] = measure(
                 cp, args.n, lambda warm: (our_worker if args.one_process else partial(in_process, "our"))(
                     cp, tmp / f"w{next(counter)}", warm),
-                lambda: direct_sandbox(args.n), warm=True)
+                lambda: direct_sandbox(args.n), warm=True, quick=args.quick)
 
     med = statistics.median
     where = "in this process" if args.one_process else "in its own process"
@@ -437,6 +725,14 @@ def main() -> None:
 
     for n in (1, 4, 16):
         row(f"tool calls/s, {n} concurrent session(s), bash true", tps(n))
+    if args.quick:
+        if not args.one_process:
+            print_parts(results, cols, row)
+        print(f"switch interval in the workers: {os.environ.get('BENCH_SWITCH_INTERVAL', 'default (0.005)')}")
+        for c in cols:
+            r = results[c]
+            print(f"load average during {c}: throughput {r['load_tps1']:.2f}/{r['load_tps4']:.2f}/{r['load_tps16']:.2f}")
+        return
     row("per call through the loop, median (ms)", lambda r: med(r["loop"]) * 1e3)
     row("per call through the loop, p99 (ms)", lambda r: pct(r["loop"], 99) * 1e3)
     row("same op called directly, median (ms)", lambda r: med(r["direct"]) * 1e3)
@@ -445,9 +741,7 @@ def main() -> None:
     if "sandbox" in results:
         print(f"{'session start to first result, warm pool, median (ms)':58}{med(results['sandbox']['warm']) * 1e3:>16.0f}")
     if not args.one_process:
-        for n in (1, 16):
-            for proc in ("worker", "control plane", "brain"):
-                row(f"CPU per call, {n} session(s): {proc} process (ms)", cpu(n, proc), "{:.2f}")
+        print_parts(results, cols, row)
     for c in cols:
         r = results[c]
         print(f"load average during {c}: throughput {r['load_tps1']:.2f}/{r['load_tps4']:.2f}/{r['load_tps16']:.2f}, "
