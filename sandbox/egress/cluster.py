@@ -72,8 +72,10 @@ import ctypes
 import datetime
 import os
 import errno
+import functools
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -81,6 +83,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -455,8 +458,9 @@ class AdminServer:
         self.audit_path = audit_path
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_ADMIN_HEAD)
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_ADMIN_HEAD, ssl=tls,
+                                                  ssl_handshake_timeout=ADMIN_TIMEOUT_S if tls else None)
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 
@@ -638,17 +642,40 @@ def _session_ca(value: Any, policy: EgressPolicy) -> SessionCA | None:
 # ---------------------------------------------------------------- the backend's side
 
 
-def dns_endpoints(name: str, port: int) -> Callable[[], list[str]]:
+def dns_endpoints(name: str, port: int, scheme: str = "http") -> Callable[[], list[str]]:
     """The admin endpoints of every proxy replica: the A/AAAA records of a headless Service
     (``clusterIP: None``), resolved on each call."""
 
     def resolve() -> list[str]:
         infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
         addrs = sorted({str(i[4][0]) for i in infos})
-        return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
+        return [f"{scheme}://[{a}]:{port}" if ":" in a else f"{scheme}://{a}:{port}" for a in addrs]
 
     resolve.__qualname__ = f"dns:{name}:{port}"
     return resolve
+
+
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a replica's address, verifying the certificate for one fixed name (the replicas
+    are reached by pod IP, which no certificate can list in advance)."""
+
+    def __init__(self, *a: Any, tls_name: str, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._tls_name = tls_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tls_name)  # type: ignore[attr-defined]
+
+
+class _NamedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext, tls_name: str) -> None:
+        super().__init__(context=context)
+        self._ctx, self._tls_name = context, tls_name
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_NamedHTTPSConnection, tls_name=self._tls_name), req,
+                            context=self._ctx)
 
 
 @dataclass
@@ -712,7 +739,8 @@ class ClusterEgressClient:
     once, whichever replica made it; the last ones come back with the unregistration."""
 
     def __init__(self, base_url: str | Sequence[str], token: str, timeout: float = ADMIN_TIMEOUT_S,
-                 mirror_dir: Path | None = None, discover: Callable[[], list[str]] | None = None) -> None:
+                 mirror_dir: Path | None = None, discover: Callable[[], list[str]] | None = None,
+                 tls_ca_file: str | Path | None = None, tls_name: str | None = None) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self._static = [u.rstrip("/") for u in urls]
         self._discover = discover
@@ -729,6 +757,16 @@ class ClusterEgressClient:
         self._syncs: dict[str, _ReplicaSync] = {}
         self._supervisor: threading.Thread | None = None
         self._closed = threading.Event()
+        # TLS to the admin endpoints (registrations carry session CA keys): the replicas' certificate
+        # is verified against this CA only, for the one name tls_name, whatever address answers.
+        self._opener: urllib.request.OpenerDirector | None = None
+        if tls_ca_file is not None:
+            ctx = ssl.create_default_context(cafile=str(tls_ca_file))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._opener = urllib.request.build_opener(_NamedHTTPSHandler(ctx, tls_name or "sandbox-egress-admin"))
+        for u in self._static:
+            if self._opener is not None and not u.startswith("https://"):
+                raise ClusterEgressError(f"egress admin URL {u}: with a TLS CA the admin endpoints are https:// URLs")
 
     @property
     def audit_path(self) -> Path:
@@ -742,10 +780,13 @@ class ClusterEgressClient:
         """From the backend configuration's ``egress_proxy``: the replicas' headless Service
         (``admin_dns``), else a fixed list (``admin_urls``), else the one admin URL; the token file."""
         token = read_token(cfg.admin_token_file)
+        tls = {"tls_ca_file": cfg.admin_tls_ca_file, "tls_name": cfg.admin_tls_name} \
+            if getattr(cfg, "admin_tls_ca_file", None) else {}
         if getattr(cfg, "admin_dns", None):
-            return cls([], token, mirror_dir=mirror_dir, discover=dns_endpoints(cfg.admin_dns, cfg.admin_port))
+            return cls([], token, mirror_dir=mirror_dir, **tls,
+                       discover=dns_endpoints(cfg.admin_dns, cfg.admin_port, "https" if tls else "http"))
         urls = list(getattr(cfg, "admin_urls", None) or []) or [cfg.admin_base_url()]
-        return cls(urls, token, mirror_dir=mirror_dir)
+        return cls(urls, token, mirror_dir=mirror_dir, **tls)
 
     # -- the replicas
 
@@ -777,8 +818,11 @@ class ClusterEgressClient:
         req = urllib.request.Request(f"{base}{path}", data=data, method=method,
                                      headers={"Authorization": f"Bearer {self._token}",
                                               "Content-Type": "application/json"})
+        if self._opener is not None and not base.startswith("https://"):
+            raise ClusterEgressError(f"egress admin URL {base}: with a TLS CA the admin endpoints are https:// URLs")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:  # noqa: S310 - our own admin URL
+            with (self._opener.open(req, timeout=self.timeout) if self._opener is not None
+                  else urllib.request.urlopen(req, timeout=self.timeout)) as r:  # noqa: S310 - our own admin URL
                 return dict(json.loads(r.read() or b"{}"))
         except urllib.error.HTTPError as e:
             try:
@@ -1136,6 +1180,14 @@ class _MirrorFile:
 # ---------------------------------------------------------------- entry point
 
 
+def admin_tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
+    """The admin endpoint's server context (TLS 1.2+)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
 def _hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -1144,7 +1196,8 @@ def _hostport(value: str) -> tuple[str, int]:
 async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, state_dir: Path,
                 started: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 credential_dirs: Sequence[str | Path] = (), allow_credential_commands: bool = False,
-                credential_env_dir: str | Path | None = None, drain_s: float = 0.0, drain_fetch_s: float = 0.0) -> None:
+                credential_env_dir: str | Path | None = None, drain_s: float = 0.0, drain_fetch_s: float = 0.0,
+                admin_tls: ssl.SSLContext | None = None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     audit_path = state_dir / AUDIT
     audit = SessionAuditLogs(audit_path)
@@ -1155,7 +1208,7 @@ async def serve(listen: tuple[str, int], admin: tuple[str, int], token: str, sta
     stop = stop or asyncio.Event()
     try:
         ph, pp = proxy.listen_tcp(*listen)
-        ah, ap = await admin_srv.start(*admin)
+        ah, ap = await admin_srv.start(*admin, tls=admin_tls)
         log.info("egress proxy (cluster mode) on %s:%d, admin endpoint on %s:%d", ph, pp, ah, ap)
         if started is not None:
             started.set()
@@ -1181,6 +1234,10 @@ def parser() -> argparse.ArgumentParser:
                          "copied there) instead of this process's environment")
     ap.add_argument("--allow-credential-commands", action="store_true",
                     help="run policies' `command:` credential sources in this pod (off: refused at registration)")
+    ap.add_argument("--admin-tls-cert", metavar="FILE",
+                    help="serve the admin endpoint over TLS with this certificate chain (PEM; with --admin-tls-key): "
+                         "registrations carry session CA keys")
+    ap.add_argument("--admin-tls-key", metavar="FILE", help="the admin certificate's private key (PEM)")
     ap.add_argument("--drain-seconds", type=float, default=5.0, metavar="S",
                     help="on SIGTERM, keep serving registered pods this long (the Service drops this replica meanwhile)")
     ap.add_argument("--drain-fetch-seconds", type=float, default=10.0, metavar="S",
@@ -1205,6 +1262,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ClusterEgressError, ValueError) as e:
         print(f"egress proxy: {e}", file=sys.stderr)
         return 2
+    admin_tls = None
+    if bool(args.admin_tls_cert) != bool(args.admin_tls_key):
+        print("egress proxy: --admin-tls-cert and --admin-tls-key go together", file=sys.stderr)
+        return 2
+    if args.admin_tls_cert:
+        try:
+            admin_tls = admin_tls_context(args.admin_tls_cert, args.admin_tls_key)
+        except (OSError, ssl.SSLError) as e:
+            print(f"egress proxy: cannot load the admin TLS certificate {args.admin_tls_cert} and key "
+                  f"{args.admin_tls_key}: {getattr(e, 'strerror', None) or type(e).__name__}", file=sys.stderr)
+            return 2
     if listen[1] == admin[1] != 0:
         print("egress proxy: --listen and --admin-listen need different ports", file=sys.stderr)
         return 2
@@ -1221,7 +1289,8 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(listen, admin, token, Path(args.state_dir), stop=stop, credential_dirs=args.credential_dir,
                     allow_credential_commands=args.allow_credential_commands, credential_env_dir=args.credential_env_dir,
-                    drain_s=max(0.0, args.drain_seconds), drain_fetch_s=max(0.0, args.drain_fetch_seconds))
+                    drain_s=max(0.0, args.drain_seconds), drain_fetch_s=max(0.0, args.drain_fetch_seconds),
+                    admin_tls=admin_tls)
 
     from sandbox.egress import evloop
 

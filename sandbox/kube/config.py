@@ -58,6 +58,11 @@ class EgressProxy(_Strict):
     # replicas (re-resolved every half second; admin_port on each); admin_urls: a fixed list.
     admin_dns: str | None = None
     admin_urls: list[str] = []
+    # TLS to the admin endpoints (registrations carry session CA keys): the CA that signed the
+    # proxy's --admin-tls-cert, and the one name that certificate carries (replicas are reached by
+    # pod IP; the name is checked instead). Without it the admin channel is plain HTTP.
+    admin_tls_ca_file: str | None = None
+    admin_tls_name: str = "sandbox-egress-admin"
 
     @model_validator(mode="after")
     def _ports(self) -> "EgressProxy":
@@ -68,10 +73,15 @@ class EgressProxy(_Strict):
         for u in self.admin_urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"admin_urls: {u!r} is not an http(s) URL")
+        if self.admin_tls_ca_file:
+            for u in [*self.admin_urls, *([self.admin_url] if self.admin_url else [])]:
+                if not u.startswith("https://"):
+                    raise ValueError(f"{u!r}: with admin_tls_ca_file the admin endpoints are https:// URLs")
         return self
 
     def admin_base_url(self) -> str:
-        return (self.admin_url or f"http://{self.service}.{self.namespace}.svc:{self.admin_port}").rstrip("/")
+        scheme = "https" if self.admin_tls_ca_file else "http"
+        return (self.admin_url or f"{scheme}://{self.service}.{self.namespace}.svc:{self.admin_port}").rstrip("/")
 
 
 class Toleration(_Strict):

@@ -59,8 +59,9 @@ class Replica:
     """One proxy pod: a child process with its own state dir, environment and log; restartable on
     the same ports (a container restart) with a fresh process (an empty session table)."""
 
-    def __init__(self, tmp: Path, name: str, env: dict[str, str] | None = None, drain: tuple[float, float] = (0, 0)) -> None:
-        self.tmp, self.name, self.extra_env, self.drain = tmp / name, name, env or {}, drain
+    def __init__(self, tmp: Path, name: str, env: dict[str, str] | None = None, drain: tuple[float, float] = (0, 0),
+                 tls: tuple[Path, Path] | None = None) -> None:
+        self.tmp, self.name, self.extra_env, self.drain, self.tls = tmp / name, name, env or {}, drain, tls
         self.tmp.mkdir()
         self.token = self.tmp / "admin-token"
         self.token.write_text(TOKEN + "\n")
@@ -79,7 +80,8 @@ class Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _PROXY, "--listen", f"127.0.0.1:{self.port}", "--admin-listen",
              f"127.0.0.1:{self.admin_port}", "--token-file", str(self.token), "--state-dir", str(self.tmp / "state"),
-             "--drain-seconds", str(self.drain[0]), "--drain-fetch-seconds", str(self.drain[1])],
+             "--drain-seconds", str(self.drain[0]), "--drain-fetch-seconds", str(self.drain[1]),
+             *(["--admin-tls-cert", str(self.tls[0]), "--admin-tls-key", str(self.tls[1])] if self.tls else [])],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
         end, m = time.monotonic() + 30, None
         while time.monotonic() < end and self.proc.poll() is None and not m:
@@ -90,11 +92,13 @@ class Replica:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.admin_port}"
 
     def health(self) -> dict[str, Any]:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # (the kubelet's probe does not verify either)
         try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as r:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=5, context=ctx if self.tls else None) as r:
                 return dict(json.loads(r.read()))
         except urllib.error.HTTPError as e:
             return dict(json.loads(e.read()))
@@ -687,3 +691,58 @@ def test_a_replica_that_accepted_a_session_that_failed_to_start_and_missed_the_u
         assert r1.get(POD_A, f"http://allowed.test:{http_target.port}/").raw == b""
     finally:
         client.close()
+
+
+def test_the_admin_channel_over_tls_takes_only_a_worker_that_verifies_the_replicas_certificate(
+        replicas: Callable[..., Replica], http_target: Target, upstream: TlsTarget, up_ca: TestCA,
+        tmp_path: Path) -> None:
+    # The registrations carry the session CA's key (and the token): with --admin-tls-* the
+    # replicas serve the admin endpoint over TLS only, and the worker checks their certificate
+    # against its CA for one fixed name (replicas are reached by pod IP).
+    admin_ca = TestCA("egress admin CA")
+    cert, key = admin_ca.issue(["sandbox-egress-admin"], tmp_path)
+    ca_file = admin_ca.write(tmp_path / "admin-ca.pem")
+    r1, r2 = replicas("r1", tls=(cert, key)), replicas("r2", tls=(cert, key))
+    client = ClusterEgressClient([r1.url, r2.url], TOKEN, tls_ca_file=ca_file, tls_name="sandbox-egress-admin")
+    try:
+        bundle = client.register("sess_tls", POD_A, tls_policy(upstream, up_ca.write(tmp_path / "up.pem")), ttl_s=600)
+        assert r1.sessions() == 1 and r2.sessions() == 1
+        assert r2.https(POD_A, bundle, upstream.port, "/over-tls").status == 200
+    finally:
+        client.unregister("sess_tls")
+        client.close()
+    assert r1.sessions() == 0 and r2.sessions() == 0
+    plain = f"http://127.0.0.1:{r1.admin_port}"
+    other_ca = TestCA("some other CA").write(tmp_path / "other-ca.pem")
+    for bad, why in ((ClusterEgressClient([plain], TOKEN), "cannot reach"),  # no plaintext on a TLS admin port
+                     (ClusterEgressClient([r1.url], TOKEN, tls_ca_file=other_ca), "CERTIFICATE_VERIFY_FAILED"),
+                     (ClusterEgressClient([r1.url], TOKEN, tls_ca_file=ca_file, tls_name="someone-else"),
+                      "CERTIFICATE_VERIFY_FAILED")):
+        with pytest.raises(ClusterEgressError, match=why) as e:
+            bad.register("sess_x", POD_B, http_policy(http_target), ttl_s=60)
+        assert TOKEN not in str(e.value)
+    assert r1.sessions() == 0
+    with pytest.raises(ClusterEgressError, match="https:// URLs"):
+        ClusterEgressClient([plain], TOKEN, tls_ca_file=ca_file)
+    from sandbox.kube.config import config_from_dict
+
+    with pytest.raises(Exception, match="with admin_tls_ca_file the admin endpoints are https:// URLs"):
+        config_from_dict({"egress_proxy": {"admin_urls": [plain], "admin_tls_ca_file": str(ca_file)}})
+    cfg = config_from_dict({"egress_proxy": {"admin_dns": "localhost", "admin_tls_ca_file": str(ca_file),
+                                             "admin_token_file": str(r1.token)}}).egress_proxy
+    assert all(u.startswith("https://") for u in ClusterEgressClient.from_config(cfg).endpoints())
+
+
+def test_the_proxy_refuses_to_start_with_half_or_unreadable_admin_tls_material(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sandbox.egress.cluster import main
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    cert, key = TestCA("egress admin CA").issue(["sandbox-egress-admin"], tmp_path)
+    base = ["--token-file", str(token), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    assert main([*base, "--admin-tls-cert", str(cert)]) == 2
+    assert "--admin-tls-cert and --admin-tls-key go together" in capsys.readouterr().err
+    assert main([*base, "--admin-tls-cert", str(key), "--admin-tls-key", str(cert)]) == 2  # swapped
+    err = capsys.readouterr().err
+    assert "cannot load the admin TLS certificate" in err and "PRIVATE KEY" not in err and TOKEN not in err
