@@ -24,7 +24,9 @@ a Service, and the only thing the proxy can tie a connection to is the pod's IP.
   pod like any stranger (deny by default), never serves it under a default. For a policy that
   terminates TLS the worker makes the session CA and sends it (certificate and key) in every
   registration, so each replica presents leaves of the one CA in the pod's trust bundle, before
-  and after a restart; the key stays in the worker's and the replicas' memory (see SECURITY.md);
+  and after a restart; the key stays in the worker's and the replicas' memory (see SECURITY.md),
+  and crosses the network only in registrations (TLS with ``--admin-tls-cert/--admin-tls-key``
+  and the worker's ``admin_tls_ca_file``);
 - of two registrations of one pod address, the later-registered session holds it on every
   replica, whatever order they arrive in (a pod IP is reused only after its pod is gone);
 - on SIGTERM a replica takes no new registration and is not ready, serves its pods a few seconds
