@@ -167,17 +167,14 @@ class Checkpoints:
             info = CheckpointInfo(id=cid, created_at=time.time(), digest=manifest_digest(entries),
                                   files=sum(1 for e in entries.values() if e["type"] == "f"), bytes_total=bytes_total,
                                   bytes_new=bytes_new, calls=calls, skipped=skipped)
-            if bytes_new > self.max_bytes:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return None
-            info.ms = round((time.perf_counter() - started) * 1000, 1)
-            _dump(tmp / "manifest.json", {"info": info.to_dict(), "entries": entries})
-            os.replace(tmp, self.dir / cid)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._prune(keep=cid)
-        return info
+        if bytes_new > self.max_bytes:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        info.ms = round((time.perf_counter() - started) * 1000, 1)
+        return self._publish(tmp, info, entries)
 
     def create_from_archive(self, archive: Path, *, calls: int = 0) -> CheckpointInfo | None:
         """A cluster session's checkpoint: its stored workspace archive as it is now, linked (the
@@ -202,16 +199,25 @@ class Checkpoints:
             dst = tmp / ARCHIVE_NAME
             sha = _link_or_copy(Path(archive), dst)
             same = prev_file is not None and prev_file.exists() and os.path.samestat(os.lstat(prev_file), os.lstat(dst))
-            info = CheckpointInfo(id=cid, created_at=time.time(), digest="sha256:" + sha, files=0,
-                                  bytes_total=st.st_size, bytes_new=0 if same else st.st_size, calls=calls,
-                                  kind="archive")
-            info.ms = round((time.perf_counter() - started) * 1000, 1)
-            _dump(tmp / "manifest.json", {"info": info.to_dict(), "entries": {}})
-            os.replace(tmp, self.dir / cid)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._prune(keep=cid)
+        info = CheckpointInfo(id=cid, created_at=time.time(), digest="sha256:" + sha, files=0,
+                              bytes_total=st.st_size, bytes_new=0 if same else st.st_size, calls=calls,
+                              kind="archive")
+        info.ms = round((time.perf_counter() - started) * 1000, 1)
+        return self._publish(tmp, info, {})
+
+    def _publish(self, tmp: Path, info: CheckpointInfo, entries: dict[str, Any]) -> CheckpointInfo:
+        """The checkpoint staged in `tmp` appears whole (its manifest, then one rename) or not at all;
+        then the oldest beyond the count and byte bounds go."""
+        try:
+            _dump(tmp / "manifest.json", {"info": info.to_dict(), "entries": entries})
+            os.replace(tmp, self.dir / info.id)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune(keep=info.id)
         return info
 
     def restore_archive(self, checkpoint_id: str, archive: Path) -> CheckpointInfo:

@@ -39,13 +39,12 @@ import hashlib
 import json
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .outbox import INTERRUPTED_TEXT, TOMBSTONE_TTL_S, Begin, CallRecord, StoredResult
+from .outbox import INTERRUPTED_TEXT, TOMBSTONE_TTL_S, AcceptedResults, Begin, CallRecord, StoredResult
 from .store import safe_id
 
 STALE_TMP_S = 3600.0  # a private file this old was left by a worker that died mid-write
@@ -56,7 +55,7 @@ def _name(tool_use_id: str) -> str:
     return hashlib.sha256(tool_use_id.encode()).hexdigest()[:40]
 
 
-class FileJournal:
+class FileJournal(AcceptedResults):
     """The journal of calls in plain files (module docstring). Same methods as `outbox.Outbox`."""
 
     kind = "files"
@@ -68,8 +67,7 @@ class FileJournal:
         self._owner_tag = safe_id(owner)
         self._alive = alive or (lambda o: o == owner)
         self._sync = synchronous.upper() in ("FULL", "EXTRA")
-        self._accepted: list[str] = []
-        self._accepted_lock = threading.Lock()
+        super().__init__()
         for d in ("calls", "running", "pending", "tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
@@ -288,17 +286,6 @@ class FileJournal:
 
     def delivered(self, tool_use_ids: list[str]) -> int:
         return sum(self._deliver(_name(t)) for t in list(tool_use_ids) + self._take_accepted())
-
-    def delivered_later(self, tool_use_ids: list[str]) -> None:
-        """As `Outbox.delivered_later`: noted now, without I/O; applied before the next read or write."""
-        if tool_use_ids:
-            with self._accepted_lock:
-                self._accepted.extend(tool_use_ids)
-
-    def _take_accepted(self) -> list[str]:
-        with self._accepted_lock:
-            ids, self._accepted = self._accepted, []
-        return ids
 
     def _flush_accepted(self) -> None:
         for t in self._take_accepted():

@@ -108,7 +108,32 @@ def _when_unlocked(step: Callable[[], Any], deadline_s: float = 30.0) -> None:
         pause = min(pause * 2, 0.2)
 
 
-class Outbox:
+class AcceptedResults:
+    """Results the control plane accepted, noted without I/O (so on an event loop) and marked in the
+    journal later, by its next write and before any read of pending results (both journal forms)."""
+
+    def __init__(self) -> None:
+        self._accepted: list[str] = []
+        self._accepted_lock = threading.Lock()
+
+    def delivered_later(self, tool_use_ids: list[str]) -> None:
+        """Like `delivered`, without touching the file now (callable on an event loop: no I/O).
+
+        Applied in the next write transaction of this outbox (the next call's `begin` or `finish`) and before
+        any read of pending results, so nothing reads a stale `done`. If the worker dies first, the
+        results stay `done`: a replay posts the same result again, which the control plane answers
+        with the first one (never a second run), or the sweeper finds it answered and drops it."""
+        if tool_use_ids:
+            with self._accepted_lock:
+                self._accepted.extend(tool_use_ids)
+
+    def _take_accepted(self) -> list[str]:
+        with self._accepted_lock:
+            ids, self._accepted = self._accepted, []
+        return ids
+
+
+class Outbox(AcceptedResults):
     kind = "sqlite"
 
     def __init__(self, path: Path, owner: str, *, synchronous: str = "FULL",
@@ -120,9 +145,7 @@ class Outbox:
         self._sync = synchronous
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        # Results the control plane accepted, not yet marked in the file (see `delivered_later`).
-        self._accepted: list[str] = []
-        self._accepted_lock = threading.Lock()
+        AcceptedResults.__init__(self)  # results the control plane accepted, not yet marked in the file
         self._nowait: sqlite3.Connection | None = None  # try_begin's connection (see there)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _when_unlocked(lambda: self._conn().executescript(_SCHEMA))
@@ -277,22 +300,6 @@ class Outbox:
         """The control plane accepted these results: drop their payload, keep the tombstone."""
         with self._tx() as c:
             return self._mark_delivered(c, list(tool_use_ids) + self._take_accepted())
-
-    def delivered_later(self, tool_use_ids: list[str]) -> None:
-        """Like `delivered`, without touching the file now (callable on an event loop: no I/O).
-
-        Applied in the next write transaction of this outbox (the next call's `begin` or `finish`) and before
-        any read of pending results, so nothing reads a stale `done`. If the worker dies first, the
-        results stay `done`: a replay posts the same result again, which the control plane answers
-        with the first one (never a second run), or the sweeper finds it answered and drops it."""
-        if tool_use_ids:
-            with self._accepted_lock:
-                self._accepted.extend(tool_use_ids)
-
-    def _take_accepted(self) -> list[str]:
-        with self._accepted_lock:
-            ids, self._accepted = self._accepted, []
-        return ids
 
     def _flush_accepted(self) -> None:
         if self._accepted:
