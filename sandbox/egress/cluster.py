@@ -780,8 +780,12 @@ class ClusterEgressClient:
     @classmethod
     def from_config(cls, cfg: Any, mirror_dir: Path | None = None) -> "ClusterEgressClient":
         """From the backend configuration's ``egress_proxy``: the replicas' headless Service
-        (``admin_dns``), else a fixed list (``admin_urls``), else the one admin URL; the token file."""
+        (``admin_dns``), else a fixed list (``admin_urls``), else the one admin URL; the token file.
+        Plain HTTP beyond loopback is refused unless the configuration opts in (``allow_plain_admin``)."""
         token = read_token(cfg.admin_token_file)
+        refusal = cfg.plain_admin_refusal() if hasattr(cfg, "plain_admin_refusal") else None
+        if refusal:
+            raise ClusterEgressError(refusal)
         tls = {"tls_ca_file": cfg.admin_tls_ca_file, "tls_name": cfg.admin_tls_name} \
             if getattr(cfg, "admin_tls_ca_file", None) else {}
         if getattr(cfg, "admin_dns", None):

@@ -85,3 +85,48 @@ def explain(pol: Policy, cfg: KubeConfig, as_json: bool) -> None:
     for k, r in refusals:
         t.add_row(escape(k), escape(r), "none: refused", "cannot be accepted", style="bold red")
     Console(soft_wrap=False).print(t)
+
+
+# ------------------------------------------------------------------ sandbox kube
+
+
+@click.group("kube")
+def kube_group() -> None:
+    """Set up a Kubernetes deployment (deploy/kubernetes)."""
+
+
+@kube_group.command("admin-tls")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="sandbox-egress-admin", show_default=True,
+              help="The one name the replicas' certificate carries (egress_proxy.admin_tls_name).")
+@click.option("--days", type=int, default=365, show_default=True, help="Validity of the CA and the certificate.")
+@click.option("--namespace", default="sandbox-system", show_default=True, help="For the printed kubectl commands.")
+@click.option("--force", is_flag=True, help="Replace existing files in DIRECTORY.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def admin_tls_cmd(directory: str, name: str, days: int, namespace: str, force: bool, as_json: bool) -> None:
+    """Make the TLS material of the egress proxy's admin channel: DIRECTORY/ca.crt (public, for the
+    worker), DIRECTORY/tls.crt and DIRECTORY/tls.key (mode 0600, for the proxy pods only), and print
+    the kubectl commands that make the Secret and the ConfigMap deploy/kubernetes mounts. The CA's
+    private key is not kept: rerun (with --force) to renew, before the printed expiry."""
+    from sandbox.cli import EXIT_USAGE, emit_json, fail
+    from sandbox.kube import admin_tls
+
+    try:
+        files = admin_tls.generate(directory, name=name, days=days, force=force)
+    except admin_tls.AdminTlsError as e:
+        fail(str(e), EXIT_USAGE, kind="usage")
+    commands = admin_tls.kubectl_commands(files, namespace)
+    if as_json:
+        emit_json({"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key), "name": files.name,
+                   "not_after": files.not_after.isoformat(timespec="seconds"), "commands": commands})
+        return
+    click.echo(f"# the egress proxy's admin TLS material for the name {files.name}, valid until "
+               f"{files.not_after:%Y-%m-%d %H:%M} UTC (rerun with --force before then)\n"
+               f"#   {files.ca}  the CA (public): the worker's egress_proxy.admin_tls_ca_file, via a ConfigMap\n"
+               f"#   {files.cert}, {files.key} (mode 0600): the proxy's --admin-tls-cert/--admin-tls-key, "
+               "via a Secret mounted into the proxy pods only\n"
+               "# the CA's private key was not kept. Create them in the cluster, then delete the key file here:")
+    for c in commands:
+        click.echo(c)
+    if files.name != "sandbox-egress-admin":
+        click.echo(f"# and set egress_proxy.admin_tls_name: {files.name} in the backend configuration")

@@ -32,6 +32,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from sandbox.policy_base import PolicyError, _Strict, read_yaml
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 _DEGRADATION_ID = re.compile(r"^[a-z_]+(\.[A-Za-z0-9_:/.-]+)*$")
 _MIN_REASON = 8
 
@@ -58,11 +59,22 @@ class EgressProxy(_Strict):
     # replicas (re-resolved every half second; admin_port on each); admin_urls: a fixed list.
     admin_dns: str | None = None
     admin_urls: list[str] = []
-    # TLS to the admin endpoints (registrations carry session CA keys): the CA that signed the
-    # proxy's --admin-tls-cert, and the one name that certificate carries (replicas are reached by
-    # pod IP; the name is checked instead). Without it the admin channel is plain HTTP.
+    # TLS to the admin endpoints (registrations carry the token and session CA keys): the CA that
+    # signed the proxy's --admin-tls-cert (`sandbox kube admin-tls` makes both), and the one name
+    # that certificate carries (replicas are reached by pod IP; the name is checked instead).
+    # Without a CA the admin channel is plain HTTP, which the worker refuses for any endpoint
+    # beyond loopback unless allow_plain_admin is true (an explicit opt-in, e.g. on a pod network
+    # that encrypts every packet itself: WireGuard, IPsec, a mesh with mTLS).
     admin_tls_ca_file: str | None = None
     admin_tls_name: str = "sandbox-egress-admin"
+    allow_plain_admin: bool = False
+
+    @field_validator("admin_tls_name")
+    @classmethod
+    def _tls_name(cls, v: str) -> str:
+        if not _DNS_NAME.match(v) or len(v) > 253:
+            raise ValueError(f"{v!r} is not a DNS name (the one name the replicas' admin certificate carries)")
+        return v
 
     @model_validator(mode="after")
     def _ports(self) -> "EgressProxy":
@@ -74,6 +86,9 @@ class EgressProxy(_Strict):
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"admin_urls: {u!r} is not an http(s) URL")
         if self.admin_tls_ca_file:
+            if self.allow_plain_admin:
+                raise ValueError("allow_plain_admin contradicts admin_tls_ca_file (TLS to every admin endpoint): "
+                                 "give one")
             for u in [*self.admin_urls, *([self.admin_url] if self.admin_url else [])]:
                 if not u.startswith("https://"):
                     raise ValueError(f"{u!r}: with admin_tls_ca_file the admin endpoints are https:// URLs")
@@ -82,6 +97,42 @@ class EgressProxy(_Strict):
     def admin_base_url(self) -> str:
         scheme = "https" if self.admin_tls_ca_file else "http"
         return (self.admin_url or f"{scheme}://{self.service}.{self.namespace}.svc:{self.admin_port}").rstrip("/")
+
+    def plain_admin_refusal(self) -> str | None:
+        """Why the worker must not use these admin endpoints, or None. The admin channel carries
+        the admin token and, for policies that terminate TLS, every session CA's private key: in
+        clear text only to loopback, or where ``allow_plain_admin`` says the network protects it."""
+        if self.admin_tls_ca_file or self.allow_plain_admin:
+            return None
+        if self.admin_dns:
+            where = [("egress_proxy.admin_dns", self.admin_dns)]
+        elif self.admin_urls:
+            where = [("egress_proxy.admin_urls", u) for u in self.admin_urls]
+        else:
+            where = [("egress_proxy.admin_url", self.admin_base_url())]
+        far = [(k, v) for k, v in where if not _loopback(v)]
+        if not far:
+            return None
+        key, value = far[0]
+        return (f"{key}: {value} would be reached over plain HTTP beyond loopback, and the admin channel carries "
+                "the admin token and session CA keys: set egress_proxy.admin_tls_ca_file (the CA of the proxy's "
+                "--admin-tls-cert; `sandbox kube admin-tls` makes both) with https:// admin URLs, or "
+                "egress_proxy.allow_plain_admin: true if the pod network encrypts this traffic itself")
+
+
+def _loopback(url_or_host: str) -> bool:
+    """Whether an admin URL (or a DNS name) names this machine only."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url_or_host).hostname if "://" in url_or_host else url_or_host) or ""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Toleration(_Strict):

@@ -537,7 +537,8 @@ def test_the_backend_finds_the_replicas_through_the_headless_service_name(tmp_pa
     assert "http://127.0.0.1:3999" in client.endpoints()  # every A (and AAAA) record is a replica
     assert dns_endpoints("localhost", 3999)() == client.endpoints()
     listed = ClusterEgressClient.from_config(config_from_dict({"egress_proxy": {
-        "admin_urls": ["http://10.0.0.1:3129", "http://10.0.0.2:3129/"], "admin_token_file": str(token)}}).egress_proxy)
+        "admin_urls": ["http://10.0.0.1:3129", "http://10.0.0.2:3129/"], "admin_token_file": str(token),
+        "allow_plain_admin": True}}).egress_proxy)  # (plain HTTP beyond loopback only when allowed by name)
     assert listed.endpoints() == ["http://10.0.0.1:3129", "http://10.0.0.2:3129"]
     with pytest.raises(Exception, match="admin_dns and admin_urls both name the replicas"):
         config_from_dict({"egress_proxy": {"admin_dns": "x.test", "admin_urls": ["http://10.0.0.1:3129"]}})
