@@ -26,7 +26,7 @@ from sandbox.kube.degradations import KNOWN_IDS
 from sandbox.worker import EnvironmentKey, Worker, WorkerConfig
 from sandbox.worker.pool import open_runtime, uses_host_workspaces
 from sandbox.worker.runner import BackgroundWorker
-from sandbox.worker.store import SessionStore
+from sandbox.worker.store import SessionMeta, SessionStore
 from tests.kube.fake_apiserver import FakeCluster, api_client
 from tests.worker.helpers import LogCapture, call, free_port, wait_for
 
@@ -90,10 +90,7 @@ def test_the_worker_serves_tool_calls_from_cluster_sandboxes_and_carries_the_wor
     wait_for(lambda: worker_logs.events("work_done"), timeout=60, what="the idle run to end")
     wait_for(lambda: first["metadata"]["name"] in cluster.deleted_by_client, what="the claim's deletion")
     (saved,) = worker_logs.events("workspace_saved")
-    store = SessionStore(tmp_path / "sessions", host_workspaces=False)
-    meta = store.meta(sid)
-    assert meta is not None and saved["workspace"] == meta.workspace and saved["bytes"] > 0
-    assert store.workspace_archive(meta.workspace).stat().st_mode & 0o777 == 0o600
+    store, meta = _check_archive(tmp_path, sid, saved)
     assert not list((tmp_path / "sessions" / "workspaces").glob("*.img")), "nothing is mounted on the worker"
     # Work arrives again: a new claim, a new pod, the session's files unpacked into it.
     err, text, _ = call(admin, sid, "bash", {"command": "cat proj/hello.txt; pwd"}, timeout=60)
@@ -329,10 +326,7 @@ def test_a_pod_that_dies_mid_run_comes_back_with_the_files_of_its_last_periodic_
     assert call(admin, sid, "write", {"file_path": "before.txt", "content": "kept\n"}, timeout=60)[0] is False
     wait_for(lambda: worker_logs.events("workspace_archived"), timeout=30, what="a periodic archive")
     (archived,) = worker_logs.events("workspace_archived")
-    store = SessionStore(tmp_path / "sessions", host_workspaces=False)
-    meta = store.meta(sid)
-    assert meta is not None and archived["workspace"] == meta.workspace and archived["bytes"] > 0
-    assert store.workspace_archive(meta.workspace).stat().st_mode & 0o777 == 0o600
+    _check_archive(tmp_path, sid, archived)
     assert not list((tmp_path / "sessions" / "workspaces").glob(".*.tmp")), "no partial archive left behind"
     # No more archives from here (the interval is read at each tick): what follows is written after the last one.
     worker.config.archive_interval = 0
@@ -412,3 +406,12 @@ def test_a_cluster_session_gets_archive_checkpoints_listed_and_restored_through_
     records = [json.loads(x) for x in store.trail_path(sid).read_text().splitlines()]
     assert [(r.get("event"), r.get("digest")) for r in records if r.get("event") in ("checkpoint", "restore")][:3] == \
         [("checkpoint", first["digest"]), ("checkpoint", second["digest"]), ("restore", first["digest"])]
+
+
+def _check_archive(tmp_path: Path, sid: str, event: dict) -> tuple[SessionStore, SessionMeta]:
+    """The session's archive is the one the log event names, not empty, and private to the worker."""
+    store = SessionStore(tmp_path / "sessions", host_workspaces=False)
+    meta = store.meta(sid)
+    assert meta is not None and event["workspace"] == meta.workspace and event["bytes"] > 0
+    assert store.workspace_archive(meta.workspace).stat().st_mode & 0o777 == 0o600
+    return store, meta

@@ -35,13 +35,18 @@ def _journal(store: SessionStore, kind: str, owner: str, **kw: Any) -> Journal:
     return Outbox(store.journal_path(), owner, alive=store.owner_alive, **kw)
 
 
+def _alone(tmp_path: Path, kind: str) -> Journal:
+    """One live worker "A" on a fresh store."""
+    store = SessionStore(tmp_path)
+    store.register_owner("A")
+    return _journal(store, kind, "A")
+
+
 # ------------------------------------------------------------------ the rules, in both forms
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_call_is_never_run_twice_even_after_delivery(tmp_path: Path, kind: str) -> None:
-    store = SessionStore(tmp_path)
-    store.register_owner("A")
-    j = _journal(store, kind, "A")
+    j = _alone(tmp_path, kind)
     assert j.begin("t1", "s1", "w1", "bash").run
     j.finish("t1", [{"type": "text", "text": "out"}], False)
     again = j.begin("t1", "s1", "w2", "bash")
@@ -91,9 +96,7 @@ def test_begin_itself_answers_a_dead_owners_call_as_interrupted(tmp_path: Path, 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_accepted_results_are_marked_before_anything_reads_them(tmp_path: Path, kind: str) -> None:
-    store = SessionStore(tmp_path)
-    store.register_owner("A")
-    j = _journal(store, kind, "A")
+    j = _alone(tmp_path, kind)
     ids = [f"t{i}" for i in range(40)]
     for t in ids:
         assert j.begin(t, "s1", "w1", "bash").run
@@ -105,9 +108,7 @@ def test_accepted_results_are_marked_before_anything_reads_them(tmp_path: Path, 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pending_filters_by_session_and_age_and_drop_forgets_even_a_running_call(tmp_path: Path, kind: str) -> None:
-    store = SessionStore(tmp_path)
-    store.register_owner("A")
-    j = _journal(store, kind, "A")
+    j = _alone(tmp_path, kind)
     for t, s in (("t1", "s1"), ("t2", "s2")):
         assert j.begin(t, s, "w", "bash").run
         j.finish(t, t, False)
@@ -126,9 +127,7 @@ def test_pending_filters_by_session_and_age_and_drop_forgets_even_a_running_call
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_abandon_answers_interrupted_and_never_reruns(tmp_path: Path, kind: str) -> None:
-    store = SessionStore(tmp_path)
-    store.register_owner("A")
-    j = _journal(store, kind, "A")
+    j = _alone(tmp_path, kind)
     assert j.begin("t1", "s1", "w1", "read").run
     j.abandon("t1")
     rec = j.get("t1")
