@@ -361,14 +361,14 @@ class SessionStore:
         if os.path.ismount(d):
             return d
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,nr_inodes={inodes},mode=0755,nosuid,nodev",
-              "sandbox-skills", str(d)])
+        # mount(2) itself, not a `mount` process: this is on the way to the session's first call.
+        _mount_tmpfs(d, f"size={size_mb}m,nr_inodes={inodes},mode=0755")
         return d
 
     def release_skills_dir(self, session_id: str) -> None:
         d = self.session_dir(session_id) / "run" / "skills"
         if os.path.ismount(d):
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+            _umount_lazy(d)
         elif not self.host_workspaces:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -511,6 +511,34 @@ def remove_ext4_workspace(root: Path, ws: str) -> None:
 
 def _mount(img: Path, mnt: Path) -> None:
     _run(["mount", "-o", "loop,nosuid,nodev", str(img), str(mnt)])
+
+
+_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
+
+
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount_tmpfs(target: Path, options: str) -> None:
+    """A nosuid, nodev tmpfs named `sandbox-skills` at `target` (mount(2), as `mount -t tmpfs` does)."""
+    import ctypes
+
+    rc = _libc().mount(b"sandbox-skills", os.fsencode(target), b"tmpfs", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV),
+                       options.encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise StoreError(f"cannot mount the skills tmpfs at {target}: {os.strerror(err)}")
+
+
+def _umount_lazy(target: Path) -> None:
+    """umount2(MNT_DETACH), as `umount -l`; best effort (a failure leaves the mount to the next start)."""
+    import ctypes
+
+    if _libc().umount2(os.fsencode(target), ctypes.c_int(_MNT_DETACH)) != 0:
+        log.debug("cannot unmount %s: %s", target, os.strerror(ctypes.get_errno()))
 
 
 def _run(argv: list[str]) -> None:

@@ -99,6 +99,7 @@ class SessionSlot:
     calls: int = 0
     trail: Any = None  # the session's AuditTrail (sandbox.audit.trail), when one could be opened
     skills_dir: Any = None  # host dir of this run's skills (mounted read-only in the sandbox)
+    has_skills: bool = True  # the session's agent has skills (or it could not be told): no warm sandbox
     egress_tails: list[Any] = field(default_factory=list)  # EgressTail per sandbox of this run (egress_trail.py)
 
     # The cancel scopes of the calls in flight: `abort_calls()` ends their waits (the SDK runs tools shielded).

@@ -503,7 +503,22 @@ class Worker:
             # A re-delivery of a session we are still winding down: one runner per session at a time.
             with anyio.move_on_after(self.config.drain_timeout + 150):
                 await previous.done.wait()
-        run_lock = await self._lock_run(session_id)
+        # The session GET that tells whether it has skills runs alongside the run lock (both on the way to
+        # the first call): a session without skills needs no skills tmpfs and may take a warm sandbox.
+        run_lock: RunLock | None = None
+        has_skills = True
+
+        async def lock_run() -> None:
+            nonlocal run_lock
+            run_lock = await self._lock_run(session_id)
+
+        async def look_up_skills() -> None:
+            nonlocal has_skills
+            has_skills = await self._has_skills(session_id)
+
+        async with anyio.create_task_group() as first:
+            first.start_soon(lock_run)
+            first.start_soon(look_up_skills)
         if run_lock is None:
             # Another run of this session (another worker) still holds its workspace: let the lease lapse
             # so the item comes back, rather than run over a workspace someone else is using.
@@ -516,6 +531,10 @@ class Worker:
 
         async def prepare_skills() -> None:
             nonlocal skills_dir
+            if not has_skills:
+                # The SDK downloads nothing for an agent without skills (the session's resources cannot
+                # change while it runs) and creates no `<workdir>/skills`: no tmpfs to mount and unmount.
+                return
             try:
                 # The SDK downloads the session agent's skills into `<workdir>/skills`: per session and run, a
                 # capped tmpfs the sandbox mounts read-only at SKILLS_PATH (so it must exist before the sandbox).
@@ -538,6 +557,7 @@ class Worker:
             **{**self._sdk_kwargs, "workdir": skills_dir.parent})
         slot = SessionSlot(session_id=session_id, work_id=work_id, trail=trail[0])
         slot.skills_dir = skills_dir
+        slot.has_skills = has_skills
         self._skills_placed[session_id] = anyio.Event()  # set by _tools_for (or the run's end), this run only
         serving = _Serving(slot, anyio.CancelScope(), anyio.Event(), run_lock)
         self._serving[session_id] = serving
@@ -798,7 +818,7 @@ class Worker:
         copy_skills = slot.skills_dir is not None and self.store is not None and not self.store.host_workspaces
         mounts = [(slot.skills_dir, SKILLS_PATH)] if slot.skills_dir is not None and not copy_skills else []
         # A warm sandbox has no skills mount: only for sessions without skills.
-        use_pool = bool(self.pool and self.pool.ready) and not await self._has_skills(slot.session_id)
+        use_pool = bool(self.pool and self.pool.ready) and not slot.has_skills
         try:
             a = await anyio.to_thread.run_sync(
                 lambda: sandboxes.acquire(slot.session_id, ro_mounts=mounts, use_pool=use_pool),
@@ -869,7 +889,7 @@ class Worker:
         session = env.session
         session_id = getattr(session, "id", None) or env.session_id
         serving = self._serving.get(session_id) if session_id else None
-        if serving is None:
+        if serving is None or not isinstance(session_id, str):
             raise RuntimeError(f"no sandbox slot for session {session_id!r}")
         if serving.slot.skills_dir is not None:
             _open_for_reading(serving.slot.skills_dir)

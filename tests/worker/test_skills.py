@@ -101,3 +101,40 @@ def test_skills_are_read_only_in_the_sandbox_and_hostile_archives_are_refused(
     # The run's skills tmpfs is gone with the run.
     with open("/proc/self/mounts") as f:
         assert not [line for line in f if str(tmp_path) in line and "sandbox-skills" in line]
+
+
+def _skills_mounts(under: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line for line in f if line.split()[1].startswith(str(under.resolve())) and "sandbox-skills" in line]
+
+
+def test_a_session_without_skills_runs_without_a_skills_tmpfs(
+        tmp_path: Path, cp: ControlPlane, admin: LocalAdmin, start_worker: Callable[..., Worker]) -> None:
+    """The session's agent has no skills: the SDK downloads none, so no tmpfs is mounted (and unmounted)
+    on the way to its first call; it still runs its calls."""
+    start_worker()
+    sid = admin.create_session(cp.environment_id)
+    is_error, text, _ = call(admin, sid, "bash", {"command": "echo served"}, timeout=90)
+    assert (is_error, text.strip()) == (False, "served")
+    assert _skills_mounts(tmp_path) == []  # the run is live (its sandbox idles): nothing was ever mounted
+    admin.terminate(sid)
+
+
+def test_the_skills_tmpfs_is_mounted_without_a_mount_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mount(2) itself, with the same options as `mount -t tmpfs` had: capped, nosuid, nodev; and unmounted."""
+    from sandbox.worker.store import SessionStore
+
+    empty = tmp_path / "no-programs"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no `mount` or `umount` to run
+    store = SessionStore(tmp_path / "sessions")
+    d = store.skills_dir("sess-1", size_mb=4, inodes=100)
+    (line,) = _skills_mounts(tmp_path)
+    fields = line.split()
+    opts = set(fields[3].split(","))
+    assert fields[1] == str(d.resolve()) and fields[2] == "tmpfs"
+    assert {"nosuid", "nodev", "size=4096k", "nr_inodes=100", "mode=755"} <= opts, line
+    assert store.skills_dir("sess-1", size_mb=4, inodes=100) == d  # kept when already mounted
+    assert len(_skills_mounts(tmp_path)) == 1
+    store.release_skills_dir("sess-1")
+    assert _skills_mounts(tmp_path) == []
