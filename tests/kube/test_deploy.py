@@ -39,13 +39,16 @@ def test_kustomization_names_existing_files():
     assert set(k["resources"]) == set(FILES) - {"rbac-doctor.yaml"}  # the proxy's cluster mode included
 
 
-def test_environment_key_reaches_the_worker_pod_only_and_the_admin_token_the_worker_and_proxy_only():
+def test_environment_key_reaches_the_worker_pod_only_the_admin_token_the_worker_and_proxy_only_and_the_admin_tls_key_the_proxy_only():
     users: dict[str, set[str]] = {}
+    config_users: dict[str, set[str]] = {}
     for d in _all():
         if d["kind"] != "Deployment":
             continue
         spec = d["spec"]["template"]["spec"]
         for v in spec.get("volumes", []):
+            if v.get("configMap"):
+                config_users.setdefault(v["configMap"]["name"], set()).add(d["metadata"]["name"])
             if v.get("secret"):
                 users.setdefault(v["secret"]["secretName"], set()).add(d["metadata"]["name"])
                 # mounted read-only wherever it is mounted, never world-readable
@@ -63,7 +66,11 @@ def test_environment_key_reaches_the_worker_pod_only_and_the_admin_token_the_wor
             assert not any("secretRef" in f for f in c.get("envFrom", []))
     assert users == {"sandbox-environment-key": {"sandbox-worker"},
                      "sandbox-egress-admin": {"sandbox-worker", "sandbox-egress"},
+                     "sandbox-egress-admin-tls": {"sandbox-egress"},  # the admin endpoint's key: the proxy only
                      "sandbox-egress-credentials": {"sandbox-egress"}}  # the injected values: the proxy only
+    # ConfigMaps hold nothing secret: the backend configuration, the worker's settings, and the
+    # public CA the worker verifies the proxy replicas' admin certificate with
+    assert config_users == {"sandbox-backend": {"sandbox-worker"}, "sandbox-egress-admin-ca": {"sandbox-worker"}}
     # and the compiled sandbox templates never mount a secret or carry a token, and reach only the
     # proxy port (never the admin port where addresses are registered)
     cfg = config_from_dict(yaml.safe_load(_docs("backend-config.yaml")[0]["data"]["kube.yaml"]))
@@ -117,7 +124,7 @@ def test_proxy_service_address_matches_the_backend_configuration():
     assert dep["spec"]["template"]["metadata"]["labels"] == cfg.egress_proxy.pod_labels
     assert cfg.egress_proxy.port in {p["targetPort"] for p in svc["spec"]["ports"]}
     assert cfg.egress_proxy.admin_port in {p["targetPort"] for p in svc["spec"]["ports"]}
-    assert cfg.egress_proxy.admin_base_url() == f"http://{svc['spec']['clusterIP']}:{cfg.egress_proxy.admin_port}"
+    assert cfg.egress_proxy.admin_base_url() == f"https://{svc['spec']['clusterIP']}:{cfg.egress_proxy.admin_port}"
 
 
 def test_the_proxy_deployment_runs_the_cluster_mode_with_the_token_the_worker_uses(tmp_path):
@@ -320,3 +327,71 @@ def test_only_the_scraper_may_connect_to_the_worker_and_only_on_its_metrics_port
     (rule,) = pol["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": port}]
     assert [list(f) for f in rule["from"]] == [["namespaceSelector"]] and rule["from"][0]["namespaceSelector"]["matchLabels"]
+
+
+def _mount_source(spec: dict, container: dict, path: str) -> tuple[dict, str]:
+    """The volume a file path in a container comes from, and the file's name in that volume."""
+    for m in container["volumeMounts"]:
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            vol = next(v for v in spec["volumes"] if v["name"] == m["name"])
+            return vol | {"_mount": m}, path[len(m["mountPath"].rstrip("/")) + 1:]
+    raise AssertionError(f"{path} is on no volume the {container['name']} container mounts")
+
+
+def test_the_admin_channel_is_tls_by_default_with_the_material_the_admin_tls_command_makes_wired_end_to_end(tmp_path):
+    """One consistent chain: the Secret and ConfigMap that `sandbox kube admin-tls` tells the operator
+    to create are the ones mounted; the proxy's --admin-tls-cert/--admin-tls-key name files of the
+    Secret (the keys `kubectl create secret tls` makes), mounted read-only into the proxy only; the
+    worker's admin_tls_ca_file is the ConfigMap's key where the worker mounts it; admin_tls_name is
+    the name the certificate is made for; the admin URLs are https; the probe speaks HTTPS."""
+    import json
+    import shlex
+
+    from click.testing import CliRunner
+
+    from sandbox.cli import main
+    from sandbox.egress.cluster import ClusterEgressClient, parser
+
+    res = CliRunner().invoke(main, ["kube", "admin-tls", str(tmp_path / "m"), "--json"])
+    assert res.exit_code == 0, res.output
+    made = json.loads(res.output)
+    secret_cmd, cm_cmd = (shlex.split(c) for c in made["commands"])
+    assert secret_cmd[:6] == ["kubectl", "-n", "sandbox-system", "create", "secret", "tls"]
+    secret_name, cm_name = secret_cmd[6], cm_cmd[5]
+    assert cm_cmd[:5] == ["kubectl", "-n", "sandbox-system", "create", "configmap"]
+    assert f"--cert={made['cert']}" in secret_cmd and f"--key={made['key']}" in secret_cmd
+    (from_file,) = [a for a in cm_cmd if a.startswith("--from-file=")]
+    cm_key, _, cm_src = from_file.removeprefix("--from-file=").partition("=")
+    assert cm_src == made["ca"]
+
+    cfg = config_from_dict(yaml.safe_load(_docs("backend-config.yaml")[0]["data"]["kube.yaml"])).egress_proxy
+    # the proxy: serves the admin port with the Secret's tls.crt/tls.key, mounted here read-only
+    dep = next(d for d in _docs("proxy.yaml") if d["kind"] == "Deployment")
+    assert dep["metadata"]["namespace"] == "sandbox-system"
+    spec = dep["spec"]["template"]["spec"]
+    proxy = next(c for c in spec["containers"] if c["name"] == "proxy")
+    cmd = proxy["command"]
+    args = parser().parse_args(cmd[cmd.index("sandbox.egress.cluster") + 1:])
+    for path, key in ((args.admin_tls_cert, "tls.crt"), (args.admin_tls_key, "tls.key")):
+        vol, name = _mount_source(spec, proxy, path)
+        assert vol["secret"]["secretName"] == secret_name and name == key, (path, vol)
+        assert vol["_mount"]["readOnly"] is True and vol["secret"]["defaultMode"] & 0o007 == 0
+        assert "optional" not in vol["secret"]  # no Secret: the pod does not start (never plain HTTP instead)
+    probe = proxy["readinessProbe"]["httpGet"]
+    assert probe["scheme"] == "HTTPS" and probe["port"] == cfg.admin_port and args.admin_listen.endswith(f":{probe['port']}")
+    # the worker: verifies against the ConfigMap's CA, for the name the certificate carries, over https
+    wspec, worker = _worker_container()
+    vol, name = _mount_source(wspec, worker, cfg.admin_tls_ca_file)
+    assert vol["configMap"]["name"] == cm_name and name == cm_key and vol["_mount"]["readOnly"] is True
+    assert cfg.admin_tls_name == made["name"] == "sandbox-egress-admin"
+    assert not cfg.allow_plain_admin and cfg.plain_admin_refusal() is None
+    assert cfg.admin_base_url().startswith("https://") and cfg.admin_dns
+    token = tmp_path / "token"
+    token.write_text("t" * 40)
+    client = ClusterEgressClient.from_config(cfg.model_copy(update={
+        "admin_token_file": str(token), "admin_tls_ca_file": made["ca"], "admin_dns": "localhost"}))
+    assert client.endpoints() and all(u.startswith("https://") for u in client.endpoints())
+    # and without the CA the same configuration is refused, not used in clear
+    plain = cfg.model_copy(update={"admin_tls_ca_file": None, "admin_token_file": str(token)})
+    with pytest.raises(Exception, match="egress_proxy.admin_dns: .* plain HTTP beyond loopback"):
+        ClusterEgressClient.from_config(plain)
