@@ -37,6 +37,7 @@ log = lazylog.get(__name__)  # logging is imported when something is logged
 
 MAX_LINE = 16 << 20  # one event; a 256 KiB file read is well under this after base64
 MAX_DIAG = 64 << 10  # agent stderr kept for diagnostics
+READ_CHUNK = 256 << 10  # one recv: what the attach stream has, up to this
 MAC_HEX = 32
 TO_AGENT, FROM_AGENT = b"H", b"A"
 
@@ -111,28 +112,38 @@ class AgentChannel:
             raise ChannelClosed(self.close_reason) from None
 
     # -- reading
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return bytes(buf)
-
     def _read_loop(self) -> None:
-        pending = bytearray()
+        """Reads what the socket has (one recv, usually a whole frame or several) and demultiplexes it:
+        one system call and one trip for the interpreter lock per wake-up, not two per frame."""
+        pending = bytearray()  # the agent's stdout, frames joined: complete lines are dispatched
+        header = bytearray()  # a frame header split across reads
+        stream, left = 0, 0  # the current frame's stream and how much of its payload is still to come
         try:
             while True:
-                header = self._recv_exact(8)
-                stream, size = header[0], struct.unpack(">I", header[4:])[0]
-                payload = self._recv_exact(size) if size else b""
-                if stream == 2:
-                    room = MAX_DIAG - len(self.diagnostics)
-                    if room > 0:
-                        self.diagnostics += payload[:room]
-                    continue
-                pending += payload
+                chunk = self._sock.recv(READ_CHUNK)
+                if not chunk:
+                    raise EOFError
+                i, n = 0, len(chunk)
+                while i < n:
+                    if left == 0:
+                        take = min(8 - len(header), n - i)
+                        header += chunk[i:i + take]
+                        i += take
+                        if len(header) < 8:
+                            break
+                        stream, left = header[0], struct.unpack(">I", header[4:])[0]
+                        header.clear()
+                        continue
+                    take = min(left, n - i)
+                    part = chunk[i:i + take]
+                    i += take
+                    left -= take
+                    if stream == 2:
+                        room = MAX_DIAG - len(self.diagnostics)
+                        if room > 0:
+                            self.diagnostics += part[:room]
+                    else:
+                        pending += part
                 while True:
                     nl = pending.find(b"\n")
                     if nl < 0:
