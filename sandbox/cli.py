@@ -115,7 +115,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("sandbox.worker.cli:worker_cmd", "Claim work from a control plane and run it in sandboxes."),
     "demo": ("sandbox.worker.cli:demo_cmd", "Run the main job on one machine (control plane, worker, session)."),
     "audit": ("sandbox.audit.cli:audit_group", "Audit isolation of a profile's sandbox or any container."),
-    "kube": ("sandbox.kube.cli:kube_group", "Set up a Kubernetes deployment (the egress admin channel's TLS)."),
+    "kube": ("sandbox.kube.cli:kube_group", "Make what a Kubernetes deployment needs (admin TLS)."),
 }
 
 
