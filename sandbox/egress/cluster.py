@@ -25,8 +25,10 @@ a Service, and the only thing the proxy can tie a connection to is the pod's IP.
   terminates TLS the worker makes the session CA and sends it (certificate and key) in every
   registration, so each replica presents leaves of the one CA in the pod's trust bundle, before
   and after a restart; the key stays in the worker's and the replicas' memory (see SECURITY.md),
-  and crosses the network only in registrations (TLS with ``--admin-tls-cert/--admin-tls-key``
-  and the worker's ``admin_tls_ca_file``);
+  and crosses the network only in registrations, over TLS (``--admin-tls-cert/--admin-tls-key``
+  and the worker's ``admin_tls_ca_file``, made by ``sandbox kube admin-tls``): plain HTTP beyond
+  loopback is refused at both ends unless allowed by name (``--allow-plain-admin``, the
+  configuration's ``allow_plain_admin``);
 - of two registrations of one pod address, the later-registered session holds it on every
   replica, whatever order they arrive in (a pod IP is reused only after its pod is gone);
 - on SIGTERM a replica takes no new registration and is not ready, serves its pods a few seconds
@@ -61,6 +63,7 @@ read in the proxy's pod too. The registration's reply carries the trust bundle t
 
     python -m sandbox.egress.cluster --listen 0.0.0.0:3128 --admin-listen 0.0.0.0:3129 \\
         --token-file /var/run/sandbox-egress-admin/token --state-dir /var/lib/sandbox-egress \\
+        --admin-tls-cert /run/sandbox-egress-admin-tls/tls.crt --admin-tls-key /run/sandbox-egress-admin-tls/tls.key \\
         [--credential-dir /run/sandbox-egress-credentials] [--allow-credential-commands] \\
         [--drain-seconds 5 --drain-fetch-seconds 15]
 """
@@ -1194,6 +1197,13 @@ def admin_tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLCon
     return ctx
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def _hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -1244,6 +1254,9 @@ def parser() -> argparse.ArgumentParser:
                     help="serve the admin endpoint over TLS with this certificate chain (PEM; with --admin-tls-key): "
                          "registrations carry session CA keys")
     ap.add_argument("--admin-tls-key", metavar="FILE", help="the admin certificate's private key (PEM)")
+    ap.add_argument("--allow-plain-admin", action="store_true",
+                    help="serve the admin endpoint over plain HTTP on an address beyond loopback (off: refused without "
+                         "--admin-tls-cert; only on a pod network that encrypts every packet itself)")
     ap.add_argument("--drain-seconds", type=float, default=5.0, metavar="S",
                     help="on SIGTERM, keep serving registered pods this long (the Service drops this replica meanwhile)")
     ap.add_argument("--drain-fetch-seconds", type=float, default=10.0, metavar="S",
@@ -1279,6 +1292,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"egress proxy: cannot load the admin TLS certificate {args.admin_tls_cert} and key "
                   f"{args.admin_tls_key}: {getattr(e, 'strerror', None) or type(e).__name__}", file=sys.stderr)
             return 2
+    if admin_tls is None and not args.allow_plain_admin and not _is_loopback(admin[0]):
+        print(f"egress proxy: --admin-listen {args.admin_listen}: the admin endpoint takes the admin token and session "
+              "CA keys; serve it with --admin-tls-cert/--admin-tls-key (`sandbox kube admin-tls` makes them), or "
+              "pass --allow-plain-admin if the network encrypts this traffic itself", file=sys.stderr)
+        return 2
     if listen[1] == admin[1] != 0:
         print("egress proxy: --listen and --admin-listen need different ports", file=sys.stderr)
         return 2

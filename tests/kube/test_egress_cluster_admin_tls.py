@@ -287,3 +287,21 @@ def test_plain_http_beyond_loopback_is_refused_unless_the_configuration_allows_i
         config_from_dict({"egress_proxy": {"admin_tls_ca_file": "/ca.crt", "allow_plain_admin": True}})
     with pytest.raises(KubeConfigError, match="admin_tls_name: 'Bad Name' is not a DNS name"):
         config_from_dict({"egress_proxy": {"admin_tls_name": "Bad Name"}})
+
+
+def test_the_proxy_refuses_to_serve_the_admin_endpoint_in_clear_beyond_loopback_unless_allowed_by_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sandbox.egress.cluster import main, parser
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    base = ["--token-file", str(token), "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")]
+    for admin in ("0.0.0.0:0", ":0", "[::]:0", "10.1.2.3:0"):  # (refused before anything is bound)
+        assert main([*base, "--admin-listen", admin]) == 2
+        err = capsys.readouterr().err
+        assert f"--admin-listen {admin}: the admin endpoint takes the admin token" in err and "--admin-tls-cert" in err
+    assert parser().parse_args([*base, "--admin-listen", "0.0.0.0:0", "--allow-plain-admin"]).allow_plain_admin
+    # the shipped Deployment serves TLS and never opts out
+    _, c = _pod("proxy.yaml", "proxy")
+    args = parser().parse_args(c["command"][3:])
+    assert args.admin_tls_cert and args.admin_tls_key and not args.allow_plain_admin
