@@ -660,6 +660,37 @@ def dns_endpoints(name: str, port: int, scheme: str = "http") -> Callable[[], li
     return resolve
 
 
+ADMIN_TLS_RENEW_DAYS = 30
+
+
+def admin_client_context(ca_file: str | Path) -> ssl.SSLContext:
+    """The worker's context for the admin endpoints: trusts this CA only (TLS 1.2+). A file that is
+    missing or holds no certificate is an error naming it; a CA that has expired is refused, and one
+    that expires within 30 days is logged (the replicas' certificate from `sandbox kube admin-tls`
+    ends with it: renew both)."""
+    try:
+        data = Path(ca_file).read_bytes()
+        ctx = ssl.create_default_context(cadata=data.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):  # (before OSError: SSLError is one)
+        raise ClusterEgressError(f"egress_proxy.admin_tls_ca_file {ca_file}: no PEM CA certificate in it") from None
+    except OSError as e:
+        raise ClusterEgressError(f"egress_proxy.admin_tls_ca_file {ca_file}: cannot read it: "
+                                 f"{e.strerror or type(e).__name__}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    from cryptography import x509
+
+    with contextlib.suppress(ValueError):
+        now = datetime.datetime.now(datetime.UTC)
+        ends = min(c.not_valid_after_utc for c in x509.load_pem_x509_certificates(data))
+        if ends <= now:
+            raise ClusterEgressError(f"egress_proxy.admin_tls_ca_file {ca_file}: the CA expired on {ends:%Y-%m-%d}; "
+                                     "make new material with `sandbox kube admin-tls` (see deploy/kubernetes/proxy.yaml)")
+        if ends - now < datetime.timedelta(days=ADMIN_TLS_RENEW_DAYS):
+            log.warning("the egress admin CA %s expires on %s: renew it and the proxy's certificate with "
+                        "`sandbox kube admin-tls` before then", ca_file, f"{ends:%Y-%m-%d}")
+    return ctx
+
+
 class _NamedHTTPSConnection(http.client.HTTPSConnection):
     """HTTPS to a replica's address, verifying the certificate for one fixed name (the replicas
     are reached by pod IP, which no certificate can list in advance)."""
@@ -766,8 +797,7 @@ class ClusterEgressClient:
         # is verified against this CA only, for the one name tls_name, whatever address answers.
         self._opener: urllib.request.OpenerDirector | None = None
         if tls_ca_file is not None:
-            ctx = ssl.create_default_context(cafile=str(tls_ca_file))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx = admin_client_context(tls_ca_file)
             self._opener = urllib.request.build_opener(_NamedHTTPSHandler(ctx, tls_name or "sandbox-egress-admin"))
         for u in self._static:
             if self._opener is not None and not u.startswith("https://"):

@@ -305,3 +305,43 @@ def test_the_proxy_refuses_to_serve_the_admin_endpoint_in_clear_beyond_loopback_
     _, c = _pod("proxy.yaml", "proxy")
     args = parser().parse_args(c["command"][3:])
     assert args.admin_tls_cert and args.admin_tls_key and not args.allow_plain_admin
+
+
+def _expired_ca(path: Path) -> Path:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "an expired admin CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=400))
+            .not_valid_after(now - datetime.timedelta(days=35))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_the_worker_names_a_missing_or_wrong_ca_file_refuses_an_expired_one_and_warns_before_expiry(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    short = _made(tmp_path / "short", "--days", "10")
+    cases = {tmp_path / "absent.crt": "cannot read it: No such file or directory",
+             Path(short["key"]): "no PEM CA certificate in it",  # the key where the CA should be
+             _expired_ca(tmp_path / "expired.crt"): "the CA expired on .*sandbox kube admin-tls"}
+    for ca, why in cases.items():
+        with pytest.raises(ClusterEgressError, match=f"egress_proxy.admin_tls_ca_file {re.escape(str(ca))}: {why}") as e:
+            ClusterEgressClient(["https://127.0.0.1:1"], TOKEN, tls_ca_file=ca)
+        assert "PRIVATE" not in str(e.value) and TOKEN not in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="sandbox.egress.cluster"):
+        ClusterEgressClient(["https://127.0.0.1:1"], TOKEN, tls_ca_file=short["ca"]).close()
+    assert any("expires on" in r.getMessage() and "sandbox kube admin-tls" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sandbox.egress.cluster"):
+        ClusterEgressClient(["https://127.0.0.1:1"], TOKEN, tls_ca_file=_made(tmp_path / "long")["ca"]).close()
+    assert not [r for r in caplog.records if "expires on" in r.getMessage()]
