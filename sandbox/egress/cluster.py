@@ -681,7 +681,8 @@ def admin_client_context(ca_file: str | Path) -> ssl.SSLContext:
 
     with contextlib.suppress(ValueError):
         now = datetime.datetime.now(datetime.UTC)
-        ends = min(c.not_valid_after_utc for c in x509.load_pem_x509_certificates(data))
+        # (a bundle of the old and the new CA, while the replicas' certificate is rotated: the later one counts)
+        ends = max(c.not_valid_after_utc for c in x509.load_pem_x509_certificates(data))
         if ends <= now:
             raise ClusterEgressError(f"egress_proxy.admin_tls_ca_file {ca_file}: the CA expired on {ends:%Y-%m-%d}; "
                                      "make new material with `sandbox kube admin-tls` (see deploy/kubernetes/proxy.yaml)")

@@ -345,3 +345,20 @@ def test_the_worker_names_a_missing_or_wrong_ca_file_refuses_an_expired_one_and_
     with caplog.at_level(logging.WARNING, logger="sandbox.egress.cluster"):
         ClusterEgressClient(["https://127.0.0.1:1"], TOKEN, tls_ca_file=_made(tmp_path / "long")["ca"]).close()
     assert not [r for r in caplog.records if "expires on" in r.getMessage()]
+
+
+def test_a_ca_bundle_of_the_old_and_the_new_ca_lets_the_worker_reach_replicas_of_either_during_a_rotation(
+        tmp_path: Path, material: dict[str, Any], proxy_pod: ProxyPod) -> None:
+    # Rotation without an outage: the workers first trust old + new (ConfigMap), then the proxies
+    # get the new certificate (Secret), then the old CA goes. An expired old CA in the bundle is no refusal.
+    new = _made(tmp_path / "new")
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(_expired_ca(tmp_path / "old-expired.crt").read_bytes() + Path(new["ca"]).read_bytes()
+                       + Path(material["ca"]).read_bytes())
+    client = ClusterEgressClient.from_config(worker_config(tmp_path, bundle, proxy_pod.admin_port))
+    try:
+        client.register("sess_rotation", POD, POLICY, ttl_s=60)
+        assert proxy_pod.kubelet_probe()[1]["sessions"] == 1
+    finally:
+        client.unregister("sess_rotation")
+        client.close()
