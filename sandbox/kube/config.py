@@ -13,7 +13,10 @@ pool), how the egress proxy is reached, and which degradations (see
     user_namespaces: false           # hostUsers: false (Kubernetes >= 1.33 and a runtime that supports it)
     warm_pool_replicas: 2
     egress_proxy: {service: sandbox-egress, namespace: sandboxes, port: 3128, cluster_ip: 10.96.0.53,
-                   pod_labels: {app.kubernetes.io/name: sandbox-egress}}
+                   pod_labels: {app.kubernetes.io/name: sandbox-egress},
+                   admin_token_file: /run/sandbox-egress-admin/token,
+                   admin_tls_ca_file: /etc/sandbox-egress-admin-ca/ca.crt,   # `sandbox kube admin-tls`
+                   admin_tls_name: sandbox-egress-admin}   # plain HTTP beyond loopback: allow_plain_admin: true
     node_selector: {sandbox.dev/pool: sandboxes}
     tolerations: [{key: sandbox.gke.io/runtime, operator: Equal, value: gvisor, effect: NoSchedule}]
     accept:
