@@ -48,7 +48,8 @@ from sandbox.worker.worker import WorkerConfig
 
 USE_UVLOOP = os.environ.get("BENCH_UVLOOP", "1") != "0"
 SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "4"))
-IDLE_S = float(os.environ.get("BENCH_IDLE_S", "5"))  # 16 idle sessions watched this long
+IDLE_S = float(os.environ.get("BENCH_IDLE_S", "5"))
+STARTS_ONLY = False  # --warm-starts: only session starts with the warm pool  # 16 idle sessions watched this long
 
 
 def load() -> float:
@@ -586,6 +587,13 @@ def direct_reference(n: int, workdir: Path) -> list[float]:
 def measure(cp: Any, n: int, worker: Callable[[int], Any], direct: Callable[[], list[float]],
             starts: bool = True, warm: bool = False, quick: bool = False) -> dict[str, Any]:
     r: dict[str, Any] = {}
+    if STARTS_ONLY:
+        if warm:
+            with worker(2):
+                time.sleep(3)  # pool filled
+                r["warm"] = session_starts(cp, max(5, n // 3))
+                r["load_warm"] = load()
+        return r
     if quick:
         with worker(0):
             for c in (1, 4, 16):
@@ -683,7 +691,12 @@ def main() -> None:
                     help="throughput rows only (and where the CPU goes): no per-call, start or direct rows")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval in the worker processes (CPython's default is 0.005 s)")
+    ap.add_argument("--warm-starts", action="store_true", help="only session starts with the warm pool (ours)")
     args = ap.parse_args()
+    if args.warm_starts:
+        global STARTS_ONLY
+        STARTS_ONLY = True
+        args.worker = "sandbox"
     if args.switch_interval is not None:
         os.environ["BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)  # read by the spawned workers
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker."))
@@ -703,6 +716,11 @@ def main() -> None:
                 lambda: direct_sandbox(args.n), warm=True, quick=args.quick)
 
     med = statistics.median
+    if STARTS_ONLY:
+        w = results["sandbox"]["warm"]
+        print(f"session start to first result, warm pool: median {med(w) * 1e3:.1f} ms, min {min(w) * 1e3:.1f}, "
+              f"max {max(w) * 1e3:.1f} (n={len(w)}, load {results['sandbox']['load_warm']:.2f})")
+        return
     where = "in this process" if args.one_process else "in its own process"
     print(f"\nWorker benchmark (embedded control plane {where}, brain on the event stream; uvloop={USE_UVLOOP}; "
           f"load average at start {load0:.2f})\n")
