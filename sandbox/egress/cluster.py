@@ -339,12 +339,7 @@ class ClusterEgressProxy(EgressProxy):
         if self._addr_of:
             log.info("draining: serving %d session(s) for %.0f s more, then closing", len(self._addr_of), serve_s)
             await asyncio.sleep(serve_s)
-        loop = asyncio.get_running_loop()
-        for s in self._listeners:
-            if s.fileno() >= 0:
-                loop.remove_reader(s.fileno())
-            s.close()
-        self._listeners.clear()
+        self._close_listeners()
         for sid in list(self._addr_of):
             await self.unregister(sid, keep_stream=True)
         end = time.monotonic() + fetch_wait_s
@@ -436,13 +431,17 @@ class ClusterEgressProxy(EgressProxy):
                 self._unregistered_logged.clear()
             log.warning("refused a connection from %s: no sandbox session is registered for that address", addr)
 
-    async def close(self) -> None:
+    def _close_listeners(self) -> None:
+        """Stop accepting pods' connections (the ones already open go on)."""
         loop = asyncio.get_running_loop()
         for s in self._listeners:
             if s.fileno() >= 0:
                 loop.remove_reader(s.fileno())
             s.close()
         self._listeners.clear()
+
+    async def close(self) -> None:
+        self._close_listeners()
         if self._expiry_task is not None:
             self._expiry_task.cancel()
         for sid in list(self._addr_of):

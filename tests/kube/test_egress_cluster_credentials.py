@@ -15,7 +15,6 @@ import json
 import os
 import re
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -28,8 +27,9 @@ import pytest
 
 from sandbox.egress.cluster import ClusterEgressClient, ClusterEgressError
 from sandbox.egress.rules import EgressPolicy
-from tests.egress.egress_helpers import ALLOWED_ADDR, parse_response, read_head, recv_all
+from tests.egress.egress_helpers import ALLOWED_ADDR, recv_all
 from tests.egress.tls_helpers import TestCA, TlsTarget
+from tests.kube.pod_client import https_from_pod
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -140,20 +140,6 @@ def policy(t: TlsTarget, ca_file: Path, source: dict[str, Any], credential: dict
                                         "credentials": {(credential or {"name": "gh"})["name"]: source}})
 
 
-def https_from_pod(pod: ProxyPod, src: str, bundle: bytes, port: int, extra: str = "") -> Any:
-    """What a sandbox pod does: CONNECT through the proxy, TLS trusting the bundle it was given."""
-    s = socket.socket()
-    s.bind((src, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", pod.port))
-    s.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n".encode())
-    head = parse_response(read_head(s))
-    assert head.status == 200, head
-    ctx = ssl.create_default_context(cadata=bundle.decode())
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    with ctx.wrap_socket(s, server_hostname="allowed.test") as t:
-        t.sendall(f"GET /user HTTP/1.1\r\nHost: allowed.test:{port}\r\n{extra}\r\n".encode())
-        return parse_response(recv_all(t))
 
 
 def test_the_proxy_pod_injects_credentials_it_resolves_itself_and_the_worker_never_holds_a_value(
@@ -166,8 +152,8 @@ def test_the_proxy_pod_injects_credentials_it_resolves_itself_and_the_worker_nev
         upstream, ca_file, {"file": str(pod.creds / "api-key")},
         {"name": "apikey", "header": "X-Api-Key", "format": "{secret}"}), ttl_s=600)
     try:
-        ra = https_from_pod(pod, POD_A, bundle_a, upstream.port, extra="Authorization: Bearer sandbox-own\r\n")
-        rb = https_from_pod(pod, POD_B, bundle_b, upstream.port)
+        ra = https_from_pod(pod.port, POD_A, bundle_a, upstream.port, "/user", extra="Authorization: Bearer sandbox-own\r\n")
+        rb = https_from_pod(pod.port, POD_B, bundle_b, upstream.port, "/user")
         assert ra.status == 200 and rb.status == 200
         assert [s.header("authorization") for s in upstream.requests].count([f"Bearer {SECRET_ENV}"]) == 1
         assert [s.header("x-api-key") for s in upstream.requests].count([SECRET_FILE]) == 1

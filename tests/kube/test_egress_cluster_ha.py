@@ -34,8 +34,9 @@ import yaml
 from sandbox.egress.audit import session_file
 from sandbox.egress.cluster import ClusterEgressClient, ClusterEgressError, dns_endpoints
 from sandbox.egress.rules import EgressPolicy
-from tests.egress.egress_helpers import ALLOWED_ADDR, OTHER_ADDR, Target, parse_response, read_head, recv_all
+from tests.egress.egress_helpers import ALLOWED_ADDR, OTHER_ADDR, Target, parse_response, recv_all
 from tests.egress.tls_helpers import TestCA, TlsTarget
+from tests.kube.pod_client import https_from_pod
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,18 +139,7 @@ class Replica:
 
     def https(self, src: str, bundle: bytes, port: int, path: str = "/") -> Any:
         """What a sandbox pod does for a terminated host: CONNECT, then TLS trusting its one bundle."""
-        s = socket.socket()
-        s.bind((src, 0))
-        s.settimeout(10)
-        s.connect(("127.0.0.1", self.port))
-        s.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n".encode())
-        head = parse_response(read_head(s))
-        assert head.status == 200, head
-        ctx = ssl.create_default_context(cadata=bundle.decode())
-        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-        with ctx.wrap_socket(s, server_hostname="allowed.test") as t:
-            t.sendall(f"GET {path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n".encode())
-            return parse_response(recv_all(t))
+        return https_from_pod(self.port, src, bundle, port, path)
 
 
 class SpyClient(ClusterEgressClient):
