@@ -25,7 +25,8 @@ from sandbox.egress.audit import SessionAuditLogs
 from sandbox.egress.cluster import AdminServer, ClusterEgressClient, ClusterEgressError, ClusterEgressProxy, read_token
 from sandbox.egress.proxy import DENIED_HEADER, EgressProxy, StaticResolver
 from sandbox.egress.rules import EgressPolicy
-from tests.egress.egress_helpers import ALLOWED_ADDR, NAMES, OTHER_ADDR, Target, parse_response, recv_all
+from tests.egress.egress_helpers import ALLOWED_ADDR, NAMES, OTHER_ADDR, Target
+from tests.kube.pod_client import get_from_pod
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,17 +58,7 @@ class Cluster:
 
     def get(self, src: str, url: str) -> Any:
         """A request through the proxy from source address ``src`` (a "pod")."""
-        with socket.socket() as s:
-            s.bind((src, 0))
-            s.settimeout(5)
-            host = url.split("://", 1)[1].split("/", 1)[0]
-            try:
-                # (a refused source may see its reset already in connect: same outcome, nothing served)
-                s.connect(("127.0.0.1", self.port))
-                s.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            except (BrokenPipeError, ConnectionResetError):
-                return parse_response(b"")
-            return parse_response(recv_all(s))
+        return get_from_pod(self.port, src, url, timeout=5)
 
     def close(self) -> None:
         self.call(self.admin.close())

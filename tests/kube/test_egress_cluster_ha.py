@@ -34,9 +34,9 @@ import yaml
 from sandbox.egress.audit import session_file
 from sandbox.egress.cluster import ClusterEgressClient, ClusterEgressError, dns_endpoints
 from sandbox.egress.rules import EgressPolicy
-from tests.egress.egress_helpers import ALLOWED_ADDR, OTHER_ADDR, Target, parse_response, recv_all
+from tests.egress.egress_helpers import ALLOWED_ADDR, OTHER_ADDR, Target
 from tests.egress.tls_helpers import TestCA, TlsTarget
-from tests.kube.pod_client import https_from_pod
+from tests.kube.pod_client import get_from_pod, https_from_pod
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,16 +126,7 @@ class Replica:
 
     def get(self, src: str, url: str) -> Any:
         """A plain HTTP request from pod address ``src`` through this replica."""
-        with socket.socket() as s:
-            s.bind((src, 0))
-            s.settimeout(10)
-            host = url.split("://", 1)[1].split("/", 1)[0]
-            try:
-                s.connect(("127.0.0.1", self.port))
-                s.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                return parse_response(recv_all(s))
-            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
-                return parse_response(b"")
+        return get_from_pod(self.port, src, url)
 
     def https(self, src: str, bundle: bytes, port: int, path: str = "/") -> Any:
         """What a sandbox pod does for a terminated host: CONNECT, then TLS trusting its one bundle."""
