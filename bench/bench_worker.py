@@ -204,7 +204,8 @@ class Parts:
 
 def worker_threads() -> dict[str, tuple[float, int, int]]:
     """The worker process's threads by name: (CPU seconds, voluntary, involuntary context switches).
-    Names come from the worker process (`_name_os_threads`); a number in a name is dropped to group them."""
+    Names come from the worker process (`_name_os_threads`); a number in a name is dropped to group them.
+    Process rows (`Parts`) come from /proc/<pid>/stat ticks instead, which also count threads that ended."""
     wpid = PIDS.get("worker")
     out: dict[str, tuple[float, int, int]] = {}
     if wpid is None:
@@ -218,8 +219,10 @@ def worker_threads() -> dict[str, tuple[float, int, int]]:
         try:
             with open(f"{base}/comm") as f:
                 name = re.sub(r"[-_ ]?\d+$", "", f.read().strip()) or "?"
-            with open(f"{base}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
+            # schedstat: run time in ns, exact (stat's utime/stime are sampled at the 100 Hz tick, which
+            # overcharges a thread that wakes on a timer, e.g. the hog watch, by several times).
+            with open(f"{base}/schedstat") as f:
+                run_ns = int(f.read().split()[0])
             vol = inv = 0
             with open(f"{base}/status") as f:
                 for line in f:
@@ -230,7 +233,7 @@ def worker_threads() -> dict[str, tuple[float, int, int]]:
         except OSError:
             continue
         c, v, i = out.get(name, (0.0, 0, 0))
-        out[name] = (c + (int(parts[11]) + int(parts[12])) / CLK, v + vol, i + inv)
+        out[name] = (c + run_ns / 1e9, v + vol, i + inv)
     return out
 
 
@@ -672,6 +675,8 @@ def print_parts(results: dict[str, dict[str, Any]], cols: Sequence[str],
         print(f"\n16 live idle sessions ({IDLE_S:.0f} s): CPU ms per second")
         for name in names:
             row(f"  {name}", lambda r, name=name: float(r["idle16"].get(name, 0.0)) * 1e3, "{:.2f}")
+        row("  worker, its live threads' exact run time (schedstat)",
+            lambda r: sum(v[0] for v in r["idle16"].get("threads", {}).values()) * 1e3, "{:.2f}")
         row("  worker threads", lambda r: float(r["idle16"].get("thread count", 0)), "{:.0f}")
         for c in cols:
             th = results[c]["idle16"].get("threads", {})
