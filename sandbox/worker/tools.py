@@ -82,11 +82,6 @@ class SandboxUnavailable(Exception):
     pass
 
 
-def _set(ev: anyio.Event) -> anyio.Event:
-    ev.set()
-    return ev
-
-
 @dataclass
 class SessionSlot:
     """One session being served: its ids and (once started) its sandbox."""
@@ -105,8 +100,6 @@ class SessionSlot:
     trail: Any = None  # the session's AuditTrail (sandbox.audit.trail), when one could be opened
     skills_dir: Any = None  # host dir of this run's skills (mounted read-only in the sandbox)
     has_skills: bool = True  # the session's agent has skills (or it could not be told): no warm sandbox
-    # Set once `trail` is opened (or could not be): calls wait for it, so each one has its trail record.
-    trail_open: anyio.Event = field(default_factory=lambda: _set(anyio.Event()))
     egress_tails: list[Any] = field(default_factory=list)  # EgressTail per sandbox of this run (egress_trail.py)
 
     # The cancel scopes of the calls in flight: `abort_calls()` ends their waits (the SDK runs tools shielded).
@@ -190,8 +183,6 @@ class SessionToolbox:
         # One trail record per call, written by whoever takes this token first (list.pop is atomic): the
         # fast path writes it in its thread; an abandoned thread that finishes late writes none.
         record_token = [True]
-        if not self.slot.trail_open.is_set():  # only a session's first call can find it still opening
-            await self.slot.trail_open.wait()
         self.slot.enter()
         try:
             content, is_error, outcome = await self._dedupe_and_run(name, raw, started, record_token)

@@ -545,22 +545,17 @@ class Worker:
                 log_event(log, logging.ERROR, "skills_unavailable", f"cannot prepare the skills directory: {e}",
                           session_id=session_id)
 
-        trail_open = anyio.Event()  # the slot's: its calls wait for it (tools.py)
-
         async def open_trail() -> None:
             # In a thread: opening the trail writes and fsyncs its first records (not on the event loop).
-            # Alongside the SDK's start (its session fetch, event stream): the sandbox is handed to the
-            # tools only once the trail is open (_acquire_sandbox), so every call still has its record.
-            try:
-                slot.trail = trail[0] = await anyio.to_thread.run_sync(self._open_trail, session_id, work_id)
-            finally:
-                trail_open.set()
+            trail[0] = await anyio.to_thread.run_sync(self._open_trail, session_id, work_id)
 
-        # Before the SDK starts: it downloads the skills into this directory.
-        await prepare_skills()
+        # Both at once: each is a few ms of file system work on the way to the session's first call.
+        async with anyio.create_task_group() as prep:
+            prep.start_soon(prepare_skills)
+            prep.start_soon(open_trail)
         sdk_worker = self._sdk_worker if skills_dir is None else EnvironmentWorker(
             **{**self._sdk_kwargs, "workdir": skills_dir.parent})
-        slot = SessionSlot(session_id=session_id, work_id=work_id, trail=None, trail_open=trail_open)
+        slot = SessionSlot(session_id=session_id, work_id=work_id, trail=trail[0])
         slot.skills_dir = skills_dir
         slot.has_skills = has_skills
         self._skills_placed[session_id] = anyio.Event()  # set by _tools_for (or the run's end), this run only
@@ -573,8 +568,7 @@ class Worker:
         clean = True
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(open_trail)
-                tg.start_soon(self._acquire_sandbox, slot, trail_open)
+                tg.start_soon(self._acquire_sandbox, slot)
                 with serving.scope:
                     try:
                         await sdk_worker.handle_item(
@@ -816,9 +810,7 @@ class Worker:
             log_event(log, logging.ERROR, "skills_unavailable", f"cannot copy the skills into the sandbox: {e}",
                       session_id=slot.session_id)
 
-    async def _acquire_sandbox(self, slot: SessionSlot, trail_open: anyio.Event | None = None) -> None:
-        """Starts (or takes from the pool) the session's sandbox and hands it to the tools, once `trail_open`
-        is set: no call runs before the session's audit trail can record it."""
+    async def _acquire_sandbox(self, slot: SessionSlot) -> None:
         assert self.sandboxes is not None
         sandboxes = self.sandboxes
         # A cluster sandbox cannot mount the skills: they are copied in once the SDK has placed them
@@ -834,8 +826,6 @@ class Worker:
         except Exception as e:  # noqa: BLE001
             log_event(log, logging.ERROR, "sandbox_failed", f"could not start the session's sandbox: {e}",
                       session_id=slot.session_id)
-            if trail_open is not None:
-                await trail_open.wait()
             slot.set_error(str(e))
             return
 
@@ -857,8 +847,6 @@ class Worker:
             gate = self._skills_gate(slot.session_id)
             await gate.wait()
             await anyio.to_thread.run_sync(lambda: self._copy_skills(slot, a.sandbox), limiter=self._sandbox_limiter)
-        if trail_open is not None:
-            await trail_open.wait()
         slot.set_sandbox(a.sandbox)
         self._follow_egress(slot, a.sandbox)
 

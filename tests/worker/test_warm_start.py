@@ -1,5 +1,5 @@
-"""A session's start runs its steps side by side (worker.py `_serve_item`): the audit trail opens while the SDK
-starts, so no call may run before the trail can record it."""
+"""A session's start (worker.py `_serve_item`): however slowly its audit trail opens, no call runs before the
+trail can record it."""
 
 from __future__ import annotations
 
