@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _known: dict[int, "weakref.ref[subprocess.Popen[bytes]]"] = {}
 _wake = threading.Event()
-POLL_S = 0.05  # one waitid() per tick while PID 1 has children
+POLL_S = 0.05  # one waitid() per tick while a registered child's zombie waits for its owner
 IDLE_S = 5.0  # while it has none (spawn() wakes the reaper at once)
 
 
@@ -65,15 +65,25 @@ def _zombie_children() -> list[int]:
     return found
 
 
-def _reap_unknown() -> bool:
-    """Collect zombies that are not registered children; False when PID 1 has no child at all."""
+NO_CHILD, QUIET, OWNED = "no child", "quiet", "owned"
+
+
+def _reap_unknown(block: bool = False) -> str:
+    """Collect zombies that are not registered children. Returns NO_CHILD (PID 1 has none at all),
+    OWNED (a registered child's zombie waits for its owner's wait(): it must be looked past, so the
+    caller polls until it is collected) or QUIET (children, none of them a zombie any more).
+
+    `block`: the first wait sleeps in the kernel until some child exits (WNOWAIT: nothing is taken
+    from a registered child's owner), so a sandbox whose children just run costs no wake-ups."""
+    flags = os.WEXITED | os.WNOWAIT
     while True:
         try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            info = os.waitid(os.P_ALL, 0, flags if block else flags | os.WNOHANG)
         except ChildProcessError:
-            return False
+            return NO_CHILD
+        block = False
         if info is None:
-            return True
+            return QUIET
         with _lock:
             if not _is_known(info.si_pid):
                 try:
@@ -88,7 +98,7 @@ def _reap_unknown() -> bool:
                         os.waitpid(pid, os.WNOHANG)
                     except ChildProcessError:
                         pass
-        return True
+        return OWNED
 
 
 def reap_now() -> None:
@@ -100,15 +110,19 @@ def reap_now() -> None:
 
 
 def _loop() -> None:
+    state = OWNED
     while True:
-        children = True
         try:
-            children = _reap_unknown()
+            state = _reap_unknown(block=state == QUIET)
         except Exception:  # noqa: BLE001 - the reaper must outlive any surprise
+            state = OWNED
             time.sleep(1)
+        if state == QUIET:
+            continue  # straight into a wait that sleeps until a child exits
         # No child at all (an idle sandbox): no orphan can exist either (orphans become PID 1's
-        # children), so sleep until spawn() wakes us; a sandbox of idle agents costs no wakeups.
-        _wake.wait(POLL_S if children else IDLE_S)
+        # children), so sleep until spawn() wakes us. A registered child's zombie: poll until its
+        # owner collects it (a blocking wait would return at once for it).
+        _wake.wait(POLL_S if state == OWNED else IDLE_S)
         _wake.clear()
 
 

@@ -357,6 +357,47 @@ def test_an_idle_agent_maps_no_openssl_and_loads_tools_and_subprocess_only_when_
     assert "libcrypto" not in maps()
 
 
+def _agent_wakeups(pid: int) -> int:
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.docker
+def test_an_agent_whose_shell_sits_idle_does_not_wake_up_and_still_reaps_orphans(make_sandbox, runtime) -> None:
+    """A session's sandbox between calls keeps its persistent bash (a child of the agent): the reaper
+    polled 20 times a second while any child existed (3.7 ms of CPU a second per idle sandbox). It now
+    sleeps in the kernel until a child exits; orphans are still reaped and every command's own exit
+    status still reaches its caller."""
+    from sandbox.worker.tools import op_request
+
+    sb = make_sandbox()
+    pid = runtime.engine.inspect(sb.id)["State"]["Pid"]
+    op_args, timeout = op_request("bash", {"command": "true"})
+    sb.call("bash", timeout=timeout, **op_args)  # the persistent shell now lives
+    assert b"bash" in sb.exec(["sh", "-c", "ps -eo ppid,args | grep '^ *1 ' "]).stdout
+    time.sleep(0.5)
+    before = _agent_wakeups(pid)
+    time.sleep(2.0)
+    assert _agent_wakeups(pid) - before <= 6, "an agent with an idle child keeps waking up"
+    # orphans left by the persistent shell and by a one-off command are reaped, exit codes still arrive
+    op_args, timeout = op_request("bash", {"command": "(sleep 0.2 &) ; for i in 1 2 3; do (sleep 0.1 &); done; true"})
+    sb.call("bash", timeout=timeout, **op_args)
+    assert sb.exec(["sh", "-c", "(sleep 0.3 &) ; exit 3"]).exit_code == 3
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        zombies = sb.exec(["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l"]).stdout
+        if zombies.strip() == b"0":
+            break
+        time.sleep(0.2)
+    assert zombies.strip() == b"0", "an orphan was left a zombie"
+    op_args, timeout = op_request("bash", {"command": "echo still"})
+    assert "still" in str(sb.call("bash", timeout=timeout, **op_args))
+
+
 @pytest.mark.docker
 def test_an_idle_agent_does_not_wake_up_and_still_reaps_orphans_when_work_comes(make_sandbox, runtime) -> None:
     """Hundreds of idle sandboxes per host: an idle agent sleeps (its reaper polled 20 times a second
