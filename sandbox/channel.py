@@ -1,8 +1,9 @@
 """The host side of the agent channel: JSON lines over a container's attach stream.
 
 Docker multiplexes the attached stdout/stderr into frames (8-byte header, then
-payload); stdin is raw. One reader thread per sandbox demultiplexes the agent's
-events to per-request queues. Everything read here comes from inside the
+payload); stdin is raw. One reader thread per process (the hub, below) waits on
+every channel's socket at once and demultiplexes each agent's events to that
+channel's per-request queues. Everything read here comes from inside the
 sandbox, so sizes are bounded and malformed input ends the channel instead of
 being trusted.
 
@@ -20,12 +21,15 @@ another's pipes, a workload could otherwise inject requests or steal them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import itertools
 import json
+import os
 import queue
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -67,8 +71,18 @@ class AgentChannel:
         self.close_reason = ""
         self.diagnostics = bytearray()
         self.expired = False
-        self._reader = threading.Thread(target=self._read_loop, name="agent-channel", daemon=True)
-        self._reader.start()
+        # What the hub thread alone touches: the stream's parse state between reads.
+        self._pending = bytearray()  # the agent's stdout, frames joined: complete lines are dispatched
+        self._header = bytearray()  # a frame header split across reads
+        self._stream, self._left = 0, 0  # the current frame's stream and how much of its payload is to come
+        # The socket's fd is read by the hub while `_rlock` is held and closed by `close` only under it, so the
+        # hub never reads a number that a closed channel's socket gave back and a new socket got again.
+        self._rlock = threading.Lock()
+        self._sock_closed = False
+        self._fd = sock.fileno()
+        self._hub = _the_hub()
+        while not self._hub.add(self):  # that hub stopped just now (never seen): a new one
+            self._hub = _the_hub()
 
     def hello(self, session_s: float, watchdog_s: float | None = None) -> None:
         """The first line the agent reads (the only one without a MAC): its key, the session time
@@ -111,52 +125,56 @@ class AgentChannel:
             self._close(f"send failed: {e.strerror}")
             raise ChannelClosed(self.close_reason) from None
 
-    # -- reading
-    def _read_loop(self) -> None:
-        """Reads what the socket has (one recv, usually a whole frame or several) and demultiplexes it:
-        one system call and one trip for the interpreter lock per wake-up, not two per frame."""
-        pending = bytearray()  # the agent's stdout, frames joined: complete lines are dispatched
-        header = bytearray()  # a frame header split across reads
-        stream, left = 0, 0  # the current frame's stream and how much of its payload is still to come
-        try:
-            while True:
-                chunk = self._sock.recv(READ_CHUNK)
-                if not chunk:
-                    raise EOFError
-                i, n = 0, len(chunk)
-                while i < n:
-                    if left == 0:
-                        take = min(8 - len(header), n - i)
-                        header += chunk[i:i + take]
-                        i += take
-                        if len(header) < 8:
-                            break
-                        stream, left = header[0], struct.unpack(">I", header[4:])[0]
-                        header.clear()
-                        continue
-                    take = min(left, n - i)
-                    part = chunk[i:i + take]
-                    i += take
-                    left -= take
-                    if stream == 2:
-                        room = MAX_DIAG - len(self.diagnostics)
-                        if room > 0:
-                            self.diagnostics += part[:room]
-                    else:
-                        pending += part
-                while True:
-                    nl = pending.find(b"\n")
-                    if nl < 0:
-                        break
-                    line = bytes(pending[:nl])
-                    del pending[: nl + 1]
-                    self._dispatch(line)
-                if len(pending) > MAX_LINE:
-                    raise ValueError("agent sent an oversized event")
-        except EOFError:
-            self._close("agent exited")
-        except (OSError, ValueError) as e:
-            self._close(f"channel error: {e}")
+    # -- reading (on the hub thread: `_Hub._serve` does the recv and calls `_feed`, then `_close` at the end)
+    def _recv(self) -> bytes | None:
+        """One non-blocking read of what the socket has (usually a whole frame or several): b"" at EOF, None
+        if nothing is there (a stale wake-up) or the host closed the socket. The socket itself stays
+        blocking for `send`; only this read does not wait."""
+        with self._rlock:
+            if self._sock_closed:
+                return None
+            try:
+                return self._sock.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+
+    def _feed(self, chunk: bytes) -> None:
+        """Demultiplexes one read: frames to stdout lines (each authenticated and dispatched in order) or to
+        diagnostics. Raises ValueError on a frame that fails authentication or an oversized event: the
+        channel then ends, and nothing after that frame is delivered."""
+        pending, header = self._pending, self._header
+        stream, left = self._stream, self._left
+        i, n = 0, len(chunk)
+        while i < n:
+            if left == 0:
+                take = min(8 - len(header), n - i)
+                header += chunk[i:i + take]
+                i += take
+                if len(header) < 8:
+                    break
+                stream, left = header[0], struct.unpack(">I", header[4:])[0]
+                header.clear()
+                continue
+            take = min(left, n - i)
+            part = chunk[i:i + take]
+            i += take
+            left -= take
+            if stream == 2:
+                room = MAX_DIAG - len(self.diagnostics)
+                if room > 0:
+                    self.diagnostics += part[:room]
+            else:
+                pending += part
+        self._stream, self._left = stream, left
+        while True:
+            nl = pending.find(b"\n")
+            if nl < 0:
+                break
+            line = bytes(pending[:nl])
+            del pending[: nl + 1]
+            self._dispatch(line)
+        if len(pending) > MAX_LINE:
+            raise ValueError("agent sent an oversized event")
 
     def _authentic(self, line: bytes) -> bytes | None:
         got, _, body = line.partition(b" ")
@@ -212,14 +230,19 @@ class AgentChannel:
 
     def close(self) -> None:
         self._close("closed by host")
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        self._hub.remove(self)  # before the fd can be closed and its number given to another socket
+        # Not while the hub reads it (a read does not wait: this is short). In a forked child no hub reads
+        # it, and the lock may have been held by the parent's hub thread at the fork.
+        with self._rlock if self._hub.pid == os.getpid() else contextlib.nullcontext():
+            self._sock_closed = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                self._sock.close()
+            except OSError:
+                pass
 
     # -- a request answered on the reader thread (added for the worker: no thread blocks waiting for it)
     def open_request_with(self, sink: Callable[[dict[str, Any] | None], None]) -> int:
@@ -247,3 +270,151 @@ class _SinkQueue:
             self._sink(ev)
         except Exception:  # noqa: BLE001 - the reader thread must live on for the other requests
             log.exception("sandbox agent channel: a request's event handler failed")
+
+
+class _Hub:
+    """One daemon thread and one epoll set read every channel of this process: N sandboxes cost one thread,
+    and a burst of events from several sandboxes is read and dispatched in one wake-up of one thread (a
+    thread per channel made the event loop hand the interpreter lock to each of them in turn).
+
+    Each wake-up serves every ready channel once: one non-blocking read of up to READ_CHUNK, then that
+    channel's frame parsing, HMAC checks and dispatch, exactly as a thread of its own did. Whatever goes
+    wrong with one channel - EOF, a read error, a forged frame, an oversized event, a bug - ends that
+    channel only (`AgentChannel._close`), and the hub serves the others on. A sink (`open_request_with`)
+    runs on this thread, so a slow one delays every other sandbox's events: sinks must stay cheap (the
+    runtime's and the worker's store the outcome and wake the caller's loop, nothing more), and an
+    exception from one is logged, never allowed to stop the hub.
+
+    The hub starts with the first channel. After `os.fork()` the child has no hub thread: its copies of
+    the parent's channels stay unread (as they did with a thread per channel, which a fork did not copy
+    either), the parent's epoll set is never touched from the child (it is shared with the parent), and a
+    channel the child creates gets a hub of its own. Nothing in the project forks after channels exist
+    (the egress daemon forks at its own start, subprocesses exec at once); the tests check the hand-over.
+    At interpreter exit the daemon thread simply stops, as the per-channel threads did."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.alive = True
+        self._ep = select.epoll()
+        self._lock = threading.Lock()  # the fd map and the epoll set change together
+        self._chans: dict[int, AgentChannel] = {}  # fd -> the channel read through it
+        self._thread = threading.Thread(target=self._run, name="agent-channels", daemon=True)
+        self._thread.start()
+
+    def add(self, ch: AgentChannel) -> bool:
+        """Start reading `ch`; False if this hub has stopped (take another)."""
+        stale = None
+        with self._lock:
+            if not self.alive:
+                return False
+            stale = self._chans.pop(ch._fd, None)
+            if stale is not None:
+                # Its socket was closed without `close()` and the number given to this one: it can
+                # never be read again (a thread of its own would have failed its read the same way).
+                try:
+                    self._ep.unregister(ch._fd)
+                except OSError:
+                    pass
+            try:
+                self._ep.register(ch._fd, select.EPOLLIN)
+                self._chans[ch._fd] = ch
+                failed = None
+            except (OSError, ValueError) as e:  # e.g. a socket closed already: as a thread's first read would
+                failed = e
+        if stale is not None:
+            stale._close("channel error: its socket was closed under it")
+        if failed is not None:
+            ch._close(f"channel error: {failed}")
+        return True
+
+    def remove(self, ch: AgentChannel) -> None:
+        """Stop reading `ch` (at its EOF or error, or before `close` closes the socket). Idempotent."""
+        if os.getpid() != self.pid:
+            return  # a forked child: the epoll set is the parent's
+        with self._lock:
+            if self._chans.get(ch._fd) is not ch:
+                return  # removed already; the number may be another channel's now
+            del self._chans[ch._fd]
+            try:
+                self._ep.unregister(ch._fd)
+            except (OSError, ValueError):
+                pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                events = self._ep.poll()
+                with self._lock:
+                    ready = [self._chans.get(fd) for fd, _ in events]
+                for ch in ready:
+                    if ch is None:
+                        continue  # removed since the wait ended
+                    try:
+                        self._serve(ch)
+                    except Exception:  # noqa: BLE001 - never seen: `_serve` ends the channel on any error
+                        log.exception("sandbox agent channel: the reader failed on one channel")
+        except BaseException as e:  # noqa: BLE001 - the epoll set itself failed (never seen)
+            self._fail(e)
+
+    def _serve(self, ch: AgentChannel) -> None:
+        """One read from `ch` and its dispatch; on EOF or any error, `ch` ends and is no longer read."""
+        try:
+            chunk = ch._recv()
+            if chunk is None:
+                return  # nothing there after all, or the host has closed it
+            if chunk:
+                ch._feed(chunk)
+                return
+            reason = "agent exited"
+        except (OSError, ValueError) as e:
+            reason = f"channel error: {e}"
+        except Exception as e:  # noqa: BLE001 - e.g. a RecursionError from an absurdly nested event
+            log.exception("sandbox agent channel: reading an event failed; closing")
+            reason = f"channel error: {type(e).__name__}: {str(e)[:200]}"
+        self.remove(ch)
+        ch._close(reason)
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            self.alive = False
+            chans = list(self._chans.values())
+            self._chans.clear()
+        log.error("sandbox agent channel: the channel reader stopped (%s: %s); closing %d channels",
+                  type(e).__name__, e, len(chans))
+        for ch in chans:
+            ch._close(f"channel error: the channel reader stopped: {type(e).__name__}")
+
+    def _abandon(self) -> None:
+        """In a forked child: no thread reads for this hub here; leave the parent's epoll set alone."""
+        self.alive = False
+        self._chans = {}
+        try:
+            self._ep.close()  # the child's descriptor only: the parent's set lives on
+        except OSError:
+            pass
+
+
+_HUB: _Hub | None = None
+_HUB_LOCK = threading.Lock()
+
+
+def _the_hub() -> _Hub:
+    global _HUB
+    hub = _HUB
+    if hub is not None and hub.alive:
+        return hub
+    with _HUB_LOCK:
+        if _HUB is None or not _HUB.alive:
+            _HUB = _Hub()
+        return _HUB
+
+
+def _after_fork_in_child() -> None:
+    global _HUB, _HUB_LOCK
+    _HUB_LOCK = threading.Lock()  # another thread may have held it at the fork
+    hub, _HUB = _HUB, None
+    if hub is not None:
+        hub._abandon()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
