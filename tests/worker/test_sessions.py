@@ -60,6 +60,9 @@ def test_files_survive_a_run_going_idle_past_max_idle_and_the_sandbox_is_stopped
     admin.terminate(sid)
     wait_for(lambda: worker_logs.events("session_removed"), timeout=30, what="the session's store entry removal")
     assert store.meta(sid) is None and not store.workspace_dir(meta.workspace).exists()
+    # The entry is removed just before the run's trail is closed (its last record): wait for that too,
+    # or the chain is read without its closing record (seen 1 in 10-30 runs).
+    wait_for(lambda: len(worker_logs.events("trail_closed")) == 2, timeout=30, what="both runs' trails closed")
     res = verify(store.trail_path(sid))
     assert res.ok and res.runs == 2, res
 
