@@ -182,6 +182,8 @@ def test_checkpoint_and_restore_round_trip_byte_for_byte_refused_during_a_run(
     store = SessionStore(tmp_path / "sessions")
     admin.terminate(sid)
     wait_for(lambda: worker_logs.events("session_removed"), timeout=30, what="the session to be removed")
+    # (the entry goes just before the run's trail gets its closing record: wait for the closed chain)
+    wait_for(lambda: verify(store.trail_path(sid)).ok, timeout=30, what="the session's trail to close")
     records = [json.loads(x) for x in store.trail_path(sid).read_text().splitlines()]
     events = [(r.get("event"), r.get("digest")) for r in records if r.get("event") in ("checkpoint", "restore")]
     assert events == [("checkpoint", cps[0]["digest"]), ("checkpoint", cps[1]["digest"]),
