@@ -20,6 +20,7 @@ from sandbox import policycache, spec
 from sandbox.errors import PolicyError
 from sandbox.paths import SHIPPED_PROFILES_DIR
 from sandbox.policy import load_policy
+from sandbox.runtime import Sandbox
 
 SECCOMP_DEFAULT = SHIPPED_PROFILES_DIR / "seccomp" / "default.yaml"
 
@@ -357,6 +358,17 @@ def test_an_idle_agent_maps_no_openssl_and_loads_tools_and_subprocess_only_when_
     assert "libcrypto" not in maps()
 
 
+def _assert_no_zombie_soon(sb: Sandbox) -> None:
+    """Within 5 s no process of the sandbox is a zombie (its orphans were reaped)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        zombies = sb.exec(["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l"]).stdout
+        if zombies.strip() == b"0":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"an orphan was left a zombie ({zombies.strip().decode()} zombies)")
+
+
 def _agent_wakeups(pid: int) -> int:
     total = 0
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
@@ -387,13 +399,7 @@ def test_an_agent_whose_shell_sits_idle_does_not_wake_up_and_still_reaps_orphans
     op_args, timeout = op_request("bash", {"command": "(sleep 0.2 &) ; for i in 1 2 3; do (sleep 0.1 &); done; true"})
     sb.call("bash", timeout=timeout, **op_args)
     assert sb.exec(["sh", "-c", "(sleep 0.3 &) ; exit 3"]).exit_code == 3
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        zombies = sb.exec(["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l"]).stdout
-        if zombies.strip() == b"0":
-            break
-        time.sleep(0.2)
-    assert zombies.strip() == b"0", "an orphan was left a zombie"
+    _assert_no_zombie_soon(sb)
     op_args, timeout = op_request("bash", {"command": "echo still"})
     assert "still" in str(sb.call("bash", timeout=timeout, **op_args))
 
@@ -405,24 +411,10 @@ def test_an_idle_agent_does_not_wake_up_and_still_reaps_orphans_when_work_comes(
     sb = make_sandbox()
     pid = runtime.engine.inspect(sb.id)["State"]["Pid"]
 
-    def wakeups() -> int:
-        total = 0
-        for status in Path(f"/proc/{pid}/task").glob("*/status"):
-            for line in status.read_text().splitlines():
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    total += int(line.split()[1])
-        return total
-
     time.sleep(0.5)
-    before = wakeups()
+    before = _agent_wakeups(pid)
     time.sleep(2.0)
-    assert wakeups() - before <= 4, "the idle agent keeps waking up"
+    assert _agent_wakeups(pid) - before <= 4, "the idle agent keeps waking up"
     # an orphan: the child exits at once, its grandchild (reparented to PID 1) a moment later
     assert sb.exec(["sh", "-c", "(sleep 0.3 &) ; true"]).exit_code == 0
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        zombies = sb.exec(["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l"]).stdout
-        if zombies.strip() == b"0":
-            break
-        time.sleep(0.2)
-    assert zombies.strip() == b"0", "an orphan was left a zombie"
+    _assert_no_zombie_soon(sb)
