@@ -47,6 +47,7 @@ that another kernel may mount too.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -456,7 +457,7 @@ def unmount_under(root: Path) -> list[str]:
         return []
     done = []
     for mnt in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        _umount_lazy(Path(mnt))
         done.append(mnt)
     return done
 
@@ -503,7 +504,7 @@ def remove_ext4_workspace(root: Path, ws: str) -> None:
     mnt, img = root / ws, root / f"{ws}.img"
     (root / f"{ws}.owner").unlink(missing_ok=True)
     if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        _umount_lazy(mnt)
     if mnt.exists() and not os.path.ismount(mnt):
         shutil.rmtree(mnt, ignore_errors=True)
     img.unlink(missing_ok=True)
@@ -516,6 +517,7 @@ def _mount(img: Path, mnt: Path) -> None:
 _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
 
 
+@functools.cache
 def _libc() -> Any:
     import ctypes
 
