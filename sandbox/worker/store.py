@@ -414,17 +414,24 @@ class SessionStore:
         return [m for m in self.sessions() if now - m.last_activity > self.retention_s]
 
     def workspace_bytes(self, ws: str) -> int:
-        """Bytes in use inside the workspace's filesystem (a cluster session's: its archive's size)."""
-        if not self.host_workspaces:
+        """Bytes the store holds for a workspace, whichever form it has on disk, so a reader that
+        did not build the store (``sandbox session list``) reports it right: a mounted image's used
+        space; an image not mounted (a host rebooted), its allocated blocks; an archive (a store
+        shared by hosts, a cluster), its size. Never the filesystem under an empty mount point."""
+        mnt = self.workspace_dir(ws)
+        if os.path.ismount(mnt):
             try:
-                return self.workspace_archive(ws).stat().st_size
+                st = os.statvfs(mnt)
             except OSError:
                 return 0
-        try:
-            st = os.statvfs(self.workspace_dir(ws))
-        except OSError:
-            return 0
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+        for kept in (self.root / "workspaces" / f"{safe_id(ws)}.img", self.workspace_archive(ws)):
+            try:
+                st2 = kept.stat()
+            except OSError:
+                continue
+            return st2.st_blocks * 512 if kept.suffix == ".img" else st2.st_size
+        return 0
 
     def orphan_workspaces(self, older_than_s: float = 60.0) -> list[str]:
         """Workspaces no session adopted and whose creating worker is gone (its warm sandboxes)."""

@@ -141,3 +141,44 @@ def test_workers_starting_together_on_one_journal_all_open_it(tmp_path: Path) ->
             path = str(tmp_path / f"r{round_}" / "journal.db")
             errors += [e for e in pool.starmap(_open_journal, [(path, barrier)] * 6) if e]
     assert not errors, errors
+
+
+def _listed_bytes(store_root: Path) -> int:
+    """What `sandbox session list --json` reports for the store's one session."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sandbox.controlplane.cli import session_list
+
+    res = CliRunner().invoke(session_list, ["--store", str(store_root), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert len(rows) == 1
+    return int(rows[0]["workspace_bytes"])
+
+
+def test_session_list_reports_an_archived_workspace_by_its_archive_not_as_empty(tmp_path: Path) -> None:
+    # A store shared by hosts keeps workspaces as archives; `session list` builds its own store
+    # object, which does not know the worker chose archives.
+    worker_store = SessionStore(tmp_path, host_workspaces=False)
+    meta, _ = worker_store.open_session("sess_a", 8)
+    worker_store.workspace_archive(meta.workspace).write_bytes(b"x" * 123_457)
+    assert SessionStore(tmp_path).workspace_bytes(meta.workspace) == 123_457
+    assert _listed_bytes(tmp_path) == 123_457
+
+
+def test_session_list_counts_a_workspace_not_the_filesystem_under_its_empty_mount_point(tmp_path: Path) -> None:
+    from sandbox.worker.store import _umount_lazy
+
+    store = SessionStore(tmp_path)
+    meta, _ = store.open_session("sess_h", 16)
+    (store.workspace_dir(meta.workspace) / "data").write_bytes(os.urandom(3 << 20))
+    mounted = _listed_bytes(tmp_path)
+    assert 3 << 20 <= mounted < 16 << 20
+    _umount_lazy(store.workspace_dir(meta.workspace))  # as after a host reboot: only the image is left
+    assert not os.path.ismount(store.workspace_dir(meta.workspace))
+    parent = os.statvfs(tmp_path)
+    unmounted = _listed_bytes(tmp_path)
+    assert 3 << 20 <= unmounted < 16 << 20 < (parent.f_blocks - parent.f_bfree) * parent.f_frsize
+    store.remove_session("sess_h")
