@@ -182,3 +182,37 @@ def test_session_list_counts_a_workspace_not_the_filesystem_under_its_empty_moun
     unmounted = _listed_bytes(tmp_path)
     assert 3 << 20 <= unmounted < 16 << 20 < (parent.f_blocks - parent.f_bfree) * parent.f_frsize
     store.remove_session("sess_h")
+
+
+@pytest.mark.docker
+def test_a_full_session_store_refuses_new_sessions_though_the_state_dir_has_room(tmp_path: Path) -> None:
+    """Admission counts free disk where workspaces are kept (--session-store, maybe a volume of
+    its own), not on the state dir: else a full store takes sessions it cannot hold."""
+    import subprocess
+
+    import anyio
+
+    from sandbox.worker import EnvironmentKey, Worker, WorkerConfig
+
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(store_dir)], check=True)
+    worker = Worker(WorkerConfig(base_url="http://127.0.0.1:9", environment_id="env_x", state_dir=tmp_path / "w",
+                                 store_dir=store_dir, selftest=False, warm=0),
+                    EnvironmentKey("sk-ant-oat01-test-not-a-key", "test"))
+    try:
+        worker._setup()
+        admission = worker.config.admission
+        assert admission is not None
+        admission.disk_reserve_mb = 16  # of the 64 MiB store (the state dir has gigabytes)
+        assert admission.check().ok
+        st = os.statvfs(store_dir)
+        with open(store_dir / "fill", "wb") as f:  # leave less than the reserve free on the store only
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - (admission.disk_reserve_mb << 20) // 2))
+        d = admission.check()
+        assert not d.ok and d.resource == "disk", d
+        os.unlink(store_dir / "fill")
+        assert admission.check().ok
+    finally:
+        anyio.run(worker._teardown)
+        subprocess.run(["umount", "-l", str(store_dir)], check=False)
