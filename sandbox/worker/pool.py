@@ -67,7 +67,7 @@ class Assignment:
     workspace: str | None = None  # the store's workspace id
     parked_until: float | None = None
     run_lock: RunLock | None = None  # held while parked: no other run may use the workspace meanwhile
-    parked_at: float = 0.0
+    wanted_mark: str | None = None  # the session's "wanted" request when it was parked (store.want)
     egress_denials_seen: int = 0
     assigned_at: float = field(default_factory=time.monotonic)
     # Held while this sandbox writes its workspace archive (a cluster): one archive at a time per sandbox,
@@ -429,7 +429,7 @@ class SessionSandboxes:
             if park and a.sandbox.alive and grace > 0 and run_lock is not None:
                 a.parked_until = time.monotonic() + grace
                 a.run_lock = run_lock
-                a.parked_at = time.time()
+                a.wanted_mark = self.store.wanted_mark(session_id) if self.store is not None else None
                 log_event(log, logging.INFO, "sandbox_parked",
                           f"keeping the sandbox for {grace:.0f}s in case the session comes back",
                           session_id=session_id, container=a.sandbox.id[:12])
@@ -464,7 +464,7 @@ class SessionSandboxes:
         with self._lock:
             expired = [a for a in self._by_session.values()
                        if a.parked_until is not None and (a.parked_until <= now or not a.sandbox.alive
-                                                          or self.store.wanted_since(a.session_id, a.parked_at))]
+                                                          or self.store.wanted_since(a.session_id, a.wanted_mark))]
             for a in expired:
                 self._by_session.pop(a.session_id, None)
         for a in expired:

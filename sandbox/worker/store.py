@@ -256,18 +256,28 @@ class SessionStore:
         return None if f is None else RunLock(f, session_id)
 
     def want(self, session_id: str) -> None:
-        """Ask whoever keeps this session's sandbox parked to let go of its run lock (seen within ~1 s)."""
+        """Ask whoever keeps this session's sandbox parked to let go of its run lock (seen within ~1 s).
+
+        The request is a fresh random token, replaced atomically: the parked side compares it with
+        the token it saw when it parked, never a file time with its own clock (hosts sharing a store
+        need not agree on the time)."""
         d = self.session_dir(session_id)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        p = d / "wanted"
-        p.touch()
-        os.utime(p)
+        tmp = d / f".wanted-{secrets.token_hex(8)}"
+        tmp.write_text(secrets.token_hex(16))
+        os.replace(tmp, d / "wanted")
 
-    def wanted_since(self, session_id: str, since: float) -> bool:
+    def wanted_mark(self, session_id: str) -> str | None:
+        """The session's last request (see `want`), to be compared by `wanted_since`."""
         try:
-            return (self.session_dir(session_id) / "wanted").stat().st_mtime >= since
-        except FileNotFoundError:
-            return False
+            return (self.session_dir(session_id) / "wanted").read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def wanted_since(self, session_id: str, mark: str | None) -> bool:
+        """Has the session been wanted since `mark` (its `wanted_mark` then) was taken?"""
+        now = self.wanted_mark(session_id)
+        return now is not None and now != mark
 
     def run_active(self, session_id: str) -> bool:
         lock = self.try_lock_run(session_id)

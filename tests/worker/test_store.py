@@ -216,3 +216,22 @@ def test_a_full_session_store_refuses_new_sessions_though_the_state_dir_has_room
     finally:
         anyio.run(worker._teardown)
         subprocess.run(["umount", "-l", str(store_dir)], check=False)
+
+
+def test_a_parked_sandbox_sees_it_is_wanted_whatever_the_other_hosts_clock_says(tmp_path: Path) -> None:
+    # Host A parks a session's sandbox; host B (another clock, sharing the store) wants the session.
+    a, b = SessionStore(tmp_path), SessionStore(tmp_path)
+    b.want("sess_1")  # an old request, before the park: not a request to this parking
+    mark = a.wanted_mark("sess_1")
+    assert not a.wanted_since("sess_1", mark)
+    b.want("sess_1")
+    # B's clock runs an hour behind A's (or the file server's does): the request still counts.
+    os.utime(a.session_dir("sess_1") / "wanted", (time.time() - 3600, time.time() - 3600))
+    assert a.wanted_since("sess_1", mark)
+    # Parked again later: only a new request counts.
+    mark2 = a.wanted_mark("sess_1")
+    os.utime(a.session_dir("sess_1") / "wanted", (time.time() + 3600, time.time() + 3600))  # or ahead
+    assert not a.wanted_since("sess_1", mark2)
+    b.want("sess_1")
+    assert a.wanted_since("sess_1", mark2)
+    assert not a.wanted_since("sess_never", a.wanted_mark("sess_never"))
