@@ -418,3 +418,28 @@ def test_an_idle_agent_does_not_wake_up_and_still_reaps_orphans_when_work_comes(
     # an orphan: the child exits at once, its grandchild (reparented to PID 1) a moment later
     assert sb.exec(["sh", "-c", "(sleep 0.3 &) ; true"]).exit_code == 0
     _assert_no_zombie_soon(sb)
+
+
+@pytest.mark.docker
+def test_a_command_starts_as_popen_started_it_though_the_agent_uses_no_popen(make_sandbox) -> None:
+    """The agent starts commands with the fork_exec call Popen makes (agent/reaper.py spawn_command),
+    without importing `subprocess`, and waits for them on a pidfd: the same start for the command (no
+    signal left ignored or blocked by the agent's Python, its own session), the same errors (127 for a
+    missing command or directory, 126 for a file it cannot execute), exit codes, signals and timeouts."""
+    sb = make_sandbox()
+    r = sb.exec(["sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status"])
+    masks = dict(line.split(":") for line in r.stdout.decode().splitlines())
+    # Python ignores SIGPIPE and SIGXFSZ; Popen's restore_signals gives the command their defaults
+    assert set(masks) == {"SigIgn", "SigBlk"} and all(int(v, 16) == 0 for v in masks.values()), masks
+    missing = sb.exec(["no-such-command-here"])
+    assert (missing.exit_code, missing.error) == (127, "no-such-command-here: No such file or directory"), missing
+    assert sb.exec(["/no/such/dir/cmd"]).exit_code == 127
+    assert sb.exec(["true"], cwd="/no/such/dir").exit_code == 127
+    denied = sb.exec(["/etc/passwd"])
+    assert (denied.exit_code, denied.error) == (126, "/etc/passwd: Permission denied"), denied
+    killed = sb.exec(["sh", "-c", "kill -TERM $$"])
+    assert (killed.exit_code, killed.signal) == (143, 15), killed
+    assert sb.exec(["sh", "-c", "cd /tmp && pwd; exit 7"], cwd="/tmp").exit_code == 7
+    assert sb.exec(["sh", "-c", "echo $A"], env={"A": "b=c"}).stdout == b"b=c\n"
+    slow = sb.exec(["sleep", "30"], timeout=1)
+    assert slow.limit == "timeout", slow
