@@ -1,6 +1,6 @@
 """Runtime benchmark: the runtime rows of issue 11's table (run by hand).
 
-    python bench/bench_runtime.py [-n 15] [--idle 100] [--only cold,api,live,idle,gvisor]
+    python bench/bench_runtime.py [-n 15] [--idle 100] [--only cold,api,live,idle,gvisor] [--ab-image TAG]
 
 Rows, each against a baseline measured in the same run, rounds interleaved so both sides
 see the same machine load, medians and their ratio (nothing is asserted):
@@ -15,6 +15,10 @@ see the same machine load, medians and their ratio (nothing is asserted):
           at <= 10 MiB each);
 - gvisor: create -> first result -> destroy under runsc (the registered platform) vs runc,
           and each platform runsc offers tried with `runsc do` (kvm needs a usable /dev/kvm).
+
+`--ab-image TAG` adds the API row once more with another build of the sandbox image (the same
+policy otherwise), interleaved in the same rounds: an agent change measured against the agent it
+replaces (`docker images sandbox-runtime` lists the builds; each is tagged by its content).
 
 The machine's load average is printed with the results: on a shared host, read ratios.
 """
@@ -87,11 +91,13 @@ def loadavg() -> str:
 
 # ------------------------------------------------------------------ rows
 
-def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> None:
+def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str], ab_image: str | None = None) -> None:
     script = Path(sysconfig.get_path("scripts")) / "sandbox"  # not a version-manager shim (pyenv adds ~0.3 s)
     cli = [str(script if script.exists() else shutil.which("sandbox")), "exec", "--", *PRINT1]
 
     phases: dict[str, list[float]] = {}
+    ab_phases: dict[str, list[float]] = {}
+    record = [phases]  # where the engine calls below are counted (the A/B side has its own)
     eng = api._runtime("api").engine
     for name in ("create", "attach", "start", "containers"):  # the engine's share of the API row, call by call
         def wrap(orig: Callable[..., Any], name: str = name) -> Callable[..., Any]:
@@ -100,13 +106,14 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
                 try:
                     return orig(*a, **k)
                 finally:
-                    phases.setdefault(name, []).append(time.perf_counter() - t)
+                    record[0].setdefault(name, []).append(time.perf_counter() - t)
             return f
         setattr(eng, name, wrap(getattr(eng, name)))
 
-    def api_once() -> None:
+    def api_once(policy: Any = cp, into: dict[str, list[float]] = phases) -> None:
+        record[0] = into
         t0 = time.perf_counter()
-        sb = api.open(cp)
+        sb = api.open(policy)
         t1 = time.perf_counter()
         try:
             assert sb.exec(PRINT1).stdout == b"1\n"
@@ -114,9 +121,10 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
             t2 = time.perf_counter()
             sb.close()
             t3 = time.perf_counter()
-        phases.setdefault("open", []).append(t1 - t0)
-        phases.setdefault("exec", []).append(t2 - t1)
-        phases.setdefault("close", []).append(t3 - t2)
+        into.setdefault("open", []).append(t1 - t0)
+        into.setdefault("exec", []).append(t2 - t1)
+        into.setdefault("close", []).append(t3 - t2)
+        record[0] = phases
 
     def cli_once() -> None:
         out = subprocess.run(cli, check=True, capture_output=True).stdout
@@ -127,6 +135,11 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
         sides["cli"] = cli_once
     if "api" in only:
         sides["api"] = api_once
+        if ab_image:
+            from sandbox.policycache import CompiledPolicy
+
+            other = CompiledPolicy(dict(cp.facts, image=ab_image), source=cp.source)
+            sides["api B"] = lambda: api_once(other, ab_phases)
     for fn in sides.values():
         fn()  # warm caches (the policy cache included)
     samples: dict[str, list[float]] = {k: [] for k in sides}
@@ -149,15 +162,22 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str]) -> 
     if "api" in samples:
         row("API in-process create -> first result -> destroy vs docker run", samples["api"],
             samples["docker run"], "aim <= 0.5")
-        base = med(samples["docker run"])
-        engine = sum(med(phases[k]) for k in ("create", "attach", "start"))
-        listing = med(phases["containers"])
-        rest = med(phases["open"]) - engine - listing
-        print(f"  of which: engine create+attach+start {engine * 1000:.1f} ms ({engine / base:.2f}x of docker run), "
-              f"uid lease's container listing {listing * 1000:.1f} ({listing / base:.2f}x), "
-              f"agent start and host {rest * 1000:.1f} ({rest / base:.2f}x), first exec "
-              f"{med(phases['exec']) * 1000:.1f} ({med(phases['exec']) / base:.2f}x), destroy "
-              f"{med(phases['close']) * 1000:.1f} ({med(phases['close']) / base:.2f}x)")
+        _split(phases, med(samples["docker run"]))
+    if "api B" in samples:
+        row(f"  the same with image {ab_image} (A/B) vs docker run", samples["api B"], samples["docker run"])
+        _split(ab_phases, med(samples["docker run"]))
+        row("  A/B: this image vs that one (ratio of medians)", samples["api"], samples["api B"])
+
+
+def _split(phases: dict[str, list[float]], base: float) -> None:
+    engine = sum(med(phases[k]) for k in ("create", "attach", "start"))
+    listing = med(phases["containers"])
+    rest = med(phases["open"]) - engine - listing
+    print(f"  of which: engine create+attach+start {engine * 1000:.1f} ms ({engine / base:.2f}x of docker run), "
+          f"uid lease's container listing {listing * 1000:.1f} ({listing / base:.2f}x), "
+          f"agent start and host {rest * 1000:.1f} ({rest / base:.2f}x), first exec "
+          f"{med(phases['exec']) * 1000:.1f} ({med(phases['exec']) / base:.2f}x), destroy "
+          f"{med(phases['close']) * 1000:.1f} ({med(phases['close']) / base:.2f}x)")
 
 
 def bench_live(n: int, rt: Runtime, cp: Any) -> None:
@@ -397,6 +417,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=15, help="interleaved rounds per row")
     ap.add_argument("--idle", type=int, default=100, help="idle sandboxes to start at once")
     ap.add_argument("--only", default="cold,api,live,idle,gvisor")
+    ap.add_argument("--ab-image", help="also run the API row with this image (e.g. sandbox-runtime:<tag>)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     # An installed wheel ships bytecode; an editable install under PYTHONDONTWRITEBYTECODE would
@@ -416,7 +437,7 @@ def main() -> None:
     print(f"{'row':62} {'ours':>8} {'baseline':>9} {'ratio':>7}")
     try:
         if only & {"cold", "api"}:
-            bench_cold_and_api(args.n, cp, base_cmd, only)
+            bench_cold_and_api(args.n, cp, base_cmd, only, args.ab_image)
         if "live" in only:
             bench_live(args.n, rt, cp)
         if "gvisor" in only:
