@@ -30,7 +30,6 @@ from __future__ import annotations
 import binascii
 import os
 import sys
-import threading
 import time
 import _signal as signal  # the C module: `signal` imports enum (2-5 ms of every start)
 from _operator import _compare_digest as compare_digest  # what hmac.compare_digest is without OpenSSL
@@ -53,6 +52,7 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:  # agent.py put it there; run or imported otherwise, this does
     sys.path.insert(0, _here)
 import reaper  # noqa: E402  (beside this file; the image's stdlib python has no package for it)
+import threads  # noqa: E402  (threads on _thread: `import threading` cost 3-4 ms of every start)
 import wire  # noqa: E402  (JSON on the C codec: `import json` cost 10-12 ms of every start)
 
 PR_SET_DUMPABLE = 4
@@ -60,10 +60,10 @@ PR_GET_DUMPABLE = 3
 CHUNK = 64 * 1024
 MAX_HELLO = 4096
 
-_out_lock = threading.Lock()
+_out_lock = threads.Lock()
 _out = sys.stdout.buffer
 _procs: dict[object, "reaper.Child | subprocess.Popen"] = {}
-_procs_lock = threading.Lock()
+_procs_lock = threads.Lock()
 _stdin_queues: dict[object, "queue.Queue[bytes | None]"] = {}
 _key = b""
 _seq = 0
@@ -206,7 +206,7 @@ def op_exec(req: dict) -> None:
     box: list = [None]  # the command's process, once it exists
     sent = [0]
     limit: list[str | None] = [None]
-    lock = threading.Lock()
+    lock = threads.Lock()
 
     def kill() -> None:
         if box[0] is not None:
@@ -247,22 +247,21 @@ def op_exec(req: dict) -> None:
                 if feed_q is stream_q:
                     emit({"id": rid, "ev": "stdin_ack", "n": len(chunk)})
 
-    threads = [threading.Thread(target=pump, args=(pipes[0][0], 1), daemon=True),
-               threading.Thread(target=pump, args=(pipes[1][0], 2), daemon=True)]
+    workers = [threads.Joinable(pump, pipes[0][0], 1), threads.Joinable(pump, pipes[1][0], 2)]
     if feed_q is not None:
-        threads.append(threading.Thread(target=feed, args=(pipes[2][1],), daemon=True))
+        workers.append(threads.Joinable(feed, pipes[2][1]))
     started_threads = 0
     try:
-        for t in threads:
+        for t in workers:
             t.start()
             started_threads += 1
     except RuntimeError:
         pass
     child_ends = [pipes[0][1], pipes[1][1]] + ([pipes[2][0]] if feed_q is not None else [])
-    if started_threads < len(threads):
+    if started_threads < len(workers):
         for fd in child_ends:
             os.close(fd)
-        for i in range(started_threads, len(threads)):  # ends no thread will close
+        for i in range(started_threads, len(workers)):  # ends no thread will close
             os.close(pipes[i][0] if i < 2 else pipes[2][1])
         _stdin_queues.pop(rid, None)
         if feed_q is not None:
@@ -299,7 +298,7 @@ def op_exec(req: dict) -> None:
         kill()  # the cap was hit before the process was known
     with _procs_lock:
         _procs[rid] = proc
-    pumps = threads[:2]
+    pumps = workers[:2]
     if not reaper.wait_exit(proc, timeout):
         limit[0] = limit[0] or "timeout"
         _kill_group(proc, until_empty=2.0)
@@ -392,7 +391,7 @@ def _start_forwarder() -> None:
         import forwarder  # type: ignore[import-not-found]
     except ImportError:
         return
-    threading.Thread(target=forwarder.serve, kwargs={"listen_port": 3128, "socket_path": sock}, daemon=True).start()
+    threads.start(forwarder.serve, listen_port=3128, socket_path=sock)
 
 
 def _read_hello() -> tuple[float, float | None]:
@@ -433,9 +432,9 @@ def main() -> None:
     _harden_self()
     session_s, watchdog_s = _read_hello()
     reaper.start()
-    threading.Thread(target=_expire_after, args=(session_s,), name="session-limit", daemon=True).start()
+    threads.start(_expire_after, session_s)
     if watchdog_s:
-        threading.Thread(target=_watchdog, args=(watchdog_s,), name="watchdog", daemon=True).start()
+        threads.start(_watchdog, watchdog_s)
     _start_forwarder()
     emit({"id": None, "ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()})
     for raw in sys.stdin.buffer:
@@ -478,7 +477,7 @@ def _start_thread(op, req: dict) -> None:
     """A thread per request; when the pids budget is spent, reap what a killed bomb left and retry."""
     for attempt in range(4):
         try:
-            threading.Thread(target=_safe, args=(op, req), daemon=True).start()
+            threads.start(_safe, op, req)
             return
         except RuntimeError:
             if attempt == 3:

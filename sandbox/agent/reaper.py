@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
-import weakref
+from _weakref import ref as _ref  # weakref.ref, without the weakref module
+
+import threads
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (memory of every sandbox)
 if TYPE_CHECKING:
     import subprocess
 
-_lock = threading.Lock()
-_known: dict[int, "weakref.ref[Child | subprocess.Popen[bytes]]"] = {}
-_wake = threading.Event()
+_lock = threads.Lock()
+_known: dict[int, "_ref[Child | subprocess.Popen[bytes]]"] = {}
+_wake = threads.Wake()
 POLL_S = 0.05  # one waitid() per tick while a registered child's zombie waits for its owner
 IDLE_S = 5.0  # while it has none (spawn() wakes the reaper at once)
 
@@ -35,7 +36,7 @@ def spawn(argv: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
 
     with _lock:
         proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
-        _known[proc.pid] = weakref.ref(proc)
+        _known[proc.pid] = _ref(proc)
     _wake.set()
     return proc
 
@@ -50,7 +51,7 @@ class Child:
     def __init__(self, pid: int, args: list[str]):
         self.pid, self.args = pid, args
         self.returncode: int | None = None
-        self._lock = threading.Lock()  # one waitpid at a time (as Popen's _waitpid_lock)
+        self._lock = threads.Lock()  # one waitpid at a time (as Popen's _waitpid_lock)
 
     def _collect(self, flags: int) -> None:
         try:
@@ -137,7 +138,7 @@ def spawn_command(argv: list[str], *, cwd: str | None, env: dict[str, str], stdi
 
             with _lock:
                 proc = _fork_exec(_posixsubprocess.fork_exec, argv, cwd, env, stdin, stdout, stderr)
-                _known[proc.pid] = weakref.ref(proc)
+                _known[proc.pid] = _ref(proc)
             _wake.set()
             return proc
         except (ImportError, TypeError):
@@ -161,7 +162,9 @@ def _fork_exec(fork_exec: "object", argv: list[str], cwd: str | None, env: dict[
     if os.path.dirname(exe):
         exe_list: tuple[bytes, ...] = (exe,)
     else:
-        exe_list = tuple(os.path.join(os.fsencode(d), exe) for d in os.get_exec_path(env))
+        path = env.get("PATH")  # os.get_exec_path(env) for a dict of str (it imports warnings for bytes keys)
+        dirs = (os.defpath if path is None else path).split(os.pathsep)
+        exe_list = tuple(os.path.join(os.fsencode(d), exe) for d in dirs)
     devnull = os.open(os.devnull, os.O_RDWR) if stdin is None else -1
     errpipe_read, errpipe_write = os.pipe()
     try:
@@ -289,8 +292,7 @@ def _loop() -> None:
         # children), so sleep until spawn() wakes us. A registered child's zombie: poll until its
         # owner collects it (a blocking wait would return at once for it).
         _wake.wait(POLL_S if state == OWNED else IDLE_S)
-        _wake.clear()
 
 
 def start() -> None:
-    threading.Thread(target=_loop, name="reaper", daemon=True).start()
+    threads.start(_loop)
