@@ -80,6 +80,11 @@ class AgentChannel:
         self._rlock = threading.Lock()
         self._sock_closed = False
         self._fd = sock.fileno()
+        # Who feeds the parser: the hub, or (after `read_on_loop`) an asyncio event loop's reader callback.
+        # `_flock` is held by the hub for each read and its dispatch, so the hand-over never splits a read.
+        self._flock = threading.Lock()
+        self._loop: Any = None  # the event loop that reads this channel, once handed over
+        self._on_loop = False  # the loop's reader is registered (changed on the loop thread only)
         self._hub = _the_hub()
         while not self._hub.add(self):  # that hub stopped just now (never seen): a new one
             self._hub = _the_hub()
@@ -206,6 +211,8 @@ class AgentChannel:
                 self.violation = True  # the agent refused a request it could not authenticate
             return
         with self._qlock:
+            if self.closed.is_set():
+                return  # closed by the host while this read was under way: its requests have had their None
             q = self._queues.get(rid) if isinstance(rid, int) else None
         if q is not None:
             q.put(ev)
@@ -230,6 +237,9 @@ class AgentChannel:
 
     def close(self) -> None:
         self._close("closed by host")
+        if self._loop is not None and self._hub.pid == os.getpid():
+            self._close_on_loop()
+            return
         self._hub.remove(self)  # before the fd can be closed and its number given to another socket
         # Not while the hub reads it (a read does not wait: this is short). In a forked child no hub reads
         # it, and the lock may have been held by the parent's hub thread at the fork.
@@ -239,6 +249,99 @@ class AgentChannel:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+
+    # -- reading on an asyncio event loop (the worker: events reach its tasks with no thread hop)
+    def read_on_loop(self, loop: Any) -> bool:
+        """From now on, read this channel on `loop` (`loop.add_reader` on its socket) instead of the hub
+        thread: the same `_feed` and dispatch, so sinks (`open_request_with`) then run on the loop thread.
+        Call it on `loop`'s thread. Each wake-up reads at most READ_CHUNK, as the hub does, so a flooding
+        sandbox cannot hold the loop; whatever goes wrong with this channel (EOF, a forged frame, an
+        oversized or unparsable event) ends this channel only. False if the channel has ended or the hub
+        is not this process's (a forked child): it stays where it was. Once moved it stays on `loop`."""
+        if self._loop is not None:
+            return self._loop is loop
+        if self._hub.pid != os.getpid():
+            return False
+        with self._flock:  # the hub is not between a read of this channel and its dispatch
+            if self.closed.is_set():
+                return False
+            self._hub.remove(self)
+            self._loop = loop
+            self._on_loop = True
+            loop.add_reader(self._fd, self._loop_readable)
+        # A hub read taken before the hand-over has been dispatched (under `_flock`); bytes that arrived
+        # since are still in the socket and make it readable for the loop.
+        return True
+
+    def _loop_readable(self) -> None:
+        """The loop's reader callback: one non-blocking read and its dispatch, as `_Hub._serve` does."""
+        if self.closed.is_set():
+            self._leave_loop()
+            return
+        try:
+            chunk = self._recv()
+            if chunk is None:
+                return
+            if chunk:
+                self._feed(chunk)
+                return
+            reason = "agent exited"
+        except (OSError, ValueError) as e:
+            reason = f"channel error: {e}"
+        except Exception as e:  # noqa: BLE001 - e.g. a RecursionError from an absurdly nested event
+            log.exception("sandbox agent channel: reading an event failed; closing")
+            reason = f"channel error: {type(e).__name__}: {str(e)[:200]}"
+        self._leave_loop()
+        self._close(reason)
+
+    def _leave_loop(self) -> None:
+        """On the loop thread: stop reading; close the socket if the host asked for it meanwhile."""
+        if self._on_loop:
+            self._on_loop = False
+            try:
+                self._loop.remove_reader(self._fd)
+            except (OSError, ValueError, RuntimeError):
+                pass
+        if self._close_wanted:
+            self._release_socket()
+
+    _close_wanted = False
+
+    def _close_on_loop(self) -> None:
+        """`close` of a channel read by a loop: the socket is shut down now (the agent sees EOF, no more
+        events are dispatched: the channel is closed), and its descriptor is closed only once it has left
+        the loop's selector, on the loop thread, so the number is never reused under a registered reader."""
+        import asyncio  # loaded already: a loop reads this channel (not imported by the CLI's path)
+
+        self._close_wanted = True
+        with self._rlock:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._leave_loop()
+            return
+        try:
+            loop.call_soon_threadsafe(self._leave_loop)
+        except RuntimeError:  # the loop is closed: its selector is gone, nothing reads this descriptor
+            self._on_loop = False
+            self._release_socket()
+
+    def _release_socket(self) -> None:
+        with self._rlock:
+            if self._sock_closed:
+                return
+            self._sock_closed = True
             try:
                 self._sock.close()
             except OSError:
@@ -358,6 +461,11 @@ class _Hub:
 
     def _serve(self, ch: AgentChannel) -> None:
         """One read from `ch` and its dispatch; on EOF or any error, `ch` ends and is no longer read."""
+        with ch._flock:
+            if ch._loop is None:  # not handed over to an event loop since the wait ended
+                self._serve_locked(ch)
+
+    def _serve_locked(self, ch: AgentChannel) -> None:
         try:
             chunk = ch._recv()
             if chunk is None:

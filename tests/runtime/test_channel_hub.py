@@ -142,6 +142,9 @@ def test_a_sink_that_raises_neither_stops_the_hub_nor_its_own_channel(agents: li
     assert seen == [{"id": rid_bad, "ev": "out"}]
     assert "a request's event handler failed" in caplog.text
     assert not agents[0].ch.closed.is_set()
+    end = time.monotonic() + 5
+    while not threads and time.monotonic() < end:  # sent after the event waited for above: may come later
+        time.sleep(0.01)
     assert threads == ["agent-channels"]  # sinks run on the reader thread, as documented
 
 
