@@ -203,7 +203,7 @@ def start_over(runtime: Runtime, policy: Policy, store: SessionStore, label: str
         if ro_mounts:
             log_event(log, logging.WARNING, "mounts_skipped", "host paths cannot be mounted into a cluster "
                       "sandbox; served without them", sandbox_label=label, targets=[t for _, t in ro_mounts])
-        sb = runtime.create(policy, session_id=label)
+        sb = runtime.create(policy, session_id=label, extra_labels=extra_labels)
         try:
             restore_workspace(sb, store, ws)
         except BaseException:

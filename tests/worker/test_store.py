@@ -235,3 +235,20 @@ def test_a_parked_sandbox_sees_it_is_wanted_whatever_the_other_hosts_clock_says(
     b.want("sess_1")
     assert a.wanted_since("sess_1", mark2)
     assert not a.wanted_since("sess_never", a.wanted_mark("sess_never"))
+
+
+@pytest.mark.docker
+def test_a_warm_sandbox_over_an_archived_workspace_is_labelled_as_the_pools(runtime, tmp_path: Path) -> None:
+    """`docker ps --filter label=org.sandbox.pool=<worker>` finds a worker's warm sandboxes on a
+    store shared by hosts (workspaces kept as archives) as on a local one."""
+    from sandbox.policy import load_policy
+    from sandbox.spec import LABEL_POOL
+    from sandbox.worker.pool import start_over
+
+    store = SessionStore(tmp_path, host_workspaces=False)
+    ws = store.new_workspace(8)
+    sb = start_over(runtime, load_policy("worker"), store, "pool-test", ws, extra_labels={LABEL_POOL: "worker-x"})
+    try:
+        assert runtime.client.containers.get(sb.id).labels.get(LABEL_POOL) == "worker-x"
+    finally:
+        sb.destroy()
