@@ -8,7 +8,11 @@ with ``502 dns-failure``. dnspython's asyncio resolver is plain sockets on the e
 loop: cancelling a lookup closes its socket and nothing keeps running.
 
 Fairness (the caps) is the proxy's job (:meth:`EgressProxy._resolve`): a per-session
-semaphore inside a global one, all under the session's deadline.
+semaphore inside a global one, all under the session's deadline. A resolver may also offer
+``answer_now(host, port)``: the answer when it is at hand without waiting on anything (the
+hosts file here, a fixed mapping), else None; the proxy then awaits ``answer_later`` (or the
+resolver itself) under the caps. An answer that never waits holds no slot and cannot
+outlast a deadline, so it skips both (they are a loop timer and two semaphores per request).
 """
 
 from __future__ import annotations
@@ -79,10 +83,15 @@ class DnsResolver:
             self._resolver = r
         return self._resolver
 
+    def answer_now(self, host: str, port: int) -> list[str] | None:
+        """The hosts file's addresses for ``host``, or None: DNS is needed (:meth:`answer_later`)."""
+        return hosts_file_addrs(host, self.hosts_file or HOSTS_FILE) or None
+
     async def __call__(self, host: str, port: int) -> list[str]:
-        addrs = hosts_file_addrs(host, self.hosts_file or HOSTS_FILE)
-        if addrs:
-            return addrs
+        return self.answer_now(host, port) or await self.answer_later(host, port)
+
+    async def answer_later(self, host: str, port: int) -> list[str]:
+        """DNS for the absolute name (after the hosts file had nothing)."""
         if "." not in host:
             raise socket.gaierror(socket.EAI_NONAME, "single-label names resolve only through the hosts file")
         import dns.exception
