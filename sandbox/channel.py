@@ -104,6 +104,8 @@ class AgentChannel:
 
     # -- requests
     def open_request(self) -> tuple[int, "queue.Queue[dict[str, Any] | None]"]:
+        if self._loop is not None and self._loop.is_closed():
+            self._back_to_hub()
         rid = next(self._ids)
         q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         with self._qlock:
@@ -261,7 +263,10 @@ class AgentChannel:
         Call it on `loop`'s thread. Each wake-up reads at most READ_CHUNK, as the hub does, so a flooding
         sandbox cannot hold the loop; whatever goes wrong with this channel (EOF, a forged frame, an
         oversized or unparsable event) ends this channel only. False if the channel has ended or the hub
-        is not this process's (a forked child): it stays where it was. Once moved it stays on `loop`."""
+        is not this process's (a forked child): it stays where it was. Once moved it stays on `loop` until
+        that loop is closed; then the hub reads it again (at its next request or hand-over)."""
+        if self._loop is not None and self._loop.is_closed():
+            self._back_to_hub()
         if self._loop is not None:
             return self._loop is loop
         if self._hub.pid != os.getpid():
@@ -276,6 +281,21 @@ class AgentChannel:
         # A hub read taken before the hand-over has been dispatched (under `_flock`); bytes that arrived
         # since are still in the socket and make it readable for the loop.
         return True
+
+    def _back_to_hub(self) -> None:
+        """The loop that read this channel is closed (its selector with it): the hub reads it again, so a
+        sandbox that outlives the loop (the sync API after `asyncio.run` returned) is still answered."""
+        with self._flock:
+            if self._loop is None or not self._loop.is_closed():
+                return
+            self._loop, self._on_loop = None, False
+            if self.closed.is_set():
+                if self._close_wanted:
+                    self._release_socket()
+                return
+            self._hub = _the_hub()
+            while not self._hub.add(self):
+                self._hub = _the_hub()
 
     def _loop_readable(self) -> None:
         """The loop's reader callback: one non-blocking read and its dispatch, as `_Hub._serve` does."""
@@ -353,6 +373,8 @@ class AgentChannel:
         handed to `sink` where a queue would get it: on the reader thread, or on the thread that closes the
         channel. `sink` must be quick; what it raises is logged, never allowed to end the reader. End the
         request with `finish_request`."""
+        if self._loop is not None and self._loop.is_closed():
+            self._back_to_hub()
         rid = next(self._ids)
         box = _SinkQueue(sink)
         with self._qlock:

@@ -585,10 +585,11 @@ class Sandbox:
     def start_call(self, op: str, on_done: Callable[[Any, BaseException | None], None],
                    **args: Any) -> Callable[[], None]:
         """Send one registered agent op (as `call` does) and return at once. `on_done(value, None)` or
-        `on_done(None, error)` runs once, on the channel's reader thread (or the thread that closes the
-        channel), with `error` a ToolOpError or SandboxError as `call` would raise. The caller keeps the
-        deadline: on giving up it calls the returned function, which ends the request (no `on_done` after
-        it returns, unless that is already running). After a SandboxError the caller runs
+        `on_done(None, error)` runs once, on the thread that reads the channel (the hub's, or an event loop's
+        after `channel.read_on_loop`) or the thread that closes the channel, with `error` a ToolOpError or
+        SandboxError as `call` would raise. The caller keeps the deadline: on giving up it calls the
+        returned function, which ends the request (no `on_done` after it returns, unless that is already
+        running). After a SandboxError the caller runs
         `after_channel_loss()` (off the reader thread): a forged frame or an expired session ends the
         sandbox, as `call` does. Raises ChannelClosed if the channel is already gone."""
         once = [True]  # the outcome is given once (list.pop is atomic)

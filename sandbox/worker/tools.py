@@ -20,6 +20,7 @@ import asyncio
 import copy
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -296,13 +297,16 @@ class SessionToolbox:
                             timeout: float, call: Any, started: float,
                             record_token: list[bool]) -> tuple[Content, bool, str] | Begin:
         """The call with no thread trip: the journal claims it here (`Outbox.try_begin`: one statement that
-        never waits for a lock), the op goes to the sandbox (`Sandbox.start_call`), and the channel's reader
-        thread stores the result in the journal and writes the trail record before it wakes this task: the
-        result is stored before the SDK can post it, as on the thread path. When the journal cannot answer
-        at once (another thread is writing it, or the call has a row), `begin` decides in a thread; its
-        decision is returned when the call is not to be run here.
+        never waits for a lock), the op goes to the sandbox (`Sandbox.start_call`), and the sandbox's channel,
+        read on this event loop (`AgentChannel.read_on_loop`), brings the result back to this thread, which
+        stores it in the journal (`try_finish`, never waiting; else in a thread) and writes the trail record
+        before it wakes this task: the result is stored before the SDK can post it, as on the thread path.
+        (A journal that cannot store a result without waiting - a FULL commit fsyncs, the files journal
+        talks to a file server - leaves the channel on the hub's thread, which stores it there.)
+        When the journal cannot answer at once (another thread is writing it, or the call has a row),
+        `begin` decides in a thread; its decision is returned when the call is not to be run here.
 
-        Whoever takes `stored` first gives the call its result: the reader thread with the op's outcome,
+        Whoever takes `stored` first gives the call its result: the channel's reader with the op's outcome,
         or this task when the deadline passes (a timeout) or the call is given up (interrupted)."""
         tid = call.tool_use_id
         decision = self.outbox.try_begin(tid, self.slot.session_id, self.slot.work_id, name)
@@ -317,6 +321,10 @@ class SessionToolbox:
         log_event(log, logging.INFO, "tool_exec", f"executing {name}", tool=name, tool_use_id=tid,
                   session_id=self.slot.session_id, work_id=self.slot.work_id)
         loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        try_finish = getattr(self.outbox, "try_finish", None)
+        if getattr(self.outbox, "finishes_on_loop", False):
+            _read_on(sb, loop)  # the result then arrives on this thread: no hop from a reader thread
         fut: asyncio.Future[tuple[Content, bool, str, bool]] = loop.create_future()
         stored = [True]
 
@@ -327,19 +335,31 @@ class SessionToolbox:
                 else:
                     fut.set_result(result)  # type: ignore[arg-type]
 
+        def wake(result: tuple[Content, bool, str, bool] | None, error: BaseException | None) -> None:
+            if threading.get_ident() == loop_thread:
+                settle(result, error)
+            else:
+                loop.call_soon_threadsafe(settle, result, error)
+
         def give(content: Content, is_error: bool, lost: bool) -> None:
-            """Store the result, then the trail record, then wake the task (any thread)."""
+            """Store the result, then the trail record, then wake the task (any thread). On the loop (the
+            result came through the loop's channel reader) the journal stores it only if it can at once;
+            else this runs again in a thread, so the loop never waits for the journal."""
             try:
-                self.outbox.finish(tid, content, is_error)
+                if threading.get_ident() != loop_thread:
+                    self.outbox.finish(tid, content, is_error)
+                elif try_finish is None or not try_finish(tid, content, is_error):
+                    loop.run_in_executor(None, give, content, is_error, lost)
+                    return
             except BaseException as e:  # noqa: BLE001 - raised in the task: not posted, the row stays running
-                loop.call_soon_threadsafe(settle, None, e)
+                wake(None, e)
                 return
             outcome = "error" if is_error else "ok"
             if _take(record_token):
                 self._record(name, raw, outcome, is_error, time.perf_counter() - started, call)
-            loop.call_soon_threadsafe(settle, (content, is_error, outcome, lost), None)
+            wake((content, is_error, outcome, lost), None)
 
-        def on_done(value: Any, error: BaseException | None) -> None:  # the channel's reader thread
+        def on_done(value: Any, error: BaseException | None) -> None:  # where the channel is read
             if error is None:
                 content, is_error = result_content(name, value)
             elif isinstance(error, ToolOpError):
@@ -457,6 +477,13 @@ class _Aborted(Exception):
 
 def _nothing() -> None:
     pass
+
+
+def _read_on(sb: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
+    """Have the sandbox's channel read on the worker's event loop from now on (once per sandbox)."""
+    ch = getattr(sb, "channel", None)
+    if ch is not None and getattr(ch, "_loop", loop) is not loop:
+        ch.read_on_loop(loop)
 
 
 def _stopped_text(name: str, e: BaseException) -> str:

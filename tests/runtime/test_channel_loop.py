@@ -334,3 +334,24 @@ def test_a_closed_channel_is_not_handed_over() -> None:
         a.sock.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_channel_outliving_its_loop_is_read_by_the_hub_again(kind: str) -> None:
+    """The sync API on a sandbox whose worker loop has ended (closed with its selector) is still answered."""
+    a = Agent()
+    try:
+        async def main() -> None:
+            box = Inbox(a.ch)
+            await on_loop(a)
+            a.send({"id": box.rid, "ev": "out", "n": 0})
+            assert await box.wait_for(1) == [{"id": box.rid, "ev": "out", "n": 0}]
+            a.ch.finish_request(box.rid)
+
+        run(kind, main)
+        rid, q = a.ch.open_request()
+        assert a.ch._loop is None and a.ch._fd in chmod._the_hub()._chans
+        a.send({"id": rid, "ev": "exit", "code": 0})
+        assert q.get(timeout=5) == {"id": rid, "ev": "exit", "code": 0}
+    finally:
+        a.close()
