@@ -9,7 +9,8 @@ rest is imported from the image's .pyc files.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's directory out
-import core  # noqa: E402
+if __name__ == "__main__":  # imported by something else, it starts nothing
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's directory out
+    import core
 
-core.main()
+    core.main()
