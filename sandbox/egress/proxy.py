@@ -281,6 +281,82 @@ async def _sendall(sock: socket.socket, data: bytes | memoryview) -> None:
             await _wait_any(None, sock.fileno())
 
 
+class _Waker:
+    """Readiness of a few fds, each watched (level-triggered) until dropped rather than only for
+    one wait: a wait is then one future, not a poll handle and an epoll_ctl pair per fd and wait
+    (what :func:`_wait_any` costs). Ready reads are keyed by fd, ready writes by ~fd."""
+
+    __slots__ = ("loop", "ready", "fut", "reads", "writes")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ready: set[int] = set()
+        self.fut: asyncio.Future[None] | None = None
+        self.reads: set[int] = set()
+        self.writes: set[int] = set()
+
+    def _on(self, key: int) -> None:
+        self.ready.add(key)
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def want_read(self, fd: int) -> None:
+        self.reads.add(fd)
+        self.loop.add_reader(fd, self._on, fd)
+
+    def drop_read(self, fd: int) -> None:
+        self.reads.discard(fd)
+        self.ready.discard(fd)
+        self.loop.remove_reader(fd)
+
+    def want_write(self, fd: int) -> None:
+        self.writes.add(fd)
+        self.loop.add_writer(fd, self._on, ~fd)
+
+    def drop_write(self, fd: int) -> None:
+        self.writes.discard(fd)
+        self.ready.discard(~fd)
+        self.loop.remove_writer(fd)
+
+    async def wait(self) -> set[int]:
+        """What became ready since the last call, after at least one loop turn (so a stream
+        that is always ready cannot keep other connections off the loop)."""
+        fut = self.fut = self.loop.create_future()
+        if self.ready:
+            self.loop.call_soon(_set_none, fut)
+        try:
+            await fut
+        finally:
+            self.fut = None
+        ready, self.ready = self.ready, set()
+        return ready
+
+    def close(self) -> None:
+        for fd in self.reads:
+            self.loop.remove_reader(fd)
+        for fd in self.writes:
+            self.loop.remove_writer(fd)
+        self.reads.clear()
+        self.writes.clear()
+
+
+class _End:
+    """One direction of a tunnel in :meth:`EgressProxy._tunnel`."""
+
+    __slots__ = ("src", "dst", "direction", "sfd", "dfd", "pending")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        self.src, self.dst, self.direction = src, dst, direction
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.pending = b""  # read, charged, not yet taken by dst
+
+
+def _set_none(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class _Buffered:
     """Reads from a non-blocking socket with a small user-space buffer, for heads and
     chunked framing; :meth:`take` hands the unread rest to the splice relay."""
@@ -751,7 +827,7 @@ class EgressProxy:
                 await self._send_up(conn, early)
             upstream = conn.upstream
             assert upstream is not None  # opened above, before or after the hello was checked
-            await _both(self._relay(conn, conn.client, upstream, "up"), self._relay(conn, upstream, conn.client, "down"))
+            await self._tunnel(conn, conn.client, upstream)
         else:
             await self._send_up(conn, http1.upstream_head(req, fwd, framing))
             if framing == 0:
@@ -1107,6 +1183,73 @@ class EgressProxy:
             await self._send(conn.client, data[:ok], conn)
         if ok < len(data):
             raise _BudgetSpent
+
+    async def _tunnel(self, conn: _Conn, client: socket.socket, upstream: socket.socket) -> None:
+        """Both directions of a tunnel, in this one task while its exchanges are short: no
+        second task, and each socket stays watched across waits (:class:`_Waker`). Each
+        direction copies what arrived, charged to the budget, stops reading while its
+        destination is full, and half-closes the destination at its EOF, as :meth:`_relay`
+        does. A read that fills the copy buffer means bulk: whatever is still open then
+        goes on in :meth:`_relay` (splice), one task per direction as before."""
+        ends = [_End(client, upstream, "up"), _End(upstream, client, "down")]
+        bulk = False
+        w = _Waker()
+        try:
+            for e in ends:
+                w.want_read(e.sfd)
+            while ends and not bulk:
+                ready = await w.wait()
+                for e in list(ends):
+                    if e.pending:
+                        if ~e.dfd in ready:
+                            try:
+                                e.pending = e.pending[e.dst.send(e.pending):]
+                            except (BlockingIOError, InterruptedError):
+                                continue
+                            conn.active = True
+                            if not e.pending:
+                                w.drop_write(e.dfd)
+                                w.want_read(e.sfd)
+                        continue
+                    if e.sfd not in ready:
+                        continue
+                    try:
+                        data = e.src.recv(_COPY_CHUNK)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    if not data:
+                        w.drop_read(e.sfd)
+                        with contextlib.suppress(OSError):
+                            e.dst.shutdown(socket.SHUT_WR)
+                        ends.remove(e)
+                        continue
+                    n = len(data)
+                    ok = self._account(conn, n, e.direction)
+                    if ok < n:
+                        w.close()
+                        await _sendall(e.dst, memoryview(data)[:ok])
+                        raise _BudgetSpent
+                    try:
+                        sent = e.dst.send(data)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    if sent < n:
+                        e.pending = data[sent:]
+                        w.drop_read(e.sfd)
+                        w.want_write(e.dfd)
+                    if _USE_SPLICE and n == _COPY_CHUNK:
+                        bulk = True
+        finally:
+            w.close()
+        if ends:
+            rest = [self._tunnel_rest(conn, e) for e in ends]
+            await (_both(rest[0], rest[1]) if len(rest) == 2 else rest[0])
+
+    async def _tunnel_rest(self, conn: _Conn, e: _End) -> None:
+        if e.pending:
+            await _sendall(e.dst, e.pending)
+            conn.active = True
+        await self._relay(conn, e.src, e.dst, e.direction)
 
     async def _relay(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None = None, half_close: bool = True) -> None:
         """Move bytes src -> dst until EOF (or exactly ``limit`` bytes), charging the budget.

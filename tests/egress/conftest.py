@@ -30,7 +30,7 @@ def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness
     h = Harness(tmp_path, NAMES)
     original = EgressProxy._connect
 
-    async def guarded(self: EgressProxy, decision: Decision, port: int, timeout: float) -> socket.socket:
+    async def guarded(self: EgressProxy, decision: Decision, port: int, timeout: float) -> tuple[socket.socket, str]:
         addrs = decision.addrs or ((decision.addr,) if decision.addr else ())
         h.connect_attempts.append(tuple(addrs))
         for a in addrs:
