@@ -362,6 +362,7 @@ class _Buffered:
     chunked framing; :meth:`take` hands the unread rest to the splice relay."""
 
     _raw = True  # reads the socket itself (a subclass reading something else overrides _fill and sets False)
+    waker: _Waker | None = None  # set when the caller keeps the socket watched (else a wait per read)
 
     def __init__(self, sock: socket.socket, conn: _Conn) -> None:
         self.sock, self.conn, self.buf = sock, conn, bytearray()
@@ -392,7 +393,10 @@ class _Buffered:
                 try:
                     data = self.sock.recv(65536)
                 except (BlockingIOError, InterruptedError):
-                    await _wait_any(self.sock.fileno(), None)
+                    if self.waker is not None:
+                        await self.waker.wait()
+                    else:
+                        await _wait_any(self.sock.fileno(), None)
                     continue
                 if not data:
                     return None
@@ -1416,18 +1420,64 @@ class EgressProxy:
             await self._send_up(conn, b"\r\n")
 
     async def _response(self, conn: _Conn) -> None:
-        """Relay the upstream response, telling the client the connection closes after it."""
-        assert conn.upstream is not None
-        up = _Buffered(conn.upstream, conn)
-        while True:
-            head, status = await _response_head(up)
-            if 100 <= status < 200 and status != 101:
-                await self._send_down(conn, head)  # 100 Continue etc.: pass on, wait for the real one
-                continue
+        """Relay the upstream response, telling the client the connection closes after it.
+
+        The upstream socket stays watched (one :class:`_Waker`) from the wait for the head,
+        which comes first (the request has only just been sent), to the end of a short body;
+        a read that fills the copy buffer hands the rest to the splice relay. While the
+        client is slow to take bytes the upstream is not watched (nor read)."""
+        upstream, client = conn.upstream, conn.client
+        assert upstream is not None
+        fd = upstream.fileno()
+        w = _Waker()
+        up = _Buffered(upstream, conn)
+        up.waker = w
+        bulk = False
+        w.want_read(fd)
+        try:
+            await w.wait()
+            while True:
+                head, status = await _response_head(up)
+                if 100 <= status < 200 and status != 101:
+                    w.drop_read(fd)
+                    await self._send_down(conn, head)  # 100 Continue etc.: pass on, wait for the real one
+                    w.want_read(fd)
+                    continue
+                break
             # Head and the body bytes already read go out in one write (no Nagle stall).
-            await self._send_down(conn, http1.rewrite_response_head(head) + up.take())
-            break
-        await self._relay(conn, conn.upstream, conn.client, "down", half_close=False)
+            data = http1.rewrite_response_head(head) + up.take()
+            turns = 0
+            while True:
+                n = len(data)
+                ok = self._account(conn, n, "down")
+                try:
+                    sent = client.send(data if ok == n else data[:ok])
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                if sent < ok:
+                    w.drop_read(fd)
+                    await _sendall(client, memoryview(data)[sent:ok])
+                    w.want_read(fd)
+                if ok < n:
+                    raise _BudgetSpent
+                if _USE_SPLICE and n == _COPY_CHUNK:
+                    bulk = True
+                    break
+                turns += 1
+                if turns % _BUSY_TURNS == 0:
+                    await asyncio.sleep(0)  # reads that never wait must not keep other connections off the loop
+                while True:
+                    try:
+                        data = upstream.recv(_COPY_CHUNK)
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        await w.wait()
+                if not data:
+                    return
+        finally:
+            w.close()
+        if bulk:
+            await self._relay_splice(conn, upstream, client, "down", None)
 
 
 async def _both(a: Coroutine[object, object, None], b: Coroutine[object, object, None], *, b_ends_all: bool = False) -> None:
