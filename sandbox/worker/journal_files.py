@@ -59,6 +59,7 @@ class FileJournal(AcceptedResults):
     """The journal of calls in plain files (module docstring). Same methods as `outbox.Outbox`."""
 
     kind = "files"
+    finishes_on_loop = False  # every write talks to the file server: never on the worker's event loop
 
     def __init__(self, root: Path, owner: str, *, synchronous: str = "FULL",
                  alive: Callable[[str], bool] | None = None) -> None:
@@ -275,6 +276,10 @@ class FileJournal(AcceptedResults):
     def try_begin(self, tool_use_id: str, session_id: str, work_id: str | None, tool: str) -> Begin | None:
         """Never answers: a claim here is a round trip to the file server, not made on an event loop."""
         return None
+
+    def try_finish(self, tool_use_id: str, content: Any, is_error: bool) -> bool:
+        """Never stores: writing a result is a round trip to the file server (`finish`, in a thread)."""
+        return False
 
     def finish(self, tool_use_id: str, content: Any, is_error: bool) -> None:
         """Store the result (only while the call is still running here); before anyone posts it."""

@@ -266,15 +266,10 @@ class Outbox(AcceptedResults):
 
         One INSERT is its own transaction, and SQLite takes the write lock before it reads: the check and
         the claim are one atomic step for every connection to the file, as in `begin`."""
-        if self._sync.upper() in ("FULL", "EXTRA") or not self._write_lock.acquire(blocking=False):
+        if not self.finishes_on_loop or not self._write_lock.acquire(blocking=False):
             return None  # a FULL commit fsyncs: never on the loop
         try:
-            conn = self._nowait
-            if conn is None:
-                conn = sqlite3.connect(self.path, timeout=0.0, isolation_level=None, check_same_thread=False)
-                conn.execute(f"PRAGMA synchronous={self._sync}")
-                conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints happen on the threads' connections
-                self._nowait = conn
+            conn = self._nowait_conn()
             claimed = conn.execute(
                 "INSERT INTO calls(tool_use_id, session_id, work_id, tool, state, owner, started_at)"
                 " VALUES(?, ?, ?, ?, 'running', ?, ?) ON CONFLICT(tool_use_id) DO NOTHING",
@@ -285,6 +280,57 @@ class Outbox(AcceptedResults):
         finally:
             self._write_lock.release()
         return Begin(run=True) if claimed == 1 else None
+
+    @property
+    def finishes_on_loop(self) -> bool:
+        """Can `try_begin` and `try_finish` answer without waiting? Not when every commit fsyncs (FULL)."""
+        return self._sync.upper() not in ("FULL", "EXTRA")
+
+    def _nowait_conn(self) -> sqlite3.Connection:
+        """The connection of `try_begin` and `try_finish` (under the write mutex): it never waits for a
+        lock (busy timeout 0) and never checkpoints the file (the threads' connections do)."""
+        conn = self._nowait
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=0.0, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous={self._sync}")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._nowait = conn
+        return conn
+
+    def try_finish(self, tool_use_id: str, content: Any, is_error: bool) -> bool:
+        """`finish` for a caller that must not wait (the worker's event loop, where the sandbox's channel
+        is read): stores the result, and the results accepted since the last write, in one transaction
+        on `try_begin`'s connection. False, with nothing written, when it cannot at once (another thread
+        of this process or another process is writing, or every commit fsyncs): call `finish` in a thread."""
+        payload = json.dumps(content)
+        if not self.finishes_on_loop or not self._write_lock.acquire(blocking=False):
+            return False
+        accepted = self._take_accepted()
+        written = False
+        try:
+            conn = self._nowait_conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._mark_delivered(conn, accepted)
+                conn.execute(
+                    "UPDATE calls SET state='done', content=?, is_error=?, finished_at=? WHERE tool_use_id=? AND state='running'",
+                    (payload, int(is_error), time.time(), tool_use_id),
+                )
+                conn.execute("COMMIT")
+                written = True
+            finally:
+                if not written:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # no transaction left to end; the error that got here is raised
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            if not written:
+                self.delivered_later(accepted)  # nothing was written: they go with the next write
+            self._write_lock.release()
+        return True
 
     def finish(self, tool_use_id: str, content: Any, is_error: bool) -> None:
         """Store the result; called before the result is handed to the SDK to post."""

@@ -307,3 +307,46 @@ def test_the_filesystem_is_read_from_the_longest_mount_above_the_store(tmp_path:
     assert filesystem_of(Path("/srv/stateX"), str(info)) == "ext4"
     assert filesystem_of(Path("/x"), str(tmp_path / "missing")) == ""
     assert filesystem_of(tmp_path) in LOCAL_FILESYSTEMS  # this machine's own disk: SQLite stays
+
+
+def test_the_loops_result_store_never_waits_and_loses_no_accepted_result(tmp_path: Path) -> None:
+    """`try_finish` runs on the worker's event loop (where the sandbox's channel is read): while another
+    process holds the journal's write lock it answers False at once, has written nothing, and keeps the
+    results the control plane accepted meanwhile for the next write. It never revives a settled call."""
+    import sqlite3
+
+    path = tmp_path / "o.db"
+    ob = Outbox(path, owner="w:1:1", synchronous="NORMAL")
+    assert ob.finishes_on_loop
+    for t in ("t0", "t1", "t2"):
+        assert ob.begin(t, "s1", "w1", "bash").run
+    ob.finish("t0", "zero", False)
+    ob.delivered_later(["t0"])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another worker process mid-transaction
+    try:
+        assert ob.try_finish("t1", "one", False) is False
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert ob._nowait is not None and ob._nowait.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    reader = sqlite3.connect(path)
+    assert reader.execute("SELECT state FROM calls WHERE tool_use_id='t1'").fetchone()[0] == "running"
+    assert reader.execute("SELECT state FROM calls WHERE tool_use_id='t0'").fetchone()[0] == "done"
+    assert ob.try_finish("t1", "one", True) is True
+    assert reader.execute("SELECT state, content, is_error FROM calls WHERE tool_use_id='t1'").fetchone() == \
+        ("done", '"one"', 1)
+    # The accepted result kept from the failed attempt went with that write.
+    assert reader.execute("SELECT state FROM calls WHERE tool_use_id='t0'").fetchone()[0] == "delivered"
+    ob.abandon("t2")  # settled as interrupted: a late result does not replace it
+    assert ob.try_finish("t2", "late", False) is True
+    assert ob.get("t2").result.content == INTERRUPTED_TEXT  # type: ignore[union-attr]
+    with pytest.raises(TypeError):  # unstorable content: raised, and nothing is lost with it
+        ob.delivered_later(["t1"])
+        ob.try_finish("t2", object(), False)
+    assert ob.try_finish("t2", "late", False) and ob.get("t1").state == "delivered"  # type: ignore[union-attr]
+    reader.close()
+    full = Outbox(tmp_path / "full.db", owner="w:1:1", synchronous="FULL")
+    assert not full.finishes_on_loop and full.try_finish("t1", "x", False) is False  # FULL fsyncs: never on the loop
+    files = _alone(tmp_path / "f", "files")
+    assert not files.finishes_on_loop and files.try_finish("t1", "x", False) is False
