@@ -293,23 +293,37 @@ def test_a_bad_profile_fails_the_same_through_the_front_door_and_through_click(e
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("path", ["agent", "engine-kill"])
+@pytest.mark.parametrize("path", ["agent", "agent-eof", "engine-kill"])
 def test_destroy_ends_the_sandbox_by_either_path(runtime, docker_client, monkeypatch: pytest.MonkeyPatch,
                                                  path: str) -> None:
-    """Through the agent (stdin EOF, PID 1's pidfd as proof) the engine's kill is never needed;
-    without a usable pidfd the kill does it. Either way nothing of the sandbox is left."""
+    """Through the agent (SIGKILL on PID 1's pidfd, or stdin EOF where the host may not signal it;
+    the pidfd as proof) the engine's kill is never needed; without a usable pidfd the kill does it.
+    Either way nothing of the sandbox is left."""
+    import signal
+
+    from sandbox import runtime as runtime_mod
+
     sb = runtime.create(load_policy("default"))
     uid = sb.uid
     sb.exec(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &"])
-    if path == "agent":
+    if path.startswith("agent"):
         def no_kill(cid: str) -> None:
             raise AssertionError("the engine's kill was used although the agent path was available")
         monkeypatch.setattr(runtime.engine, "kill", no_kill)
+        if path == "agent-eof":
+            def refused(fd: int, sig: int) -> None:
+                raise PermissionError(1, "Operation not permitted")  # a host process of another uid
+            monkeypatch.setattr(runtime_mod.signal, "pidfd_send_signal", refused)
+            assert runtime_mod.signal is signal
+        elif os.geteuid() == 0:  # root may signal any sandbox: the signal alone ends it
+            def no_eof() -> None:
+                raise AssertionError("stdin's EOF was used although the signal could be sent")
+            monkeypatch.setattr(sb.channel, "close_stdin", no_eof)
     else:
         sb.agent_pid = (sb.agent_pid[0], sb.agent_pid[1] + 1)  # as if the pid had been reused
     sb.destroy()
     monkeypatch.undo()
-    if path == "agent":
+    if path.startswith("agent"):
         assert not _procs_of_uid(uid), "destroy() returned before every process of the sandbox was gone"
     deadline = time.monotonic() + 20
     while _procs_of_uid(uid) or docker_client.api.containers(all=True, filters={"id": sb.id}):
