@@ -60,10 +60,16 @@ class AuditRecord:
         if not d["ts"]:
             d["ts"] = utc_now_ms()
         d["path"] = _strip_query(d["path"])
+        if _C_ENCODE is not None:
+            return "".join(_C_ENCODE(d, 0))
         return _ENCODER.encode(d)
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # json.dumps with options builds one per call
+# What _ENCODER.encode builds on every call for a dict (the C encoder and its settings), built once.
+# No circular-reference markers: a record is one flat dict of strings and numbers.
+_make = getattr(json.encoder, "c_make_encoder", None)  # None without the _json accelerator
+_C_ENCODE = None if _make is None else _make(None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
 _SECOND: tuple[int, str] = (-1, "")
 
 

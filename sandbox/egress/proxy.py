@@ -39,6 +39,7 @@ answer of a lookup that still happens for every request (bench/bench_egress.py m
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -159,7 +160,7 @@ class _Session:
     id: str
     policy: EgressPolicy
     socket_path: Path | None = None
-    listeners: list[socket.socket] = field(default_factory=list)
+    listeners: list[_socket.socket] = field(default_factory=list)
     conns: set[_Conn] = field(default_factory=set)
     bytes_used: int = 0
     closed: bool = False
@@ -188,10 +189,11 @@ class _Session:
     def charge(self, n: int, by: _Conn) -> int:
         """Account ``n`` bytes; returns how many may still move. Spending the last byte
         closes every other connection of the session too."""
-        left = self.budget_left
-        if left is None:
+        if self.policy.byte_budget is None:  # no budget: nothing to cut (budget_left is None)
             self.bytes_used += n
             return n
+        left = self.budget_left
+        assert left is not None
         ok = min(n, left)
         self.bytes_used += ok
         if ok < n or self.budget_left == 0:
@@ -208,13 +210,13 @@ class _Conn:
     __slots__ = ("session", "client", "started", "last_active", "active", "in_head", "task", "upstream",
                  "killed", "client_tls", "up_tls", "record")
 
-    def __init__(self, session: _Session, client: socket.socket) -> None:
+    def __init__(self, session: _Session, client: _socket.socket) -> None:
         self.session, self.client = session, client
         self.started = self.last_active = time.monotonic()
         self.active = False  # traffic since the last sweep (which turns it into last_active)
         self.in_head = True
         self.task: asyncio.Task[None] | None = None
-        self.upstream: socket.socket | None = None
+        self.upstream: _socket.socket | None = None
         self.killed: tuple[str, str] | None = None  # (code, reason) set by whoever cancelled us
         self.client_tls: _TLS | None = None  # terminated: plaintext goes through these instead of the sockets
         self.up_tls: _TLS | None = None
@@ -261,7 +263,7 @@ async def _wait_any(read_fd: int | None, write_fd: int | None, deadline: float |
             timer.cancel()
 
 
-async def _recv(sock: socket.socket, n: int) -> bytes:
+async def _recv(sock: _socket.socket, n: int) -> bytes:
     """``loop.sock_recv``, but reading at once when data is there: uvloop's version always
     waits for a poll first (one more loop turn per read; most reads find data waiting)."""
     while True:
@@ -271,7 +273,7 @@ async def _recv(sock: socket.socket, n: int) -> bytes:
             await _wait_any(sock.fileno(), None)
 
 
-async def _sendall(sock: socket.socket, data: bytes | memoryview) -> None:
+async def _sendall(sock: _socket.socket, data: bytes | memoryview) -> None:
     """``loop.sock_sendall`` without its per-call future when the socket takes it all at once."""
     view = memoryview(data)
     while view:
@@ -346,7 +348,7 @@ class _End:
 
     __slots__ = ("src", "dst", "direction", "sfd", "dfd", "pending")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+    def __init__(self, src: _socket.socket, dst: _socket.socket, direction: str) -> None:
         self.src, self.dst, self.direction = src, dst, direction
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.pending = b""  # read, charged, not yet taken by dst
@@ -364,7 +366,7 @@ class _Buffered:
     _raw = True  # reads the socket itself (a subclass reading something else overrides _fill and sets False)
     waker: _Waker | None = None  # set when the caller keeps the socket watched (else a wait per read)
 
-    def __init__(self, sock: socket.socket, conn: _Conn) -> None:
+    def __init__(self, sock: _socket.socket, conn: _Conn) -> None:
         self.sock, self.conn, self.buf = sock, conn, bytearray()
 
     async def _fill(self) -> bool:
@@ -376,6 +378,22 @@ class _Buffered:
 
     async def until(self, sep: bytes, limit: int) -> bytes | None:
         """Up to and including ``sep``; None on EOF; raises OverflowError past ``limit``."""
+        if self._raw and not self.buf:  # the usual head: one read holds all of it (no bytearray work)
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            if data is not None:
+                if not data:
+                    return None
+                self.conn.active = True
+                i = data.find(sep)
+                end = i + len(sep)
+                if i >= 0 and end <= limit:
+                    if end < len(data):
+                        self.buf += data[end:]
+                    return data if end == len(data) else data[:end]
+                self.buf += data
         start = 0
         while True:
             i = self.buf.find(sep, start)
@@ -424,7 +442,7 @@ class _TLS:
     """TLS over one of our non-blocking sockets with ``ssl.SSLObject`` and memory BIOs: bytes the
     proxy already read (a ClientHello behind the CONNECT) go straight into the incoming BIO."""
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, conn: _Conn, *, server_side: bool,
+    def __init__(self, sock: _socket.socket, ctx: ssl.SSLContext, conn: _Conn, *, server_side: bool,
                  server_hostname: str | None = None, early: bytes = b"") -> None:
         self.sock, self.conn = sock, conn
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -618,7 +636,7 @@ class EgressProxy:
     def _new_session(self, session_id: str, policy: EgressPolicy) -> _Session:
         return _Session(session_id, policy, dns_slots=asyncio.Semaphore(self.dns_per_session))
 
-    def _listen(self, sess: _Session, sock: socket.socket) -> None:
+    def _listen(self, sess: _Session, sock: _socket.socket) -> None:
         self._sessions[sess.id] = sess
         sess.listeners.append(sock)
         self._watch(sess, sock)
@@ -670,7 +688,7 @@ class EgressProxy:
 
     # ------------------------------------------------------------ plumbing
 
-    def _on_acceptable(self, sess: _Session, lsock: socket.socket) -> None:
+    def _on_acceptable(self, sess: _Session, lsock: _socket.socket) -> None:
         """Reader callback kept registered for the listener's life: accepting everything that
         is pending per wake-up costs no per-connection epoll_ctl or future."""
         loop = asyncio.get_running_loop()
@@ -680,7 +698,7 @@ class EgressProxy:
             try:
                 # socket.accept() converts family and type to enums for every connection
                 fd, _ = lsock._accept()  # type: ignore[attr-defined]  # CPython: what accept() calls
-                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)  # the C type: socket.socket's __init__ and close are Python
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -695,7 +713,7 @@ class EgressProxy:
             conn = _Conn(sess, sock)
             conn.task = loop.create_task(self._serve(conn))
 
-    def _watch(self, sess: _Session, lsock: socket.socket) -> None:
+    def _watch(self, sess: _Session, lsock: _socket.socket) -> None:
         if not sess.closed and lsock.fileno() >= 0:
             asyncio.get_running_loop().add_reader(lsock.fileno(), self._on_acceptable, sess, lsock)
 
@@ -797,7 +815,7 @@ class EgressProxy:
             raise _Refuse(e.status, e.code, e.reason) from None
         rec.host, rec.port = host, port
 
-        if sess.budget_left == 0:
+        if sess.policy.byte_budget is not None and sess.budget_left == 0:
             raise _Refuse(403, "budget-exhausted", "session egress byte budget spent")
         decision = await self._decide(sess, host, port)
         rec.rule, rec.addr = decision.rule, decision.addr
@@ -949,7 +967,7 @@ class EgressProxy:
         except (OSError, TimeoutError, LookupError):
             raise _Refuse(502, "dns-failure", f"could not resolve {host}", verdict="error", header=ERROR_HEADER) from None
 
-    async def _connect(self, decision: acl.Decision, port: int, timeout: float) -> tuple[socket.socket, str]:
+    async def _connect(self, decision: acl.Decision, port: int, timeout: float) -> tuple[_socket.socket, str]:
         """Connect to the checked addresses only, in order; the socket and the address (canonical
         text). Never a name: no second lookup (a non-blocking connect of our own: the loop's
         sock_connect may pass even a numeric address through getaddrinfo)."""
@@ -958,7 +976,7 @@ class EgressProxy:
         last: str = "no address"
         for addr in decision.addrs or ((decision.addr,) if decision.addr else ()):
             family, literal = _literal(addr)  # the checked address, as text: a literal, never a name
-            sock = socket.socket(family, _NONBLOCKING_STREAM)  # non-blocking from the start: no ioctl
+            sock = _socket.socket(family, _NONBLOCKING_STREAM)  # non-blocking from the start: no ioctl
             try:
                 err = sock.connect_ex((literal, port))
                 if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
@@ -1151,8 +1169,14 @@ class EgressProxy:
 
     # ------------------------------------------------------------ relaying
 
-    def _account(self, conn: _Conn, n: int, direction: str) -> int:
-        ok = conn.session.charge(n, conn)
+    @staticmethod
+    def _account(conn: _Conn, n: int, direction: str) -> int:
+        sess = conn.session
+        if sess.policy.byte_budget is None:  # charge() without a budget to cut, inlined
+            sess.bytes_used += n
+            ok = n
+        else:
+            ok = sess.charge(n, conn)
         if direction == "up":
             conn.record.bytes_up += ok
         else:
@@ -1160,7 +1184,7 @@ class EgressProxy:
         conn.active = True
         return ok
 
-    async def _send(self, sock: socket.socket, data: bytes, conn: _Conn) -> None:
+    async def _send(self, sock: _socket.socket, data: bytes, conn: _Conn) -> None:
         try:
             n = sock.send(data)  # usually all of it: no second coroutine then
         except (BlockingIOError, InterruptedError):
@@ -1188,7 +1212,7 @@ class EgressProxy:
         if ok < len(data):
             raise _BudgetSpent
 
-    async def _tunnel(self, conn: _Conn, client: socket.socket, upstream: socket.socket) -> None:
+    async def _tunnel(self, conn: _Conn, client: _socket.socket, upstream: _socket.socket) -> None:
         """Both directions of a tunnel, in this one task while its exchanges are short: no
         second task, and each socket stays watched across waits (:class:`_Waker`). Each
         direction copies what arrived, charged to the budget, stops reading while its
@@ -1255,7 +1279,7 @@ class EgressProxy:
             conn.active = True
         await self._relay(conn, e.src, e.dst, e.direction)
 
-    async def _relay(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None = None, half_close: bool = True) -> None:
+    async def _relay(self, conn: _Conn, src: _socket.socket, dst: _socket.socket, direction: str, limit: int | None = None, half_close: bool = True) -> None:
         """Move bytes src -> dst until EOF (or exactly ``limit`` bytes), charging the budget.
 
         Starts by copying through a small buffer (fewest syscalls for the typical short
@@ -1268,7 +1292,7 @@ class EgressProxy:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
 
-    async def _relay_splice(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None) -> None:
+    async def _relay_splice(self, conn: _Conn, src: _socket.socket, dst: _socket.socket, direction: str, limit: int | None) -> None:
         """src -> pipe -> dst inside the kernel. Reading and writing are interleaved (the pipe
         is the only buffer, up to _PIPE_SIZE), so both sockets stay busy at the same time."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1332,7 +1356,7 @@ class EgressProxy:
             os.close(rfd)
             os.close(wfd)
 
-    async def _relay_copy(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str, limit: int | None, upgrade: bool) -> int | None:
+    async def _relay_copy(self, conn: _Conn, src: _socket.socket, dst: _socket.socket, direction: str, limit: int | None, upgrade: bool) -> int | None:
         """Copy loop. Returns None when finished, or (with ``upgrade``) the bytes moved so far
         as soon as a read fills the buffer, so the caller can switch to splice."""
         done = turns = 0
