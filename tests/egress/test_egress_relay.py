@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from sandbox.egress.unixsock import connect_unix
 from tests.egress.egress_helpers import ALLOWED_ADDR, Harness, Target, connect_tunnel, parse_response, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -144,3 +145,29 @@ def test_the_byte_budget_cuts_a_tunnel_mid_stream(harness: Harness, upstreams: l
 
 async def _info(harness: Harness) -> dict[str, object]:
     return harness.proxy.session_info("s1")
+
+
+def test_a_plain_http_client_that_stops_reading_gets_the_whole_response(harness: Harness, upstreams: list[Upstream]) -> None:
+    # The same for a forwarded response: the proxy holds what the client cannot take yet and
+    # stops reading upstream meanwhile; then every byte arrives, in order, after the head.
+    pieces = _pieces(3000, 1000)
+    body = b"".join(pieces)
+
+    def talk(c: socket.socket) -> None:
+        while b"\r\n\r\n" not in c.recv(65536):
+            pass
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        for i, p in enumerate(pieces):
+            c.sendall(p)
+            if i % 4 == 0:
+                time.sleep(0.0005)
+
+    up = Upstream(talk)
+    upstreams.append(up)
+    sock = harness.add_session("s1", _policy(up.port))
+    with connect_unix(sock, timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(f"GET http://allowed.test:{up.port}/slow HTTP/1.1\r\nHost: allowed.test:{up.port}\r\n\r\n".encode())
+        time.sleep(0.5)  # not reading
+        resp = parse_response(recv_all(s, 10))
+    assert resp.status == 200 and hashlib.sha256(resp.body).digest() == hashlib.sha256(body).digest()
