@@ -914,19 +914,12 @@ class Worker:
         log_event(log, logging.INFO, "draining", f"stopping: {len(serving)} session(s) in flight",
                   drain_timeout=self.config.drain_timeout)
         with anyio.move_on_after(self.config.drain_timeout):
-            for s in serving:
-                await s.slot.idle.wait()
-            # Wait for the results just produced to be accepted by the control plane.
-            while self.outbox is not None and any(self.outbox.pending(s.slot.session_id) for s in serving):
-                await anyio.sleep(0.05)
+            await self._settled(serving)
         # Past the bound: calls still running are answered "interrupted" (their sandbox goes away).
         for s in serving:
             s.slot.abort_calls()
         with anyio.move_on_after(5):
-            for s in serving:
-                await s.slot.idle.wait()
-            while self.outbox is not None and any(self.outbox.pending(s.slot.session_id) for s in serving):
-                await anyio.sleep(0.05)
+            await self._settled(serving)
         for s in serving:
             assert self.middleware is not None
             self.middleware.hand_back(s.slot.work_id)
@@ -934,6 +927,18 @@ class Worker:
         with anyio.move_on_after(10):
             for s in serving:
                 await s.done.wait()
+
+    async def _settled(self, serving: list[_Serving]) -> None:
+        """Until each session's calls are answered and their results accepted by the control plane, or its
+        run has ended (a session terminated as the worker stopped: what it left unaccepted never will be,
+        and the worker used to wait its whole drain bound for it)."""
+        def unsettled(s: _Serving) -> bool:
+            if s.done.is_set():
+                return False
+            return not s.slot.idle.is_set() or (self.outbox is not None and bool(self.outbox.pending(s.slot.session_id)))
+
+        while any(unsettled(s) for s in serving):
+            await anyio.sleep(0.05)
 
     # ------------------------------------------------------------------ background
 
