@@ -457,3 +457,28 @@ def test_a_command_starts_as_popen_started_it_though_the_agent_uses_no_popen(mak
     assert sb.exec(["sh", "-c", "echo $A"], env={"A": "b=c"}).stdout == b"b=c\n"
     slow = sb.exec(["sleep", "30"], timeout=1)
     assert slow.limit == "timeout", slow
+
+
+@pytest.mark.docker
+def test_the_agent_pid_found_in_the_sandbox_cgroup_is_the_one_the_engine_reports(runtime, monkeypatch) -> None:
+    """create() takes the agent's pid from the cgroup it made for the container (no engine round trip);
+    it must be the container's init as the engine knows it, and without that cgroup the engine is asked."""
+    from sandbox import runtime as runtime_mod
+
+    asked: list[str] = []
+    inspect = runtime.engine.inspect
+    monkeypatch.setattr(runtime.engine, "inspect", lambda cid: asked.append(cid) or inspect(cid))
+    sb = runtime.create(load_policy("default"))
+    try:
+        assert sb.agent_pid is not None and sb.agent_pid[0] == inspect(sb.id)["State"]["Pid"]
+        if Path("/sys/fs/cgroup/docker" if runtime_mod._CGROUP_V2 else "/sys/fs/cgroup/cpu/docker").is_dir():
+            assert asked == [], "the engine was asked for a pid the cgroup gave"
+    finally:
+        sb.destroy()
+    monkeypatch.setattr(runtime_mod, "_only_init", lambda d: None)
+    sb = runtime.create(load_policy("default"))
+    try:
+        assert sb.agent_pid is not None and sb.agent_pid[0] == inspect(sb.id)["State"]["Pid"]
+        assert sb.exec(["true"]).exit_code == 0
+    finally:
+        sb.destroy()
