@@ -50,7 +50,6 @@ import select
 import socket
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,140 +283,62 @@ async def _sendall(sock: _socket.socket, data: bytes | memoryview) -> None:
             await _wait_any(None, sock.fileno())
 
 
-class _Reactor:
-    """One epoll set of the proxy's own per event loop, which the loop watches as a single fd.
-    A :class:`_Waker` adds its sockets to it edge-triggered for as long as it needs them (one
-    epoll_ctl each way): uvloop's add_reader builds a poll handle per fd and wait instead (an
-    ioctl, six epoll_ctl calls and an io_uring submission per lifecycle, measured by strace)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.ep = select.epoll()
-        self.owners: dict[int, _Waker] = {}
-        loop.add_reader(self.ep.fileno(), self._dispatch)  # the loop holds us; we never hold it
-
-    def _dispatch(self) -> None:
-        # Up to maxevents per turn; more stay pending and the loop calls us again next turn.
-        for fd, ev in self.ep.poll(0):
-            w = self.owners.get(fd)
-            if w is not None:
-                w._event(fd, ev)
-
-
-_REACTORS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reactor] = weakref.WeakKeyDictionary()
-_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-
-
-
-
 class _Waker:
-    """Readiness of a few sockets for one task, kept across waits (edge-triggered, in the loop's
-    :class:`_Reactor`): a wait is one future, not a poll handle per fd and wait (what
-    :func:`_wait_any` costs). Ready reads are keyed by fd, ready writes by ~fd.
+    """Readiness of a few fds, each watched (level-triggered) until dropped rather than only for
+    one wait: a wait is then one future, not a poll handle and an epoll_ctl pair per fd and wait
+    (what :func:`_wait_any` costs). Ready reads are keyed by fd, ready writes by ~fd."""
 
-    Edge-triggered means a key stays ready until the caller reports it :meth:`spent` (its read
-    or send said EAGAIN); only then can it wait for the next edge. Events on fds or directions
-    not wanted at the moment are kept, never lost, and wake no one."""
-
-    __slots__ = ("loop", "r", "ready", "fut", "reads", "writes", "fds", "turns")
+    __slots__ = ("loop", "ready", "fut", "reads", "writes")
 
     def __init__(self) -> None:
-        loop = self.loop = asyncio.get_running_loop()
-        r = _REACTORS.get(loop)
-        if r is None:
-            r = _REACTORS[loop] = _Reactor(loop)
-        self.r = r
+        self.loop = asyncio.get_running_loop()
         self.ready: set[int] = set()
         self.fut: asyncio.Future[None] | None = None
-        self.reads: set[int] = set()  # wanted
-        self.writes: set[int] = set()  # wanted (their fds also carry EPOLLOUT while wanted)
-        self.fds: set[int] = set()  # in the epoll set
-        self.turns = 0
+        self.reads: set[int] = set()
+        self.writes: set[int] = set()
 
-    def _event(self, fd: int, ev: int) -> None:
-        wake = False
-        if ev & _READ_EVENTS:
-            self.ready.add(fd)
-            wake = fd in self.reads
-        if ev & _WRITE_EVENTS:
-            self.ready.add(~fd)
-            wake = wake or fd in self.writes
+    def _on(self, key: int) -> None:
+        self.ready.add(key)
         fut = self.fut
-        if wake and fut is not None and not fut.done():
+        if fut is not None and not fut.done():
             fut.set_result(None)
-
-    def _mask(self, fd: int) -> int:
-        return select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET | (select.EPOLLOUT if fd in self.writes else 0)
-
-    def _register(self, fd: int) -> None:
-        if fd in self.fds:
-            self.r.ep.modify(fd, self._mask(fd))
-            return
-        try:
-            self.r.ep.register(fd, self._mask(fd))
-        except FileExistsError:  # left by an owner that never closed its waker: take it over
-            self.r.ep.modify(fd, self._mask(fd))
-        self.fds.add(fd)
-        self.r.owners[fd] = self
 
     def want_read(self, fd: int) -> None:
         self.reads.add(fd)
-        if fd not in self.fds:
-            self._register(fd)
+        self.loop.add_reader(fd, self._on, fd)
 
     def drop_read(self, fd: int) -> None:
         self.reads.discard(fd)
+        self.ready.discard(fd)
+        self.loop.remove_reader(fd)
 
     def want_write(self, fd: int) -> None:
-        if fd not in self.writes:
-            self.writes.add(fd)
-            self._register(fd)  # now with EPOLLOUT (its edge reports the current state)
+        self.writes.add(fd)
+        self.loop.add_writer(fd, self._on, ~fd)
 
     def drop_write(self, fd: int) -> None:
-        if fd in self.writes:
-            self.writes.discard(fd)
-            self.ready.discard(~fd)
-            self._register(fd)  # EPOLLOUT off: a socket's free send space wakes no one
-
-    def spent(self, key: int) -> None:
-        """The read (fd) or send (~fd) said EAGAIN: wait for the next edge."""
-        self.ready.discard(key)
-
-    def _wanted_ready(self) -> bool:
-        ready = self.ready
-        if not ready:
-            return False
-        return any(fd in ready for fd in self.reads) or any(~fd in ready for fd in self.writes)
+        self.writes.discard(fd)
+        self.ready.discard(~fd)
+        self.loop.remove_writer(fd)
 
     async def wait(self) -> set[int]:
-        """The ready keys (reads and writes wanted or not), once a wanted one is ready. Every
-        _BUSY_TURNS waits that find one ready at once still let the loop run others."""
-        if self._wanted_ready():
-            self.turns += 1
-            if self.turns % _BUSY_TURNS == 0:
-                await asyncio.sleep(0)
-            return self.ready
+        """What became ready since the last call, after at least one loop turn (so a stream
+        that is always ready cannot keep other connections off the loop)."""
         fut = self.fut = self.loop.create_future()
+        if self.ready:
+            self.loop.call_soon(_set_none, fut)
         try:
             await fut
         finally:
             self.fut = None
-        return self.ready
-
-    async def wait_read(self, fd: int) -> None:
-        """After ``fd``'s read said EAGAIN: until its next edge."""
-        self.ready.discard(fd)
-        while fd not in self.ready:
-            await self.wait()
+        ready, self.ready = self.ready, set()
+        return ready
 
     def close(self) -> None:
-        owners = self.r.owners
-        for fd in self.fds:
-            if owners.get(fd) is self:
-                del owners[fd]
-                with contextlib.suppress(OSError, ValueError):
-                    self.r.ep.unregister(fd)
-        self.fds.clear()
+        for fd in self.reads:
+            self.loop.remove_reader(fd)
+        for fd in self.writes:
+            self.loop.remove_writer(fd)
         self.reads.clear()
         self.writes.clear()
 
@@ -431,6 +352,11 @@ class _End:
         self.src, self.dst, self.direction = src, dst, direction
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.pending = b""  # read, charged, not yet taken by dst
+
+
+def _set_none(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Buffered:
@@ -486,7 +412,7 @@ class _Buffered:
                     data = self.sock.recv(65536)
                 except (BlockingIOError, InterruptedError):
                     if self.waker is not None:
-                        await self.waker.wait_read(self.sock.fileno())
+                        await self.waker.wait()
                     else:
                         await _wait_any(self.sock.fileno(), None)
                     continue
@@ -1058,7 +984,7 @@ class EgressProxy:
                     ready = select.poll()
                     ready.register(sock.fileno(), select.POLLOUT)
                     if not ready.poll(0):
-                        if deadline is None:  # one deadline for all the addresses tried
+                        if deadline is None:  # taken when connect has to wait; one for all the addresses tried
                             deadline = asyncio.get_running_loop().time() + timeout
                         await _wait_any(None, sock.fileno(), deadline)
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -1308,7 +1234,6 @@ class EgressProxy:
                             try:
                                 e.pending = e.pending[e.dst.send(e.pending):]
                             except (BlockingIOError, InterruptedError):
-                                w.spent(~e.dfd)
                                 continue
                             conn.active = True
                             if not e.pending:
@@ -1320,7 +1245,6 @@ class EgressProxy:
                     try:
                         data = e.src.recv(_COPY_CHUNK)
                     except (BlockingIOError, InterruptedError):
-                        w.spent(e.sfd)
                         continue
                     if not data:
                         w.drop_read(e.sfd)
@@ -1572,7 +1496,7 @@ class EgressProxy:
                         data = upstream.recv(_COPY_CHUNK)
                         break
                     except (BlockingIOError, InterruptedError):
-                        await w.wait_read(fd)
+                        await w.wait()
                 if not data:
                     return
         finally:
