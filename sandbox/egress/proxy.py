@@ -35,6 +35,10 @@ uvloop (:mod:`evloop`), reads and sends go to the socket first and wait for the 
 it is not ready, a near upstream that accepted inside connect() is used without a loop turn,
 and the pure ACL results are memoised per session for the current policy, keyed by the fresh
 answer of a lookup that still happens for every request (bench/bench_egress.py measures it).
+A resolver's answer that needs no waiting (a fixed mapping, the hosts file) skips the DNS
+deadline and slots; a tunnel relays both directions in its connection's own task until it
+turns bulk, and a response is read and copied in one coroutine, each keeping its sockets
+watched across waits (:class:`_Waker`) instead of registering them with the loop per wait.
 """
 
 from __future__ import annotations
