@@ -929,13 +929,18 @@ class Worker:
                 await s.done.wait()
 
     async def _settled(self, serving: list[_Serving]) -> None:
-        """Until each session's calls are answered and their results accepted by the control plane, or its
+        """Until each session's calls are answered and this worker's results accepted by the control plane, or its
         run has ended (a session terminated as the worker stopped: what it left unaccepted never will be,
         and the worker used to wait its whole drain bound for it)."""
         def unsettled(s: _Serving) -> bool:
             if s.done.is_set():
                 return False
-            return not s.slot.idle.is_set() or (self.outbox is not None and bool(self.outbox.pending(s.slot.session_id)))
+            if not s.slot.idle.is_set():
+                return True
+            # Only this worker's results: one a killed worker left unmarked in the shared journal is the
+            # sweeper's (and used to hold every later worker's stop for the whole bound).
+            ob = self.outbox
+            return ob is not None and any(r.owner == ob.owner for r in ob.pending(s.slot.session_id))
 
         while any(unsettled(s) for s in serving):
             await anyio.sleep(0.05)
