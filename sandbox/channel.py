@@ -239,22 +239,27 @@ class AgentChannel:
 
     def close(self) -> None:
         self._close("closed by host")
-        if self._loop is not None and self._hub.pid == os.getpid():
-            self._close_on_loop()
-            return
-        self._hub.remove(self)  # before the fd can be closed and its number given to another socket
         # Not while the hub reads it (a read does not wait: this is short). In a forked child no hub reads
-        # it, and the lock may have been held by the parent's hub thread at the fork.
+        # it, and the lock may have been held by the parent's hub thread at the fork. Under `_rlock` too:
+        # who reads it (the hub or a loop, see `read_on_loop`) is decided here once.
         with self._rlock if self._hub.pid == os.getpid() else contextlib.nullcontext():
-            self._sock_closed = True
+            on_loop = self._loop is not None and self._hub.pid == os.getpid()
+            if on_loop:
+                self._close_wanted = True  # closed by the loop once it has let go of the descriptor
+            else:
+                self._hub.remove(self)  # before the fd can be closed and its number given to another socket
+                self._sock_closed = True
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            try:
-                self._sock.close()
-            except OSError:
-                pass
+            if not on_loop:
+                try:
+                    self._sock.close()
+                except OSError:
+                    pass
+        if on_loop:
+            self._close_on_loop()
 
     # -- reading on an asyncio event loop (the worker: events reach its tasks with no thread hop)
     def read_on_loop(self, loop: Any) -> bool:
@@ -271,8 +276,10 @@ class AgentChannel:
             return self._loop is loop
         if self._hub.pid != os.getpid():
             return False
-        with self._flock:  # the hub is not between a read of this channel and its dispatch
-            if self.closed.is_set():
+        # `_flock`: the hub is not between a read of this channel and its dispatch; `_rlock`: `close` has
+        # either closed the socket already or will see that a loop reads it.
+        with self._flock, self._rlock:
+            if self.closed.is_set() or self._sock_closed:
                 return False
             self._hub.remove(self)
             self._loop = loop
@@ -332,17 +339,12 @@ class AgentChannel:
     _close_wanted = False
 
     def _close_on_loop(self) -> None:
-        """`close` of a channel read by a loop: the socket is shut down now (the agent sees EOF, no more
-        events are dispatched: the channel is closed), and its descriptor is closed only once it has left
-        the loop's selector, on the loop thread, so the number is never reused under a registered reader."""
+        """The rest of `close` for a channel read by a loop: the socket is shut down (the agent sees EOF, no
+        more events are dispatched: the channel is closed), and its descriptor is closed only once it has
+        left the loop's selector, on the loop thread, so the number is never reused under a registered
+        reader."""
         import asyncio  # loaded already: a loop reads this channel (not imported by the CLI's path)
 
-        self._close_wanted = True
-        with self._rlock:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         loop = self._loop
         try:
             running = asyncio.get_running_loop()

@@ -355,3 +355,52 @@ def test_a_channel_outliving_its_loop_is_read_by_the_hub_again(kind: str) -> Non
         assert q.get(timeout=5) == {"id": rid, "ev": "exit", "code": 0}
     finally:
         a.close()
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_close_racing_the_hand_over_never_leaves_a_closed_descriptor_registered(kind: str) -> None:
+    """`close` on another thread while the loop takes the channel (held in the middle of the hand-over here):
+    the close waits, then sees the loop and lets the loop close the descriptor once it has let go of it; the
+    loop never registers a closed descriptor, and the next channel (the same number, often) works."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a = Agent()
+        hub = a.ch._hub
+        in_hand_over = threading.Event()
+        real_remove = hub.remove
+
+        def slow_remove(ch: AgentChannel) -> None:
+            if threading.current_thread() is threading.main_thread() and ch is a.ch:
+                in_hand_over.set()
+                time.sleep(0.2)  # the closer runs now
+            real_remove(ch)
+
+        def closer() -> None:
+            in_hand_over.wait(5)
+            a.ch.close()
+
+        hub.remove = slow_remove  # type: ignore[method-assign]
+        try:
+            t = threading.Thread(target=closer)
+            t.start()
+            assert a.ch.read_on_loop(loop)  # no error: the descriptor was open when it was registered
+        finally:
+            del hub.remove
+        await asyncio.to_thread(t.join, 5)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert a.ch.closed.is_set() and a.ch.close_reason == "closed by host"
+        assert not a.ch._on_loop and a.ch._sock_closed  # the loop let go, then the descriptor was closed
+        if kind == "asyncio":
+            assert a.ch._fd not in loop._selector.get_map()  # type: ignore[attr-defined]
+        a.sock.close()
+        b = Agent()
+        try:
+            box = Inbox(b.ch)
+            await on_loop(b)
+            b.send({"id": box.rid, "ev": "exit", "code": 0})
+            assert await box.wait_for(1) == [{"id": box.rid, "ev": "exit", "code": 0}]
+        finally:
+            b.close()
+
+    run(kind, main)
