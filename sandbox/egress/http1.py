@@ -64,6 +64,8 @@ class Request:
     headers: list[tuple[str, str]]
     # values by lower-cased name, built once: a request's policy checks ask for six names
     _by_name: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+    # connection_tokens(), made once (the framing check and the upstream head both need it)
+    _tokens: frozenset[str] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         by: dict[str, list[str]] = {}
@@ -168,8 +170,12 @@ def forward_target(req: Request) -> ForwardTarget:
 _FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
 
 
-def connection_tokens(req: Request) -> set[str]:
-    return {t.strip().lower() for v in req.get_all("connection") for t in v.split(",") if t.strip()}
+def connection_tokens(req: Request) -> frozenset[str]:
+    tokens = req._tokens
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for v in req._by_name.get("connection", ()) for t in v.split(",") if t.strip())
+        object.__setattr__(req, "_tokens", tokens)
+    return tokens
 
 
 def body_framing(req: Request) -> int | str:
