@@ -133,7 +133,8 @@ def test_workers_starting_together_on_one_journal_all_open_it(tmp_path: Path) ->
     and SQLite said "database is locked" without waiting, so one worker died at start (seen in CI)."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")  # fresh processes, the journal's imports paid once
+    ctx.set_forkserver_preload(["sandbox.worker.outbox", __name__])
     errors: list[str] = []
     with ctx.Manager() as manager, ctx.Pool(6) as pool:
         for round_ in range(12):
