@@ -98,15 +98,18 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str], ab_
     phases: dict[str, list[float]] = {}
     ab_phases: dict[str, list[float]] = {}
     record = [phases]  # where the engine calls below are counted (the A/B side has its own)
+    stamps: dict[str, float] = {}  # when the last create began and the last start returned
     eng = api._runtime("api").engine
     for name in ("create", "attach", "start", "containers"):  # the engine's share of the API row, call by call
         def wrap(orig: Callable[..., Any], name: str = name) -> Callable[..., Any]:
             def f(*a: Any, **k: Any) -> Any:
                 t = time.perf_counter()
+                stamps[name + "0"] = t
                 try:
                     return orig(*a, **k)
                 finally:
-                    record[0].setdefault(name, []).append(time.perf_counter() - t)
+                    stamps[name + "1"] = time.perf_counter()
+                    record[0].setdefault(name, []).append(stamps[name + "1"] - t)
             return f
         setattr(eng, name, wrap(getattr(eng, name)))
 
@@ -122,6 +125,9 @@ def bench_cold_and_api(n: int, cp: Any, base_cmd: list[str], only: set[str], ab_
             sb.close()
             t3 = time.perf_counter()
         into.setdefault("open", []).append(t1 - t0)
+        into.setdefault("before create", []).append(stamps["create0"] - t0)
+        into.setdefault("after start", []).append(t1 - stamps["start1"])
+        into.setdefault("between", []).append(stamps["attach0"] - stamps["create1"] + stamps["start0"] - stamps["attach1"])
         into.setdefault("exec", []).append(t2 - t1)
         into.setdefault("close", []).append(t3 - t2)
         record[0] = phases
@@ -173,9 +179,12 @@ def _split(phases: dict[str, list[float]], base: float) -> None:
     engine = sum(med(phases[k]) for k in ("create", "attach", "start"))
     listing = med(phases["containers"])
     rest = med(phases["open"]) - engine - listing
+    pre, post, gaps = med(phases["before create"]), med(phases["after start"]), med(phases["between"])
     print(f"  of which: engine create+attach+start {engine * 1000:.1f} ms ({engine / base:.2f}x of docker run), "
           f"uid lease's container listing {listing * 1000:.1f} ({listing / base:.2f}x), "
-          f"agent start and host {rest * 1000:.1f} ({rest / base:.2f}x), first exec "
+          f"agent start and host {rest * 1000:.1f} ({rest / base:.2f}x: before the create {pre * 1000:.1f}, "
+          f"between the engine calls {gaps * 1000:.1f}, from the engine's start to the agent's ready "
+          f"{post * 1000:.1f}), first exec "
           f"{med(phases['exec']) * 1000:.1f} ({med(phases['exec']) / base:.2f}x), destroy "
           f"{med(phases['close']) * 1000:.1f} ({med(phases['close']) / base:.2f}x)")
 
