@@ -101,6 +101,40 @@ def test_slow_dns_flood_from_one_session_leaves_another_sessions_egress_working(
         h.close()
 
 
+def test_a_name_the_hosts_file_pins_is_served_while_its_sessions_dns_slots_are_all_taken(tmp_path: Path, dns_server: DnsServer, target: Target) -> None:
+    # An answer that needs no waiting holds no DNS slot: it does not queue behind the session's
+    # own slow lookups (before, it waited for a slot behind every lookup queued ahead of it).
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{ALLOWED_ADDR} pinned.test\n")
+    h = Harness(tmp_path, {}, resolver=DnsResolver(["127.0.0.1"], dns_server.port, hosts_file=str(hosts), lifetime_s=10))
+    try:
+        sock = h.add_session("s", {"rules": [{"host": "*.slow.test", "ports": [target.port]}, {"host": "pinned.test", "ports": [target.port]}],
+                                   "allow_cidrs": [f"{ALLOWED_ADDR}/32"], "connect_timeout_s": 10})
+        finished: list[int] = []
+
+        def slow(i: int) -> None:
+            try:
+                s, resp = connect_tunnel(sock, f"n{i}.slow.test:{target.port}", timeout=15)
+                s.close()
+                finished.append(resp.status)
+            except OSError:
+                finished.append(0)
+
+        threads = [threading.Thread(target=slow, args=(i,), daemon=True) for i in range(DNS_PER_SESSION + 4)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len({n for n in dns_server.names() if "slow" in n}) >= DNS_PER_SESSION, 5)  # every slot held
+        resp = get(sock, f"http://pinned.test:{target.port}/pinned")
+        done_before = list(finished)  # read before anything below waits
+        assert resp.status == 200, resp.raw[:200]
+        assert done_before == [], "the pinned name waited for the slow lookups"
+        assert "pinned.test." not in dns_server.names()  # never asked of DNS
+    finally:
+        h.close()
+    for t in threads:
+        t.join(15)
+
+
 def test_a_cancelled_lookup_stops_querying(tmp_path: Path, dns_server: DnsServer) -> None:
     """The deadline cancels the lookup itself: after it no further query (retry) is sent."""
     res = DnsResolver(["127.0.0.1"], dns_server.port, hosts_file=str(tmp_path / "no-hosts"), lifetime_s=30)
