@@ -83,6 +83,7 @@ _SWEEP_S = 0.2
 _BUSY_TURNS = 16  # relay turns in a row (reads that found data) before a relay lets the loop run others
 _MEMO_MAX = 512  # ACL results kept per session (see _Session.decisions)
 _USE_SPLICE = hasattr(os, "splice")
+_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -821,7 +822,7 @@ class EgressProxy:
 
         if sess.policy.byte_budget is not None and sess.budget_left == 0:
             raise _Refuse(403, "budget-exhausted", "session egress byte budget spent")
-        decision = await self._decide(sess, host, port)
+        decision = self._decide_now(sess, host, port) or await self._decide(sess, host, port)
         rec.rule, rec.addr = decision.rule, decision.addr
         if not decision.allowed:
             raise _Refuse(403, decision.code, decision.reason)
@@ -834,7 +835,13 @@ class EgressProxy:
             await self._open_upstream(conn, decision, port)
 
         if fwd is None:
-            await self._send(conn.client, b"HTTP/1.1 200 Connection Established\r\n\r\n", conn)
+            try:
+                sent = conn.client.send(_ESTABLISHED)  # all of it, nearly always: no coroutine for it
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent < len(_ESTABLISHED):
+                await _sendall(conn.client, _ESTABLISHED[sent:])
+            conn.active = True
             if tls_checked:
                 # The ClientHello is read and checked before any connection upstream: a refused
                 # server name never costs the allowed host a handshake.
@@ -909,11 +916,12 @@ class EgressProxy:
             raise _Refuse(403, "sni-mismatch", f"the TLS ClientHello names another server than the CONNECT target {host} ({label})",
                           raw=tls.alert(tls.ALERT_UNRECOGNIZED_NAME))
 
-    async def _decide(self, sess: _Session, host: str, port: int) -> acl.Decision:
+    def _decide_now(self, sess: _Session, host: str, port: int) -> acl.Decision | None:
         """precheck (before any lookup), our own resolution, then decide on exactly that
-        answer. The ACL functions are pure, so their results are memoised per session and
-        policy, keyed by everything they read (the answer included); the lookup itself
-        happens for every request."""
+        answer; None when the resolution has to be awaited (:meth:`_decide`). The ACL
+        functions are pure, so their results are memoised per session and policy, keyed by
+        everything they read (the answer included); the lookup itself happens for every
+        request."""
         pol, memo = sess.policy, sess.decisions()
         pre = memo.get(("pre", host, port))
         if pre is None:
@@ -922,16 +930,26 @@ class EgressProxy:
         addrs: tuple[str, ...] = ()
         if pre.allowed and not acl.is_ip_literal(host):
             now = self._answer_now(host, port)
-            if now is not None:
-                addrs = tuple(now)
-            else:
-                addrs = tuple(await self._resolve(sess, host, port))
-                if sess.policy is not pol:  # replaced during the lookup: decided under the request's own policy
-                    return acl.decide(pol, host, port, addrs)
-                memo = sess.decisions()
+            if now is None:
+                return None
+            addrs = tuple(now)
+        return self._decided(sess, host, port, addrs)
+
+    async def _decide(self, sess: _Session, host: str, port: int) -> acl.Decision:
+        """The rest of :meth:`_decide_now` for a name whose precheck passed and whose answer
+        has to be awaited."""
+        pol = sess.policy
+        addrs = tuple(await self._resolve(sess, host, port))
+        if sess.policy is not pol:  # replaced during the lookup: decided under the request's own policy
+            return acl.decide(pol, host, port, addrs)
+        return self._decided(sess, host, port, addrs)
+
+    @staticmethod
+    def _decided(sess: _Session, host: str, port: int, addrs: tuple[str, ...]) -> acl.Decision:
+        memo = sess.decisions()
         got = memo.get(("dec", host, port, addrs))
         if got is None:
-            got = memo[("dec", host, port, addrs)] = acl.decide(pol, host, port, addrs)
+            got = memo[("dec", host, port, addrs)] = acl.decide(sess.policy, host, port, addrs)
         assert isinstance(got, acl.Decision)
         return got
 
