@@ -297,14 +297,23 @@ class Outbox(AcceptedResults):
             self._nowait = conn
         return conn
 
+    # Every this many results offered to `try_finish`, one goes to `finish` in a thread instead: the no-wait
+    # connection never checkpoints (a checkpoint fsyncs), so the threads' connections keep the WAL bounded.
+    CHECKPOINT_EVERY = 128
+    _nowait_finishes = 0
+
     def try_finish(self, tool_use_id: str, content: Any, is_error: bool) -> bool:
         """`finish` for a caller that must not wait (the worker's event loop, where the sandbox's channel
         is read): stores the result, and the results accepted since the last write, in one transaction
         on `try_begin`'s connection. False, with nothing written, when it cannot at once (another thread
-        of this process or another process is writing, or every commit fsyncs): call `finish` in a thread."""
+        of this process or another process is writing, every commit fsyncs, or a checkpoint is due): call
+        `finish` in a thread."""
         payload = json.dumps(content)
-        if not self.finishes_on_loop or not self._write_lock.acquire(blocking=False):
+        if not self.finishes_on_loop:
             return False
+        self._nowait_finishes += 1
+        if self._nowait_finishes % self.CHECKPOINT_EVERY == 0 or not self._write_lock.acquire(blocking=False):
+            return False  # (a checkpoint turn: see CHECKPOINT_EVERY)
         accepted = self._take_accepted()
         written = False
         try:

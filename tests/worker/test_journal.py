@@ -350,3 +350,20 @@ def test_the_loops_result_store_never_waits_and_loses_no_accepted_result(tmp_pat
     assert not full.finishes_on_loop and full.try_finish("t1", "x", False) is False  # FULL fsyncs: never on the loop
     files = _alone(tmp_path / "f", "files")
     assert not files.finishes_on_loop and files.try_finish("t1", "x", False) is False
+
+
+def test_a_worker_storing_every_result_on_its_loop_still_keeps_the_journal_small(tmp_path: Path) -> None:
+    """The loop's no-wait connection never checkpoints (that fsyncs); without a checkpoint from time to time
+    the WAL would grow by every call a worker ever ran."""
+    ob = Outbox(tmp_path / "o.db", owner="w:1:1", synchronous="NORMAL")
+    wal = tmp_path / "o.db-wal"
+    on_thread = 0
+    for i in range(3000):
+        tid = f"t{i}"
+        assert ob.try_begin(tid, "s1", "w1", "bash") is not None
+        if not ob.try_finish(tid, "x" * 200, False):
+            ob.finish(tid, "x" * 200, False)  # what the worker does then, in a thread
+            on_thread += 1
+        ob.delivered_later([tid])
+    assert wal.stat().st_size < 8 << 20, wal.stat().st_size
+    assert 0 < on_thread < 3000 // 64  # a few checkpoint turns, the rest on the loop
