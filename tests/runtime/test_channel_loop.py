@@ -24,7 +24,7 @@ import uvloop
 from sandbox import channel as chmod
 from sandbox.channel import AgentChannel
 
-from .test_channel_hub import KEY, frame, signed
+from .test_channel_hub import Agent, frame
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -34,27 +34,6 @@ def run(kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         uvloop.run(main())
     else:
         asyncio.run(main())
-
-
-class Agent:
-    """The sandbox side of one channel."""
-
-    def __init__(self) -> None:
-        host, self.sock = socket.socketpair()
-        self.ch = AgentChannel(host, key=KEY)
-        self.seq = 0
-
-    def event(self, ev: dict[str, Any] | str, *, key: bytes = KEY) -> bytes:
-        data = frame(signed(self.seq, ev, key))
-        self.seq += 1
-        return data
-
-    def send(self, ev: dict[str, Any] | str, *, key: bytes = KEY) -> None:
-        self.sock.sendall(self.event(ev, key=key))
-
-    def close(self) -> None:
-        self.ch.close()
-        self.sock.close()
 
 
 class Inbox:
