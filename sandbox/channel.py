@@ -309,21 +309,27 @@ class AgentChannel:
         if self.closed.is_set():
             self._leave_loop()
             return
+        reason = self._read_once()
+        if reason is not None:
+            self._leave_loop()
+            self._close(reason)
+
+    def _read_once(self) -> str | None:
+        """One non-blocking read and its dispatch (the hub's and the loop's); why the channel must end
+        (EOF, a read error, an event that fails to parse or dispatch), or None."""
         try:
             chunk = self._recv()
             if chunk is None:
-                return
+                return None  # nothing there after all, or the host has closed it
             if chunk:
                 self._feed(chunk)
-                return
-            reason = "agent exited"
+                return None
+            return "agent exited"
         except (OSError, ValueError) as e:
-            reason = f"channel error: {e}"
+            return f"channel error: {e}"
         except Exception as e:  # noqa: BLE001 - e.g. a RecursionError from an absurdly nested event
             log.exception("sandbox agent channel: reading an event failed; closing")
-            reason = f"channel error: {type(e).__name__}: {str(e)[:200]}"
-        self._leave_loop()
-        self._close(reason)
+            return f"channel error: {type(e).__name__}: {str(e)[:200]}"
 
     def _leave_loop(self) -> None:
         """On the loop thread: stop reading; close the socket if the host asked for it meanwhile."""
@@ -490,21 +496,10 @@ class _Hub:
                 self._serve_locked(ch)
 
     def _serve_locked(self, ch: AgentChannel) -> None:
-        try:
-            chunk = ch._recv()
-            if chunk is None:
-                return  # nothing there after all, or the host has closed it
-            if chunk:
-                ch._feed(chunk)
-                return
-            reason = "agent exited"
-        except (OSError, ValueError) as e:
-            reason = f"channel error: {e}"
-        except Exception as e:  # noqa: BLE001 - e.g. a RecursionError from an absurdly nested event
-            log.exception("sandbox agent channel: reading an event failed; closing")
-            reason = f"channel error: {type(e).__name__}: {str(e)[:200]}"
-        self.remove(ch)
-        ch._close(reason)
+        reason = ch._read_once()
+        if reason is not None:
+            self.remove(ch)
+            ch._close(reason)
 
     def _fail(self, e: BaseException) -> None:
         with self._lock:
