@@ -8,6 +8,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,22 @@ from sandbox.egress.unixsock import connect_unix
 ALLOWED_ADDR = "127.0.0.2"
 OTHER_ADDR = "127.0.0.3"
 THIRD_ADDR = "127.0.0.4"
+
+
+def accept_forever(sock: socket.socket, serve: Callable[[socket.socket], None],
+                   on_accept: Callable[[Any], None] | None = None) -> None:
+    """Accept on a listening `sock` until it is closed, each connection served on a thread of its own."""
+    def loop() -> None:
+        while True:
+            try:
+                c, peer = sock.accept()
+            except OSError:
+                return
+            if on_accept is not None:
+                on_accept(peer)
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 @dataclass
@@ -41,17 +58,8 @@ class Target:
         self.sock.bind((self.addr, 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_forever(self.sock, self._serve, on_accept=lambda peer: self.connections.append(f"{peer[0]}:{peer[1]}"))
         return self
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, peer = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(f"{peer[0]}:{peer[1]}")
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c: socket.socket) -> None:
         c.settimeout(5)

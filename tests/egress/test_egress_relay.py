@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from sandbox.egress.unixsock import connect_unix
-from tests.egress.egress_helpers import ALLOWED_ADDR, Harness, Target, connect_tunnel, parse_response, recv_all, wait_until
+from tests.egress.egress_helpers import ALLOWED_ADDR, Harness, accept_forever, Target, connect_tunnel, parse_response, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,15 +26,7 @@ class Upstream:
         self.sock = socket.create_server((ALLOWED_ADDR, 0))
         self.port = self.sock.getsockname()[1]
         self.errors: list[BaseException] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(c,), daemon=True).start()
+        accept_forever(self.sock, self._run)
 
     def _run(self, c: socket.socket) -> None:
         with c:

@@ -7,7 +7,6 @@ import datetime
 import socket
 import ssl
 import struct
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.egress.egress_helpers import ALLOWED_ADDR
+from tests.egress.egress_helpers import ALLOWED_ADDR, accept_forever
 
 
 class TestCA:
@@ -123,16 +122,8 @@ class TlsTarget:
         self.sock.bind((self.addr, 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_forever(self.sock, self._serve)
         return self
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c: socket.socket) -> None:
         c.settimeout(5)
