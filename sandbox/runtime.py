@@ -168,6 +168,14 @@ def _agent_pidfd(sb: "Sandbox") -> int | None:
     return None
 
 
+def _readable_within(fd: int, timeout_s: float) -> bool:
+    """poll(2), not select(2): select refuses a descriptor numbered 1024 or more, which a process holding
+    hundreds of sandboxes' channels and pidfds reaches (destroy then fell back to the engine's kill)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(timeout_s * 1000))
+
+
 def _safe_name(session_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", session_id)[:48]
 
@@ -917,7 +925,7 @@ class Runtime:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 except OSError:
                     sb.channel.close_stdin()
-                ended = bool(select.select([pidfd], [], [], EOF_TEARDOWN_S)[0])
+                ended = _readable_within(pidfd, EOF_TEARDOWN_S)
                 # and the host's own view: no task left in the sandbox's cgroup (a straggler
                 # still exiting must not share the uid with the lease's next holder)
                 deadline = time.monotonic() + EOF_TEARDOWN_S

@@ -331,6 +331,34 @@ def test_destroy_ends_the_sandbox_by_either_path(runtime, docker_client, monkeyp
         time.sleep(0.05)
 
 
+def test_a_process_holding_over_a_thousand_descriptors_still_ends_a_sandbox_through_its_agent(
+        runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker with hundreds of sandboxes holds their channels and pidfds: the pidfd it waits on is then
+    numbered 1024 or more, which select(2) refuses (destroy fell back to the engine's kill, 50-90 ms)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1030:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        sb = runtime.create(load_policy("default"))
+        uid = sb.uid
+
+        def no_kill(cid: str) -> None:
+            raise AssertionError("the engine's kill was used although the agent path was available")
+        monkeypatch.setattr(runtime.engine, "kill", no_kill)
+        sb.destroy()
+        monkeypatch.undo()
+        assert not _procs_of_uid(uid)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_when_the_loader_reads_are_not_recorded_nothing_is_cached(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If the policy loader stopped reading through the hook, the chain's files would be unknown:
     then the profile is loaded every time and no entry is written."""
