@@ -163,6 +163,8 @@ class Harness:
         self.call(self.proxy.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()  # its selector and self-pipe: left open, they added up to 1024 descriptors in CI
 
 
 # ---------------------------------------------------------------- client helpers
