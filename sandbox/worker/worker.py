@@ -135,6 +135,8 @@ class Worker:
         self._lock_file: IO[bytes] | None = None
         self._serving: dict[str, _Serving] = {}
         self._skills_placed: dict[str, anyio.Event] = {}  # cluster: the SDK has put a run's skills in place
+        # Session id -> (done, [has skills]): the lookup started as soon as the item was polled (_claims).
+        self._skills_lookups: dict[str, tuple[anyio.Event, list[bool]]] = {}
         self._stopping = anyio.Event()
         self._draining = False
         self.started = anyio.Event()
@@ -350,7 +352,7 @@ class Worker:
         backoff = 1.0
         with scope:
             while True:
-                poller = self._claims()
+                poller = self._claims(tg)
                 try:
                     while True:
                         await self._slots.acquire()
@@ -382,14 +384,17 @@ class Worker:
                     with anyio.CancelScope(shield=True):
                         await poller.aclose()
 
-    async def _claims(self) -> Any:
+    async def _claims(self, tg: anyio.abc.TaskGroup | None = None) -> Any:
         """Claimed (polled and acked) work items, through the SDK's generated `work.poll` / `work.ack`.
 
         The SDK's `poller()` sleeps a jittered 1-3 s after every empty long-poll, so a session created
         while the worker is idle waited up to 3 s (about 1 s on average) before its first claim. Here the
         long-poll itself is the wait: an empty poll is followed by the next at once, unless the server
         answered without blocking (then the SDK's idle sleep, so a server that ignores `block_ms` is not
-        hammered). Errors propagate to `_poll_loop`, which backs off (and stops on 401/403)."""
+        hammered). Errors propagate to `_poll_loop`, which backs off (and stops on 401/403).
+
+        With `tg`, the session GET that tells whether a polled session has skills starts in it at once,
+        alongside the ack (each is a round trip to the control plane on the way to the first call)."""
         assert self.client is not None
         work = self.client.beta.environments.work
         env_id = self.config.environment_id
@@ -400,8 +405,12 @@ class Worker:
             try:
                 item = await work.poll(env_id, block_ms=POLL_BLOCK_MS, anthropic_worker_id=self.worker_id)
                 if item is not None:
+                    if tg is not None:
+                        self._look_up_skills_early(tg, item)
                     await work.ack(item.id, environment_id=env_id)
             except TRANSIENT_ERRORS as e:
+                if item is not None:
+                    self._skills_lookups.pop(str(getattr(getattr(item, "data", None), "id", "")), None)
                 if is_fatal_status_error(e):
                     if item is None:
                         raise  # the poll itself: _poll_loop decides (a refused key stops the worker)
@@ -423,6 +432,23 @@ class Worker:
                     await anyio.sleep(random.uniform(1.0, 3.0))
                 continue
             yield item
+
+    def _look_up_skills_early(self, tg: anyio.abc.TaskGroup, item: Any) -> None:
+        data = getattr(item, "data", None)
+        session_id = getattr(data, "id", None)
+        if getattr(data, "type", None) != "session" or not isinstance(session_id, str) or not session_id \
+                or session_id in self._skills_lookups:
+            return
+        done, answer = anyio.Event(), [True]
+        self._skills_lookups[session_id] = (done, answer)
+
+        async def look_up() -> None:
+            try:
+                answer[0] = await self._has_skills(session_id)
+            finally:
+                done.set()
+
+        tg.start_soon(look_up)
 
     async def _next_item(self, poller: Any) -> Any:
         """The poller's next item, or None when the circuit closed while it waited (restart it)."""
@@ -487,6 +513,7 @@ class Worker:
         logs.work_id_var.set(work_id if isinstance(work_id, str) else None)
         logs.session_id_var.set(session_id if isinstance(session_id, str) else None)
         if not isinstance(work_id, str) or not work_id:
+            self._skills_lookups.pop(str(session_id), None)
             self.metrics.work_failed.labels(reason="malformed").inc()
             log_event(log, logging.ERROR, "work_malformed", "claimed a work item without an id; ignoring it")
             return
@@ -514,7 +541,12 @@ class Worker:
 
         async def look_up_skills() -> None:
             nonlocal has_skills
-            has_skills = await self._has_skills(session_id)
+            early = self._skills_lookups.pop(session_id, None)  # started when the item was polled
+            if early is not None:
+                await early[0].wait()
+                has_skills = early[1][0]
+            else:
+                has_skills = await self._has_skills(session_id)
 
         async with anyio.create_task_group() as first:
             first.start_soon(lock_run)
