@@ -322,9 +322,10 @@ class SessionToolbox:
                   session_id=self.slot.session_id, work_id=self.slot.work_id)
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
-        try_finish = getattr(self.outbox, "try_finish", None)
-        if getattr(self.outbox, "finishes_on_loop", False):
-            _read_on(sb, loop)  # the result then arrives on this thread: no hop from a reader thread
+        if self.outbox.finishes_on_loop:
+            # The result then arrives on this thread: no hop from a reader thread (once per sandbox: a
+            # channel already read on this loop stays there).
+            sb.channel.read_on_loop(loop)
         fut: asyncio.Future[tuple[Content, bool, str, bool]] = loop.create_future()
         stored = [True]
 
@@ -348,7 +349,7 @@ class SessionToolbox:
             try:
                 if threading.get_ident() != loop_thread:
                     self.outbox.finish(tid, content, is_error)
-                elif try_finish is None or not try_finish(tid, content, is_error):
+                elif not self.outbox.try_finish(tid, content, is_error):
                     loop.run_in_executor(None, give, content, is_error, lost)
                     return
             except BaseException as e:  # noqa: BLE001 - raised in the task: not posted, the row stays running
@@ -477,13 +478,6 @@ class _Aborted(Exception):
 
 def _nothing() -> None:
     pass
-
-
-def _read_on(sb: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
-    """Have the sandbox's channel read on the worker's event loop from now on (once per sandbox)."""
-    ch = getattr(sb, "channel", None)
-    if ch is not None and getattr(ch, "_loop", loop) is not loop:
-        ch.read_on_loop(loop)
 
 
 def _stopped_text(name: str, e: BaseException) -> str:
